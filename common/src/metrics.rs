@@ -1,0 +1,32 @@
+//! Metric names, shared so dashboards, alerts and tests agree with the code.
+//!
+//! Naming: `chat_<subsystem>_<name>_<unit>`; counters end in `_total`, durations in
+//! `_seconds`. Labels are low-cardinality (a reason, a kind, a code), never a room or user.
+
+pub const CONNECTIONS: &str = "chat_node_connections";
+pub const CONNECTIONS_OPENED: &str = "chat_node_connections_opened_total";
+/// Label `reason`: a close code name (`CloseCode::as_str`) or `client_closed`/`io_error`.
+pub const CONNECTIONS_CLOSED: &str = "chat_node_connections_closed_total";
+pub const ROOMS_ACTIVE: &str = "chat_node_rooms_active";
+/// Label `source`: `ws` or `http`.
+pub const MESSAGES_RECEIVED: &str = "chat_node_messages_received_total";
+pub const MESSAGES_DELIVERED: &str = "chat_node_messages_delivered_total";
+pub const MESSAGES_DUPLICATE: &str = "chat_node_messages_duplicate_total";
+pub const MESSAGES_REPLAYED: &str = "chat_node_messages_replayed_total";
+/// Time from a room accepting a message to having enqueued it for every member.
+pub const FANOUT_SECONDS: &str = "chat_node_fanout_seconds";
+/// Time from a room accepting a message to the sender's ack (the store write).
+pub const ACK_SECONDS: &str = "chat_node_ack_seconds";
+/// Fill ratio of a member's outbound queue at enqueue time, sampled.
+pub const QUEUE_FILL_RATIO: &str = "chat_node_outbound_queue_fill_ratio";
+/// Sends refused because a room inbox was full.
+pub const ROOM_INBOX_FULL: &str = "chat_node_room_inbox_full_total";
+pub const SLOW_CONSUMER_DISCONNECTS: &str = "chat_node_slow_consumer_disconnects_total";
+/// Label `kind`: an `ErrorCode::as_str`.
+pub const BAD_INPUT: &str = "chat_node_bad_input_total";
+/// Label `op`: `append` or `read`.
+pub const STORE_ERRORS: &str = "chat_node_store_errors_total";
+pub const STORE_WRITE_SECONDS: &str = "chat_node_store_write_seconds";
+pub const STORE_PENDING: &str = "chat_node_store_pending_messages";
+pub const HTTP_REQUESTS: &str = "chat_node_http_requests_total";
+pub const READY: &str = "chat_node_ready";

@@ -1,0 +1,239 @@
+//! The node's configuration: one clap struct, every flag also read from a `CHAT_*`
+//! environment variable, checked by [`Config::validate`] before anything starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Which message store the node writes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// Single-node embedded mode: history lives in this process's memory, bounded per room,
+    /// and is lost on restart. For development and single-node demos only.
+    Memory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A chat node: owns rooms, their WebSocket members, ordering, fan-out and persistence.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "chat-node", version)]
+pub struct Config {
+    /// Address for WebSocket, HTTP API, health and metrics.
+    #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:7001")]
+    pub listen: SocketAddr,
+    /// This node's stable id, 0-1023; part of every message id it mints.
+    #[arg(long, env = "CHAT_NODE_ID", default_value_t = 0)]
+    pub node_id: u16,
+    /// HS256 secret for client tokens.
+    #[arg(long, env = "CHAT_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM file with the RS256 public key for client tokens.
+    #[arg(long, env = "CHAT_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// INSECURE: take the user id from the `user` query parameter; no token checked.
+    #[arg(long, env = "CHAT_INSECURE_DEV_AUTH")]
+    pub insecure_dev_auth: bool,
+    /// Message store.
+    #[arg(long, env = "CHAT_STORE", value_enum, default_value = "memory")]
+    pub store: StoreKind,
+    /// Messages of history kept per room by the embedded memory store.
+    #[arg(long, env = "CHAT_MEMORY_HISTORY_PER_ROOM", default_value_t = 10_000)]
+    pub memory_history_per_room: usize,
+    /// Frames a connection's outbound queue holds before the client is closed as slow.
+    #[arg(long, env = "CHAT_OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+    /// Commands a room's inbox holds before sends are refused with `overloaded`.
+    #[arg(long, env = "CHAT_ROOM_INBOX", default_value_t = 4096)]
+    pub room_inbox: usize,
+    /// Largest WebSocket frame or message (after reassembly) and HTTP body accepted, bytes.
+    #[arg(long, env = "CHAT_MAX_FRAME_BYTES", default_value_t = 65_536)]
+    pub max_frame_bytes: usize,
+    /// Longest message body accepted, bytes.
+    #[arg(long, env = "CHAT_MAX_BODY_BYTES", default_value_t = 4096)]
+    pub max_body_bytes: usize,
+    /// Rooms one connection may be joined to at once.
+    #[arg(long, env = "CHAT_MAX_ROOMS_PER_CONNECTION", default_value_t = 64)]
+    pub max_rooms_per_connection: usize,
+    /// Concurrent WebSocket connections accepted; more get HTTP 503 `overloaded`.
+    #[arg(long, env = "CHAT_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Sends per second one connection may make (token bucket refill rate).
+    #[arg(long, env = "CHAT_SEND_RATE", default_value_t = 100.0)]
+    pub send_rate: f64,
+    /// Sends one connection may burst above its rate.
+    #[arg(long, env = "CHAT_SEND_BURST", default_value_t = 200.0)]
+    pub send_burst: f64,
+    /// Interval between server pings.
+    #[arg(long, env = "CHAT_PING_INTERVAL", value_parser = parse_duration, default_value = "15s")]
+    pub ping_interval: Duration,
+    /// A peer that sends nothing (not even a pong) for this long is closed.
+    #[arg(long, env = "CHAT_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "45s")]
+    pub idle_timeout: Duration,
+    /// A peer that accepts no bytes for this long while we write is dropped.
+    #[arg(long, env = "CHAT_WRITE_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub write_timeout: Duration,
+    /// A room with no members and nothing to persist is dropped after this long.
+    #[arg(long, env = "CHAT_ROOM_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
+    pub room_idle_timeout: Duration,
+    /// How long a client message id is remembered for dedupe.
+    #[arg(long, env = "CHAT_DEDUPE_WINDOW", value_parser = parse_duration, default_value = "10m")]
+    pub dedupe_window: Duration,
+    /// Client message ids remembered per room at most (oldest forgotten first).
+    #[arg(long, env = "CHAT_DEDUPE_MAX_PER_ROOM", default_value_t = 100_000)]
+    pub dedupe_max_per_room: usize,
+    /// Recent messages a room keeps in memory to serve `since` joins without a store read.
+    #[arg(long, env = "CHAT_RECENT_PER_ROOM", default_value_t = 256)]
+    pub recent_per_room: usize,
+    /// Messages per store write batch, at most.
+    #[arg(long, env = "CHAT_STORE_BATCH", default_value_t = 256)]
+    pub store_batch: usize,
+    /// A store call slower than this counts as failed.
+    #[arg(long, env = "CHAT_STORE_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    pub store_timeout: Duration,
+    /// Accepted but not yet durable messages per room; past it sends get `store_unavailable`.
+    #[arg(long, env = "CHAT_MAX_PENDING_PER_ROOM", default_value_t = 8192)]
+    pub max_pending_per_room: usize,
+    /// Whether rooms broadcast `presence` frames when users join and leave.
+    #[arg(long, env = "CHAT_PRESENCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub presence: bool,
+    /// Time allowed for a graceful shutdown after SIGTERM/SIGINT.
+    #[arg(long, env = "CHAT_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "20s")]
+    pub shutdown_grace: Duration,
+    /// Clients closed per second during shutdown, so they do not all reconnect at once.
+    #[arg(long, env = "CHAT_SHUTDOWN_CLOSE_RATE", default_value_t = 2000)]
+    pub shutdown_close_rate: u32,
+    /// Log format.
+    #[arg(long, env = "CHAT_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Checks what clap cannot: ranges and combinations. The message is one line.
+    pub fn validate(&self) -> Result<(), String> {
+        let auth_modes = usize::from(self.jwt_secret.is_some())
+            + usize::from(self.jwt_public_key_file.is_some())
+            + usize::from(self.insecure_dev_auth);
+        if auth_modes != 1 {
+            return Err(
+                "choose exactly one of --jwt-secret, --jwt-public-key-file, --insecure-dev-auth"
+                    .into(),
+            );
+        }
+        if self.jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
+            return Err("--jwt-secret must be at least 16 bytes".into());
+        }
+        if self.node_id > common::id::MAX_NODE_ID {
+            return Err(format!(
+                "--node-id {} is above {}",
+                self.node_id,
+                common::id::MAX_NODE_ID
+            ));
+        }
+        for (name, v) in [
+            ("--outbound-queue", self.outbound_queue),
+            ("--room-inbox", self.room_inbox),
+            ("--max-rooms-per-connection", self.max_rooms_per_connection),
+            ("--max-connections", self.max_connections),
+            ("--store-batch", self.store_batch),
+            ("--max-pending-per-room", self.max_pending_per_room),
+            ("--dedupe-max-per-room", self.dedupe_max_per_room),
+            ("--memory-history-per-room", self.memory_history_per_room),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        if self.max_frame_bytes < 256 {
+            return Err("--max-frame-bytes must be at least 256".into());
+        }
+        if self.max_body_bytes + 256 > self.max_frame_bytes {
+            return Err(
+                "--max-body-bytes must leave 256 bytes of --max-frame-bytes for the frame's fields"
+                    .into(),
+            );
+        }
+        if !(self.send_rate > 0.0 && self.send_burst >= 1.0) {
+            return Err("--send-rate must be > 0 and --send-burst >= 1".into());
+        }
+        if self.ping_interval.is_zero() || self.ping_interval >= self.idle_timeout {
+            return Err("--ping-interval must be > 0 and shorter than --idle-timeout".into());
+        }
+        if self.shutdown_close_rate == 0 {
+            return Err("--shutdown-close-rate must be at least 1".into());
+        }
+        if self.store_batch > self.max_pending_per_room {
+            return Err("--store-batch must not exceed --max-pending-per-room".into());
+        }
+        Ok(())
+    }
+
+    /// A config for tests and embedding: defaults, insecure dev auth, fast timers.
+    pub fn for_tests() -> Config {
+        let mut c = Config::parse_from(["chat-node", "--insecure-dev-auth"]);
+        c.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        c.shutdown_grace = Duration::from_secs(5);
+        c
+    }
+}
+
+/// Parses `250ms`, `15s`, `10m`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 250ms, 15s, 10m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn defaults_validate_and_bad_combinations_do_not() {
+        assert_eq!(Config::for_tests().validate(), Ok(()));
+        let mut c = Config::for_tests();
+        c.jwt_secret = Some("0123456789abcdef".into());
+        assert!(c.validate().is_err(), "two auth modes");
+        let mut c = Config::for_tests();
+        c.node_id = 1024;
+        assert!(c.validate().is_err());
+        let mut c = Config::for_tests();
+        c.outbound_queue = 0;
+        assert!(c.validate().is_err());
+        let mut c = Config::for_tests();
+        c.max_body_bytes = c.max_frame_bytes;
+        assert!(c.validate().is_err());
+        let mut c = Config::for_tests();
+        c.ping_interval = c.idle_timeout;
+        assert!(c.validate().is_err());
+    }
+}

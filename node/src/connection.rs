@@ -1,0 +1,521 @@
+//! One WebSocket connection after the upgrade: a reader task and a writer task.
+//!
+//! The reader parses client frames, enforces frame, message and body limits, the send rate
+//! and the idle timeout, and turns frames into room commands. The writer drains the bounded
+//! outbound queue, writing every waiting frame before one flush, and sends server pings.
+//! When either side ends, the connection's token is cancelled and the other ends too; the
+//! writer then sends the close frame with the recorded code. Rooms are told about the
+//! departure so membership never outlives the socket.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{metrics as m, ClientFrame, CloseCode, ErrorCode, MessageId, RoomId, ServerFrame};
+use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketRead, WebSocketWrite};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{BufWriter, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::auth::Principal;
+use crate::outbound::{ConnHandle, Out};
+use crate::registry::{RoomHandle, SendFailed};
+use crate::room::{Reply, RoomCmd, Source};
+use crate::NodeState;
+
+type Io = TokioIo<Upgraded>;
+type Reader = WebSocketRead<ReadHalf<Io>>;
+type Writer = WebSocketWrite<BufWriter<WriteHalf<Io>>>;
+
+/// Frames written before one flush, at most.
+const WRITE_BATCH: usize = 64;
+/// Bytes the writer buffers before a flush is forced.
+const WRITE_BUFFER: usize = 8 * 1024;
+/// Time the close frame gets to reach the peer.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Counts an open connection for as long as it lives, in both the gauge and the node's
+/// connection limit.
+pub struct ConnGuard {
+    state: Arc<NodeState>,
+}
+
+impl ConnGuard {
+    /// Takes a slot under the connection limit, or `None` when the node is full.
+    pub fn acquire(state: &Arc<NodeState>) -> Option<ConnGuard> {
+        let max = state.config.max_connections;
+        let taken = state
+            .open_connections
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |n| (n < max).then_some(n + 1),
+            )
+            .is_ok();
+        if !taken {
+            return None;
+        }
+        metrics::gauge!(m::CONNECTIONS).increment(1.0);
+        metrics::counter!(m::CONNECTIONS_OPENED).increment(1);
+        Some(ConnGuard {
+            state: state.clone(),
+        })
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.state
+            .open_connections
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+    }
+}
+
+/// What the HTTP layer learned before the upgrade.
+pub struct Session {
+    pub principal: Principal,
+    pub room: RoomId,
+    pub since: Option<MessageId>,
+}
+
+/// Drives an upgraded connection to its end.
+pub async fn serve(
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    state: Arc<NodeState>,
+    session: Session,
+    guard: ConnGuard,
+) {
+    let conn_id = state.next_conn_id();
+    let span = tracing::debug_span!("conn", conn_id, user = %session.principal.user, node = state.config.node_id);
+    async move {
+        let mut ws = match upgrade.await {
+            Ok(ws) => ws,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => "upgrade_failed").increment(1);
+                return;
+            }
+        };
+        ws.set_max_message_size(state.config.max_frame_bytes);
+        ws.set_auto_close(false);
+        ws.set_auto_pong(true);
+        ws.set_writev(false);
+        let (reader, writer) = ws.split(|io| {
+            let (r, w) = tokio::io::split(io);
+            (r, BufWriter::with_capacity(WRITE_BUFFER, w))
+        });
+        let cancel = state.shutdown_conns.child_token();
+        let (handle, rx) = ConnHandle::new(
+            conn_id,
+            session.principal.user.clone(),
+            state.config.outbound_queue,
+            cancel,
+        );
+        let conn = Arc::new(handle);
+        state.register_conn(&conn);
+        let writer_task = tokio::spawn(write_loop(writer, rx, conn.clone(), state.clone()));
+        let mut r = ReaderState {
+            state: state.clone(),
+            conn: conn.clone(),
+            principal: session.principal,
+            joined: HashMap::new(),
+            bucket: TokenBucket::new(state.config.send_rate, state.config.send_burst),
+        };
+        r.join(session.room, session.since);
+        let reason = r.read_loop(reader).await;
+        conn.close(reason.unwrap_or(CloseCode::Normal));
+        let _ = writer_task.await;
+        for (room, _) in r.joined.drain() {
+            state
+                .registry
+                .dispatch(
+                    &room,
+                    RoomCmd::Leave {
+                        conn_id,
+                        notify: false,
+                    },
+                )
+                .await;
+        }
+        state.unregister_conn(conn_id);
+        let label = match (reason, conn.close_code()) {
+            (None, _) => "client_closed",
+            (_, Some(code)) => code.as_str(),
+            (Some(code), None) => code.as_str(),
+        };
+        metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => label).increment(1);
+        tracing::debug!(reason = label, "connection closed");
+        drop(guard);
+    }
+    .instrument(span)
+    .await
+}
+
+struct ReaderState {
+    state: Arc<NodeState>,
+    conn: Arc<ConnHandle>,
+    principal: Principal,
+    joined: HashMap<RoomId, RoomHandle>,
+    bucket: TokenBucket,
+}
+
+impl ReaderState {
+    /// Reads until the peer goes, misbehaves or the connection is cancelled. Returns the
+    /// close code to send, or `None` when the client closed or vanished.
+    async fn read_loop(&mut self, mut reader: Reader) -> Option<CloseCode> {
+        let conn = self.conn.clone();
+        let max_message = self.state.config.max_frame_bytes;
+        let idle = self.state.config.idle_timeout;
+        let expiry = self.principal.expires_at.map(|exp| {
+            let now = common::id::now_ms() / 1000;
+            tokio::time::Instant::now() + Duration::from_secs(exp.saturating_sub(now))
+        });
+        let mut partial: Option<Vec<u8>> = None;
+        let mut send_fn = |frame: Frame<'_>| {
+            if frame.opcode == OpCode::Pong {
+                conn.deliver(Out::Pong(Bytes::copy_from_slice(&frame.payload)));
+            }
+            std::future::ready(Ok::<(), Infallible>(()))
+        };
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = self.conn.cancelled() => return self.conn.close_code(),
+                _ = async { tokio::time::sleep_until(expiry.unwrap_or_else(tokio::time::Instant::now)).await }, if expiry.is_some() => {
+                    return Some(CloseCode::Unauthorized);
+                }
+                r = tokio::time::timeout(idle, reader.read_frame(&mut send_fn)) => r,
+            };
+            let frame = match frame {
+                Err(_) => return Some(CloseCode::IdleTimeout),
+                Ok(Ok(frame)) => frame,
+                Ok(Err(WebSocketError::FrameTooLarge)) => {
+                    metrics::counter!(m::BAD_INPUT, "kind" => ErrorCode::FrameTooLarge.as_str())
+                        .increment(1);
+                    return Some(CloseCode::FrameTooLarge);
+                }
+                Ok(Err(WebSocketError::UnexpectedEOF | WebSocketError::IoError(_))) => return None,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "protocol error");
+                    metrics::counter!(m::BAD_INPUT, "kind" => "protocol_error").increment(1);
+                    return Some(CloseCode::ProtocolError);
+                }
+            };
+            match frame.opcode {
+                OpCode::Close => return None,
+                OpCode::Ping | OpCode::Pong => {}
+                OpCode::Text if frame.fin => {
+                    if partial.is_some() {
+                        return Some(CloseCode::ProtocolError);
+                    }
+                    self.on_text(&frame.payload);
+                }
+                OpCode::Text => partial = Some(frame.payload.to_vec()),
+                OpCode::Continuation => {
+                    let Some(buf) = partial.as_mut() else {
+                        return Some(CloseCode::ProtocolError);
+                    };
+                    if buf.len() + frame.payload.len() > max_message {
+                        metrics::counter!(m::BAD_INPUT, "kind" => ErrorCode::FrameTooLarge.as_str()).increment(1);
+                        return Some(CloseCode::FrameTooLarge);
+                    }
+                    buf.extend_from_slice(&frame.payload);
+                    if frame.fin {
+                        let Some(buf) = partial.take() else { continue };
+                        if std::str::from_utf8(&buf).is_err() {
+                            return Some(CloseCode::ProtocolError);
+                        }
+                        self.on_text(&buf);
+                    }
+                }
+                OpCode::Binary => {
+                    self.bad_input(
+                        ServerFrame::error(
+                            ErrorCode::BadJson,
+                            "binary frames are not supported; send JSON text frames",
+                        ),
+                        ErrorCode::BadJson,
+                    );
+                }
+            }
+        }
+    }
+
+    fn bad_input(&self, frame: ServerFrame, code: ErrorCode) {
+        metrics::counter!(m::BAD_INPUT, "kind" => code.as_str()).increment(1);
+        self.conn.send_frame(&frame);
+    }
+
+    fn on_text(&mut self, bytes: &[u8]) {
+        match ClientFrame::parse(bytes, self.state.config.max_body_bytes) {
+            Err(e) => {
+                let code = e.code;
+                self.bad_input(e.into(), code);
+            }
+            Ok(ClientFrame::Join { room, since }) => self.join(room, since),
+            Ok(ClientFrame::Leave { room }) => {
+                if self.joined.remove(&room).is_none() {
+                    self.error(
+                        ErrorCode::NotJoined,
+                        "not joined to this room",
+                        None,
+                        Some(&room),
+                    );
+                    return;
+                }
+                let cmd = RoomCmd::Leave {
+                    conn_id: self.conn.id,
+                    notify: true,
+                };
+                let state = self.state.clone();
+                // A leave must reach the room even when its inbox is momentarily full.
+                tokio::spawn(async move { state.registry.dispatch(&room, cmd).await });
+            }
+            Ok(ClientFrame::Send { room, cid, body }) => {
+                let Some(handle) = self.joined.get(&room) else {
+                    self.error(
+                        ErrorCode::NotJoined,
+                        "join the room before sending to it",
+                        Some(cid.as_str()),
+                        Some(&room),
+                    );
+                    return;
+                };
+                if !self.bucket.take() {
+                    self.error(
+                        ErrorCode::RateLimited,
+                        "send rate exceeded; retry later with the same cid",
+                        Some(cid.as_str()),
+                        Some(&room),
+                    );
+                    return;
+                }
+                let cmd = RoomCmd::Send {
+                    from: self.conn.user.clone(),
+                    cid,
+                    body,
+                    reply: Reply::Conn(self.conn.clone()),
+                    source: Source::Ws,
+                };
+                let result = match handle.try_send(cmd) {
+                    Ok(()) => Ok(()),
+                    Err(SendFailed::Full(cmd)) => {
+                        metrics::counter!(m::ROOM_INBOX_FULL).increment(1);
+                        Err(cmd)
+                    }
+                    Err(SendFailed::Closed(cmd)) => self.state.registry.try_dispatch(&room, cmd),
+                };
+                if let Err(cmd) = result {
+                    cmd.refuse(
+                        &room,
+                        ErrorCode::Overloaded,
+                        "room is overloaded; retry later with the same cid",
+                    );
+                }
+            }
+        }
+    }
+
+    fn join(&mut self, room: RoomId, since: Option<MessageId>) {
+        if !self.principal.may_use(&room) {
+            self.error(
+                ErrorCode::Forbidden,
+                "the token does not allow this room",
+                None,
+                Some(&room),
+            );
+            return;
+        }
+        if !self.joined.contains_key(&room)
+            && self.joined.len() >= self.state.config.max_rooms_per_connection
+        {
+            self.error(
+                ErrorCode::Overloaded,
+                "joined-room limit reached for this connection; leave a room first",
+                None,
+                Some(&room),
+            );
+            return;
+        }
+        let cmd = RoomCmd::Join {
+            conn: self.conn.clone(),
+            since,
+        };
+        let handle = self.state.registry.handle(&room);
+        let result = match handle.try_send(cmd) {
+            Ok(()) => Ok(()),
+            Err(SendFailed::Full(cmd)) => Err(cmd),
+            Err(SendFailed::Closed(cmd)) => self.state.registry.try_dispatch(&room, cmd),
+        };
+        match result {
+            Ok(()) => {
+                self.joined.insert(room, handle);
+            }
+            Err(cmd) => cmd.refuse(
+                &room,
+                ErrorCode::Overloaded,
+                "room is overloaded; join again later",
+            ),
+        }
+    }
+
+    fn error(&self, code: ErrorCode, message: &str, cid: Option<&str>, room: Option<&RoomId>) {
+        if matches!(code, ErrorCode::NotJoined | ErrorCode::Forbidden) {
+            metrics::counter!(m::BAD_INPUT, "kind" => code.as_str()).increment(1);
+        }
+        self.conn.send_frame(&ServerFrame::Error {
+            code,
+            message: message.into(),
+            cid: cid.map(str::to_owned),
+            room: room.map(|r| r.to_string()),
+        });
+    }
+}
+
+async fn write_loop(
+    mut ws: Writer,
+    mut rx: mpsc::Receiver<Out>,
+    conn: Arc<ConnHandle>,
+    state: Arc<NodeState>,
+) {
+    let mut ping = tokio::time::interval(state.config.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    let write_timeout = state.config.write_timeout;
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = conn.cancelled() => break,
+            out = rx.recv() => match out {
+                Some(out) => Some(out),
+                None => break,
+            },
+            _ = ping.tick() => None,
+        };
+        let batch = async {
+            match first {
+                Some(out) => write_out(&mut ws, out).await?,
+                None => {
+                    ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"")))
+                        .await?
+                }
+            }
+            for _ in 1..WRITE_BATCH {
+                if conn.is_closed() {
+                    break;
+                }
+                match rx.try_recv() {
+                    Ok(out) => write_out(&mut ws, out).await?,
+                    Err(_) => break,
+                }
+            }
+            ws.flush().await
+        };
+        match tokio::time::timeout(write_timeout, batch).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "write failed");
+                conn.cancel_silently();
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("peer accepted no bytes within the write timeout");
+                conn.close_slow();
+                return;
+            }
+        }
+    }
+    // Free the queue (and the shared frames it holds) before the slow part.
+    drop(rx);
+    if let Some(code) = conn.close_code() {
+        let started = Instant::now();
+        let close = async {
+            ws.write_frame(Frame::close(code.code(), code.as_str().as_bytes()))
+                .await?;
+            ws.flush().await
+        };
+        if tokio::time::timeout(CLOSE_TIMEOUT, close).await.is_err() {
+            tracing::debug!(waited = ?started.elapsed(), "close frame not delivered");
+        }
+    }
+}
+
+async fn write_out(ws: &mut Writer, out: Out) -> Result<(), WebSocketError> {
+    match out {
+        Out::Frame(bytes) => ws.write_frame(Frame::text(Payload::Borrowed(&bytes))).await,
+        Out::Frames(frames) => {
+            for bytes in frames {
+                ws.write_frame(Frame::text(Payload::Borrowed(&bytes)))
+                    .await?;
+            }
+            Ok(())
+        }
+        Out::Pong(payload) => {
+            ws.write_frame(Frame::pong(Payload::Borrowed(&payload)))
+                .await
+        }
+    }
+}
+
+/// A per-connection send budget: `rate` tokens a second, at most `burst` saved.
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, burst: f64) -> Self {
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.take_at(now)
+    }
+
+    fn take_at(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_allows_burst_then_rate() {
+        let mut b = TokenBucket::new(10.0, 3.0);
+        let t0 = b.last;
+        assert!(b.take_at(t0));
+        assert!(b.take_at(t0));
+        assert!(b.take_at(t0));
+        assert!(!b.take_at(t0));
+        assert!(b.take_at(t0 + Duration::from_millis(100)));
+        assert!(!b.take_at(t0 + Duration::from_millis(100)));
+        // Saved tokens never exceed the burst.
+        assert!(b.take_at(t0 + Duration::from_secs(60)));
+        assert!(b.take_at(t0 + Duration::from_secs(60)));
+        assert!(b.take_at(t0 + Duration::from_secs(60)));
+        assert!(!b.take_at(t0 + Duration::from_secs(60)));
+    }
+}

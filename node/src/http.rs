@@ -1,0 +1,453 @@
+//! HTTP on the node's listener: routing, the WebSocket upgrade's checks, health, metrics and
+//! the history and publish API.
+//!
+//! Every refusal is a JSON body `{"code", "message", "retry"}` with the status from the code
+//! table in `common::codes`. Nothing here holds room state; publishes go through the room's
+//! owner task like WebSocket sends, so ordering, acks and dedupe are the same.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{metrics as m, ChatMessage, ClientMsgId, ErrorCode, MessageId, RoomId};
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::auth::{bearer, Principal};
+use crate::connection::{self, ConnGuard, Session};
+use crate::room::{Reply, RoomCmd, Source};
+use crate::store::{HistoryQuery, PageFrom};
+use crate::NodeState;
+
+pub type Body = Full<Bytes>;
+
+const MAX_HISTORY_PAGE: usize = 1000;
+const DEFAULT_HISTORY_PAGE: usize = 50;
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: ErrorCode,
+    message: &'a str,
+    retry: common::Retry,
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(bytes)))
+        .unwrap_or_else(|_| Response::new(Full::default()))
+}
+
+pub fn error(code: ErrorCode, message: &str) -> Response<Body> {
+    let status =
+        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = json(
+        status,
+        &ErrorBody {
+            code,
+            message,
+            retry: code.retry(),
+        },
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+/// The parts of a query string this API reads. Values are used as-is: every accepted value
+/// (ids, tokens) is from a URL-safe alphabet, so percent-encoded input is simply invalid.
+#[derive(Default)]
+struct Query<'a> {
+    pairs: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Query<'a> {
+    fn parse(q: Option<&'a str>) -> Self {
+        let pairs = q
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| p.split_once('=').unwrap_or((p, "")))
+            .collect();
+        Query { pairs }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a str> {
+        self.pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    }
+}
+
+pub async fn handle(
+    req: Request<Incoming>,
+    state: Arc<NodeState>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let route = route_label(&path);
+    let resp = route_request(req, &state, &path).await;
+    let class = match resp.status().as_u16() {
+        100..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => class).increment(1);
+    Ok(resp)
+}
+
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/ws" => "ws",
+        "/healthz" => "healthz",
+        "/readyz" => "readyz",
+        "/metrics" => "metrics",
+        p if p.starts_with("/v1/rooms/") => "messages",
+        _ => "other",
+    }
+}
+
+async fn route_request(
+    req: Request<Incoming>,
+    state: &Arc<NodeState>,
+    path: &str,
+) -> Response<Body> {
+    match (req.method(), path) {
+        (&Method::GET, "/ws") => upgrade(req, state),
+        (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        (&Method::GET, "/readyz") => readyz(state),
+        (&Method::GET, "/metrics") => Response::builder()
+            .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(crate::telemetry::render())))
+            .unwrap_or_else(|_| Response::new(Full::default())),
+        (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => error(
+            ErrorCode::MethodNotAllowed,
+            "method not allowed on this route",
+        ),
+        (method, p) => match p
+            .strip_prefix("/v1/rooms/")
+            .and_then(|rest| rest.strip_suffix("/messages"))
+        {
+            Some(room) => {
+                let room = match RoomId::new(room) {
+                    Ok(r) => r,
+                    Err(e) => return bad(ErrorCode::InvalidField, &e.to_string()),
+                };
+                match *method {
+                    Method::GET => history(req, state, room).await,
+                    Method::POST => publish(req, state, room).await,
+                    _ => error(ErrorCode::MethodNotAllowed, "use GET or POST"),
+                }
+            }
+            None => error(ErrorCode::NotFound, "no such route"),
+        },
+    }
+}
+
+fn bad(code: ErrorCode, message: &str) -> Response<Body> {
+    metrics::counter!(m::BAD_INPUT, "kind" => code.as_str()).increment(1);
+    error(code, message)
+}
+
+fn readyz(state: &NodeState) -> Response<Body> {
+    let store_ok = state.registry.ctx().store_healthy();
+    let shutting_down = state.is_shutting_down();
+    let ready = store_ok && !shutting_down;
+    let body = serde_json::json!({
+        "ready": ready,
+        "store": { "kind": state.registry.ctx().store.name(), "ok": store_ok },
+        "shutting_down": shutting_down,
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(status, &body)
+}
+
+fn authenticate<B>(
+    req: &Request<B>,
+    query: &Query<'_>,
+    state: &NodeState,
+) -> Result<Principal, Response<Body>> {
+    let token = query
+        .get("token")
+        .or_else(|| bearer(req.headers().get(header::AUTHORIZATION)));
+    state
+        .auth
+        .authenticate(token, query.get("user"))
+        .map_err(|e| {
+            metrics::counter!(m::BAD_INPUT, "kind" => "unauthorized").increment(1);
+            error(e.code(), &e.to_string())
+        })
+}
+
+fn upgrade(mut req: Request<Incoming>, state: &Arc<NodeState>) -> Response<Body> {
+    let query = Query::parse(req.uri().query());
+    let room = match query.get("room").map(RoomId::new) {
+        None => {
+            return bad(
+                ErrorCode::InvalidField,
+                "missing room query parameter: /ws?room=R",
+            )
+        }
+        Some(Err(e)) => return bad(ErrorCode::InvalidField, &e.to_string()),
+        Some(Ok(r)) => r,
+    };
+    let since = match query.get("since").map(str::parse::<MessageId>) {
+        None => None,
+        Some(Ok(id)) => Some(id),
+        Some(Err(_)) => {
+            return bad(
+                ErrorCode::InvalidField,
+                "since must be a message id (decimal)",
+            )
+        }
+    };
+    let principal = match authenticate(&req, &query, state) {
+        Ok(p) => p,
+        Err(resp) => return resp,
+    };
+    if !principal.may_use(&room) {
+        return bad(ErrorCode::Forbidden, "the token does not allow this room");
+    }
+    if state.is_shutting_down() {
+        return error(ErrorCode::GoingAway, "node is shutting down; reconnect");
+    }
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return bad(
+            ErrorCode::InvalidField,
+            "expected a WebSocket upgrade request",
+        );
+    }
+    let Some(guard) = ConnGuard::acquire(state) else {
+        return error(
+            ErrorCode::Overloaded,
+            "connection limit reached; retry later",
+        );
+    };
+    let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(x) => x,
+        Err(e) => {
+            return bad(
+                ErrorCode::InvalidField,
+                &format!("bad upgrade request: {e}"),
+            )
+        }
+    };
+    let session = Session {
+        principal,
+        room,
+        since,
+    };
+    state
+        .conn_tracker
+        .spawn(connection::serve(fut, state.clone(), session, guard));
+    let (parts, _) = resp.into_parts();
+    Response::from_parts(parts, Full::default())
+}
+
+#[derive(Serialize)]
+struct HistoryPage {
+    room: RoomId,
+    messages: Vec<ChatMessage>,
+    /// True when the page was cut at `limit`: more messages lie beyond it.
+    has_more: bool,
+}
+
+async fn history(req: Request<Incoming>, state: &NodeState, room: RoomId) -> Response<Body> {
+    let query = Query::parse(req.uri().query());
+    let principal = match authenticate(&req, &query, state) {
+        Ok(p) => p,
+        Err(resp) => return resp,
+    };
+    if !principal.may_use(&room) {
+        return bad(ErrorCode::Forbidden, "the token does not allow this room");
+    }
+    let id = |k: &str| -> Result<Option<MessageId>, Response<Body>> {
+        match query.get(k).map(str::parse::<MessageId>) {
+            None => Ok(None),
+            Some(Ok(id)) => Ok(Some(id)),
+            Some(Err(_)) => Err(bad(
+                ErrorCode::InvalidField,
+                &format!("{k} must be a message id (decimal)"),
+            )),
+        }
+    };
+    let (after, before) = match (id("after"), id("before")) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let limit = match query.get("limit").map(str::parse::<usize>) {
+        None => DEFAULT_HISTORY_PAGE,
+        Some(Ok(n)) if (1..=MAX_HISTORY_PAGE).contains(&n) => n,
+        Some(_) => {
+            return bad(
+                ErrorCode::InvalidField,
+                &format!("limit must be 1..={MAX_HISTORY_PAGE}"),
+            )
+        }
+    };
+    // With only `after`, page forward from it; otherwise page back from `before` (or now).
+    let from = if after.is_some() && before.is_none() {
+        PageFrom::Oldest
+    } else {
+        PageFrom::Newest
+    };
+    let q = HistoryQuery {
+        after,
+        before,
+        limit: limit + 1,
+        from,
+    };
+    let ctx = state.registry.ctx();
+    let mut messages =
+        match tokio::time::timeout(ctx.config.store_timeout, ctx.store.read(&room, q)).await {
+            Ok(Ok(msgs)) => msgs,
+            Ok(Err(e)) => {
+                metrics::counter!(m::STORE_ERRORS, "op" => "read").increment(1);
+                return error(ErrorCode::StoreUnavailable, &e.to_string());
+            }
+            Err(_) => {
+                metrics::counter!(m::STORE_ERRORS, "op" => "read").increment(1);
+                return error(ErrorCode::StoreUnavailable, "store read timed out");
+            }
+        };
+    let has_more = messages.len() > limit;
+    if has_more {
+        match from {
+            PageFrom::Oldest => {
+                messages.truncate(limit);
+            }
+            PageFrom::Newest => {
+                messages.remove(0);
+            }
+        }
+    }
+    json(
+        StatusCode::OK,
+        &HistoryPage {
+            room,
+            messages,
+            has_more,
+        },
+    )
+}
+
+#[derive(Deserialize)]
+struct PublishBody {
+    cid: String,
+    body: String,
+}
+
+#[derive(Serialize)]
+struct Published {
+    room: RoomId,
+    id: MessageId,
+    cid: ClientMsgId,
+    duplicate: bool,
+}
+
+async fn publish(req: Request<Incoming>, state: &Arc<NodeState>, room: RoomId) -> Response<Body> {
+    let query = Query::parse(req.uri().query());
+    let principal = match authenticate(&req, &query, state) {
+        Ok(p) => p,
+        Err(resp) => return resp,
+    };
+    if !principal.may_use(&room) {
+        return bad(ErrorCode::Forbidden, "the token does not allow this room");
+    }
+    if state.is_shutting_down() {
+        return error(
+            ErrorCode::GoingAway,
+            "node is shutting down; retry with the same cid",
+        );
+    }
+    let max = state.config.max_frame_bytes;
+    let bytes = match Limited::new(req.into_body(), max).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return bad(
+                ErrorCode::FrameTooLarge,
+                &format!("body is larger than {max} bytes"),
+            );
+        }
+        Err(e) => return bad(ErrorCode::BadJson, &format!("could not read body: {e}")),
+    };
+    let parsed: PublishBody = match serde_json::from_slice(&bytes) {
+        Ok(p) => p,
+        Err(e) => {
+            return bad(
+                ErrorCode::BadJson,
+                &format!("expected {{\"cid\", \"body\"}}: {e}"),
+            )
+        }
+    };
+    let cid = match ClientMsgId::new(parsed.cid) {
+        Ok(c) => c,
+        Err(e) => return bad(ErrorCode::InvalidField, &e.to_string()),
+    };
+    if parsed.body.len() > state.config.max_body_bytes {
+        return bad(
+            ErrorCode::BodyTooLong,
+            &format!(
+                "body is {} bytes; the limit is {}",
+                parsed.body.len(),
+                state.config.max_body_bytes
+            ),
+        );
+    }
+    let (tx, rx) = oneshot::channel();
+    let cmd = RoomCmd::Send {
+        from: principal.user,
+        cid: cid.clone(),
+        body: parsed.body,
+        reply: Reply::Http(tx),
+        source: Source::Http,
+    };
+    if state.registry.try_dispatch(&room, cmd).is_err() {
+        return error(
+            ErrorCode::Overloaded,
+            "room is overloaded; retry later with the same cid",
+        );
+    }
+    // The room answers within one store timeout per attempt; allow for a queue ahead of us.
+    let wait = state.config.store_timeout * 2 + Duration::from_secs(1);
+    match tokio::time::timeout(wait, rx).await {
+        Ok(Ok(Ok(accepted))) => {
+            let status = if accepted.duplicate {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            json(
+                status,
+                &Published {
+                    room,
+                    id: accepted.id,
+                    cid,
+                    duplicate: accepted.duplicate,
+                },
+            )
+        }
+        Ok(Ok(Err(code))) => error(code, "the message was not stored; retry with the same cid"),
+        Ok(Err(_)) => error(
+            ErrorCode::Internal,
+            "the room dropped the request; retry with the same cid",
+        ),
+        Err(_) => error(
+            ErrorCode::StoreUnavailable,
+            "no answer from the store in time; retry with the same cid",
+        ),
+    }
+}

@@ -1,0 +1,244 @@
+//! chat-node: one node of the chat cluster.
+//!
+//! [`run`] serves WebSocket, HTTP API, health and metrics on one listener until its
+//! shutdown token is cancelled, then shuts down gracefully: stop accepting, turn `/readyz`
+//! red, close clients with `going_away` at a capped rate, let rooms flush their pending
+//! store writes, and return within the configured grace period. `main.rs` only parses
+//! config and wires signals; tests call `run` directly on port 0.
+
+pub mod auth;
+pub mod config;
+pub mod connection;
+pub mod http;
+pub mod outbound;
+pub mod registry;
+pub mod room;
+pub mod store;
+pub mod telemetry;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{metrics as m, CloseCode};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::config::{Config, StoreKind};
+use crate::outbound::ConnHandle;
+use crate::registry::{Registry, RoomCtx};
+use crate::store::memory::MemoryStore;
+use crate::store::MessageStore;
+
+pub use crate::config::Config as NodeConfig;
+
+/// How often readiness re-checks the store.
+const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// State shared by every connection and request of one node.
+pub struct NodeState {
+    pub config: Arc<Config>,
+    pub registry: Arc<Registry>,
+    pub auth: Authenticator,
+    pub open_connections: AtomicUsize,
+    conn_ids: AtomicU64,
+    conns: Mutex<HashMap<u64, Arc<ConnHandle>>>,
+    /// Parent of every connection's token.
+    pub shutdown_conns: CancellationToken,
+    shutting_down: AtomicBool,
+    pub conn_tracker: TaskTracker,
+}
+
+impl NodeState {
+    pub fn next_conn_id(&self) -> u64 {
+        self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn register_conn(&self, conn: &Arc<ConnHandle>) {
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.insert(conn.id, conn.clone());
+        }
+    }
+
+    pub(crate) fn unregister_conn(&self, id: u64) {
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.remove(&id);
+        }
+    }
+
+    fn snapshot_conns(&self) -> Vec<Arc<ConnHandle>> {
+        self.conns
+            .lock()
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Builds the store named by the config.
+pub fn build_store(config: &Config) -> anyhow::Result<Arc<dyn MessageStore>> {
+    match config.store {
+        StoreKind::Memory => Ok(Arc::new(MemoryStore::new(config.memory_history_per_room))),
+    }
+}
+
+/// Serves until `shutdown` is cancelled, then shuts down gracefully.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let store = build_store(&config)?;
+    run_with_store(config, listener, shutdown, store).await
+}
+
+/// [`run`] with a store built by the caller.
+pub async fn run_with_store(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    store: Arc<dyn MessageStore>,
+) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let config = Arc::new(config);
+    let auth = Authenticator::from_config(&config)?;
+    let background = CancellationToken::new();
+    telemetry::start(background.clone());
+    let rooms_shutdown = CancellationToken::new();
+    let ctx = Arc::new(RoomCtx::new(config.clone(), store, rooms_shutdown.clone()));
+    let state = Arc::new(NodeState {
+        config: config.clone(),
+        registry: Registry::new(ctx.clone()),
+        auth,
+        open_connections: AtomicUsize::new(0),
+        conn_ids: AtomicU64::new(1),
+        conns: Mutex::new(HashMap::new()),
+        shutdown_conns: CancellationToken::new(),
+        shutting_down: AtomicBool::new(false),
+        conn_tracker: TaskTracker::new(),
+    });
+    tokio::spawn(probe_store(ctx.clone(), background.clone()));
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, node = config.node_id, store = ctx.store.name(), "chat-node listening");
+
+    let http_tracker = TaskTracker::new();
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        http_tracker.spawn(async move {
+            let svc = service_fn(move |req| http::handle(req, state.clone()));
+            let conn = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "http connection ended with an error");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    shutdown_gracefully(&state, &ctx, &http_tracker).await;
+    background.cancel();
+    Ok(())
+}
+
+async fn shutdown_gracefully(
+    state: &Arc<NodeState>,
+    ctx: &Arc<RoomCtx>,
+    http_tracker: &TaskTracker,
+) {
+    let grace = state.config.shutdown_grace;
+    let deadline = tokio::time::Instant::now() + grace;
+    state.shutting_down.store(true, Ordering::Relaxed);
+    metrics::gauge!(m::READY).set(0.0);
+    tracing::info!(?grace, "shutting down: closing clients");
+    // Close clients at a capped rate so they do not all reconnect at the same instant.
+    let conns = state.snapshot_conns();
+    let per_tick = (state.config.shutdown_close_rate / 10).max(1) as usize;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for chunk in conns.chunks(per_tick) {
+        tick.tick().await;
+        for conn in chunk {
+            conn.close(CloseCode::GoingAway);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+    }
+    // Anything left (the deadline cut the pacing short) is closed at once.
+    for conn in state.snapshot_conns() {
+        conn.close(CloseCode::GoingAway);
+    }
+    state.conn_tracker.close();
+    http_tracker.close();
+    let _ = tokio::time::timeout_at(deadline, state.conn_tracker.wait()).await;
+    let _ = tokio::time::timeout_at(deadline, http_tracker.wait()).await;
+    // Rooms flush what they accepted, then exit once empty.
+    ctx.shutdown.cancel();
+    ctx.tracker.close();
+    if tokio::time::timeout_at(deadline, ctx.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::error!("grace period ended before every room flushed its store writes");
+    } else {
+        tracing::info!("shutdown complete");
+    }
+}
+
+async fn probe_store(ctx: Arc<RoomCtx>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(STORE_PROBE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let ok = matches!(
+            tokio::time::timeout(ctx.config.store_timeout, ctx.store.check()).await,
+            Ok(Ok(()))
+        );
+        if ok != ctx.store_healthy() {
+            if ok {
+                tracing::info!(store = ctx.store.name(), "store reachable again");
+            } else {
+                tracing::warn!(store = ctx.store.name(), "store unreachable");
+            }
+        }
+        ctx.set_store_healthy(ok);
+        metrics::gauge!(m::READY).set(if ok && !ctx.shutdown.is_cancelled() {
+            1.0
+        } else {
+            0.0
+        });
+    }
+}

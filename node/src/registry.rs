@@ -1,0 +1,215 @@
+//! The node's rooms: finds a room's owner task, starting it on first use.
+//!
+//! One lock over one map, taken only to look a room up (connections keep the handles of
+//! rooms they joined, so sends skip it). A room removes itself under this same lock when it
+//! goes idle, which is what makes "look up, then send" race-free: see `room::run`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::{metrics as m, ErrorCode, IdGenerator, RoomId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::room::{self, RoomCmd};
+use crate::store::MessageStore;
+
+/// What every room of the node shares.
+pub struct RoomCtx {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn MessageStore>,
+    pub ids: IdGenerator,
+    pub shutdown: CancellationToken,
+    /// Room tasks and their store/replay tasks, so shutdown can wait for pending writes.
+    pub tracker: TaskTracker,
+    store_healthy: AtomicBool,
+}
+
+impl RoomCtx {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<dyn MessageStore>,
+        shutdown: CancellationToken,
+    ) -> RoomCtx {
+        RoomCtx {
+            ids: IdGenerator::new(config.node_id),
+            config,
+            store,
+            shutdown,
+            tracker: TaskTracker::new(),
+            store_healthy: AtomicBool::new(true),
+        }
+    }
+
+    /// False from a failed store call until the health probe sees the store again; new
+    /// sends are refused meanwhile instead of being delivered and then not acked.
+    pub fn store_healthy(&self) -> bool {
+        self.store_healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn mark_store_failed(&self) {
+        self.store_healthy.store(false, Ordering::Relaxed);
+    }
+
+    pub fn set_store_healthy(&self, healthy: bool) {
+        self.store_healthy.store(healthy, Ordering::Relaxed);
+    }
+}
+
+struct Entry {
+    generation: u64,
+    tx: mpsc::Sender<RoomCmd>,
+}
+
+pub struct Registry {
+    ctx: Arc<RoomCtx>,
+    rooms: Mutex<HashMap<RoomId, Entry>>,
+    generation: AtomicU64,
+}
+
+/// A cheap, cloneable way to reach a room's owner task.
+#[derive(Clone)]
+pub struct RoomHandle {
+    tx: mpsc::Sender<RoomCmd>,
+}
+
+/// Why a command did not reach a room.
+pub enum SendFailed {
+    /// The room's inbox is full: answer `overloaded`.
+    Full(RoomCmd),
+    /// The room task has ended: look the room up again.
+    Closed(RoomCmd),
+}
+
+impl RoomHandle {
+    pub fn try_send(&self, cmd: RoomCmd) -> Result<(), SendFailed> {
+        self.tx.try_send(cmd).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(c) => SendFailed::Full(c),
+            mpsc::error::TrySendError::Closed(c) => SendFailed::Closed(c),
+        })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+impl Registry {
+    pub fn new(ctx: Arc<RoomCtx>) -> Arc<Registry> {
+        Arc::new(Registry {
+            ctx,
+            rooms: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    pub fn ctx(&self) -> &Arc<RoomCtx> {
+        &self.ctx
+    }
+
+    /// The room's handle, starting its owner task if it has none.
+    pub fn handle(self: &Arc<Self>, room: &RoomId) -> RoomHandle {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = rooms.get(room) {
+            if !e.tx.is_closed() {
+                return RoomHandle { tx: e.tx.clone() };
+            }
+        }
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.ctx.config.room_inbox);
+        rooms.insert(
+            room.clone(),
+            Entry {
+                generation,
+                tx: tx.clone(),
+            },
+        );
+        drop(rooms);
+        self.ctx.tracker.spawn(room::run(
+            room.clone(),
+            generation,
+            self.clone(),
+            rx,
+            tx.downgrade(),
+        ));
+        RoomHandle { tx }
+    }
+
+    /// Sends without waiting, looking the room up again once if its task had ended.
+    pub fn try_dispatch(self: &Arc<Self>, room: &RoomId, cmd: RoomCmd) -> Result<(), RoomCmd> {
+        let mut cmd = cmd;
+        for _ in 0..2 {
+            match self.handle(room).try_send(cmd) {
+                Ok(()) => return Ok(()),
+                Err(SendFailed::Full(c)) => {
+                    metrics::counter!(m::ROOM_INBOX_FULL).increment(1);
+                    return Err(c);
+                }
+                Err(SendFailed::Closed(c)) => cmd = c,
+            }
+        }
+        Err(cmd)
+    }
+
+    /// Sends, waiting for inbox space; used to hand over commands a closing room received.
+    pub async fn dispatch(self: &Arc<Self>, room: &RoomId, cmd: RoomCmd) {
+        let mut cmd = cmd;
+        for _ in 0..3 {
+            let tx = self.handle(room).tx;
+            match tx.send(cmd).await {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(c)) => cmd = c,
+            }
+        }
+        cmd.refuse(room, ErrorCode::Internal, "room restarting; retry");
+    }
+
+    /// Removes the room's entry if it still belongs to `generation` and `still_idle()` holds
+    /// while the lock is held.
+    pub(crate) fn remove_if(
+        &self,
+        room: &RoomId,
+        generation: u64,
+        still_idle: impl FnOnce() -> bool,
+    ) -> bool {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        match rooms.get(room) {
+            Some(e) if e.generation == generation => {
+                if !still_idle() {
+                    return false;
+                }
+                rooms.remove(room);
+                true
+            }
+            // Already replaced or removed: this task is no longer the owner.
+            _ => true,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rooms.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Counts a live room task in `chat_node_rooms_active` for as long as it exists.
+pub(crate) struct ActiveRoomGuard;
+
+impl ActiveRoomGuard {
+    pub(crate) fn new() -> Self {
+        metrics::gauge!(m::ROOMS_ACTIVE).increment(1.0);
+        ActiveRoomGuard
+    }
+}
+
+impl Drop for ActiveRoomGuard {
+    fn drop(&mut self) {
+        metrics::gauge!(m::ROOMS_ACTIVE).decrement(1.0);
+    }
+}

@@ -1,0 +1,148 @@
+//! Logs and metrics: the tracing subscriber, the Prometheus recorder and the process
+//! collector (CPU, RSS, open files).
+//!
+//! The metrics recorder is process-global (the `metrics` facade allows one), so it is
+//! installed once and shared by every node in the process; in-process tests that start
+//! several nodes therefore see their sums. Rendering happens in our own `/metrics` route;
+//! no listener of the exporter's is started.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::metrics as m;
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, LogFormat};
+
+/// Histogram buckets for every `_seconds` metric: 100 µs to 10 s.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+const RATIO_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 0.75, 0.9, 1.0];
+
+struct Metrics {
+    handle: PrometheusHandle,
+    process: metrics_process::Collector,
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+fn metrics() -> &'static Metrics {
+    METRICS.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Suffix("_ratio".into()), RATIO_BUCKETS)
+            });
+        let recorder = match builder {
+            Ok(b) => b.build_recorder(),
+            // Only reachable with an empty bucket list, which the constants are not.
+            Err(_) => PrometheusBuilder::new().build_recorder(),
+        };
+        let handle = recorder.handle();
+        // Fails only if another recorder was installed first (an embedding program's);
+        // then our route renders an empty page rather than crashing the node.
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+        }
+        let process = metrics_process::Collector::default();
+        process.describe();
+        describe();
+        Metrics { handle, process }
+    })
+}
+
+/// Installs the recorder if needed and keeps histograms' upkeep running until `shutdown`.
+pub fn start(shutdown: CancellationToken) {
+    let handle = metrics().handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => handle.run_upkeep(),
+            }
+        }
+    });
+}
+
+/// The Prometheus text exposition of every metric, process metrics refreshed first.
+pub fn render() -> String {
+    let m = metrics();
+    m.process.collect();
+    m.handle.render()
+}
+
+pub fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CHAT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match config.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+fn describe() {
+    describe_gauge!(m::CONNECTIONS, "Open WebSocket connections.");
+    describe_counter!(m::CONNECTIONS_OPENED, "WebSocket connections accepted.");
+    describe_counter!(
+        m::CONNECTIONS_CLOSED,
+        "WebSocket connections closed, by reason."
+    );
+    describe_gauge!(
+        m::ROOMS_ACTIVE,
+        "Rooms with a live owner task on this node."
+    );
+    describe_counter!(
+        m::MESSAGES_RECEIVED,
+        "Messages accepted by rooms, by source."
+    );
+    describe_counter!(m::MESSAGES_DELIVERED, "Message frames enqueued to members.");
+    describe_counter!(
+        m::MESSAGES_DUPLICATE,
+        "Sends recognised as retries of a known cid."
+    );
+    describe_counter!(
+        m::MESSAGES_REPLAYED,
+        "Messages replayed to members joining with since."
+    );
+    describe_histogram!(
+        m::FANOUT_SECONDS,
+        Unit::Seconds,
+        "Accept to enqueued for every member."
+    );
+    describe_histogram!(
+        m::ACK_SECONDS,
+        Unit::Seconds,
+        "Accept to ack (durable in the store)."
+    );
+    describe_histogram!(
+        m::QUEUE_FILL_RATIO,
+        "Outbound queue fill when a broadcast enqueues."
+    );
+    describe_counter!(
+        m::ROOM_INBOX_FULL,
+        "Commands refused because a room inbox was full."
+    );
+    describe_counter!(
+        m::SLOW_CONSUMER_DISCONNECTS,
+        "Clients closed for a full outbound queue."
+    );
+    describe_counter!(m::BAD_INPUT, "Bad input rejected, by kind.");
+    describe_counter!(m::STORE_ERRORS, "Failed or timed-out store calls, by op.");
+    describe_histogram!(
+        m::STORE_WRITE_SECONDS,
+        Unit::Seconds,
+        "Duration of store batch writes."
+    );
+    describe_gauge!(m::STORE_PENDING, "Messages accepted but not yet durable.");
+    describe_counter!(
+        m::HTTP_REQUESTS,
+        "HTTP requests, by route and status class."
+    );
+    describe_gauge!(m::READY, "1 when /readyz answers 200.");
+}
