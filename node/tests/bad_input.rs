@@ -1,0 +1,342 @@
+//! Every kind of bad input gets its documented answer, and the node keeps serving others.
+
+mod support;
+
+use chat_node::config::Config;
+use common::ErrorCode;
+use fastwebsockets::{Frame, OpCode, Payload};
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use support::*;
+
+const SECRET: &str = "integration-secret-0123456789";
+
+fn token(sub: &str, exp_in_secs: i64, rooms: Option<Vec<&str>>, secret: &str) -> String {
+    let exp = (common::id::now_ms() / 1000) as i64 + exp_in_secs;
+    let mut claims = serde_json::json!({ "sub": sub, "exp": exp });
+    if let Some(rooms) = rooms {
+        claims["rooms"] = serde_json::json!(rooms);
+    }
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("encode")
+}
+
+fn jwt_config() -> Config {
+    let mut c = Config::for_tests();
+    c.insecure_dev_auth = false;
+    c.jwt_secret = Some(SECRET.into());
+    c
+}
+
+/// A bystander in the same room proves the node still serves others after each bad input.
+async fn bystander_still_served(node: &TestNode, room: &str, tag: &str) {
+    let mut c = node.connect(room, &format!("bystander-{tag}")).await;
+    c.expect_joined().await;
+    c.send_text(room, &format!("ok-{tag}"), "still here").await;
+    assert_eq!(c.ack().await.0, format!("ok-{tag}"));
+}
+
+#[tokio::test]
+async fn bad_frames_get_error_frames_and_the_connection_stays() {
+    let mut config = Config::for_tests();
+    config.max_body_bytes = 100;
+    let node = TestNode::start(config).await;
+    let mut c = node.connect("bad", "mallory").await;
+    c.expect_joined().await;
+    let cases: &[(&str, ErrorCode)] = &[
+        ("{not json", ErrorCode::BadJson),
+        (r#"{"type":"fly","room":"bad"}"#, ErrorCode::UnknownType),
+        (
+            r#"{"type":"join","room":"has space"}"#,
+            ErrorCode::InvalidField,
+        ),
+        (
+            r#"{"type":"join","room":"bad","since":"yesterday"}"#,
+            ErrorCode::InvalidField,
+        ),
+        (
+            r#"{"type":"send","room":"bad","cid":"","body":"x"}"#,
+            ErrorCode::InvalidField,
+        ),
+        (
+            r#"{"type":"send","room":"never-joined","cid":"c1","body":"x"}"#,
+            ErrorCode::NotJoined,
+        ),
+    ];
+    for (raw, code) in cases {
+        c.send_raw(raw.as_bytes()).await;
+        assert_eq!(c.error().await.0, *code, "for {raw}");
+    }
+    let long = format!(
+        r#"{{"type":"send","room":"bad","cid":"long1","body":"{}"}}"#,
+        "y".repeat(101)
+    );
+    c.send_raw(long.as_bytes()).await;
+    assert_eq!(
+        c.error().await,
+        (ErrorCode::BodyTooLong, Some("long1".into()))
+    );
+    c.ws.write_frame(Frame::binary(Payload::Borrowed(b"\x00\x01")))
+        .await
+        .expect("write");
+    assert_eq!(c.error().await.0, ErrorCode::BadJson);
+    // After all that, the same connection still works.
+    c.send_text("bad", "good1", "fine").await;
+    assert_eq!(c.ack().await.0, "good1");
+    assert!(metric(node.addr, "chat_node_bad_input_total{kind=\"bad_json\"}").await >= 2.0);
+    assert!(
+        metric(
+            node.addr,
+            "chat_node_bad_input_total{kind=\"unknown_type\"}"
+        )
+        .await
+            >= 1.0
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_frame_closes_with_1009_and_others_are_unaffected() {
+    let mut config = Config::for_tests();
+    config.max_frame_bytes = 1024;
+    config.max_body_bytes = 512;
+    let node = TestNode::start(config).await;
+    let mut c = node.connect("big", "mallory").await;
+    c.expect_joined().await;
+    let huge = vec![b'a'; 4096];
+    c.ws.write_frame(Frame::text(Payload::Borrowed(&huge)))
+        .await
+        .expect("write");
+    assert_eq!(c.closed().await, 1009);
+    // Fragments adding up past the limit are refused the same way.
+    let mut d = node.connect("big", "mallory2").await;
+    d.expect_joined().await;
+    for i in 0..4 {
+        let fin = i == 3;
+        let op = if i == 0 {
+            OpCode::Text
+        } else {
+            OpCode::Continuation
+        };
+        d.ws.write_frame(Frame::new(fin, op, None, Payload::Borrowed(&[b'a'; 400])))
+            .await
+            .expect("write");
+    }
+    assert_eq!(d.closed().await, 1009);
+    bystander_still_served(&node, "big", "after-oversize").await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn bad_upgrade_requests_get_json_answers_before_the_upgrade() {
+    let node = TestNode::start(jwt_config()).await;
+    let good = token("alice", 3600, Some(vec!["team-*"]), SECRET);
+    let cases = [
+        ("/ws?room=team-1".to_string(), 401, "unauthorized"),
+        (
+            "/ws?room=team-1&token=not.a.jwt".to_string(),
+            401,
+            "unauthorized",
+        ),
+        (
+            format!(
+                "/ws?room=team-1&token={}",
+                token("alice", -3600, None, SECRET)
+            ),
+            401,
+            "unauthorized",
+        ),
+        (
+            format!(
+                "/ws?room=team-1&token={}",
+                token("alice", 3600, None, "some-other-secret-0123456789")
+            ),
+            401,
+            "unauthorized",
+        ),
+        (
+            format!("/ws?room=secret-room&token={good}"),
+            403,
+            "forbidden",
+        ),
+        (
+            format!("/ws?room=bad%20room&token={good}"),
+            400,
+            "invalid_field",
+        ),
+        (format!("/ws?token={good}"), 400, "invalid_field"),
+        (
+            format!("/ws?room=team-1&since=abc&token={good}"),
+            400,
+            "invalid_field",
+        ),
+    ];
+    for (path, status, code) in cases {
+        let Err((got, body)) = Client::connect(node.addr, &path).await else {
+            panic!("{path} was upgraded");
+        };
+        assert_eq!(got, status, "{path}: {body}");
+        let v = json(&body);
+        assert_eq!(v["code"], code, "{path}: {body}");
+        assert!(v["retry"].is_string());
+    }
+    // The Authorization header works too, and a valid token connects.
+    let mut c = Client::connect(node.addr, &format!("/ws?room=team-1&token={good}"))
+        .await
+        .expect("valid token");
+    c.expect_joined().await;
+    // Joining a room the token does not allow is refused with an error frame.
+    c.send_raw(br#"{"type":"join","room":"elsewhere"}"#).await;
+    assert_eq!(c.error().await.0, ErrorCode::Forbidden);
+    let (status, body) = http_with_headers(
+        node.addr,
+        "POST",
+        "/v1/rooms/team-1/messages",
+        Some(r#"{"cid":"h1","body":"hi"}"#),
+        &[("Authorization", &format!("Bearer {good}"))],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn bad_http_requests_get_json_errors() {
+    let mut config = Config::for_tests();
+    config.max_frame_bytes = 1024;
+    config.max_body_bytes = 100;
+    let node = TestNode::start(config).await;
+    let post = |path: &'static str, body: String| {
+        let addr = node.addr;
+        async move { http(addr, "POST", path, Some(&body)).await }
+    };
+    let cases = [
+        (
+            post("/v1/rooms/r1/messages?user=u", "{oops".into()).await,
+            400,
+            "bad_json",
+        ),
+        (
+            post(
+                "/v1/rooms/r1/messages?user=u",
+                r#"{"cid":"a b","body":"x"}"#.into(),
+            )
+            .await,
+            400,
+            "invalid_field",
+        ),
+        (
+            post(
+                "/v1/rooms/r1/messages?user=u",
+                format!(r#"{{"cid":"c","body":"{}"}}"#, "z".repeat(101)),
+            )
+            .await,
+            400,
+            "body_too_long",
+        ),
+        (
+            post(
+                "/v1/rooms/r1/messages?user=u",
+                format!(r#"{{"cid":"c","body":"{}"}}"#, "z".repeat(2000)),
+            )
+            .await,
+            413,
+            "frame_too_large",
+        ),
+        (
+            post("/v1/rooms/r1/messages", r#"{"cid":"c","body":"x"}"#.into()).await,
+            401,
+            "unauthorized",
+        ),
+        (
+            post(
+                "/v1/rooms/bad%20room/messages?user=u",
+                r#"{"cid":"c","body":"x"}"#.into(),
+            )
+            .await,
+            400,
+            "invalid_field",
+        ),
+        (
+            http(
+                node.addr,
+                "GET",
+                "/v1/rooms/r1/messages?user=u&limit=0",
+                None,
+            )
+            .await,
+            400,
+            "invalid_field",
+        ),
+        (
+            http(
+                node.addr,
+                "GET",
+                "/v1/rooms/r1/messages?user=u&before=x",
+                None,
+            )
+            .await,
+            400,
+            "invalid_field",
+        ),
+        (
+            http(node.addr, "GET", "/nope", None).await,
+            404,
+            "not_found",
+        ),
+        (
+            http(node.addr, "DELETE", "/v1/rooms/r1/messages?user=u", None).await,
+            405,
+            "method_not_allowed",
+        ),
+        (
+            http(node.addr, "GET", "/ws?room=r1&user=u", None).await,
+            400,
+            "invalid_field",
+        ),
+    ];
+    for ((status, body), want_status, want_code) in cases {
+        assert_eq!(status, want_status, "{body}");
+        assert_eq!(json(&body)["code"], want_code, "{body}");
+    }
+    bystander_still_served(&node, "r1", "after-http").await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_closed_after_the_idle_timeout() {
+    let mut config = Config::for_tests();
+    config.ping_interval = std::time::Duration::from_millis(100);
+    config.idle_timeout = std::time::Duration::from_millis(400);
+    let node = TestNode::start(config).await;
+    // This client reads nothing (so it answers no ping) until the server has given up.
+    let mut c = node.connect("quiet", "sleepy").await;
+    // Answering the queued pings while reading the close would write to a closed socket.
+    c.ws.set_auto_pong(false);
+    eventually("idle close counted", || async {
+        metric(
+            node.addr,
+            "chat_node_connections_closed_total{reason=\"idle_timeout\"}",
+        )
+        .await
+            >= 1.0
+    })
+    .await;
+    assert_eq!(c.closed().await, 4008);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_that_expires_mid_session_closes_with_4003() {
+    let node = TestNode::start(jwt_config()).await;
+    let short = token("brief", 2, None, SECRET);
+    let mut c = Client::connect(node.addr, &format!("/ws?room=expiring&token={short}"))
+        .await
+        .expect("connect");
+    c.expect_joined().await;
+    assert_eq!(c.closed().await, 4003);
+    node.stop().await;
+}
