@@ -31,6 +31,11 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     chat_node::telemetry::init_logging(&config);
+    // Each WebSocket is a file descriptor: use the whole hard limit, not the soft default.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
