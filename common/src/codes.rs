@@ -151,8 +151,6 @@ pub enum CloseCode {
     ProtocolError,
     /// A frame or message larger than the configured maximum.
     FrameTooLarge,
-    /// An unexpected failure inside the node.
-    Internal,
     /// The client's outbound queue was full: it did not read fast enough.
     SlowConsumer,
     /// The room is now owned by another node.
@@ -161,25 +159,21 @@ pub enum CloseCode {
     Unauthorized,
     /// The peer sent nothing (not even a pong) for longer than the idle timeout.
     IdleTimeout,
-    /// The client kept sending past its rate limit.
+    /// The client kept sending far past its rate limit despite `rate_limited` errors.
     RateLimited,
-    /// The node cannot take this connection now.
-    Overloaded,
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 11] = [
+    pub const ALL: [CloseCode; 9] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::ProtocolError,
         CloseCode::FrameTooLarge,
-        CloseCode::Internal,
         CloseCode::SlowConsumer,
         CloseCode::RoomMoved,
         CloseCode::Unauthorized,
         CloseCode::IdleTimeout,
         CloseCode::RateLimited,
-        CloseCode::Overloaded,
     ];
 
     pub fn code(self) -> u16 {
@@ -188,13 +182,11 @@ impl CloseCode {
             CloseCode::GoingAway => 1001,
             CloseCode::ProtocolError => 1002,
             CloseCode::FrameTooLarge => 1009,
-            CloseCode::Internal => 1011,
             CloseCode::SlowConsumer => 4000,
             CloseCode::RoomMoved => 4001,
             CloseCode::Unauthorized => 4003,
             CloseCode::IdleTimeout => 4008,
             CloseCode::RateLimited => 4029,
-            CloseCode::Overloaded => 4013,
         }
     }
 
@@ -209,13 +201,11 @@ impl CloseCode {
             CloseCode::GoingAway => "going_away",
             CloseCode::ProtocolError => "protocol_error",
             CloseCode::FrameTooLarge => "frame_too_large",
-            CloseCode::Internal => "internal",
             CloseCode::SlowConsumer => "slow_consumer",
             CloseCode::RoomMoved => "room_moved",
             CloseCode::Unauthorized => "unauthorized",
             CloseCode::IdleTimeout => "idle_timeout",
             CloseCode::RateLimited => "rate_limited",
-            CloseCode::Overloaded => "overloaded",
         }
     }
 
@@ -225,9 +215,8 @@ impl CloseCode {
             | CloseCode::ProtocolError
             | CloseCode::FrameTooLarge
             | CloseCode::Unauthorized => Retry::DoNotRetry,
-            CloseCode::RateLimited | CloseCode::Overloaded => Retry::RetryLater,
+            CloseCode::RateLimited => Retry::RetryLater,
             CloseCode::GoingAway
-            | CloseCode::Internal
             | CloseCode::SlowConsumer
             | CloseCode::RoomMoved
             | CloseCode::IdleTimeout => Retry::ReconnectAndResume,

@@ -5,7 +5,9 @@
 
 pub const CONNECTIONS: &str = "chat_node_connections";
 pub const CONNECTIONS_OPENED: &str = "chat_node_connections_opened_total";
-/// Label `reason`: a close code name (`CloseCode::as_str`) or `client_closed`/`io_error`.
+/// Label `reason`: the close code's name (`CloseCode::as_str`) when the node closed it,
+/// `client_closed` when the client closed or vanished, `upgrade_failed` when the handshake
+/// did not complete.
 pub const CONNECTIONS_CLOSED: &str = "chat_node_connections_closed_total";
 pub const ROOMS_ACTIVE: &str = "chat_node_rooms_active";
 /// Label `source`: `ws` or `http`.
@@ -22,7 +24,8 @@ pub const QUEUE_FILL_RATIO: &str = "chat_node_outbound_queue_fill_ratio";
 /// Sends refused because a room inbox was full.
 pub const ROOM_INBOX_FULL: &str = "chat_node_room_inbox_full_total";
 pub const SLOW_CONSUMER_DISCONNECTS: &str = "chat_node_slow_consumer_disconnects_total";
-/// Label `kind`: an `ErrorCode::as_str`.
+/// Label `kind`: an `ErrorCode::as_str` (including `rate_limited` for refused sends), or
+/// `protocol_error` for WebSocket-level violations.
 pub const BAD_INPUT: &str = "chat_node_bad_input_total";
 /// Label `op`: `append` or `read`.
 pub const STORE_ERRORS: &str = "chat_node_store_errors_total";

@@ -145,6 +145,7 @@ impl Config {
             ("--max-pending-per-room", self.max_pending_per_room),
             ("--dedupe-max-per-room", self.dedupe_max_per_room),
             ("--memory-history-per-room", self.memory_history_per_room),
+            ("--recent-per-room", self.recent_per_room),
         ] {
             if v == 0 {
                 return Err(format!("{name} must be at least 1"));

@@ -125,6 +125,7 @@ pub async fn serve(
             principal: session.principal,
             joined: HashMap::new(),
             bucket: TokenBucket::new(state.config.send_rate, state.config.send_burst),
+            rate_strikes: 0,
         };
         r.join(session.room, session.since);
         let reason = r.read_loop(reader).await;
@@ -162,6 +163,8 @@ struct ReaderState {
     principal: Principal,
     joined: HashMap<RoomId, RoomHandle>,
     bucket: TokenBucket,
+    /// Sends refused for rate in a row.
+    rate_strikes: u32,
 }
 
 impl ReaderState {
@@ -287,14 +290,22 @@ impl ReaderState {
                     return;
                 };
                 if !self.bucket.take() {
+                    metrics::counter!(m::BAD_INPUT, "kind" => ErrorCode::RateLimited.as_str())
+                        .increment(1);
                     self.error(
                         ErrorCode::RateLimited,
                         "send rate exceeded; retry later with the same cid",
                         Some(cid.as_str()),
                         Some(&room),
                     );
+                    // A client that ignores a burst's worth of these is closed.
+                    self.rate_strikes += 1;
+                    if f64::from(self.rate_strikes) > self.state.config.send_burst {
+                        self.conn.close(CloseCode::RateLimited);
+                    }
                     return;
                 }
+                self.rate_strikes = 0;
                 let cmd = RoomCmd::Send {
                     from: self.conn.user.clone(),
                     cid,

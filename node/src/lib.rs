@@ -17,7 +17,7 @@ pub mod store;
 pub mod telemetry;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,7 +51,6 @@ pub struct NodeState {
     conns: Mutex<HashMap<u64, Arc<ConnHandle>>>,
     /// Parent of every connection's token.
     pub shutdown_conns: CancellationToken,
-    shutting_down: AtomicBool,
     pub conn_tracker: TaskTracker,
 }
 
@@ -61,7 +60,7 @@ impl NodeState {
     }
 
     pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Relaxed)
+        self.registry.ctx().is_draining()
     }
 
     pub(crate) fn register_conn(&self, conn: &Arc<ConnHandle>) {
@@ -123,7 +122,6 @@ pub async fn run_with_store(
         conn_ids: AtomicU64::new(1),
         conns: Mutex::new(HashMap::new()),
         shutdown_conns: CancellationToken::new(),
-        shutting_down: AtomicBool::new(false),
         conn_tracker: TaskTracker::new(),
     });
     tokio::spawn(probe_store(ctx.clone(), background.clone()));
@@ -131,9 +129,30 @@ pub async fn run_with_store(
     tracing::info!(addr = %local, node = config.node_id, store = ctx.store.name(), "chat-node listening");
 
     let http_tracker = TaskTracker::new();
+    // The listener stays open through the drain so probes and scrapes see `/readyz` turn
+    // red (and new upgrades get `going_away`) instead of a refused connection.
+    let stop_accepting = CancellationToken::new();
+    let acceptor = tokio::spawn(accept_loop(
+        listener,
+        state.clone(),
+        http_tracker.clone(),
+        stop_accepting.clone(),
+    ));
+    shutdown.cancelled().await;
+    shutdown_gracefully(&state, &ctx, &http_tracker, stop_accepting, acceptor).await;
+    background.cancel();
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<NodeState>,
+    http_tracker: TaskTracker,
+    stop: CancellationToken,
+) {
     loop {
         let (stream, _peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -146,7 +165,7 @@ pub async fn run_with_store(
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
-        let shutdown = shutdown.clone();
+        let stop = stop.clone();
         http_tracker.spawn(async move {
             let svc = service_fn(move |req| http::handle(req, state.clone()));
             let conn = http1::Builder::new()
@@ -159,27 +178,25 @@ pub async fn run_with_store(
                         tracing::debug!(error = %e, "http connection ended with an error");
                     }
                 }
-                _ = shutdown.cancelled() => {
+                _ = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
             }
         });
     }
-    drop(listener);
-    shutdown_gracefully(&state, &ctx, &http_tracker).await;
-    background.cancel();
-    Ok(())
 }
 
 async fn shutdown_gracefully(
     state: &Arc<NodeState>,
     ctx: &Arc<RoomCtx>,
     http_tracker: &TaskTracker,
+    stop_accepting: CancellationToken,
+    acceptor: tokio::task::JoinHandle<()>,
 ) {
     let grace = state.config.shutdown_grace;
     let deadline = tokio::time::Instant::now() + grace;
-    state.shutting_down.store(true, Ordering::Relaxed);
+    ctx.start_draining();
     metrics::gauge!(m::READY).set(0.0);
     tracing::info!(?grace, "shutting down: closing clients");
     // Close clients at a capped rate so they do not all reconnect at the same instant.
@@ -200,8 +217,10 @@ async fn shutdown_gracefully(
         conn.close(CloseCode::GoingAway);
     }
     state.conn_tracker.close();
-    http_tracker.close();
     let _ = tokio::time::timeout_at(deadline, state.conn_tracker.wait()).await;
+    stop_accepting.cancel();
+    let _ = acceptor.await;
+    http_tracker.close();
     let _ = tokio::time::timeout_at(deadline, http_tracker.wait()).await;
     // Rooms flush what they accepted, then exit once empty.
     ctx.shutdown.cancel();

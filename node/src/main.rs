@@ -30,6 +30,11 @@ fn main() -> ExitCode {
         eprintln!("chat-node: invalid config: {msg}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    // Key files are part of the config: an unreadable one is a config error too.
+    if let Err(e) = chat_node::auth::Authenticator::from_config(&config) {
+        eprintln!("chat-node: invalid config: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     chat_node::telemetry::init_logging(&config);
     // Each WebSocket is a file descriptor: use the whole hard limit, not the soft default.
     match rlimit::increase_nofile_limit(u64::MAX) {

@@ -26,6 +26,7 @@ pub struct RoomCtx {
     /// Room tasks and their store/replay tasks, so shutdown can wait for pending writes.
     pub tracker: TaskTracker,
     store_healthy: AtomicBool,
+    draining: AtomicBool,
 }
 
 impl RoomCtx {
@@ -41,6 +42,7 @@ impl RoomCtx {
             shutdown,
             tracker: TaskTracker::new(),
             store_healthy: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -48,6 +50,15 @@ impl RoomCtx {
     /// sends are refused meanwhile instead of being delivered and then not acked.
     pub fn store_healthy(&self) -> bool {
         self.store_healthy.load(Ordering::Relaxed)
+    }
+
+    /// True from the start of a graceful shutdown: readiness is red, no new connections.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     pub fn mark_store_failed(&self) {

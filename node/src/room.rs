@@ -598,6 +598,19 @@ impl Room {
     }
 
     fn send(&mut self, from: UserId, cid: ClientMsgId, body: String, reply: Reply, source: Source) {
+        if let Reply::Conn(conn) = &reply {
+            // The room, not the connection, is the authority on membership (a failed
+            // replay removes a member the connection still lists).
+            if !self.members.contains_key(&conn.id) {
+                reply.error(
+                    &self.id,
+                    &cid,
+                    ErrorCode::NotJoined,
+                    "not a member of this room; join again",
+                );
+                return;
+            }
+        }
         let key = (from, cid);
         let store_ok =
             self.ctx.store_healthy() && self.pending() < self.ctx.config.max_pending_per_room;

@@ -340,3 +340,31 @@ async fn a_token_that_expires_mid_session_closes_with_4003() {
     assert_eq!(c.closed().await, 4003);
     node.stop().await;
 }
+
+#[tokio::test]
+async fn sends_past_the_rate_limit_are_refused_then_the_client_is_closed() {
+    let mut config = Config::for_tests();
+    config.send_rate = 0.5;
+    config.send_burst = 3.0;
+    let node = TestNode::start(config).await;
+    let mut c = node.connect("rl", "chatty").await;
+    c.expect_joined().await;
+    for i in 0..3 {
+        c.send_text("rl", &format!("ok{i}"), "x").await;
+    }
+    for _ in 0..3 {
+        c.ack().await;
+    }
+    c.send_text("rl", "over", "x").await;
+    assert_eq!(
+        c.error().await,
+        (ErrorCode::RateLimited, Some("over".into()))
+    );
+    // Ignoring the errors: after a burst's worth more, the connection is closed.
+    for i in 0..4 {
+        c.send_text("rl", &format!("more{i}"), "x").await;
+    }
+    assert_eq!(c.closed().await, 4029);
+    bystander_still_served(&node, "rl", "after-rate-limit").await;
+    node.stop().await;
+}
