@@ -1,0 +1,1305 @@
+//! The `fanout` scenario: `rooms × members` connections, every member sending at a paced
+//! rate into its room, every member receiving everything its room carries.
+//!
+//! It owns the run's timeline (connect, warmup, measured window, drain, close), one reader
+//! and one writer task per connection, the live progress line, and the assembly of the
+//! final [`Report`]. Readers and writers keep their counts locally or in shared atomics and
+//! batch latency samples into sharded histograms, so the bench adds little per message.
+//! Every phase has a deadline; every task ends by itself or at the hard stop; the only
+//! address it connects to is the `--url` target.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::{interval_at, sleep_until, MissedTickBehavior};
+
+use crate::client::{self, ControlRx, Incoming, Reader, Target, WsWrite};
+use crate::metrics_scrape::{self, ServerSample};
+use crate::payload::{
+    decode_body, parse_cid, FrameView, OwnedView, SendFrameEncoder, BODY_HEADER_LEN, MAX_SENDER,
+};
+use crate::report::{
+    self, close_label, new_histogram, LatencySummary, Report, RunConfig, SeqOutcome, SeqTracker,
+    MAX_TRACKED_SEQ,
+};
+use crate::BenchError;
+
+/// Options of `chat-bench fanout`.
+#[derive(Debug, Clone, Args)]
+pub struct FanoutArgs {
+    /// WebSocket URL of a node or router (the path defaults to /ws).
+    #[arg(long, env = "CHAT_BENCH_URL", default_value = "ws://127.0.0.1:7001")]
+    pub url: String,
+    /// Number of rooms.
+    #[arg(long, env = "CHAT_BENCH_ROOMS", default_value_t = 10)]
+    pub rooms: usize,
+    /// Members per room; each is its own connection, sender and receiver.
+    #[arg(long, env = "CHAT_BENCH_MEMBERS", default_value_t = 10)]
+    pub members: usize,
+    /// Messages per second each member sends, evenly paced.
+    #[arg(long, env = "CHAT_BENCH_RATE", default_value_t = 1.0)]
+    pub rate: f64,
+    /// Body size in bytes; at least 39 (the header receivers decode).
+    #[arg(long, env = "CHAT_BENCH_SIZE", default_value_t = 128)]
+    pub size: usize,
+    /// Measured seconds of sending, after the warmup.
+    #[arg(long, env = "CHAT_BENCH_DURATION", default_value_t = 30.0)]
+    pub duration: f64,
+    /// Seconds of sending before measuring starts.
+    #[arg(long, env = "CHAT_BENCH_WARMUP", default_value_t = 5.0)]
+    pub warmup: f64,
+    /// Longest wait, in seconds, for outstanding deliveries and acks after sending stops.
+    #[arg(long, env = "CHAT_BENCH_DRAIN", default_value_t = 2.0)]
+    pub drain: f64,
+    /// Users are named `<prefix>-<room index>-<member index>`.
+    #[arg(long, env = "CHAT_BENCH_USER_PREFIX", default_value = "bench")]
+    pub user_prefix: String,
+    /// Rooms are named `<prefix>-<room index>`; defaults to `bench-<unix seconds>` so each
+    /// run starts with empty rooms.
+    #[arg(long, env = "CHAT_BENCH_ROOM_PREFIX")]
+    pub room_prefix: Option<String>,
+    /// Connection attempts (TCP + upgrade + join) in flight at once.
+    #[arg(long, env = "CHAT_BENCH_CONNECT_CONCURRENCY", default_value_t = 64)]
+    pub connect_concurrency: usize,
+    /// Seconds one connection may take to connect and be joined.
+    #[arg(long, env = "CHAT_BENCH_CONNECT_TIMEOUT", default_value_t = 10.0)]
+    pub connect_timeout: f64,
+    /// Connections that may fail before the run is abandoned (exit status 1).
+    #[arg(long, env = "CHAT_BENCH_MAX_CONNECT_FAILURES", default_value_t = 0)]
+    pub max_connect_failures: u64,
+    /// Also write the report as JSON to this file.
+    #[arg(long, env = "CHAT_BENCH_JSON")]
+    pub json: Option<PathBuf>,
+    /// Also write the Markdown report to this file.
+    #[arg(long, env = "CHAT_BENCH_MARKDOWN")]
+    pub markdown: Option<PathBuf>,
+    /// No progress line on stderr.
+    #[arg(long, env = "CHAT_BENCH_QUIET")]
+    pub quiet: bool,
+}
+
+const MAX_CONNECTIONS: usize = 200_000;
+const MAX_RATE: f64 = 10_000.0;
+const MAX_SIZE: usize = 16 << 20;
+const MAX_SECONDS: f64 = 86_400.0;
+/// A send that leaves later than this after its scheduled time is counted as late.
+const LATE_THRESHOLD: Duration = Duration::from_millis(5);
+/// Gaps one receiver remembers (see `SeqTracker`).
+const MAX_GAPS_PER_RECEIVER: usize = 4096;
+/// Latency samples a reader buffers before taking a histogram lock.
+const LAT_BATCH: usize = 256;
+const LAT_FLUSH_NS: u64 = 250_000_000;
+const HIST_SHARDS: usize = 16;
+/// After the bench sends its close frames, how long servers get to answer them.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Delay between the last join and the first send, so every writer is scheduled in time.
+const START_DELAY: Duration = Duration::from_millis(200);
+
+impl FanoutArgs {
+    pub fn room_prefix(&self) -> String {
+        self.room_prefix.clone().unwrap_or_else(|| {
+            let secs = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            format!("bench-{secs}")
+        })
+    }
+
+    /// Checks every limit; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        let secs = |name: &str, v: f64, min_exclusive: bool| -> Result<(), String> {
+            let ok =
+                v.is_finite() && v <= MAX_SECONDS && if min_exclusive { v > 0.0 } else { v >= 0.0 };
+            if ok {
+                Ok(())
+            } else {
+                Err(format!(
+                    "--{name} must be {} and at most {MAX_SECONDS} seconds",
+                    if min_exclusive {
+                        "positive"
+                    } else {
+                        "non-negative"
+                    }
+                ))
+            }
+        };
+        if self.rooms == 0 || self.members == 0 {
+            return Err("--rooms and --members must be at least 1".into());
+        }
+        let conns = self.rooms.saturating_mul(self.members);
+        if conns > MAX_CONNECTIONS || conns as u64 > MAX_SENDER {
+            return Err(format!(
+                "--rooms × --members is {conns}; at most {MAX_CONNECTIONS} connections"
+            ));
+        }
+        if !(self.rate.is_finite() && self.rate > 0.0 && self.rate <= MAX_RATE) {
+            return Err(format!(
+                "--rate must be in (0, {MAX_RATE}] messages per second"
+            ));
+        }
+        if !(BODY_HEADER_LEN..=MAX_SIZE).contains(&self.size) {
+            return Err(format!(
+                "--size must be between {BODY_HEADER_LEN} and {MAX_SIZE} bytes"
+            ));
+        }
+        secs("duration", self.duration, true)?;
+        secs("warmup", self.warmup, false)?;
+        secs("drain", self.drain, false)?;
+        secs("connect-timeout", self.connect_timeout, true)?;
+        if self.rate * (self.warmup + self.duration) + 1.0 >= MAX_TRACKED_SEQ as f64 {
+            return Err("--rate × (--warmup + --duration) is too large".into());
+        }
+        if !(1..=10_000).contains(&self.connect_concurrency) {
+            return Err("--connect-concurrency must be between 1 and 10000".into());
+        }
+        let last_user = format!(
+            "{}-{}-{}",
+            self.user_prefix,
+            self.rooms - 1,
+            self.members - 1
+        );
+        common::UserId::new(last_user)
+            .map_err(|e| format!("--user-prefix gives invalid user ids: {e}"))?;
+        let last_room = format!("{}-{}", self.room_prefix(), self.rooms - 1);
+        common::RoomId::new(last_room)
+            .map_err(|e| format!("--room-prefix gives invalid room ids: {e}"))?;
+        Ok(())
+    }
+}
+
+/// `ts` (ns since base) falls in the measured window `[start, end)`. Senders and receivers
+/// apply the same rule to the same timestamp, so expected and delivered counts agree.
+fn in_window(ts: u64, start: u64, end: u64) -> bool {
+    ts >= start && ts < end
+}
+
+fn ns_since(base: Instant, t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Resolves once the flag is (or already was) set, or its sender is gone. Returns `()` so
+/// no watch guard is held across the `select!` that awaits it (the guard is not `Send`).
+async fn flag_set(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|set| *set).await;
+}
+
+/// State every task of the run shares.
+struct Shared {
+    base: Instant,
+    members: usize,
+    /// Window bounds in ns since `base`; `u64::MAX` until the coordinator sets them.
+    measure_start_ns: AtomicU64,
+    send_end_ns: AtomicU64,
+    /// Set when the bench starts closing: closes after this are ours, not the server's.
+    finishing: AtomicBool,
+    // Live counters for the progress line (all phases).
+    sent: AtomicU64,
+    received: AtomicU64,
+    errors: AtomicU64,
+    closes: AtomicU64,
+    open: AtomicU64,
+    // Measured-window counters; also decide when the drain is complete.
+    sent_measured: AtomicU64,
+    expected_measured: AtomicU64,
+    delivered_measured: AtomicU64,
+    answered_measured: AtomicU64,
+    writers_done: AtomicU64,
+    sends_late: AtomicU64,
+    sends_skipped: AtomicU64,
+    send_failures: AtomicU64,
+    e2e: Vec<Mutex<Histogram<u64>>>,
+    ack: Vec<Mutex<Histogram<u64>>>,
+    /// e2e samples since the last progress line.
+    live: Mutex<Histogram<u64>>,
+}
+
+impl Shared {
+    fn new(members: usize) -> Self {
+        let shards = || {
+            (0..HIST_SHARDS)
+                .map(|_| Mutex::new(new_histogram()))
+                .collect()
+        };
+        Shared {
+            base: Instant::now(),
+            members,
+            measure_start_ns: AtomicU64::new(u64::MAX),
+            send_end_ns: AtomicU64::new(u64::MAX),
+            finishing: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            closes: AtomicU64::new(0),
+            open: AtomicU64::new(0),
+            sent_measured: AtomicU64::new(0),
+            expected_measured: AtomicU64::new(0),
+            delivered_measured: AtomicU64::new(0),
+            answered_measured: AtomicU64::new(0),
+            writers_done: AtomicU64::new(0),
+            sends_late: AtomicU64::new(0),
+            sends_skipped: AtomicU64::new(0),
+            send_failures: AtomicU64::new(0),
+            e2e: shards(),
+            ack: shards(),
+            live: Mutex::new(new_histogram()),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        ns_since(self.base, Instant::now())
+    }
+
+    fn window(&self) -> (u64, u64) {
+        (
+            self.measure_start_ns.load(Relaxed),
+            self.send_end_ns.load(Relaxed),
+        )
+    }
+}
+
+fn merged(shards: &[Mutex<Histogram<u64>>]) -> Histogram<u64> {
+    let mut out = new_histogram();
+    for s in shards {
+        if let Ok(h) = s.lock() {
+            // Same bounds everywhere; saturating values were clamped when recorded.
+            let _ = out.add(&*h);
+        }
+    }
+    out
+}
+
+/// Send times of one sender's recent messages, so its reader can time their acks.
+struct AckRing {
+    mask: u64,
+    /// `seq + 1` of the message in each slot (0 = empty).
+    seqs: Box<[AtomicU64]>,
+    sent_ns: Box<[AtomicU64]>,
+    /// Sequence numbers sent inside the measured window: `first..=last`.
+    first_measured: AtomicU64,
+    last_measured: AtomicU64,
+}
+
+impl AckRing {
+    /// Holds about eight seconds of sends (64 to 4096 slots).
+    fn new(rate: f64) -> Self {
+        let slots = ((rate * 8.0) as usize).clamp(64, 4096).next_power_of_two();
+        let zeros = || (0..slots).map(|_| AtomicU64::new(0)).collect();
+        AckRing {
+            mask: slots as u64 - 1,
+            seqs: zeros(),
+            sent_ns: zeros(),
+            first_measured: AtomicU64::new(u64::MAX),
+            last_measured: AtomicU64::new(0),
+        }
+    }
+
+    fn slot(&self, seq: u64) -> usize {
+        (seq & self.mask) as usize
+    }
+
+    fn record(&self, seq: u64, sent_ns: u64) {
+        let i = self.slot(seq);
+        self.sent_ns[i].store(sent_ns, Relaxed);
+        self.seqs[i].store(seq + 1, Release);
+    }
+
+    fn sent_at(&self, seq: u64) -> Option<u64> {
+        let i = self.slot(seq);
+        if self.seqs[i].load(Acquire) != seq + 1 {
+            return None;
+        }
+        let t = self.sent_ns[i].load(Relaxed);
+        // Re-check: the slot may have been reused while we read it.
+        (self.seqs[i].load(Acquire) == seq + 1).then_some(t)
+    }
+
+    fn mark_measured(&self, seq: u64) {
+        if self.first_measured.load(Relaxed) == u64::MAX {
+            self.first_measured.store(seq, Relaxed);
+        }
+        self.last_measured.store(seq, Release);
+    }
+
+    fn is_measured(&self, seq: u64) -> bool {
+        let last = self.last_measured.load(Acquire);
+        let first = self.first_measured.load(Relaxed);
+        first != u64::MAX && seq >= first && seq <= last
+    }
+}
+
+/// What one reader counted; merged into the report at the end.
+#[derive(Debug, Default)]
+struct ReaderStats {
+    delivered: u64,
+    duplicated: u64,
+    out_of_order: u64,
+    unclassified: u64,
+    misrouted: u64,
+    undecodable: u64,
+    id_regressions: u64,
+    acks: u64,
+    ack_duplicates: u64,
+    rejected: u64,
+    gap_overflow: u64,
+    errors: BTreeMap<String, u64>,
+    close: Option<String>,
+}
+
+/// Latency samples waiting to be recorded under a histogram lock.
+struct LatBatch {
+    e2e: Vec<u64>,
+    ack: Vec<u64>,
+    last_flush_ns: u64,
+}
+
+impl LatBatch {
+    fn flush(&mut self, shared: &Shared, shard: usize) {
+        if !self.e2e.is_empty() {
+            if let Ok(mut h) = shared.e2e[shard].lock() {
+                for &v in &self.e2e {
+                    h.saturating_record(v);
+                }
+            }
+            if let Ok(mut h) = shared.live.lock() {
+                for &v in &self.e2e {
+                    h.saturating_record(v);
+                }
+            }
+            self.e2e.clear();
+        }
+        if !self.ack.is_empty() {
+            if let Ok(mut h) = shared.ack[shard].lock() {
+                for &v in &self.ack {
+                    h.saturating_record(v);
+                }
+            }
+            self.ack.clear();
+        }
+    }
+}
+
+struct ReaderTask {
+    shared: Arc<Shared>,
+    ring: Arc<AckRing>,
+    room: usize,
+    room_name: Arc<str>,
+    me: u32,
+    shard: usize,
+    tracker: SeqTracker,
+    last_id: u64,
+    lat: LatBatch,
+    stats: ReaderStats,
+    joined: Option<oneshot::Sender<Result<(), String>>>,
+    /// Counted in `Shared::open` (joined and not yet ended).
+    open: bool,
+}
+
+impl ReaderTask {
+    async fn run(
+        mut self,
+        mut reader: Reader,
+        mut hard_stop: watch::Receiver<bool>,
+    ) -> ReaderStats {
+        loop {
+            let incoming = tokio::select! {
+                biased;
+                r = reader.next() => r,
+                _ = flag_set(&mut hard_stop) => break,
+            };
+            let finishing = self.shared.finishing.load(Relaxed);
+            match incoming {
+                Ok(Incoming::Data(bytes)) => {
+                    self.on_frame(&bytes);
+                }
+                Ok(Incoming::Fragment) => self.stats.undecodable += 1,
+                Ok(Incoming::Other) => {}
+                Ok(Incoming::Close(code)) => {
+                    self.ended(close_label(code), finishing);
+                    break;
+                }
+                Err(e) => {
+                    let label = close_label(1006);
+                    if let Some(tx) = self.joined.take() {
+                        let _ = tx.send(Err(format!("connection failed before joined: {e}")));
+                    }
+                    self.ended(label, finishing);
+                    break;
+                }
+            }
+        }
+        if self.open {
+            self.shared.open.fetch_sub(1, Relaxed);
+        }
+        self.lat.flush(&self.shared, self.shard);
+        self.stats.gap_overflow = self.tracker.overflowed;
+        self.stats
+    }
+
+    fn ended(&mut self, label: String, finishing: bool) {
+        if let Some(tx) = self.joined.take() {
+            let _ = tx.send(Err(format!("closed before joined: {label}")));
+        }
+        if !finishing {
+            self.shared.closes.fetch_add(1, Relaxed);
+            self.stats.close = Some(label);
+        }
+    }
+
+    fn on_frame(&mut self, bytes: &[u8]) {
+        let now_ns = self.shared.now_ns();
+        match FrameView::parse(bytes) {
+            Some(v) => self.on_view(&v, now_ns),
+            None => match OwnedView::parse(bytes) {
+                Some(o) => self.on_view(&o.as_view(), now_ns),
+                None => self.stats.undecodable += 1,
+            },
+        }
+        if self.lat.e2e.len() >= LAT_BATCH
+            || self.lat.ack.len() >= LAT_BATCH
+            || now_ns.saturating_sub(self.lat.last_flush_ns) >= LAT_FLUSH_NS
+        {
+            self.lat.flush(&self.shared, self.shard);
+            self.lat.last_flush_ns = now_ns;
+        }
+    }
+
+    fn on_view(&mut self, v: &FrameView<'_>, now_ns: u64) {
+        match v.kind {
+            "message" => self.on_message(v, now_ns),
+            "ack" => self.on_ack(v, now_ns),
+            "error" => self.on_error(v),
+            "joined" if v.room == Some(&*self.room_name) => {
+                if let Some(tx) = self.joined.take() {
+                    let _ = tx.send(Ok(()));
+                    self.open = true;
+                    self.shared.open.fetch_add(1, Relaxed);
+                }
+            }
+            // Presence and leave notices are expected and carry nothing to measure.
+            _ => {}
+        }
+    }
+
+    fn on_message(&mut self, v: &FrameView<'_>, now_ns: u64) {
+        let Some(h) = v.body.and_then(|b| decode_body(b.as_bytes())) else {
+            self.stats.undecodable += 1;
+            return;
+        };
+        let members = self.shared.members;
+        let first = self.room * members;
+        let sender = h.sender as usize;
+        if v.room != Some(&*self.room_name) || !(first..first + members).contains(&sender) {
+            self.stats.misrouted += 1;
+            return;
+        }
+        self.shared.received.fetch_add(1, Relaxed);
+        let outcome = self.tracker.observe(sender - first, h.seq);
+        let (start, end) = self.shared.window();
+        if !in_window(h.sent_ns, start, end) {
+            return;
+        }
+        if let Some(id) = v.id.and_then(|s| s.parse::<u64>().ok()) {
+            if id <= self.last_id {
+                self.stats.id_regressions += 1;
+            }
+            self.last_id = self.last_id.max(id);
+        }
+        match outcome {
+            SeqOutcome::Duplicate => {
+                self.stats.duplicated += 1;
+                return;
+            }
+            SeqOutcome::Late => self.stats.out_of_order += 1,
+            SeqOutcome::Unknown => self.stats.unclassified += 1,
+            SeqOutcome::InOrder => {}
+        }
+        self.stats.delivered += 1;
+        self.shared.delivered_measured.fetch_add(1, Relaxed);
+        self.lat.e2e.push(now_ns.saturating_sub(h.sent_ns) / 1_000);
+    }
+
+    fn on_ack(&mut self, v: &FrameView<'_>, now_ns: u64) {
+        let Some(seq) = v.cid.and_then(|c| parse_cid(c, self.me)) else {
+            // An ack for a cid this connection never sent.
+            self.stats.misrouted += 1;
+            return;
+        };
+        if !self.ring.is_measured(seq) {
+            return;
+        }
+        self.stats.acks += 1;
+        if v.duplicate {
+            self.stats.ack_duplicates += 1;
+        }
+        self.shared.answered_measured.fetch_add(1, Relaxed);
+        if let Some(sent) = self.ring.sent_at(seq) {
+            self.lat.ack.push(now_ns.saturating_sub(sent) / 1_000);
+        }
+    }
+
+    fn on_error(&mut self, v: &FrameView<'_>) {
+        let code = v.code.unwrap_or("unknown");
+        self.shared.errors.fetch_add(1, Relaxed);
+        match self.stats.errors.get_mut(code) {
+            Some(n) => *n += 1,
+            None => {
+                self.stats.errors.insert(code.to_owned(), 1);
+            }
+        }
+        if let Some(seq) = v.cid.and_then(|c| parse_cid(c, self.me)) {
+            if self.ring.is_measured(seq) {
+                self.stats.rejected += 1;
+                self.shared.answered_measured.fetch_add(1, Relaxed);
+            }
+        } else if let Some(tx) = self.joined.take() {
+            let _ = tx.send(Err(format!("error before joined: {code}")));
+        }
+    }
+}
+
+/// The schedule and identity of one writer.
+struct WriterPlan {
+    shared: Arc<Shared>,
+    ring: Arc<AckRing>,
+    room_name: Arc<str>,
+    me: u32,
+    size: usize,
+    first_tick: Instant,
+    period: Duration,
+    measure_start: Instant,
+    send_end: Instant,
+    /// Joined members of this room: deliveries each measured send should produce.
+    room_members: u64,
+}
+
+/// Sends on schedule until `send_end`, forwarding owed control frames all along; then keeps
+/// answering pings until `finish`, closes with 1000, and ends. Counts go to `Shared`.
+async fn write_loop(
+    plan: WriterPlan,
+    mut ws: WsWrite,
+    mut control: ControlRx,
+    mut finish: watch::Receiver<bool>,
+    mut hard_stop: watch::Receiver<bool>,
+) {
+    let shared = &plan.shared;
+    let (start_ns, end_ns) = shared.window();
+    let mut enc = SendFrameEncoder::new(&plan.room_name, plan.me, plan.size);
+    let mut ticker = interval_at(plan.first_tick.into(), plan.period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let period_ns = plan.period.as_nanos().max(1);
+    let mut prev: Option<Instant> = None;
+    let mut seq: u64 = 0;
+    let mut alive = true;
+    loop {
+        tokio::select! {
+            biased;
+            c = control.recv() => match c {
+                Some(f) => {
+                    if ws.write_frame(f).await.is_err() {
+                        alive = false;
+                        break;
+                    }
+                }
+                // The reader ended: the connection is gone.
+                None => {
+                    alive = false;
+                    break;
+                }
+            },
+            sched = ticker.tick() => {
+                let sched = sched.into_std();
+                if sched >= plan.send_end {
+                    break;
+                }
+                let now = Instant::now();
+                let counts = sched >= plan.measure_start;
+                if let Some(p) = prev {
+                    let missed = (sched.saturating_duration_since(p).as_nanos() / period_ns)
+                        .saturating_sub(1);
+                    if counts && missed > 0 {
+                        shared.sends_skipped.fetch_add(missed as u64, Relaxed);
+                    }
+                }
+                prev = Some(sched);
+                if counts && now.saturating_duration_since(sched) > LATE_THRESHOLD {
+                    shared.sends_late.fetch_add(1, Relaxed);
+                }
+                let sent_ns = ns_since(shared.base, now);
+                let measured = in_window(sent_ns, start_ns, end_ns);
+                if measured {
+                    plan.ring.mark_measured(seq);
+                }
+                plan.ring.record(seq, sent_ns);
+                if client::send_text(&mut ws, enc.encode(seq, sent_ns)).await.is_err() {
+                    shared.send_failures.fetch_add(1, Relaxed);
+                    alive = false;
+                    break;
+                }
+                seq += 1;
+                shared.sent.fetch_add(1, Relaxed);
+                if measured {
+                    shared.sent_measured.fetch_add(1, Relaxed);
+                    shared.expected_measured.fetch_add(plan.room_members, Relaxed);
+                }
+            }
+        }
+    }
+    shared.writers_done.fetch_add(1, Relaxed);
+    if !alive {
+        return;
+    }
+    loop {
+        tokio::select! {
+            biased;
+            c = control.recv() => match c {
+                Some(f) => {
+                    if ws.write_frame(f).await.is_err() {
+                        return;
+                    }
+                }
+                None => return,
+            },
+            _ = flag_set(&mut finish) => break,
+            _ = flag_set(&mut hard_stop) => return,
+        }
+    }
+    let _ = client::send_close(&mut ws, 1000, "bench done").await;
+}
+
+/// A joined connection waiting for the start.
+struct Ready {
+    index: usize,
+    room: usize,
+    ws: WsWrite,
+    control: ControlRx,
+    ring: Arc<AckRing>,
+    reader: JoinHandle<ReaderStats>,
+}
+
+struct ConnectPlan {
+    shared: Arc<Shared>,
+    target: Arc<Target>,
+    room_names: Arc<Vec<Arc<str>>>,
+    user_prefix: Arc<str>,
+    rate: f64,
+    timeout: Duration,
+    hard_stop: watch::Receiver<bool>,
+    abandon: Arc<AtomicBool>,
+}
+
+async fn connect_one(plan: Arc<ConnectPlan>, index: usize) -> Result<Ready, String> {
+    let members = plan.shared.members;
+    let (room, member) = (index / members, index % members);
+    if plan.abandon.load(Relaxed) {
+        return Err("not attempted: too many failures".into());
+    }
+    let room_name = plan.room_names[room].clone();
+    let user = format!("{}-{room}-{member}", plan.user_prefix);
+    let deadline = tokio::time::Instant::now() + plan.timeout;
+    let (rd, ws) = client::connect(&plan.target, &room_name, &user, plan.timeout)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let (reader, control) = client::reader(rd);
+    let ring = Arc::new(AckRing::new(plan.rate));
+    let (joined_tx, joined_rx) = oneshot::channel();
+    let task = ReaderTask {
+        shared: plan.shared.clone(),
+        ring: ring.clone(),
+        room,
+        room_name,
+        me: index as u32,
+        shard: index % HIST_SHARDS,
+        tracker: SeqTracker::new(members, MAX_GAPS_PER_RECEIVER),
+        last_id: 0,
+        lat: LatBatch {
+            e2e: Vec::with_capacity(LAT_BATCH),
+            ack: Vec::with_capacity(LAT_BATCH),
+            last_flush_ns: 0,
+        },
+        stats: ReaderStats::default(),
+        joined: Some(joined_tx),
+        open: false,
+    };
+    let reader = tokio::spawn(task.run(reader, plan.hard_stop.clone()));
+    let outcome = match tokio::time::timeout_at(deadline, joined_rx).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(reason))) => Err(reason),
+        Ok(Err(_)) => Err("reader ended before joined".to_owned()),
+        Err(_) => Err("no joined frame before the connect timeout".to_owned()),
+    };
+    match outcome {
+        Ok(()) => Ok(Ready {
+            index,
+            room,
+            ws,
+            control,
+            ring,
+            reader,
+        }),
+        Err(e) => {
+            reader.abort();
+            Err(e)
+        }
+    }
+}
+
+/// Prints one progress line per second on stderr until `stop`.
+async fn progress(shared: Arc<Shared>, total: usize, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    tick.tick().await;
+    let (mut last_sent, mut last_recv) = (0u64, 0u64);
+    let mut last_at = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = flag_set(&mut stop) => return,
+        }
+        let now = Instant::now();
+        let dt = now.duration_since(last_at).as_secs_f64().max(1e-3);
+        last_at = now;
+        let sent = shared.sent.load(Relaxed);
+        let recv = shared.received.load(Relaxed);
+        let p99 = match shared.live.lock() {
+            Ok(mut h) => {
+                let v = (!h.is_empty()).then(|| h.value_at_quantile(0.99));
+                h.reset();
+                v
+            }
+            Err(_) => None,
+        };
+        let (start, end) = shared.window();
+        let t = ns_since(shared.base, now);
+        let phase = if start == u64::MAX {
+            "connect"
+        } else if t < start {
+            "warmup"
+        } else if t < end {
+            "measure"
+        } else {
+            "drain"
+        };
+        eprintln!(
+            "[{:>7.1}s {phase:<7}] sent {:>8.0}/s  delivered {:>9.0}/s  p99 {:>9}  errors {}  closes {}  open {}/{total}",
+            t as f64 / 1e9,
+            (sent - last_sent) as f64 / dt,
+            (recv - last_recv) as f64 / dt,
+            p99.map_or_else(|| "-".to_owned(), |us| format!("{:.3} ms", us as f64 / 1000.0)),
+            shared.errors.load(Relaxed),
+            shared.closes.load(Relaxed),
+            shared.open.load(Relaxed),
+        );
+        last_sent = sent;
+        last_recv = recv;
+    }
+}
+
+/// Runs the scenario and writes the report. Losses are results, not failures; only bad
+/// arguments and too many connect failures are errors.
+pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError> {
+    args.validate().map_err(BenchError::Config)?;
+    let target = Arc::new(
+        Target::resolve(&args.url)
+            .await
+            .map_err(|e| BenchError::Config(format!("--url: {e:#}")))?,
+    );
+    let started_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let room_prefix = args.room_prefix();
+    let total = args.rooms * args.members;
+    // Each connection is a file descriptor; the usual soft limit (1024) is far too low.
+    let fd_note = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < total as u64 + 64 => Some(format!(
+            "the open-file limit ({limit}) is below the {total} connections asked for"
+        )),
+        Ok(_) => None,
+        Err(e) => Some(format!("cannot raise the open-file limit: {e}")),
+    };
+    if let Some(n) = &fd_note {
+        eprintln!("chat-bench: {n}");
+    }
+    let shared = Arc::new(Shared::new(args.members));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (finish_tx, finish_rx) = watch::channel(false);
+    if !args.quiet {
+        tokio::spawn(progress(shared.clone(), total, stop_rx.clone()));
+    }
+
+    // Connect and join, bounded in concurrency and time.
+    let plan = Arc::new(ConnectPlan {
+        shared: shared.clone(),
+        target: target.clone(),
+        room_names: Arc::new(
+            (0..args.rooms)
+                .map(|r| Arc::from(format!("{room_prefix}-{r}")))
+                .collect(),
+        ),
+        user_prefix: Arc::from(args.user_prefix.as_str()),
+        rate: args.rate,
+        timeout: Duration::from_secs_f64(args.connect_timeout),
+        hard_stop: stop_rx.clone(),
+        abandon: Arc::new(AtomicBool::new(false)),
+    });
+    let permits = Arc::new(Semaphore::new(args.connect_concurrency));
+    let mut connects = JoinSet::new();
+    for index in 0..total {
+        let plan = plan.clone();
+        let permits = permits.clone();
+        connects.spawn(async move {
+            let _permit = permits
+                .acquire_owned()
+                .await
+                .map_err(|_| "connect limiter closed".to_owned())?;
+            connect_one(plan, index).await
+        });
+    }
+    let mut ready = Vec::with_capacity(total);
+    let mut failures: BTreeMap<String, u64> = BTreeMap::new();
+    let mut failed = 0u64;
+    while let Some(res) = connects.join_next().await {
+        match res {
+            Ok(Ok(r)) => ready.push(r),
+            Ok(Err(reason)) => {
+                failed += 1;
+                *failures.entry(reason).or_default() += 1;
+                if failed > args.max_connect_failures {
+                    plan.abandon.store(true, Relaxed);
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                *failures.entry(format!("connect task: {e}")).or_default() += 1;
+            }
+        }
+    }
+    if failed > args.max_connect_failures {
+        shared.finishing.store(true, Relaxed);
+        for r in &mut ready {
+            let _ = client::send_close(&mut r.ws, 1000, "bench abandoned").await;
+            r.reader.abort();
+        }
+        let _ = stop_tx.send(true);
+        let reasons = failures
+            .iter()
+            .map(|(k, v)| format!("{v}× {k}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(BenchError::Failed(anyhow::anyhow!(
+            "{failed} of {total} connections failed (allowed: {}): {reasons}",
+            args.max_connect_failures
+        )));
+    }
+
+    // The schedule: every writer starts at its own phase within the first period, so sends
+    // are spread evenly instead of arriving in bursts.
+    let mut per_room = vec![0u64; args.rooms];
+    for r in &ready {
+        per_room[r.room] += 1;
+    }
+    ready.sort_by_key(|r| r.index);
+    let period = Duration::from_secs_f64(1.0 / args.rate);
+    let start = Instant::now() + START_DELAY;
+    let measure_start = start + Duration::from_secs_f64(args.warmup);
+    let send_end = measure_start + Duration::from_secs_f64(args.duration);
+    shared
+        .measure_start_ns
+        .store(ns_since(shared.base, measure_start), Relaxed);
+    shared
+        .send_end_ns
+        .store(ns_since(shared.base, send_end), Relaxed);
+    let writers = ready.len();
+    let mut writer_tasks = Vec::with_capacity(writers);
+    let mut reader_tasks = Vec::with_capacity(writers);
+    for (k, r) in ready.into_iter().enumerate() {
+        let offset = period.mul_f64(k as f64 / writers.max(1) as f64);
+        let plan = WriterPlan {
+            shared: shared.clone(),
+            ring: r.ring,
+            room_name: plan.room_names[r.room].clone(),
+            me: r.index as u32,
+            size: args.size,
+            first_tick: start + offset,
+            period,
+            measure_start,
+            send_end,
+            room_members: per_room[r.room],
+        };
+        writer_tasks.push(tokio::spawn(write_loop(
+            plan,
+            r.ws,
+            r.control,
+            finish_rx.clone(),
+            stop_rx.clone(),
+        )));
+        reader_tasks.push(r.reader);
+    }
+
+    // Measured window: CPU of both sides sampled at its edges.
+    sleep_until(measure_start.into()).await;
+    let cpu0 = report::self_cpu_seconds();
+    let t0 = Instant::now();
+    let (srv0, srv0_err) = metrics_scrape::sample(&target, SCRAPE_TIMEOUT).await;
+    let s0 = Instant::now();
+    sleep_until(send_end.into()).await;
+    let cpu1 = report::self_cpu_seconds();
+    let t1 = Instant::now();
+    let (srv1, srv1_err) = metrics_scrape::sample(&target, SCRAPE_TIMEOUT).await;
+    let s1 = Instant::now();
+
+    // Drain: until everything expected arrived and every send was answered, or the limit.
+    let drain_deadline = send_end + Duration::from_secs_f64(args.drain);
+    let mut drained = false;
+    while Instant::now() < drain_deadline {
+        if shared.writers_done.load(Relaxed) == writers as u64
+            && shared.delivered_measured.load(Relaxed) >= shared.expected_measured.load(Relaxed)
+            && shared.answered_measured.load(Relaxed) >= shared.sent_measured.load(Relaxed)
+        {
+            drained = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Close: ask every writer to send 1000, give servers a moment to answer, then stop.
+    shared.finishing.store(true, Relaxed);
+    let _ = finish_tx.send(true);
+    let close_deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+    let mut readers = Vec::with_capacity(writers);
+    let mut unfinished = Vec::new();
+    let mut lost_tasks = 0u64;
+    for mut h in reader_tasks {
+        match tokio::time::timeout_at(close_deadline, &mut h).await {
+            Ok(Ok(stats)) => readers.push(stats),
+            Ok(Err(_)) => lost_tasks += 1,
+            Err(_) => unfinished.push(h),
+        }
+    }
+    // Readers whose server never answered the close stop now and hand in their counts.
+    let _ = stop_tx.send(true);
+    for mut h in unfinished {
+        match tokio::time::timeout(Duration::from_secs(1), &mut h).await {
+            Ok(Ok(stats)) => readers.push(stats),
+            Ok(Err(_)) => lost_tasks += 1,
+            Err(_) => {
+                h.abort();
+                lost_tasks += 1;
+            }
+        }
+    }
+    for mut h in writer_tasks {
+        // A writer still running is stuck on a full socket; its counts are in `shared`.
+        if tokio::time::timeout(Duration::from_millis(100), &mut h)
+            .await
+            .is_err()
+        {
+            h.abort();
+        }
+    }
+
+    let window_s = args.duration;
+    let bench_cpu = match (cpu0, cpu1) {
+        (Some(a), Some(b)) => Some((b - a) / t1.duration_since(t0).as_secs_f64() * 100.0),
+        _ => None,
+    };
+    let mut r = Report {
+        scenario: "fanout".into(),
+        command,
+        git_rev: report::git_rev(),
+        nproc: report::nproc(),
+        started_unix_ms,
+        config: RunConfig {
+            url: args.url.clone(),
+            rooms: args.rooms,
+            members: args.members,
+            rate_per_member: args.rate,
+            body_bytes: args.size,
+            warmup_s: args.warmup,
+            duration_s: args.duration,
+            drain_s: args.drain,
+            room_prefix,
+            user_prefix: args.user_prefix.clone(),
+            connect_concurrency: args.connect_concurrency,
+        },
+        ..Default::default()
+    };
+    r.connections.attempted = total as u64;
+    r.connections.joined = writers as u64;
+    r.connections.failed = failed;
+    r.connections.failures = failures;
+    let m = &mut r.messages;
+    m.target_sends = (writers as f64 * args.rate * args.duration).round() as u64;
+    m.sent = shared.sent_measured.load(Relaxed);
+    m.sends_late = shared.sends_late.load(Relaxed);
+    m.late_threshold_ms = LATE_THRESHOLD.as_secs_f64() * 1000.0;
+    m.sends_skipped = shared.sends_skipped.load(Relaxed);
+    m.send_failures = shared.send_failures.load(Relaxed);
+    m.expected_deliveries = shared.expected_measured.load(Relaxed);
+    let mut gap_overflow = 0;
+    for s in &readers {
+        m.delivered += s.delivered;
+        m.duplicated += s.duplicated;
+        m.out_of_order += s.out_of_order;
+        m.unclassified += s.unclassified;
+        m.misrouted += s.misrouted;
+        m.undecodable += s.undecodable;
+        m.id_regressions += s.id_regressions;
+        m.acks += s.acks;
+        m.ack_duplicates += s.ack_duplicates;
+        m.rejected += s.rejected;
+        gap_overflow += s.gap_overflow;
+        for (k, v) in &s.errors {
+            *m.errors.entry(k.clone()).or_default() += v;
+        }
+        if let Some(c) = &s.close {
+            *r.connections.closes.entry(c.clone()).or_default() += 1;
+        }
+    }
+    m.lost = m.expected_deliveries.saturating_sub(m.delivered);
+    m.missing_acks = m.sent.saturating_sub(m.acks + m.rejected);
+    let (lost, rejected, members_hint) = (m.lost, m.rejected, args.members as u64);
+    let (sent, skipped, late) = (m.sent, m.sends_skipped, m.sends_late);
+    r.e2e_latency_us = LatencySummary::from_histogram(&merged(&shared.e2e));
+    r.ack_latency_us = LatencySummary::from_histogram(&merged(&shared.ack));
+    r.throughput.window_s = window_s;
+    r.throughput.sends_per_s = sent as f64 / window_s;
+    r.throughput.deliveries_per_s = r.messages.delivered as f64 / window_s;
+    r.bench.cpu_percent = bench_cpu;
+    r.bench_saturated = bench_cpu.is_some_and(|c| report::is_saturated(c, r.nproc));
+    r.server.cpu_percent =
+        metrics_scrape::cpu_percent(&srv0, &srv1, s1.duration_since(s0).as_secs_f64());
+    let rss = |s: &ServerSample| s.resident_bytes.map(|b| b as u64);
+    r.server.rss_bytes_before = rss(&srv0);
+    r.server.rss_bytes_after = rss(&srv1);
+
+    let notes = &mut r.notes;
+    notes.extend(fd_note);
+    if r.bench_saturated {
+        notes.push(format!(
+            "load generator saturated: the bench used {:.0}% of one core on {} cores; \
+             latency and throughput may reflect the bench, not the server",
+            bench_cpu.unwrap_or_default(),
+            r.nproc
+        ));
+    }
+    if skipped > 0 || late * 100 > sent {
+        notes.push(format!(
+            "senders fell behind schedule: {skipped} sends skipped, {late} late; \
+             the offered load was lower than asked"
+        ));
+    }
+    if lost > 0 && rejected > 0 {
+        notes.push(format!(
+            "up to {} of the {lost} lost deliveries belong to the {rejected} sends the \
+             server rejected with an error frame",
+            rejected * members_hint
+        ));
+    }
+    if lost > 0 && !drained {
+        notes.push(format!(
+            "the drain ended after {} s with deliveries or acks outstanding",
+            args.drain
+        ));
+    }
+    let closed: u64 = r.connections.closes.values().sum();
+    if closed > 0 {
+        notes.push(format!(
+            "{closed} connections were closed by the server during the run (see closes \
+             received); they sent and received nothing after that"
+        ));
+    }
+    if failed > 0 {
+        notes.push(format!(
+            "{failed} connections failed and were left out (allowed by --max-connect-failures)"
+        ));
+    }
+    if gap_overflow > 0 {
+        notes.push(format!(
+            "sequence gap tracking overflowed ({gap_overflow} gaps): duplicates and late \
+             arrivals past that point are counted as unclassified"
+        ));
+    }
+    if lost_tasks > 0 {
+        notes.push(format!(
+            "{lost_tasks} reader tasks did not stop in time; their counts are missing"
+        ));
+    }
+    let server_wall = s1.duration_since(s0).as_secs_f64();
+    if let (Some(a), Some(b)) = (srv0.cpu_seconds, srv1.cpu_seconds) {
+        if a.fract() == 0.0 && b.fract() == 0.0 && server_wall > 0.0 {
+            // metrics-process exports the counter as whole seconds.
+            notes.push(format!(
+                "server CPU comes from a whole-second {} counter: ±{:.0}% of one core over \
+                 this {server_wall:.1} s window; a longer --duration narrows it",
+                metrics_scrape::CPU_SECONDS,
+                100.0 / server_wall
+            ));
+        }
+    }
+    if let Some(e) = srv0_err.or(srv1_err) {
+        notes.push(format!("server metrics n/a: {e}"));
+    } else if srv0.cpu_seconds.is_none() {
+        notes.push(format!(
+            "server metrics n/a: /metrics has no {}",
+            metrics_scrape::CPU_SECONDS
+        ));
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: FanoutArgs,
+    }
+
+    fn args(extra: &[&str]) -> FanoutArgs {
+        let mut v = vec!["t"];
+        v.extend_from_slice(extra);
+        T::try_parse_from(v).expect("parses").a
+    }
+
+    #[test]
+    fn defaults_validate() {
+        assert_eq!(args(&[]).validate(), Ok(()));
+        assert!(args(&["--room-prefix", "x"]).room_prefix() == "x");
+        assert!(args(&[]).room_prefix().starts_with("bench-"));
+    }
+
+    #[test]
+    fn bad_arguments_name_their_flag() {
+        for (flags, needle) in [
+            (vec!["--rooms", "0"], "--rooms"),
+            (vec!["--rate", "0"], "--rate"),
+            (vec!["--rate", "NaN"], "--rate"),
+            (vec!["--size", "10"], "--size"),
+            (vec!["--duration", "0"], "--duration"),
+            (vec!["--warmup=-1"], "--warmup"),
+            (vec!["--user-prefix", "a b"], "--user-prefix"),
+            (vec!["--room-prefix", "r/1"], "--room-prefix"),
+            (vec!["--connect-concurrency", "0"], "--connect-concurrency"),
+            (vec!["--rooms", "1000", "--members", "1000"], "--rooms"),
+        ] {
+            let e = args(&flags).validate().expect_err(needle);
+            assert!(e.contains(needle), "{flags:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn window_rule_is_half_open() {
+        assert!(!in_window(9, 10, 20));
+        assert!(in_window(10, 10, 20));
+        assert!(in_window(19, 10, 20));
+        assert!(!in_window(20, 10, 20));
+    }
+
+    #[test]
+    fn ack_ring_times_recent_sends_only() {
+        let ring = AckRing::new(1.0);
+        assert_eq!(ring.mask, 63);
+        ring.record(5, 500);
+        assert_eq!(ring.sent_at(5), Some(500));
+        assert_eq!(ring.sent_at(6), None);
+        ring.record(5 + 64, 900);
+        assert_eq!(ring.sent_at(5), None, "slot reused");
+        assert_eq!(ring.sent_at(69), Some(900));
+        assert!(!ring.is_measured(0));
+        ring.mark_measured(3);
+        ring.mark_measured(4);
+        assert!(!ring.is_measured(2));
+        assert!(ring.is_measured(3) && ring.is_measured(4));
+        assert!(!ring.is_measured(5));
+    }
+
+    #[test]
+    fn reader_accounts_loss_duplicates_order_and_isolation() {
+        use crate::payload::{encode_body, BodyHeader};
+        let shared = Arc::new(Shared::new(3));
+        shared.measure_start_ns.store(100, Relaxed);
+        shared.send_end_ns.store(1_000_000_000_000, Relaxed);
+        let ring = Arc::new(AckRing::new(10.0));
+        let (tx, _rx) = oneshot::channel();
+        let mut t = ReaderTask {
+            shared: shared.clone(),
+            ring: ring.clone(),
+            room: 1,
+            room_name: Arc::from("bench-1"),
+            me: 4,
+            shard: 0,
+            tracker: SeqTracker::new(3, 64),
+            last_id: 0,
+            lat: LatBatch {
+                e2e: Vec::new(),
+                ack: Vec::new(),
+                last_flush_ns: 0,
+            },
+            stats: ReaderStats::default(),
+            joined: Some(tx),
+            open: false,
+        };
+        let msg = |room: &str, id: u64, sender: u32, seq: u64, ts: u64| {
+            let body = encode_body(
+                BodyHeader {
+                    sender,
+                    seq,
+                    sent_ns: ts,
+                },
+                48,
+            );
+            format!(
+                r#"{{"type":"message","room":"{room}","id":"{id}","from":"u","cid":"{sender}-{seq}","body":"{body}","ts":1}}"#
+            )
+        };
+        t.on_frame(br#"{"type":"joined","room":"bench-1"}"#);
+        assert!(t.joined.is_none());
+        // Sender 3 (local 0): 0, 2, 1 (late), 2 again (duplicate).
+        t.on_frame(msg("bench-1", 10, 3, 0, 200).as_bytes());
+        t.on_frame(msg("bench-1", 12, 3, 2, 200).as_bytes());
+        t.on_frame(msg("bench-1", 11, 3, 1, 200).as_bytes());
+        t.on_frame(msg("bench-1", 13, 3, 2, 200).as_bytes());
+        // Warmup message: tracked, not counted.
+        t.on_frame(msg("bench-1", 14, 5, 0, 50).as_bytes());
+        // Another room's message and a sender outside this room.
+        t.on_frame(msg("bench-0", 15, 0, 0, 200).as_bytes());
+        t.on_frame(msg("bench-1", 16, 0, 0, 200).as_bytes());
+        t.on_frame(b"not json");
+        t.on_frame(br#"{"type":"message","room":"bench-1","id":"17","from":"u","cid":"c","body":"hi","ts":1}"#);
+        // Acks and errors for our own sends (sender 4).
+        ring.record(0, 150);
+        ring.mark_measured(0);
+        ring.record(1, 160);
+        ring.mark_measured(1);
+        t.on_frame(br#"{"type":"ack","room":"bench-1","cid":"4-0","id":"20","duplicate":false}"#);
+        t.on_frame(br#"{"type":"error","code":"rate_limited","message":"slow","cid":"4-1"}"#);
+        t.on_frame(br#"{"type":"ack","room":"bench-1","cid":"9-0","id":"21"}"#);
+        t.on_frame(br#"{"type":"presence","room":"bench-1","user":"u","event":"join"}"#);
+        let s = &t.stats;
+        assert_eq!(s.delivered, 3);
+        assert_eq!(s.out_of_order, 1);
+        assert_eq!(s.duplicated, 1);
+        // Id 11 arrived after 12.
+        assert_eq!(s.id_regressions, 1);
+        assert_eq!(s.misrouted, 3);
+        assert_eq!(s.undecodable, 2);
+        assert_eq!(s.acks, 1);
+        assert_eq!(s.rejected, 1);
+        assert_eq!(s.errors.get("rate_limited"), Some(&1));
+        assert_eq!(shared.delivered_measured.load(Relaxed), 3);
+        assert_eq!(shared.answered_measured.load(Relaxed), 2);
+        assert_eq!(t.lat.e2e.len(), 3);
+        assert_eq!(t.lat.ack.len(), 1);
+    }
+}

@@ -1,0 +1,608 @@
+//! The numbers a run produces and how they are written: per-sender sequence accounting
+//! (loss, duplicates, reordering), latency summaries, the `Report` with its JSON and
+//! Markdown renderings, and the facts about the machine and revision a report must carry.
+//!
+//! Everything here is pure or reads only local process state (`/proc/self/stat`, `git`);
+//! it never touches the network, so the accounting rules are unit-tested directly.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Latency histograms record microseconds from 1 µs to 60 s at 3 significant digits.
+pub const HIST_MAX_US: u64 = 60_000_000;
+
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HIST_MAX_US, 3).expect("constant histogram bounds are valid")
+}
+
+/// What one received message means for the sender's sequence, as seen by one receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqOutcome {
+    /// The next sequence number, or a later one (the ones skipped are remembered as gaps).
+    InOrder,
+    /// A sequence number skipped earlier, arriving late: out of order, but not a duplicate.
+    Late,
+    /// Seen before.
+    Duplicate,
+    /// At or below the highest seen, but gap tracking overflowed so it cannot be told
+    /// apart; counted as unique so loss is not overstated.
+    Unknown,
+}
+
+/// Per-receiver accounting of every sender in its room.
+///
+/// Memory is one `u64` per sender plus a bounded set of gaps: messages a receiver has not
+/// seen yet although a later one from the same sender arrived.
+#[derive(Debug)]
+pub struct SeqTracker {
+    /// Per sender: highest sequence seen + 1 (0 = nothing seen yet).
+    next: Vec<u64>,
+    /// `(sender << 40) | seq` of skipped sequence numbers.
+    gaps: HashSet<u64>,
+    max_gaps: usize,
+    /// Skipped sequence numbers that did not fit in `gaps`.
+    pub overflowed: u64,
+}
+
+/// Sequence numbers must stay below this for the gap key; the bench validates it.
+pub const MAX_TRACKED_SEQ: u64 = 1 << 40;
+
+impl SeqTracker {
+    pub fn new(senders: usize, max_gaps: usize) -> Self {
+        SeqTracker {
+            next: vec![0; senders],
+            gaps: HashSet::new(),
+            max_gaps,
+            overflowed: 0,
+        }
+    }
+
+    /// Records `seq` from local sender index `sender` (must be `< senders`).
+    pub fn observe(&mut self, sender: usize, seq: u64) -> SeqOutcome {
+        let Some(next) = self.next.get_mut(sender) else {
+            return SeqOutcome::Unknown;
+        };
+        let key = |s: u64| ((sender as u64) << 40) | (s & (MAX_TRACKED_SEQ - 1));
+        if seq >= *next {
+            let skipped = seq - *next;
+            if skipped > 0 {
+                if self.gaps.len() as u64 + skipped <= self.max_gaps as u64 {
+                    for s in *next..seq {
+                        self.gaps.insert(key(s));
+                    }
+                } else {
+                    self.overflowed += skipped;
+                }
+            }
+            *next = seq + 1;
+            SeqOutcome::InOrder
+        } else if self.gaps.remove(&key(seq)) {
+            SeqOutcome::Late
+        } else if self.overflowed > 0 {
+            SeqOutcome::Unknown
+        } else {
+            SeqOutcome::Duplicate
+        }
+    }
+}
+
+/// Latency percentiles in microseconds; all zero when `count` is zero.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+    pub mean: f64,
+}
+
+impl LatencySummary {
+    pub fn from_histogram(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            count: h.len(),
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            mean: h.mean(),
+        }
+    }
+}
+
+/// How the run was configured, as recorded in the report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunConfig {
+    pub url: String,
+    pub rooms: usize,
+    pub members: usize,
+    pub rate_per_member: f64,
+    pub body_bytes: usize,
+    pub warmup_s: f64,
+    pub duration_s: f64,
+    pub drain_s: f64,
+    pub room_prefix: String,
+    pub user_prefix: String,
+    pub connect_concurrency: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Connections {
+    pub attempted: u64,
+    pub joined: u64,
+    pub failed: u64,
+    /// Why connects failed, by reason.
+    pub failures: BTreeMap<String, u64>,
+    /// Close codes received from the server before the bench started closing, e.g.
+    /// `"4000 slow_consumer"`; `"1006 abnormal"` when the connection ended without one.
+    pub closes: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Messages {
+    /// What the schedule asked for in the measured window: members × rate × duration.
+    pub target_sends: u64,
+    /// Sends written in the measured window.
+    pub sent: u64,
+    /// Sends that left more than `late_threshold_ms` after their scheduled time.
+    pub sends_late: u64,
+    pub late_threshold_ms: f64,
+    /// Scheduled sends skipped because the sender fell more than one period behind.
+    pub sends_skipped: u64,
+    /// Connections whose write half failed while sending.
+    pub send_failures: u64,
+    /// Σ sent × members of the sender's room (every member, including the sender).
+    pub expected_deliveries: u64,
+    /// Unique measured messages received, over all receivers.
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub out_of_order: u64,
+    /// Could not be classified as duplicate or late (gap tracking overflowed).
+    pub unclassified: u64,
+    /// Messages for another room, or from a sender not in the receiver's room.
+    pub misrouted: u64,
+    /// Frames that were not valid server frames, or messages whose body the bench did not
+    /// write.
+    pub undecodable: u64,
+    /// A receiver saw a message id not greater than the previous one in its room.
+    pub id_regressions: u64,
+    pub acks: u64,
+    pub ack_duplicates: u64,
+    /// Measured sends answered by an error frame carrying their cid.
+    pub rejected: u64,
+    /// Measured sends with neither an ack nor an error by the end of the drain.
+    pub missing_acks: u64,
+    /// Error frames by code (all phases).
+    pub errors: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Throughput {
+    pub window_s: f64,
+    pub sends_per_s: f64,
+    pub deliveries_per_s: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Cpu {
+    /// Percent of one core over the measured window (200 = two cores busy).
+    pub cpu_percent: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ServerStats {
+    /// From `process_cpu_seconds_total` at the start and end of the measured window.
+    pub cpu_percent: Option<f64>,
+    /// `process_resident_memory_bytes` at the start and end of the measured window.
+    pub rss_bytes_before: Option<u64>,
+    pub rss_bytes_after: Option<u64>,
+}
+
+/// Everything one `fanout` run reports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub command: String,
+    pub git_rev: String,
+    pub nproc: usize,
+    pub started_unix_ms: u64,
+    pub config: RunConfig,
+    pub connections: Connections,
+    pub messages: Messages,
+    pub e2e_latency_us: LatencySummary,
+    pub ack_latency_us: LatencySummary,
+    pub throughput: Throughput,
+    pub bench: Cpu,
+    /// True when the bench used more than 90% of the machine's cores: its numbers then
+    /// measure the load generator as much as the server.
+    pub bench_saturated: bool,
+    pub server: ServerStats,
+    pub notes: Vec<String>,
+}
+
+/// Above this share of all cores the load generator is reported as saturated.
+pub const SATURATION_SHARE: f64 = 0.9;
+
+pub fn is_saturated(cpu_percent: f64, nproc: usize) -> bool {
+    cpu_percent > SATURATION_SHARE * 100.0 * nproc.max(1) as f64
+}
+
+fn opt_pct(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a".to_owned(), |p| format!("{p:.1}%"))
+}
+
+fn opt_bytes(v: Option<u64>) -> String {
+    v.map_or_else(
+        || "n/a".to_owned(),
+        |b| format!("{:.1} MiB", b as f64 / 1048576.0),
+    )
+}
+
+fn map_or_none(m: &BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return "none".to_owned();
+    }
+    m.iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.3}", us as f64 / 1000.0)
+}
+
+fn latency_row(out: &mut String, name: &str, l: &LatencySummary) {
+    if l.count == 0 {
+        let _ = writeln!(out, "| {name} (ms) | n/a | n/a | n/a | n/a | n/a | 0 |");
+    } else {
+        let _ = writeln!(
+            out,
+            "| {name} (ms) | {} | {} | {} | {} | {} | {} |",
+            ms(l.p50),
+            ms(l.p90),
+            ms(l.p99),
+            ms(l.p999),
+            ms(l.max),
+            l.count
+        );
+    }
+}
+
+impl Report {
+    /// The Markdown report: a header with the command, revision and machine, a results
+    /// table, a latency table and the notes.
+    pub fn to_markdown(&self) -> String {
+        let c = &self.config;
+        let m = &self.messages;
+        let mut out = String::new();
+        let _ = writeln!(out, "## chat-bench {}\n", self.scenario);
+        let _ = writeln!(out, "```\n{}\n```\n", self.command);
+        let _ = writeln!(
+            out,
+            "git `{}` · nproc {} · {} rooms × {} members at {} msg/s each, {} B bodies, \
+             {} s warmup + {} s measured\n",
+            self.git_rev,
+            self.nproc,
+            c.rooms,
+            c.members,
+            c.rate_per_member,
+            c.body_bytes,
+            c.warmup_s,
+            c.duration_s
+        );
+        let rows: Vec<(&str, String)> = vec![
+            (
+                "connections joined / attempted",
+                format!(
+                    "{} / {}",
+                    self.connections.joined, self.connections.attempted
+                ),
+            ),
+            ("connect failures", map_or_none(&self.connections.failures)),
+            ("closes received", map_or_none(&self.connections.closes)),
+            ("sent / target", format!("{} / {}", m.sent, m.target_sends)),
+            (
+                "sends late / skipped",
+                format!(
+                    "{} (> {} ms) / {}",
+                    m.sends_late, m.late_threshold_ms, m.sends_skipped
+                ),
+            ),
+            ("send failures", m.send_failures.to_string()),
+            ("expected deliveries", m.expected_deliveries.to_string()),
+            ("delivered (unique)", m.delivered.to_string()),
+            ("lost", m.lost.to_string()),
+            ("duplicated", m.duplicated.to_string()),
+            ("out of order", m.out_of_order.to_string()),
+            ("misrouted", m.misrouted.to_string()),
+            ("undecodable", m.undecodable.to_string()),
+            ("message id regressions", m.id_regressions.to_string()),
+            (
+                "acks / rejected / missing",
+                format!("{} / {} / {}", m.acks, m.rejected, m.missing_acks),
+            ),
+            ("duplicate acks", m.ack_duplicates.to_string()),
+            ("errors by code", map_or_none(&m.errors)),
+            (
+                "throughput sends/s",
+                format!("{:.1}", self.throughput.sends_per_s),
+            ),
+            (
+                "throughput deliveries/s",
+                format!("{:.1}", self.throughput.deliveries_per_s),
+            ),
+            (
+                "bench CPU (% of one core)",
+                format!(
+                    "{}{}",
+                    opt_pct(self.bench.cpu_percent),
+                    if self.bench_saturated {
+                        " (load generator saturated)"
+                    } else {
+                        ""
+                    }
+                ),
+            ),
+            (
+                "server CPU (% of one core)",
+                opt_pct(self.server.cpu_percent),
+            ),
+            (
+                "server RSS before / after",
+                format!(
+                    "{} / {}",
+                    opt_bytes(self.server.rss_bytes_before),
+                    opt_bytes(self.server.rss_bytes_after)
+                ),
+            ),
+        ];
+        let _ = writeln!(out, "| metric | value |\n|---|---|");
+        for (k, v) in rows {
+            let _ = writeln!(out, "| {k} | {v} |");
+        }
+        let _ = writeln!(
+            out,
+            "\n| latency | p50 | p90 | p99 | p99.9 | max | samples |\n|---|---|---|---|---|---|---|"
+        );
+        latency_row(&mut out, "end-to-end", &self.e2e_latency_us);
+        latency_row(&mut out, "ack", &self.ack_latency_us);
+        if !self.notes.is_empty() {
+            let _ = writeln!(out);
+            for n in &self.notes {
+                let _ = writeln!(out, "- {n}");
+            }
+        }
+        out
+    }
+
+    pub fn to_json(&self) -> String {
+        // Only strings, numbers, options and string-keyed maps: serialization cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// Label for a received close code: `"4000 slow_consumer"`.
+pub fn close_label(code: u16) -> String {
+    match common::CloseCode::from_code(code) {
+        Some(c) => format!("{code} {}", c.as_str()),
+        None if code == 1006 => "1006 abnormal".to_owned(),
+        None => code.to_string(),
+    }
+}
+
+/// `utime + stime` in clock ticks from the contents of `/proc/<pid>/stat`.
+pub fn parse_proc_stat(stat: &str) -> Option<u64> {
+    // The command name (field 2) is in parentheses and may itself contain spaces or ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// CPU seconds this process has used so far (Linux; `None` elsewhere).
+pub fn self_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // /proc reports in USER_HZ, which is 100 on every Linux architecture that matters
+    // (it is fixed by the kernel ABI, independent of CONFIG_HZ).
+    parse_proc_stat(&stat).map(|ticks| ticks as f64 / 100.0)
+}
+
+/// `git rev-parse --short HEAD`, or `"unknown"`.
+pub fn git_rev() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+pub fn nproc() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The command line as a shell would need it to run again.
+pub fn command_line(args: impl IntoIterator<Item = String>) -> String {
+    args.into_iter()
+        .map(|a| {
+            let plain = !a.is_empty()
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./:=,@+%".contains(&b));
+            if plain {
+                a
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_order_stream_is_clean() {
+        let mut t = SeqTracker::new(2, 16);
+        for s in 0..10 {
+            assert_eq!(t.observe(0, s), SeqOutcome::InOrder);
+            assert_eq!(t.observe(1, s), SeqOutcome::InOrder);
+        }
+        assert_eq!(t.overflowed, 0);
+    }
+
+    #[test]
+    fn gaps_late_arrivals_and_duplicates() {
+        let mut t = SeqTracker::new(2, 16);
+        assert_eq!(t.observe(0, 0), SeqOutcome::InOrder);
+        // 1 and 2 skipped.
+        assert_eq!(t.observe(0, 3), SeqOutcome::InOrder);
+        assert_eq!(t.observe(0, 2), SeqOutcome::Late);
+        assert_eq!(t.observe(0, 2), SeqOutcome::Duplicate);
+        assert_eq!(t.observe(0, 3), SeqOutcome::Duplicate);
+        assert_eq!(t.observe(0, 0), SeqOutcome::Duplicate);
+        // Senders are independent.
+        assert_eq!(t.observe(1, 1), SeqOutcome::InOrder);
+        assert_eq!(t.observe(1, 0), SeqOutcome::Late);
+        assert_eq!(t.observe(0, 1), SeqOutcome::Late);
+        // Unknown sender index.
+        assert_eq!(t.observe(2, 0), SeqOutcome::Unknown);
+    }
+
+    #[test]
+    fn overflow_makes_old_sequences_unknown() {
+        let mut t = SeqTracker::new(1, 4);
+        assert_eq!(t.observe(0, 10), SeqOutcome::InOrder);
+        assert_eq!(t.overflowed, 10);
+        assert_eq!(t.observe(0, 3), SeqOutcome::Unknown);
+        assert_eq!(t.observe(0, 11), SeqOutcome::InOrder);
+    }
+
+    #[test]
+    fn latency_summary() {
+        let mut h = new_histogram();
+        assert_eq!(LatencySummary::from_histogram(&h).count, 0);
+        for v in 1..=1000 {
+            h.record(v).expect("in range");
+        }
+        h.saturating_record(u64::MAX);
+        let s = LatencySummary::from_histogram(&h);
+        assert_eq!(s.count, 1001);
+        assert!((495..=505).contains(&s.p50), "{s:?}");
+        assert!((985..=995).contains(&s.p99), "{s:?}");
+        assert!(s.max >= HIST_MAX_US, "{s:?}");
+    }
+
+    #[test]
+    fn proc_stat_parsing() {
+        let stat = "1234 (chat bench) S 1 1234 1234 0 -1 4194304 500 0 0 0 250 75 0 0 20 0 9 \
+                    0 100 1000000 200 18446744073709551615";
+        assert_eq!(parse_proc_stat(stat), Some(325));
+        assert_eq!(parse_proc_stat("garbage"), None);
+        if cfg!(target_os = "linux") {
+            assert!(self_cpu_seconds().is_some());
+        }
+    }
+
+    #[test]
+    fn saturation_threshold() {
+        assert!(!is_saturated(150.0, 2));
+        assert!(is_saturated(185.0, 2));
+        assert!(is_saturated(95.0, 1));
+    }
+
+    #[test]
+    fn command_lines_are_quoted_for_the_shell() {
+        let c = command_line(
+            [
+                "chat-bench",
+                "fanout",
+                "--url",
+                "ws://127.0.0.1:7070",
+                "--x",
+                "a b",
+                "it's",
+            ]
+            .map(String::from),
+        );
+        assert_eq!(
+            c,
+            r"chat-bench fanout --url ws://127.0.0.1:7070 --x 'a b' 'it'\''s'"
+        );
+    }
+
+    #[test]
+    fn close_labels() {
+        assert_eq!(close_label(4000), "4000 slow_consumer");
+        assert_eq!(close_label(1006), "1006 abnormal");
+        assert_eq!(close_label(4999), "4999");
+    }
+
+    #[test]
+    fn report_renders_markdown_and_json() {
+        let mut r = Report {
+            scenario: "fanout".into(),
+            command: "chat-bench fanout --rooms 2".into(),
+            git_rev: "abc1234".into(),
+            nproc: 2,
+            ..Default::default()
+        };
+        r.config.rooms = 2;
+        r.config.members = 5;
+        r.messages.sent = 100;
+        r.messages.expected_deliveries = 500;
+        r.messages.delivered = 498;
+        r.messages.lost = 2;
+        r.messages.errors.insert("rate_limited".into(), 3);
+        r.connections.closes.insert(close_label(4000), 1);
+        r.e2e_latency_us = LatencySummary {
+            count: 498,
+            p50: 1500,
+            p90: 2000,
+            p99: 3000,
+            p999: 4000,
+            max: 5000,
+            mean: 1600.0,
+        };
+        r.bench.cpu_percent = Some(191.0);
+        r.bench_saturated = true;
+        r.notes.push("load generator saturated".into());
+        let md = r.to_markdown();
+        for needle in [
+            "```\nchat-bench fanout --rooms 2\n```",
+            "git `abc1234` · nproc 2",
+            "| lost | 2 |",
+            "| errors by code | rate_limited: 3 |",
+            "| closes received | 4000 slow_consumer: 1 |",
+            "| end-to-end (ms) | 1.500 | 2.000 | 3.000 | 4.000 | 5.000 | 498 |",
+            "| ack (ms) | n/a |",
+            "| server CPU (% of one core) | n/a |",
+            "191.0% (load generator saturated)",
+            "- load generator saturated",
+        ] {
+            assert!(md.contains(needle), "missing {needle:?} in\n{md}");
+        }
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+        assert_eq!(json["messages"]["lost"], 2);
+        assert_eq!(json["e2e_latency_us"]["p99"], 3000);
+        assert_eq!(json["server"]["cpu_percent"], serde_json::Value::Null);
+        assert_eq!(json["bench_saturated"], true);
+    }
+}
