@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{metrics as m, ClientFrame, CloseCode, ErrorCode, MessageId, RoomId, ServerFrame};
-use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketRead, WebSocketWrite};
+use fastwebsockets::{Frame, OpCode, Role, WebSocketError, WebSocketRead};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{BufWriter, ReadHalf, WriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -25,16 +25,15 @@ use crate::auth::Principal;
 use crate::outbound::{ConnHandle, Out};
 use crate::registry::{RoomHandle, SendFailed};
 use crate::room::{Reply, RoomCmd, Source};
+use crate::writer::{FrameWriter, BATCH_BYTES, OP_PING, OP_PONG, OP_TEXT};
 use crate::NodeState;
 
 type Io = TokioIo<Upgraded>;
 type Reader = WebSocketRead<ReadHalf<Io>>;
-type Writer = WebSocketWrite<BufWriter<WriteHalf<Io>>>;
+type Writer = FrameWriter<WriteHalf<Io>>;
 
 /// Frames written before one flush, at most.
 const WRITE_BATCH: usize = 64;
-/// Bytes the writer buffers before a flush is forced.
-const WRITE_BUFFER: usize = 8 * 1024;
 /// Time the close frame gets to reach the peer.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -93,7 +92,7 @@ pub async fn serve(
     let conn_id = state.next_conn_id();
     let span = tracing::debug_span!("conn", conn_id, user = %session.principal.user, node = state.config.node_id);
     async move {
-        let mut ws = match upgrade.await {
+        let ws = match upgrade.await {
             Ok(ws) => ws,
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade failed");
@@ -101,14 +100,16 @@ pub async fn serve(
                 return;
             }
         };
-        ws.set_max_message_size(state.config.max_frame_bytes);
-        ws.set_auto_close(false);
-        ws.set_auto_pong(true);
-        ws.set_writev(false);
-        let (reader, writer) = ws.split(|io| {
-            let (r, w) = tokio::io::split(io);
-            (r, BufWriter::with_capacity(WRITE_BUFFER, w))
-        });
+        // fastwebsockets reads (unmasking, control frames, size limit); our own encoder
+        // writes, so an idle connection holds no write buffer (see writer.rs). Nothing has
+        // been read yet, so taking the stream back loses no buffered bytes.
+        let (read_io, write_io) = tokio::io::split(ws.into_inner());
+        let (mut reader, _) =
+            fastwebsockets::after_handshake_split(read_io, tokio::io::sink(), Role::Server);
+        reader.set_max_message_size(state.config.max_frame_bytes);
+        reader.set_auto_close(false);
+        reader.set_auto_pong(true);
+        let writer = FrameWriter::new(write_io);
         let cancel = state.shutdown_conns.child_token();
         let (handle, rx) = ConnHandle::new(
             conn_id,
@@ -410,18 +411,15 @@ async fn write_loop(
         };
         let batch = async {
             match first {
-                Some(out) => write_out(&mut ws, out).await?,
-                None => {
-                    ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"")))
-                        .await?
-                }
+                Some(out) => write_out(&mut ws, out),
+                None => ws.push(OP_PING, b""),
             }
             for _ in 1..WRITE_BATCH {
-                if conn.is_closed() {
+                if conn.is_closed() || ws.batch_len() >= BATCH_BYTES {
                     break;
                 }
                 match rx.try_recv() {
-                    Ok(out) => write_out(&mut ws, out).await?,
+                    Ok(out) => write_out(&mut ws, out),
                     Err(_) => break,
                 }
             }
@@ -445,31 +443,23 @@ async fn write_loop(
     drop(rx);
     if let Some(code) = conn.close_code() {
         let started = Instant::now();
-        let close = async {
-            ws.write_frame(Frame::close(code.code(), code.as_str().as_bytes()))
-                .await?;
-            ws.flush().await
-        };
+        ws.push_close(code.code(), code.as_str());
+        let close = ws.flush();
         if tokio::time::timeout(CLOSE_TIMEOUT, close).await.is_err() {
             tracing::debug!(waited = ?started.elapsed(), "close frame not delivered");
         }
     }
 }
 
-async fn write_out(ws: &mut Writer, out: Out) -> Result<(), WebSocketError> {
+fn write_out(ws: &mut Writer, out: Out) {
     match out {
-        Out::Frame(bytes) => ws.write_frame(Frame::text(Payload::Borrowed(&bytes))).await,
+        Out::Frame(bytes) => ws.push(OP_TEXT, &bytes),
         Out::Frames(frames) => {
             for bytes in frames {
-                ws.write_frame(Frame::text(Payload::Borrowed(&bytes)))
-                    .await?;
+                ws.push(OP_TEXT, &bytes);
             }
-            Ok(())
         }
-        Out::Pong(payload) => {
-            ws.write_frame(Frame::pong(Payload::Borrowed(&payload)))
-                .await
-        }
+        Out::Pong(payload) => ws.push(OP_PONG, &payload),
     }
 }
 

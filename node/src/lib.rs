@@ -15,6 +15,7 @@ pub mod registry;
 pub mod room;
 pub mod store;
 pub mod telemetry;
+pub mod writer;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
