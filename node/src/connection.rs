@@ -8,29 +8,26 @@
 //! departure so membership never outlives the socket.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::{metrics as m, ClientFrame, CloseCode, ErrorCode, MessageId, RoomId, ServerFrame};
-use fastwebsockets::{Frame, OpCode, Role, WebSocketError, WebSocketRead};
-use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::auth::Principal;
 use crate::outbound::{ConnHandle, Out};
+use crate::reader::{FrameReader, Incoming, ReadError};
 use crate::registry::{RoomHandle, SendFailed};
 use crate::room::{Reply, RoomCmd, Source};
 use crate::writer::{FrameWriter, BATCH_BYTES, OP_PING, OP_PONG, OP_TEXT};
 use crate::NodeState;
 
-type Io = TokioIo<Upgraded>;
-type Reader = WebSocketRead<ReadHalf<Io>>;
-type Writer = FrameWriter<WriteHalf<Io>>;
+type Reader = FrameReader<OwnedReadHalf>;
+type Writer = FrameWriter<OwnedWriteHalf>;
 
 /// Frames written before one flush, at most.
 const WRITE_BATCH: usize = 64;
@@ -100,15 +97,18 @@ pub async fn serve(
                 return;
             }
         };
-        // fastwebsockets reads (unmasking, control frames, size limit); our own encoder
-        // writes, so an idle connection holds no write buffer (see writer.rs). Nothing has
-        // been read yet, so taking the stream back loses no buffered bytes.
-        let (read_io, write_io) = tokio::io::split(ws.into_inner());
-        let (mut reader, _) =
-            fastwebsockets::after_handshake_split(read_io, tokio::io::sink(), Role::Server);
-        reader.set_max_message_size(state.config.max_frame_bytes);
-        reader.set_auto_close(false);
-        reader.set_auto_pong(true);
+        // Take the TCP stream back from hyper so the halves need no shared lock, keeping
+        // any bytes the client sent right behind its upgrade request.
+        let Ok(parts) = ws
+            .into_inner()
+            .into_inner()
+            .downcast::<TokioIo<TcpStream>>()
+        else {
+            tracing::error!("upgraded connection is not a TCP stream");
+            return;
+        };
+        let (read_io, write_io) = parts.io.into_inner().into_split();
+        let reader = FrameReader::new(read_io, parts.read_buf, state.config.max_frame_bytes);
         let writer = FrameWriter::new(write_io);
         let cancel = state.shutdown_conns.child_token();
         let (handle, rx) = ConnHandle::new(
@@ -172,80 +172,51 @@ impl ReaderState {
     /// Reads until the peer goes, misbehaves or the connection is cancelled. Returns the
     /// close code to send, or `None` when the client closed or vanished.
     async fn read_loop(&mut self, mut reader: Reader) -> Option<CloseCode> {
-        let conn = self.conn.clone();
-        let max_message = self.state.config.max_frame_bytes;
         let idle = self.state.config.idle_timeout;
         let expiry = self.principal.expires_at.map(|exp| {
             let now = common::id::now_ms() / 1000;
             tokio::time::Instant::now() + Duration::from_secs(exp.saturating_sub(now))
         });
-        let mut partial: Option<Vec<u8>> = None;
-        let mut send_fn = |frame: Frame<'_>| {
-            if frame.opcode == OpCode::Pong {
-                conn.deliver(Out::Pong(Bytes::copy_from_slice(&frame.payload)));
-            }
-            std::future::ready(Ok::<(), Infallible>(()))
-        };
         loop {
-            let frame = tokio::select! {
+            // `FrameReader::next` is cancel-safe: bytes read so far stay buffered.
+            let incoming = tokio::select! {
                 biased;
                 _ = self.conn.cancelled() => return self.conn.close_code(),
                 _ = async { tokio::time::sleep_until(expiry.unwrap_or_else(tokio::time::Instant::now)).await }, if expiry.is_some() => {
                     return Some(CloseCode::Unauthorized);
                 }
-                r = tokio::time::timeout(idle, reader.read_frame(&mut send_fn)) => r,
+                r = tokio::time::timeout(idle, reader.next()) => r,
             };
-            let frame = match frame {
+            let incoming = match incoming {
                 Err(_) => return Some(CloseCode::IdleTimeout),
-                Ok(Ok(frame)) => frame,
-                Ok(Err(WebSocketError::FrameTooLarge)) => {
+                Ok(Ok(incoming)) => incoming,
+                Ok(Err(ReadError::TooLarge)) => {
                     metrics::counter!(m::BAD_INPUT, "kind" => ErrorCode::FrameTooLarge.as_str())
                         .increment(1);
                     return Some(CloseCode::FrameTooLarge);
                 }
-                Ok(Err(WebSocketError::UnexpectedEOF | WebSocketError::IoError(_))) => return None,
-                Ok(Err(e)) => {
+                Ok(Err(ReadError::Eof | ReadError::Io(_))) => return None,
+                Ok(Err(e @ ReadError::Protocol(_))) => {
                     tracing::debug!(error = %e, "protocol error");
                     metrics::counter!(m::BAD_INPUT, "kind" => "protocol_error").increment(1);
                     return Some(CloseCode::ProtocolError);
                 }
             };
-            match frame.opcode {
-                OpCode::Close => return None,
-                OpCode::Ping | OpCode::Pong => {}
-                OpCode::Text if frame.fin => {
-                    if partial.is_some() {
-                        return Some(CloseCode::ProtocolError);
-                    }
-                    self.on_text(&frame.payload);
+            match incoming {
+                Incoming::Text(bytes) => self.on_text(&bytes),
+                Incoming::Ping(payload) => {
+                    self.conn.deliver(Out::Pong(payload));
                 }
-                OpCode::Text => partial = Some(frame.payload.to_vec()),
-                OpCode::Continuation => {
-                    let Some(buf) = partial.as_mut() else {
-                        return Some(CloseCode::ProtocolError);
-                    };
-                    if buf.len() + frame.payload.len() > max_message {
-                        metrics::counter!(m::BAD_INPUT, "kind" => ErrorCode::FrameTooLarge.as_str()).increment(1);
-                        return Some(CloseCode::FrameTooLarge);
-                    }
-                    buf.extend_from_slice(&frame.payload);
-                    if frame.fin {
-                        let Some(buf) = partial.take() else { continue };
-                        if std::str::from_utf8(&buf).is_err() {
-                            return Some(CloseCode::ProtocolError);
-                        }
-                        self.on_text(&buf);
-                    }
-                }
-                OpCode::Binary => {
-                    self.bad_input(
-                        ServerFrame::error(
-                            ErrorCode::BadJson,
-                            "binary frames are not supported; send JSON text frames",
-                        ),
+                Incoming::Pong => {}
+                // The client closed: answer with 1000 and end.
+                Incoming::Close(_) => return None,
+                Incoming::Binary => self.bad_input(
+                    ServerFrame::error(
                         ErrorCode::BadJson,
-                    );
-                }
+                        "binary frames are not supported; send JSON text frames",
+                    ),
+                    ErrorCode::BadJson,
+                ),
             }
         }
     }

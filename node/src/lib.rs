@@ -11,6 +11,7 @@ pub mod config;
 pub mod connection;
 pub mod http;
 pub mod outbound;
+pub mod reader;
 pub mod registry;
 pub mod room;
 pub mod store;

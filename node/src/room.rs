@@ -328,7 +328,7 @@ impl Room {
             members: HashMap::new(),
             users: HashMap::new(),
             head,
-            recent: VecDeque::with_capacity(cfg.recent_per_room.min(1024)),
+            recent: VecDeque::new(),
             recent_floor,
             dedupe: HashMap::new(),
             dedupe_order: VecDeque::new(),
