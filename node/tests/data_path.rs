@@ -471,3 +471,30 @@ async fn metrics_show_the_traffic() {
     assert_eq!(status, 200);
     node.stop().await;
 }
+
+#[tokio::test]
+async fn client_pings_are_answered_with_pongs() {
+    use fastwebsockets::{Frame, OpCode, Payload};
+    let node = TestNode::start(Config::for_tests()).await;
+    let mut c = node.connect("pings", "alice").await;
+    c.expect_joined().await;
+    c.ws.write_frame(Frame::new(
+        true,
+        OpCode::Ping,
+        None,
+        Payload::Borrowed(b"are you there"),
+    ))
+    .await
+    .expect("ping");
+    let pong = loop {
+        let f = tokio::time::timeout(WAIT, c.ws.read_frame())
+            .await
+            .expect("answer")
+            .expect("frame");
+        if f.opcode == OpCode::Pong {
+            break f.payload.to_vec();
+        }
+    };
+    assert_eq!(pong, b"are you there");
+    node.stop().await;
+}

@@ -1,0 +1,118 @@
+//! The `chat-node` binary as an operator runs it: exit status 64 on bad config, RS256
+//! tokens, and SIGTERM closing clients with 1001 before a clean exit.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_chat-node");
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+#[test]
+fn a_bad_config_exits_64_with_one_line() {
+    for args in [
+        vec!["--insecure-dev-auth", "--node-id", "5000"],
+        vec!["--insecure-dev-auth", "--ping-interval", "soon"],
+        vec!["--no-such-flag"],
+        vec![],
+        vec!["--jwt-public-key-file", "/nonexistent/key.pem"],
+    ] {
+        let out = Command::new(BIN)
+            .args(&args)
+            .output()
+            .expect("run chat-node");
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.starts_with("chat-node: "), "{stderr}");
+    }
+}
+
+/// Starts the binary on port 0 and reads the bound address from its log.
+fn spawn_node(extra: &[&str]) -> (std::process::Child, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn chat-node");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("node logs before exiting")
+            .expect("log line");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json log");
+        if let Some(addr) = v["fields"]["addr"].as_str() {
+            break addr.parse().expect("addr");
+        }
+    };
+    // Keep draining the log so the node never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_1001_and_exits_0() {
+    let (mut child, addr) = spawn_node(&["--insecure-dev-auth"]);
+    let mut c = Client::connect(addr, "/ws?room=term&user=alice")
+        .await
+        .expect("connect");
+    c.expect_joined().await;
+    c.send_text("term", "t1", "before SIGTERM").await;
+    c.ack().await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    assert_eq!(c.closed().await, 1001);
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test]
+async fn rs256_tokens_are_verified_with_the_public_key() {
+    let public = format!("{FIXTURES}/rs256-test-public.pem");
+    let (mut child, addr) = spawn_node(&["--jwt-public-key-file", &public]);
+    let private = std::fs::read(format!("{FIXTURES}/rs256-test-private.pem")).expect("fixture");
+    let key = EncodingKey::from_rsa_pem(&private).expect("rsa key");
+    let exp = common::id::now_ms() / 1000 + 600;
+    let token = encode(
+        &Header::new(Algorithm::RS256),
+        &serde_json::json!({"sub": "rsa-user", "exp": exp}),
+        &key,
+    )
+    .expect("sign");
+    let mut c = Client::connect(addr, &format!("/ws?room=rsa&token={token}"))
+        .await
+        .expect("valid RS256 token");
+    c.expect_joined().await;
+    c.send_text("rsa", "r1", "signed").await;
+    let m = c.message().await;
+    assert_eq!(m.from.as_str(), "rsa-user");
+    // An HS256 token is refused by an RS256 node.
+    let hs = encode(
+        &Header::new(Algorithm::HS256),
+        &serde_json::json!({"sub": "x", "exp": exp}),
+        &EncodingKey::from_secret(b"0123456789abcdef0123"),
+    )
+    .expect("sign");
+    let Err((status, body)) = Client::connect(addr, &format!("/ws?room=rsa&token={hs}")).await
+    else {
+        panic!("HS256 token accepted by an RS256 node");
+    };
+    assert_eq!(status, 401, "{body}");
+    child.kill().expect("kill");
+    let _ = child.wait();
+}
