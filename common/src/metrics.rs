@@ -30,6 +30,8 @@ pub const BAD_INPUT: &str = "chat_node_bad_input_total";
 /// Label `op`: `append` or `read`.
 pub const STORE_ERRORS: &str = "chat_node_store_errors_total";
 pub const STORE_WRITE_SECONDS: &str = "chat_node_store_write_seconds";
+/// History reads answered by sharing an identical read already in flight.
+pub const STORE_READS_COALESCED: &str = "chat_node_store_reads_coalesced_total";
 pub const STORE_PENDING: &str = "chat_node_store_pending_messages";
 pub const HTTP_REQUESTS: &str = "chat_node_http_requests_total";
 pub const READY: &str = "chat_node_ready";

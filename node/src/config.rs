@@ -10,9 +10,35 @@ use clap::{Parser, ValueEnum};
 /// Which message store the node writes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StoreKind {
+    /// ScyllaDB or Apache Cassandra over CQL: the production store.
+    Scylla,
     /// Single-node embedded mode: history lives in this process's memory, bounded per room,
     /// and is lost on restart. For development and single-node demos only.
     Memory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CqlConsistency {
+    One,
+    LocalOne,
+    LocalQuorum,
+    Quorum,
+    EachQuorum,
+    All,
+}
+
+impl CqlConsistency {
+    pub fn to_scylla(self) -> scylla::statement::Consistency {
+        use scylla::statement::Consistency as C;
+        match self {
+            CqlConsistency::One => C::One,
+            CqlConsistency::LocalOne => C::LocalOne,
+            CqlConsistency::LocalQuorum => C::LocalQuorum,
+            CqlConsistency::Quorum => C::Quorum,
+            CqlConsistency::EachQuorum => C::EachQuorum,
+            CqlConsistency::All => C::All,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -40,9 +66,42 @@ pub struct Config {
     /// INSECURE: take the user id from the `user` query parameter; no token checked.
     #[arg(long, env = "CHAT_INSECURE_DEV_AUTH")]
     pub insecure_dev_auth: bool,
-    /// Message store.
-    #[arg(long, env = "CHAT_STORE", value_enum, default_value = "memory")]
+    /// Message store: `scylla` (ScyllaDB or Cassandra over CQL) or `memory` (single-node
+    /// embedded mode).
+    #[arg(long, env = "CHAT_STORE", value_enum, default_value = "scylla")]
     pub store: StoreKind,
+    /// CQL contact points, host:port, comma-separated.
+    #[arg(
+        long,
+        env = "CHAT_CQL_NODES",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:9042"
+    )]
+    pub cql_nodes: Vec<String>,
+    /// Keyspace holding the chat tables; created if missing.
+    #[arg(long, env = "CHAT_CQL_KEYSPACE", default_value = "chat")]
+    pub cql_keyspace: String,
+    /// Replication map used when the keyspace is created.
+    #[arg(
+        long,
+        env = "CHAT_CQL_REPLICATION",
+        default_value = "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+    )]
+    pub cql_replication: String,
+    /// Consistency level of every store read and write; an ack means a write reached it.
+    #[arg(
+        long,
+        env = "CHAT_CQL_CONSISTENCY",
+        value_enum,
+        default_value = "local-quorum"
+    )]
+    pub cql_consistency: CqlConsistency,
+    /// Width of the time buckets messages are partitioned by. Fixed per keyspace.
+    #[arg(long, env = "CHAT_CQL_BUCKET", value_parser = parse_duration, default_value = "1d")]
+    pub cql_bucket: Duration,
+    /// Store write batches in flight at once, node-wide.
+    #[arg(long, env = "CHAT_CQL_MAX_INFLIGHT", default_value_t = 256)]
+    pub cql_max_inflight: usize,
     /// Messages of history kept per room by the embedded memory store.
     #[arg(long, env = "CHAT_MEMORY_HISTORY_PER_ROOM", default_value_t = 10_000)]
     pub memory_history_per_room: usize,
@@ -169,22 +228,48 @@ impl Config {
         if self.shutdown_close_rate == 0 {
             return Err("--shutdown-close-rate must be at least 1".into());
         }
+        if self.store == StoreKind::Scylla {
+            if self.cql_nodes.iter().all(|n| n.trim().is_empty()) {
+                return Err("--cql-nodes is empty".into());
+            }
+            if !crate::store::scylla::valid_keyspace(&self.cql_keyspace) {
+                return Err(format!(
+                    "--cql-keyspace {:?} must be a letter then up to 47 letters, digits or '_'",
+                    self.cql_keyspace
+                ));
+            }
+            let r = self.cql_replication.trim();
+            if !(r.starts_with('{')
+                && r.ends_with('}')
+                && r.contains("'class'")
+                && !r.contains(';'))
+            {
+                return Err("--cql-replication must be a CQL map like {'class': 'SimpleStrategy', 'replication_factor': 1}".into());
+            }
+            if self.cql_bucket < Duration::from_secs(60) {
+                return Err("--cql-bucket must be at least 1m".into());
+            }
+            if self.cql_max_inflight == 0 {
+                return Err("--cql-max-inflight must be at least 1".into());
+            }
+        }
         if self.store_batch > self.max_pending_per_room {
             return Err("--store-batch must not exceed --max-pending-per-room".into());
         }
         Ok(())
     }
 
-    /// A config for tests and embedding: defaults, insecure dev auth, fast timers.
+    /// A config for tests and embedding: defaults, insecure dev auth, the embedded memory
+    /// store, port 0.
     pub fn for_tests() -> Config {
-        let mut c = Config::parse_from(["chat-node", "--insecure-dev-auth"]);
+        let mut c = Config::parse_from(["chat-node", "--insecure-dev-auth", "--store", "memory"]);
         c.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         c.shutdown_grace = Duration::from_secs(5);
         c
     }
 }
 
-/// Parses `250ms`, `15s`, `10m`, `1h` or a bare number of seconds.
+/// Parses `250ms`, `15s`, `10m`, `1h`, `1d` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -199,6 +284,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
+        "d" => n * 86400.0,
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h)")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))

@@ -36,6 +36,7 @@ use crate::config::{Config, StoreKind};
 use crate::outbound::ConnHandle;
 use crate::registry::{Registry, RoomCtx};
 use crate::store::memory::MemoryStore;
+use crate::store::scylla::{ScyllaConfig, ScyllaStore};
 use crate::store::MessageStore;
 
 pub use crate::config::Config as NodeConfig;
@@ -85,10 +86,23 @@ impl NodeState {
     }
 }
 
-/// Builds the store named by the config.
-pub fn build_store(config: &Config) -> anyhow::Result<Arc<dyn MessageStore>> {
+/// Builds the store named by the config, connecting and migrating the schema if needed.
+pub async fn build_store(config: &Config) -> anyhow::Result<Arc<dyn MessageStore>> {
     match config.store {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::new(config.memory_history_per_room))),
+        StoreKind::Scylla => {
+            let store = ScyllaStore::connect(&ScyllaConfig {
+                nodes: config.cql_nodes.clone(),
+                keyspace: config.cql_keyspace.clone(),
+                replication: config.cql_replication.clone(),
+                consistency: config.cql_consistency.to_scylla(),
+                bucket: config.cql_bucket,
+                max_inflight: config.cql_max_inflight,
+                request_timeout: config.store_timeout,
+            })
+            .await?;
+            Ok(Arc::new(store))
+        }
     }
 }
 
@@ -98,7 +112,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let store = build_store(&config)?;
+    config.validate().map_err(anyhow::Error::msg)?;
+    let store = build_store(&config).await?;
     run_with_store(config, listener, shutdown, store).await
 }
 

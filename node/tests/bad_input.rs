@@ -2,7 +2,6 @@
 
 mod support;
 
-use chat_node::config::Config;
 use common::ErrorCode;
 use fastwebsockets::{Frame, OpCode, Payload};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -25,7 +24,7 @@ fn token(sub: &str, exp_in_secs: i64, rooms: Option<Vec<&str>>, secret: &str) ->
 }
 
 fn jwt_config() -> Config {
-    let mut c = Config::for_tests();
+    let mut c = config();
     c.insecure_dev_auth = false;
     c.jwt_secret = Some(SECRET.into());
     c
@@ -41,7 +40,7 @@ async fn bystander_still_served(node: &TestNode, room: &str, tag: &str) {
 
 #[tokio::test]
 async fn bad_frames_get_error_frames_and_the_connection_stays() {
-    let mut config = Config::for_tests();
+    let mut config = config();
     config.max_body_bytes = 100;
     let node = TestNode::start(config).await;
     let mut c = node.connect("bad", "mallory").await;
@@ -100,7 +99,7 @@ async fn bad_frames_get_error_frames_and_the_connection_stays() {
 
 #[tokio::test]
 async fn an_oversized_frame_closes_with_1009_and_others_are_unaffected() {
-    let mut config = Config::for_tests();
+    let mut config = config();
     config.max_frame_bytes = 1024;
     config.max_body_bytes = 512;
     let node = TestNode::start(config).await;
@@ -205,7 +204,7 @@ async fn bad_upgrade_requests_get_json_answers_before_the_upgrade() {
 
 #[tokio::test]
 async fn bad_http_requests_get_json_errors() {
-    let mut config = Config::for_tests();
+    let mut config = config();
     config.max_frame_bytes = 1024;
     config.max_body_bytes = 100;
     let node = TestNode::start(config).await;
@@ -308,7 +307,7 @@ async fn bad_http_requests_get_json_errors() {
 
 #[tokio::test]
 async fn a_silent_peer_is_closed_after_the_idle_timeout() {
-    let mut config = Config::for_tests();
+    let mut config = config();
     config.ping_interval = std::time::Duration::from_millis(100);
     config.idle_timeout = std::time::Duration::from_millis(400);
     let node = TestNode::start(config).await;
@@ -343,7 +342,7 @@ async fn a_token_that_expires_mid_session_closes_with_4003() {
 
 #[tokio::test]
 async fn sends_past_the_rate_limit_are_refused_then_the_client_is_closed() {
-    let mut config = Config::for_tests();
+    let mut config = config();
     config.send_rate = 0.5;
     config.send_burst = 3.0;
     let node = TestNode::start(config).await;

@@ -5,7 +5,6 @@ mod support;
 
 use std::collections::HashSet;
 
-use chat_node::config::Config;
 use common::{ClientFrame, ErrorCode, MessageId, RoomId, ServerFrame};
 use support::*;
 
@@ -15,7 +14,7 @@ fn room(s: &str) -> RoomId {
 
 #[tokio::test]
 async fn two_clients_exchange_messages_in_order() {
-    let node = TestNode::start(Config::for_tests()).await;
+    let node = TestNode::start(config()).await;
     let mut a = node.connect("duo", "alice").await;
     assert_eq!(a.expect_joined().await, None);
     let mut b = node.connect("duo", "bob").await;
@@ -52,7 +51,7 @@ async fn two_clients_exchange_messages_in_order() {
 
 #[tokio::test]
 async fn members_see_one_order_and_rooms_are_isolated() {
-    let node = TestNode::start(Config::for_tests()).await;
+    let node = TestNode::start(config()).await;
     let mut clients = Vec::new();
     for r in 0..3 {
         for u in 0..3 {
@@ -95,7 +94,7 @@ async fn members_see_one_order_and_rooms_are_isolated() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_closed_and_the_others_get_everything() {
-    let mut config = Config::for_tests();
+    let mut config = config();
     config.outbound_queue = 16;
     config.send_rate = 100_000.0;
     config.send_burst = 100_000.0;
@@ -166,7 +165,7 @@ async fn a_client_that_stops_reading_is_closed_and_the_others_get_everything() {
 
 #[tokio::test]
 async fn acks_come_once_durable_and_a_resent_cid_is_stored_once() {
-    let node = TestNode::start(Config::for_tests()).await;
+    let node = TestNode::start(config()).await;
     let mut a = node.connect("acks", "alice").await;
     a.expect_joined().await;
     let mut b = node.connect("acks", "bob").await;
@@ -210,7 +209,7 @@ async fn acks_come_once_durable_and_a_resent_cid_is_stored_once() {
 /// once, in order, across the replay/live seam. Run twice: served from the room's recent
 /// window, and (window of 4) from the store while live messages keep coming.
 async fn since_seam(recent_per_room: usize, room_name: &str) {
-    let mut config = Config::for_tests();
+    let mut config = config();
     config.recent_per_room = recent_per_room;
     config.send_rate = 100_000.0;
     config.send_burst = 100_000.0;
@@ -293,7 +292,7 @@ async fn since_replays_from_the_store_without_gap_or_duplicate() {
 
 #[tokio::test]
 async fn join_and_leave_over_the_socket() {
-    let node = TestNode::start(Config::for_tests()).await;
+    let node = TestNode::start(config()).await;
     let mut a = node.connect("home", "alice").await;
     a.expect_joined().await;
     a.send(&ClientFrame::Join {
@@ -325,7 +324,7 @@ async fn join_and_leave_over_the_socket() {
 
 #[tokio::test]
 async fn http_publish_acks_once_durable_and_dedupes() {
-    let node = TestNode::start(Config::for_tests()).await;
+    let node = TestNode::start(config()).await;
     let mut member = node.connect("api", "watcher").await;
     member.expect_joined().await;
     let (status, body) = http(
@@ -415,7 +414,7 @@ async fn http_publish_acks_once_durable_and_dedupes() {
 
 #[tokio::test]
 async fn shutdown_closes_clients_with_going_away() {
-    let node = TestNode::start(Config::for_tests()).await;
+    let node = TestNode::start(config()).await;
     let mut a = node.connect("bye", "alice").await;
     a.expect_joined().await;
     a.send_text("bye", "last", "before shutdown").await;
@@ -431,7 +430,7 @@ async fn shutdown_closes_clients_with_going_away() {
 
 #[tokio::test]
 async fn metrics_show_the_traffic() {
-    let node = TestNode::start(Config::for_tests()).await;
+    let node = TestNode::start(config()).await;
     let mut a = node.connect("metered", "alice").await;
     a.expect_joined().await;
     for i in 0..5 {
@@ -475,7 +474,7 @@ async fn metrics_show_the_traffic() {
 #[tokio::test]
 async fn client_pings_are_answered_with_pongs() {
     use fastwebsockets::{Frame, OpCode, Payload};
-    let node = TestNode::start(Config::for_tests()).await;
+    let node = TestNode::start(config()).await;
     let mut c = node.connect("pings", "alice").await;
     c.expect_joined().await;
     c.ws.write_frame(Frame::new(

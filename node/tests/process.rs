@@ -33,10 +33,18 @@ fn a_bad_config_exits_64_with_one_line() {
     }
 }
 
-/// Starts the binary on port 0 and reads the bound address from its log.
-fn spawn_node(extra: &[&str]) -> (std::process::Child, SocketAddr) {
+/// Starts the binary on port 0 against the real CQL store and reads the bound address from
+/// its log.
+async fn spawn_node(extra: &[&str]) -> (std::process::Child, SocketAddr) {
+    fresh_keyspace().await;
     let mut child = Command::new(BIN)
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args([
+            "--cql-nodes",
+            &cql_nodes().join(","),
+            "--cql-keyspace",
+            &keyspace(),
+        ])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -61,7 +69,7 @@ fn spawn_node(extra: &[&str]) -> (std::process::Child, SocketAddr) {
 
 #[tokio::test]
 async fn sigterm_closes_clients_with_1001_and_exits_0() {
-    let (mut child, addr) = spawn_node(&["--insecure-dev-auth"]);
+    let (mut child, addr) = spawn_node(&["--insecure-dev-auth"]).await;
     let mut c = Client::connect(addr, "/ws?room=term&user=alice")
         .await
         .expect("connect");
@@ -84,7 +92,7 @@ async fn sigterm_closes_clients_with_1001_and_exits_0() {
 #[tokio::test]
 async fn rs256_tokens_are_verified_with_the_public_key() {
     let public = format!("{FIXTURES}/rs256-test-public.pem");
-    let (mut child, addr) = spawn_node(&["--jwt-public-key-file", &public]);
+    let (mut child, addr) = spawn_node(&["--jwt-public-key-file", &public]).await;
     let private = std::fs::read(format!("{FIXTURES}/rs256-test-private.pem")).expect("fixture");
     let key = EncodingKey::from_rsa_pem(&private).expect("rsa key");
     let exp = common::id::now_ms() / 1000 + 600;

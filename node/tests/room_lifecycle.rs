@@ -6,12 +6,11 @@ mod support;
 
 use std::time::Duration;
 
-use chat_node::config::Config;
 use support::*;
 
 #[tokio::test]
 async fn idle_empty_rooms_are_dropped_and_come_back_with_their_history() {
-    let mut config = Config::for_tests();
+    let mut config = config();
     config.room_idle_timeout = Duration::from_millis(200);
     let node = TestNode::start(config).await;
     let mut clients = Vec::new();

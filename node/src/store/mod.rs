@@ -6,6 +6,7 @@
 //! they never see connections or rooms' members.
 
 pub mod memory;
+pub mod scylla;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,7 +24,7 @@ pub enum StoreError {
 }
 
 /// Which messages to read. Bounds are exclusive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct HistoryQuery {
     pub after: Option<MessageId>,
     pub before: Option<MessageId>,
@@ -33,7 +34,7 @@ pub struct HistoryQuery {
     pub from: PageFrom,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PageFrom {
     Oldest,
     Newest,

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use chat_node::config::Config;
+pub use chat_node::config::Config;
 use common::{ChatMessage, ClientFrame, ServerFrame};
 use fastwebsockets::{Frame, OpCode, Payload, WebSocket};
 use http_body_util::Empty;
@@ -17,7 +17,53 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Generous upper bound for anything a test waits for; reaching it fails the test.
-pub const WAIT: Duration = Duration::from_secs(15);
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The real CQL server's contact points, from `CHAT_CQL_NODES` (set by
+/// `deploy/local/test.sh`). Missing means the suite was started the wrong way: fail loudly.
+pub fn cql_nodes() -> Vec<String> {
+    match std::env::var("CHAT_CQL_NODES") {
+        Ok(v) if !v.trim().is_empty() => v.split(',').map(|s| s.trim().to_string()).collect(),
+        _ => panic!(
+            "CHAT_CQL_NODES is not set: this test needs the real CQL server. \
+             Run the suite with deploy/local/test.sh, which starts it."
+        ),
+    }
+}
+
+/// This test binary's keyspace. Rooms are distinct per test within a binary; the keyspace
+/// is dropped once per run so a re-run starts empty.
+pub fn keyspace() -> String {
+    format!("t_{}", env!("CARGO_CRATE_NAME"))
+}
+
+/// A node config on the real CQL store, with test defaults (dev auth, port 0).
+pub fn config() -> Config {
+    let mut c = Config::for_tests();
+    c.store = chat_node::config::StoreKind::Scylla;
+    c.cql_nodes = cql_nodes();
+    c.cql_keyspace = keyspace();
+    c
+}
+
+static FRESH_KEYSPACE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+
+/// Drops this binary's keyspace once per process, before the first node uses it.
+pub async fn fresh_keyspace() {
+    FRESH_KEYSPACE
+        .get_or_init(|| async {
+            let session = scylla::client::session_builder::SessionBuilder::new()
+                .known_nodes(cql_nodes())
+                .build()
+                .await
+                .expect("connect to the CQL server named by CHAT_CQL_NODES");
+            session
+                .query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", keyspace()), ())
+                .await
+                .expect("drop the test keyspace");
+        })
+        .await;
+}
 
 pub struct TestNode {
     pub addr: SocketAddr,
@@ -27,6 +73,9 @@ pub struct TestNode {
 
 impl TestNode {
     pub async fn start(config: Config) -> TestNode {
+        if config.store == chat_node::config::StoreKind::Scylla {
+            fresh_keyspace().await;
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind port 0");

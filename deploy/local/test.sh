@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The project's test command (README, CI): start the real servers (or use the ones named by
+# CHAT_REDIS_URL / CHAT_CQL_NODES), export their addresses (and CHAT_REDIS_PID / CHAT_CQL_PID
+# for outage tests), run `cargo test --workspace "$@"` against them, and stop on exit whatever
+# this run started. Exits with cargo's status. With -p/--package, --workspace is left out.
+#   deploy/local/test.sh                 # whole workspace
+#   deploy/local/test.sh -p common       # extra arguments go to cargo test
+# CHAT_KEEP_SERVERS=1 leaves the servers running afterwards (faster repeated runs; stop them
+# with deploy/local/servers.sh stop). Other settings: see servers.sh.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+servers=$here/servers.sh
+
+started=$(mktemp "${TMPDIR:-/tmp}/chat-servers-started.XXXXXX")
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [[ ${CHAT_KEEP_SERVERS:-0} != 1 && -s $started ]]; then
+        # Stop only the servers this run started, not ones that were already running.
+        # shellcheck disable=SC2046
+        "$servers" stop $(sort -u "$started") || true
+    fi
+    rm -f "$started"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+CHAT_SERVERS_STARTED_FILE=$started "$servers" start
+eval "$("$servers" env)"
+echo "[test] CHAT_REDIS_URL=$CHAT_REDIS_URL CHAT_CQL_NODES=$CHAT_CQL_NODES" \
+    "CHAT_REDIS_PID=${CHAT_REDIS_PID:-} CHAT_CQL_PID=${CHAT_CQL_PID:-}" >&2
+
+cd "$repo"
+# `cargo test --workspace -p X` tests the whole workspace, so --workspace is only added when no
+# package is selected.
+scope=(--workspace)
+for arg in "$@"; do
+    case $arg in
+    --) break ;;
+    -p | -p* | --package | --package=*) scope=() ;;
+    esac
+done
+rc=0
+cargo test "${scope[@]}" "$@" || rc=$?
+exit "$rc"

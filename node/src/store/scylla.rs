@@ -1,0 +1,583 @@
+//! The production message store: ScyllaDB (or Apache Cassandra) over CQL.
+//!
+//! Layout, the one ScyllaDB users run at trillions of messages: `messages` is partitioned
+//! by `(room, bucket)` — `bucket` is the start of the message id's time window, in Unix ms,
+//! of `--cql-bucket` width — and clustered by `id DESC`. `room_buckets` lists the non-empty
+//! buckets of each room, so history pages walk from bucket to bucket in either direction
+//! without probing empty windows. Writes are one unlogged batch per partition (a room's
+//! batch almost always falls in one bucket), prepared, idempotent, at the configured
+//! consistency, with a bound on batches in flight. Identical concurrent reads of one room
+//! share one query. The same CQL runs unchanged on ScyllaDB and Cassandra 5.
+//!
+//! Client-message-id dedupe needs no table of its own: rows carry `sender` and `cid`, and a
+//! room reloads the ids of its dedupe window from here when it starts on a node.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::{metrics as m, ChatMessage, ClientMsgId, MessageId, RoomId, UserId};
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::Consistency;
+use tokio::sync::{oneshot, Semaphore};
+
+use super::{BoxFuture, HistoryQuery, MessageStore, PageFrom, StoreError};
+
+/// Buckets fetched from the index per query while walking history.
+const BUCKET_PAGE: i32 = 16;
+/// Rows fetched per message query; longer pages take several.
+const ROW_PAGE: usize = 1000;
+/// Payload bytes per CQL batch, at most (a single larger message goes alone).
+const BATCH_BYTES: usize = 40 * 1024;
+/// `(room, bucket)` pairs remembered as already indexed, before the set is reset.
+const KNOWN_BUCKETS_MAX: usize = 100_000;
+
+/// Connection and schema settings for [`ScyllaStore::connect`].
+#[derive(Debug, Clone)]
+pub struct ScyllaConfig {
+    pub nodes: Vec<String>,
+    pub keyspace: String,
+    /// The CQL replication map, e.g. `{'class': 'SimpleStrategy', 'replication_factor': 1}`.
+    pub replication: String,
+    pub consistency: Consistency,
+    pub bucket: Duration,
+    pub max_inflight: usize,
+    pub request_timeout: Duration,
+}
+
+/// One schema version: its statements are idempotent (`IF NOT EXISTS`), so nodes starting
+/// at once may all apply it.
+struct Migration {
+    version: i32,
+    description: &'static str,
+    statements: &'static [&'static str],
+}
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "messages by (room, bucket), room bucket index, meta",
+    statements: &[
+        "CREATE TABLE IF NOT EXISTS {ks}.messages (
+            room text, bucket bigint, id bigint, sender text, cid text, body text, ts bigint,
+            PRIMARY KEY ((room, bucket), id)
+        ) WITH CLUSTERING ORDER BY (id DESC)",
+        "CREATE TABLE IF NOT EXISTS {ks}.room_buckets (
+            room text, bucket bigint,
+            PRIMARY KEY (room, bucket)
+        ) WITH CLUSTERING ORDER BY (bucket DESC)",
+        "CREATE TABLE IF NOT EXISTS {ks}.meta (key text PRIMARY KEY, value text)",
+    ],
+}];
+
+type ReadKey = (RoomId, HistoryQuery);
+type ReadResult = Result<Vec<ChatMessage>, StoreError>;
+
+pub struct ScyllaStore {
+    session: Session,
+    bucket_ms: i64,
+    insert_msg: PreparedStatement,
+    insert_bucket: PreparedStatement,
+    buckets_desc: PreparedStatement,
+    buckets_asc: PreparedStatement,
+    msgs_desc: PreparedStatement,
+    msgs_asc: PreparedStatement,
+    probe: PreparedStatement,
+    consistency: Consistency,
+    inflight: Semaphore,
+    known_buckets: Mutex<HashSet<(RoomId, i64)>>,
+    reads: Mutex<HashMap<ReadKey, Vec<oneshot::Sender<ReadResult>>>>,
+}
+
+fn err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Checks a keyspace name: CQL identifiers, unquoted.
+pub fn valid_keyspace(ks: &str) -> bool {
+    !ks.is_empty()
+        && ks.len() <= 48
+        && ks.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && ks.as_bytes()[0].is_ascii_alphabetic()
+}
+
+impl ScyllaStore {
+    /// Connects, creates or migrates the schema, and prepares every statement.
+    pub async fn connect(cfg: &ScyllaConfig) -> anyhow::Result<ScyllaStore> {
+        anyhow::ensure!(
+            valid_keyspace(&cfg.keyspace),
+            "invalid keyspace name {:?}",
+            cfg.keyspace
+        );
+        let session = SessionBuilder::new()
+            .known_nodes(&cfg.nodes)
+            .connection_timeout(Duration::from_secs(5))
+            .build()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("cannot connect to the CQL store at {:?}: {e}", cfg.nodes)
+            })?;
+        let ks = &cfg.keyspace;
+        session
+            .query_unpaged(
+                format!(
+                    "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {}",
+                    cfg.replication
+                ),
+                (),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("creating keyspace {ks}: {e}"))?;
+        migrate(&session, ks).await?;
+        let bucket_ms = i64::try_from(cfg.bucket.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        check_bucket_width(&session, ks, bucket_ms).await?;
+
+        let prepare = |cql: String, write: bool| {
+            let session = &session;
+            async move {
+                let mut p = session
+                    .prepare(cql.clone())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("preparing {cql}: {e}"))?;
+                p.set_consistency(cfg.consistency);
+                p.set_is_idempotent(true);
+                p.set_request_timeout(Some(cfg.request_timeout));
+                if !write {
+                    p.set_page_size(ROW_PAGE as i32);
+                }
+                anyhow::Ok(p)
+            }
+        };
+        let cols = "id, sender, cid, body, ts";
+        Ok(ScyllaStore {
+            insert_msg: prepare(
+                format!("INSERT INTO {ks}.messages (room, bucket, id, sender, cid, body, ts) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                true,
+            )
+            .await?,
+            insert_bucket: prepare(format!("INSERT INTO {ks}.room_buckets (room, bucket) VALUES (?, ?)"), true).await?,
+            buckets_desc: prepare(
+                format!("SELECT bucket FROM {ks}.room_buckets WHERE room = ? AND bucket <= ? ORDER BY bucket DESC LIMIT ?"),
+                false,
+            )
+            .await?,
+            buckets_asc: prepare(
+                format!("SELECT bucket FROM {ks}.room_buckets WHERE room = ? AND bucket >= ? ORDER BY bucket ASC LIMIT ?"),
+                false,
+            )
+            .await?,
+            msgs_desc: prepare(
+                format!("SELECT {cols} FROM {ks}.messages WHERE room = ? AND bucket = ? AND id > ? AND id < ? ORDER BY id DESC LIMIT ?"),
+                false,
+            )
+            .await?,
+            msgs_asc: prepare(
+                format!("SELECT {cols} FROM {ks}.messages WHERE room = ? AND bucket = ? AND id > ? AND id < ? ORDER BY id ASC LIMIT ?"),
+                false,
+            )
+            .await?,
+            probe: {
+                let mut p = prepare("SELECT release_version FROM system.local".into(), false).await?;
+                p.set_consistency(Consistency::One);
+                p
+            },
+            session,
+            bucket_ms,
+            consistency: cfg.consistency,
+            inflight: Semaphore::new(cfg.max_inflight.max(1)),
+            known_buckets: Mutex::new(HashSet::new()),
+            reads: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn bucket_of(&self, id: MessageId) -> i64 {
+        let ms = id.unix_ms() as i64;
+        ms - ms.rem_euclid(self.bucket_ms)
+    }
+
+    async fn append_now(&self, room: &RoomId, batch: &[ChatMessage]) -> Result<(), StoreError> {
+        let _permit = self.inflight.acquire().await.map_err(err)?;
+        // One unlogged batch per partition: rows of one (room, bucket) are applied together
+        // by the replica that owns them.
+        let mut by_bucket: Vec<(i64, Vec<&ChatMessage>)> = Vec::new();
+        for msg in batch {
+            let b = self.bucket_of(msg.id);
+            match by_bucket.last_mut() {
+                Some((last, rows)) if *last == b => rows.push(msg),
+                _ => by_bucket.push((b, vec![msg])),
+            }
+        }
+        for (bucket, rows) in &by_bucket {
+            self.index_bucket(room, *bucket).await?;
+            // Keep each CQL batch well under the servers' batch-size limits (Cassandra fails
+            // batches over 50 KiB by default, ScyllaDB over 1 MiB).
+            let mut start = 0;
+            while start < rows.len() {
+                let mut end = start;
+                let mut bytes = 0;
+                while end < rows.len()
+                    && (end == start || bytes + rows[end].body.len() <= BATCH_BYTES)
+                {
+                    bytes += rows[end].body.len() + 64;
+                    end += 1;
+                }
+                self.write_batch(room, *bucket, &rows[start..end]).await?;
+                start = end;
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_batch(
+        &self,
+        room: &RoomId,
+        bucket: i64,
+        rows: &[&ChatMessage],
+    ) -> Result<(), StoreError> {
+        let mut cql = Batch::new(BatchType::Unlogged);
+        cql.set_consistency(self.consistency);
+        cql.set_is_idempotent(true);
+        let mut values = Vec::with_capacity(rows.len());
+        for msg in rows {
+            cql.append_statement(self.insert_msg.clone());
+            values.push((
+                room.as_str(),
+                bucket,
+                msg.id.0 as i64,
+                msg.from.as_str(),
+                msg.cid.as_str(),
+                msg.body.as_str(),
+                msg.ts as i64,
+            ));
+        }
+        self.session.batch(&cql, values).await.map_err(err)?;
+        Ok(())
+    }
+
+    /// Records that `bucket` of `room` holds messages; skipped when already known here.
+    async fn index_bucket(&self, room: &RoomId, bucket: i64) -> Result<(), StoreError> {
+        let key = (room.clone(), bucket);
+        if self
+            .known_buckets
+            .lock()
+            .map(|k| k.contains(&key))
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        self.session
+            .execute_unpaged(&self.insert_bucket, (room.as_str(), bucket))
+            .await
+            .map_err(err)?;
+        if let Ok(mut known) = self.known_buckets.lock() {
+            if known.len() >= KNOWN_BUCKETS_MAX {
+                known.clear();
+            }
+            known.insert(key);
+        }
+        Ok(())
+    }
+
+    /// One page of history, shared with identical reads already in flight.
+    async fn read_coalesced(&self, room: &RoomId, q: HistoryQuery) -> ReadResult {
+        let key = (room.clone(), q);
+        let waiter = {
+            let mut reads = self.reads.lock().map_err(err)?;
+            match reads.get_mut(&key) {
+                Some(waiters) => {
+                    let (tx, rx) = oneshot::channel();
+                    waiters.push(tx);
+                    Some(rx)
+                }
+                None => {
+                    reads.insert(key.clone(), Vec::new());
+                    None
+                }
+            }
+        };
+        if let Some(rx) = waiter {
+            metrics::counter!(m::STORE_READS_COALESCED).increment(1);
+            // If the leading read was cancelled, read for ourselves.
+            return match rx.await {
+                Ok(result) => result,
+                Err(_) => self.read_now(room, q).await,
+            };
+        }
+        let guard = LeaderGuard {
+            reads: &self.reads,
+            key: Some(key),
+        };
+        let result = self.read_now(room, q).await;
+        for w in guard.finish() {
+            let _ = w.send(result.clone());
+        }
+        result
+    }
+
+    async fn read_now(&self, room: &RoomId, q: HistoryQuery) -> ReadResult {
+        let lower = q.after.map_or(-1, |a| a.0 as i64);
+        let upper = q.before.map_or(i64::MAX, |b| b.0 as i64);
+        if lower >= upper || q.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let lower_bucket = q.after.map_or(i64::MIN, |a| self.bucket_of(a));
+        let upper_bucket = q.before.map_or(i64::MAX, |b| self.bucket_of(b));
+        let newest_first = q.from == PageFrom::Newest;
+        let mut out: Vec<ChatMessage> = Vec::new();
+        let mut cursor = if newest_first {
+            upper_bucket
+        } else {
+            lower_bucket
+        };
+        'buckets: loop {
+            let stmt = if newest_first {
+                &self.buckets_desc
+            } else {
+                &self.buckets_asc
+            };
+            let buckets: Vec<i64> = self
+                .session
+                .execute_unpaged(stmt, (room.as_str(), cursor, BUCKET_PAGE))
+                .await
+                .map_err(err)?
+                .into_rows_result()
+                .map_err(err)?
+                .rows::<(i64,)>()
+                .map_err(err)?
+                .map(|r| r.map(|(b,)| b))
+                .collect::<Result<_, _>>()
+                .map_err(err)?;
+            for &bucket in &buckets {
+                let past = if newest_first {
+                    bucket < lower_bucket
+                } else {
+                    bucket > upper_bucket
+                };
+                if past {
+                    break 'buckets;
+                }
+                self.read_bucket(room, bucket, lower, upper, newest_first, q.limit, &mut out)
+                    .await?;
+                if out.len() >= q.limit {
+                    break 'buckets;
+                }
+            }
+            match buckets.last() {
+                Some(&last) if buckets.len() == BUCKET_PAGE as usize => {
+                    cursor = if newest_first { last - 1 } else { last + 1 };
+                }
+                _ => break,
+            }
+        }
+        if newest_first {
+            out.reverse();
+        }
+        Ok(out)
+    }
+
+    /// Appends rows of one bucket within (lower, upper), in walking order, up to `limit`.
+    #[allow(clippy::too_many_arguments)]
+    async fn read_bucket(
+        &self,
+        room: &RoomId,
+        bucket: i64,
+        mut lower: i64,
+        mut upper: i64,
+        newest_first: bool,
+        limit: usize,
+        out: &mut Vec<ChatMessage>,
+    ) -> Result<(), StoreError> {
+        let stmt = if newest_first {
+            &self.msgs_desc
+        } else {
+            &self.msgs_asc
+        };
+        loop {
+            let want = (limit - out.len()).min(ROW_PAGE);
+            let rows = self
+                .session
+                .execute_unpaged(stmt, (room.as_str(), bucket, lower, upper, want as i32))
+                .await
+                .map_err(err)?
+                .into_rows_result()
+                .map_err(err)?;
+            let mut got = 0;
+            for row in rows
+                .rows::<(i64, String, String, String, i64)>()
+                .map_err(err)?
+            {
+                let (id, sender, cid, body, ts) = row.map_err(err)?;
+                got += 1;
+                if newest_first {
+                    upper = id;
+                } else {
+                    lower = id;
+                }
+                out.push(ChatMessage {
+                    room: room.clone(),
+                    id: MessageId(id as u64),
+                    from: UserId::new(sender).map_err(err)?,
+                    cid: ClientMsgId::new(cid).map_err(err)?,
+                    body,
+                    ts: ts as u64,
+                });
+            }
+            if got < want || out.len() >= limit {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Removes a coalesced read's entry even if the leading reader is cancelled, so followers
+/// never wait on a read nobody performs.
+struct LeaderGuard<'a> {
+    reads: &'a Mutex<HashMap<ReadKey, Vec<oneshot::Sender<ReadResult>>>>,
+    key: Option<ReadKey>,
+}
+
+impl LeaderGuard<'_> {
+    fn finish(mut self) -> Vec<oneshot::Sender<ReadResult>> {
+        self.take()
+    }
+
+    fn take(&mut self) -> Vec<oneshot::Sender<ReadResult>> {
+        let Some(key) = self.key.take() else {
+            return Vec::new();
+        };
+        self.reads
+            .lock()
+            .ok()
+            .and_then(|mut r| r.remove(&key))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for LeaderGuard<'_> {
+    fn drop(&mut self) {
+        // Dropping the senders wakes followers, which then read for themselves.
+        drop(self.take());
+    }
+}
+
+async fn migrate(session: &Session, ks: &str) -> anyhow::Result<()> {
+    session
+        .query_unpaged(
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.schema_migrations (version int PRIMARY KEY, description text, applied_at bigint)"
+            ),
+            (),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("creating {ks}.schema_migrations: {e}"))?;
+    let applied: HashSet<i32> = session
+        .query_unpaged(format!("SELECT version FROM {ks}.schema_migrations"), ())
+        .await?
+        .into_rows_result()?
+        .rows::<(i32,)>()?
+        .map(|r| r.map(|(v,)| v))
+        .collect::<Result<_, _>>()?;
+    for migration in MIGRATIONS {
+        if applied.contains(&migration.version) {
+            continue;
+        }
+        for stmt in migration.statements {
+            session
+                .query_unpaged(stmt.replace("{ks}", ks), ())
+                .await
+                .map_err(|e| anyhow::anyhow!("schema v{}: {e}", migration.version))?;
+        }
+        session
+            .query_unpaged(
+                format!("INSERT INTO {ks}.schema_migrations (version, description, applied_at) VALUES (?, ?, ?)"),
+                (migration.version, migration.description, common::id::now_ms() as i64),
+            )
+            .await?;
+        tracing::info!(
+            keyspace = ks,
+            version = migration.version,
+            "schema migrated"
+        );
+    }
+    Ok(())
+}
+
+/// The bucket width is part of the data layout: refuse to run with a different one.
+async fn check_bucket_width(session: &Session, ks: &str, bucket_ms: i64) -> anyhow::Result<()> {
+    let current: Option<(String,)> = session
+        .query_unpaged(
+            format!("SELECT value FROM {ks}.meta WHERE key = 'bucket_ms'"),
+            (),
+        )
+        .await?
+        .into_rows_result()?
+        .maybe_first_row::<(String,)>()?;
+    match current {
+        Some((v,)) if v == bucket_ms.to_string() => Ok(()),
+        Some((v,)) => anyhow::bail!(
+            "keyspace {ks} stores messages in {v} ms buckets; --cql-bucket must be the same ({bucket_ms} ms given)"
+        ),
+        None => {
+            // First start: record the width. A concurrent first start with another width
+            // would race here; nodes of one cluster share their config.
+            session
+                .query_unpaged(
+                    format!("INSERT INTO {ks}.meta (key, value) VALUES ('bucket_ms', ?)"),
+                    (bucket_ms.to_string(),),
+                )
+                .await?;
+            Ok(())
+        }
+    }
+}
+
+impl MessageStore for ScyllaStore {
+    fn append<'a>(
+        &'a self,
+        room: &'a RoomId,
+        batch: &'a [ChatMessage],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.append_now(room, batch))
+    }
+
+    fn read<'a>(
+        &'a self,
+        room: &'a RoomId,
+        query: HistoryQuery,
+    ) -> BoxFuture<'a, Result<Vec<ChatMessage>, StoreError>> {
+        Box::pin(self.read_coalesced(room, query))
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.session
+                .execute_unpaged(&self.probe, ())
+                .await
+                .map(|_| ())
+                .map_err(err)
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        "cql"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyspace_names() {
+        assert!(valid_keyspace("chat"));
+        assert!(valid_keyspace("chat_test_42"));
+        assert!(!valid_keyspace(""));
+        assert!(!valid_keyspace("1chat"));
+        assert!(!valid_keyspace("chat; DROP"));
+        assert!(!valid_keyspace(&"k".repeat(49)));
+    }
+}

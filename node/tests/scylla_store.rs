@@ -1,0 +1,197 @@
+//! The CQL store against the real server: paging across bucket boundaries in both
+//! directions (including long runs of empty buckets), idempotent re-appends, coalesced
+//! reads, and the schema's refusal of a different bucket width.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_node::store::scylla::{ScyllaConfig, ScyllaStore};
+use chat_node::store::{HistoryQuery, MessageStore, PageFrom};
+use common::{ChatMessage, ClientMsgId, MessageId, RoomId, UserId};
+use scylla::statement::Consistency;
+use support::*;
+
+const MINUTE_MS: u64 = 60_000;
+
+fn store_config(bucket: Duration) -> ScyllaConfig {
+    ScyllaConfig {
+        nodes: cql_nodes(),
+        keyspace: keyspace(),
+        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+        consistency: Consistency::LocalQuorum,
+        bucket,
+        max_inflight: 8,
+        request_timeout: Duration::from_secs(10),
+    }
+}
+
+async fn store() -> ScyllaStore {
+    fresh_keyspace().await;
+    ScyllaStore::connect(&store_config(Duration::from_secs(60)))
+        .await
+        .expect("connect to the real CQL server")
+}
+
+fn msg(room: &RoomId, unix_ms: u64, seq: u64) -> ChatMessage {
+    let id = MessageId(MessageId::first_at(unix_ms).0 + seq);
+    ChatMessage {
+        room: room.clone(),
+        id,
+        from: UserId::new("writer").expect("user"),
+        cid: ClientMsgId::new(format!("c{}", id.0)).expect("cid"),
+        body: format!("at {unix_ms} #{seq}"),
+        ts: unix_ms,
+    }
+}
+
+fn q(
+    after: Option<MessageId>,
+    before: Option<MessageId>,
+    limit: usize,
+    from: PageFrom,
+) -> HistoryQuery {
+    HistoryQuery {
+        after,
+        before,
+        limit,
+        from,
+    }
+}
+
+/// Messages in five 1-minute buckets with gaps of 1, 3 and 10,000 empty buckets between.
+fn spread(room: &RoomId) -> Vec<ChatMessage> {
+    let t0 = common::id::now_ms() - 30 * 24 * 60 * MINUTE_MS;
+    let minutes = [0u64, 2, 6, 10_007, 10_008];
+    let mut out = Vec::new();
+    for m in minutes {
+        for seq in 0..7 {
+            out.push(msg(room, t0 + m * MINUTE_MS + 1000, seq));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn pages_walk_across_buckets_both_ways_without_gaps() {
+    let s = store().await;
+    let room = RoomId::new(format!("paging-{}", std::process::id())).expect("room");
+    let all = spread(&room);
+    // Appended in three batches, one of them spanning several buckets.
+    s.append(&room, &all[..10]).await.expect("append");
+    s.append(&room, &all[10..30]).await.expect("append");
+    s.append(&room, &all[30..]).await.expect("append");
+    let ids: Vec<MessageId> = all.iter().map(|m| m.id).collect();
+
+    // Newest first: pages of 4 walking back with `before`.
+    let mut back = Vec::new();
+    let mut before = None;
+    loop {
+        let page = s
+            .read(&room, q(None, before, 4, PageFrom::Newest))
+            .await
+            .expect("read");
+        assert!(
+            page.windows(2).all(|w| w[0].id < w[1].id),
+            "a page is oldest first"
+        );
+        let Some(first) = page.first() else { break };
+        before = Some(first.id);
+        back.splice(0..0, page.iter().map(|m| m.id));
+    }
+    assert_eq!(back, ids, "walking back visits every message once");
+
+    // Oldest first: pages of 6 walking forward with `after`.
+    let mut fwd = Vec::new();
+    let mut after = Some(MessageId(0));
+    loop {
+        let page = s
+            .read(&room, q(after, None, 6, PageFrom::Oldest))
+            .await
+            .expect("read");
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        fwd.extend(page.iter().map(|m| m.id));
+    }
+    assert_eq!(fwd, ids, "walking forward visits every message once");
+
+    // A window bounded on both sides, crossing the 10,000-bucket gap.
+    let between = s
+        .read(
+            &room,
+            q(Some(ids[20]), Some(ids[30]), 100, PageFrom::Oldest),
+        )
+        .await
+        .expect("read");
+    assert_eq!(
+        between.iter().map(|m| m.id).collect::<Vec<_>>(),
+        ids[21..30].to_vec()
+    );
+    let newest_between = s
+        .read(&room, q(Some(ids[20]), Some(ids[30]), 3, PageFrom::Newest))
+        .await
+        .expect("read");
+    assert_eq!(
+        newest_between.iter().map(|m| m.id).collect::<Vec<_>>(),
+        ids[27..30].to_vec()
+    );
+    // Rows come back intact.
+    assert_eq!(between[0], all[21]);
+}
+
+#[tokio::test]
+async fn re_appending_a_batch_stores_each_message_once() {
+    let s = store().await;
+    let room = RoomId::new(format!("idem-{}", std::process::id())).expect("room");
+    let now = common::id::now_ms();
+    let batch: Vec<_> = (0..5).map(|i| msg(&room, now, i)).collect();
+    s.append(&room, &batch).await.expect("append");
+    s.append(&room, &batch[1..3]).await.expect("retry");
+    let got = s
+        .read(&room, q(None, None, 100, PageFrom::Newest))
+        .await
+        .expect("read");
+    assert_eq!(got, batch);
+}
+
+#[tokio::test]
+async fn identical_concurrent_reads_are_answered_together() {
+    let s = Arc::new(store().await);
+    let room = RoomId::new(format!("coalesce-{}", std::process::id())).expect("room");
+    let now = common::id::now_ms();
+    let batch: Vec<_> = (0..50).map(|i| msg(&room, now, i)).collect();
+    s.append(&room, &batch).await.expect("append");
+    let before = chat_node::telemetry::render();
+    let coalesced = |text: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with("chat_node_store_reads_coalesced_total"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let reads: Vec<_> = (0..20)
+        .map(|_| {
+            let s = s.clone();
+            let room = room.clone();
+            tokio::spawn(async move { s.read(&room, q(None, None, 50, PageFrom::Newest)).await })
+        })
+        .collect();
+    for r in reads {
+        assert_eq!(r.await.expect("join").expect("read"), batch);
+    }
+    let after = chat_node::telemetry::render();
+    assert!(
+        coalesced(&after) > coalesced(&before),
+        "20 identical reads at once shared at least one query"
+    );
+}
+
+#[tokio::test]
+async fn a_different_bucket_width_is_refused() {
+    let _s = store().await;
+    let err = match ScyllaStore::connect(&store_config(Duration::from_secs(3600))).await {
+        Ok(_) => panic!("connected with a different bucket width"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("--cql-bucket"), "{err}");
+}
