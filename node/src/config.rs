@@ -278,14 +278,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(split);
     let n: f64 = num
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 250ms, 15s, 10m"))?;
+        .map_err(|_| format!("{s:?} is not a duration like 250ms, 15s, 10m, 1d"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "" | "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
         "d" => n * 86400.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h)")),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h, d)")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }

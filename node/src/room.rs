@@ -205,6 +205,7 @@ pub(crate) async fn run(
     let mut room = match Room::activate(id.clone(), ctx.clone(), persist_tx, self_tx).await {
         Ok(room) => room,
         Err(e) => {
+            metrics::counter!(m::STORE_ERRORS, "op" => "read").increment(1);
             tracing::warn!(room = %id, error = %e, "room activation failed");
             registry.remove_if(&id, generation, || true);
             rx.close();

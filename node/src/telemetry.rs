@@ -141,6 +141,10 @@ fn describe() {
         Unit::Seconds,
         "Duration of store batch writes."
     );
+    describe_counter!(
+        m::STORE_READS_COALESCED,
+        "History reads answered by an identical read in flight."
+    );
     describe_gauge!(m::STORE_PENDING, "Messages accepted but not yet durable.");
     describe_counter!(
         m::HTTP_REQUESTS,

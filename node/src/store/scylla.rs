@@ -10,7 +10,9 @@
 //! share one query. The same CQL runs unchanged on ScyllaDB and Cassandra 5.
 //!
 //! Client-message-id dedupe needs no table of its own: rows carry `sender` and `cid`, and a
-//! room reloads the ids of its dedupe window from here when it starts on a node.
+//! room reloads the ids of its dedupe window from here when it starts on a node. The
+//! readiness probe is a one-row write into `meta` at the configured consistency, so
+//! readiness fails exactly when message writes would.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -180,11 +182,9 @@ impl ScyllaStore {
                 false,
             )
             .await?,
-            probe: {
-                let mut p = prepare("SELECT release_version FROM system.local".into(), false).await?;
-                p.set_consistency(Consistency::One);
-                p
-            },
+            // Readiness must fail when writes would: probe with a write at the same
+            // consistency, into the keyspace the messages go to.
+            probe: prepare(format!("INSERT INTO {ks}.meta (key, value) VALUES ('probe', ?)"), true).await?,
             session,
             bucket_ms,
             consistency: cfg.consistency,
@@ -555,7 +555,7 @@ impl MessageStore for ScyllaStore {
     fn check(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             self.session
-                .execute_unpaged(&self.probe, ())
+                .execute_unpaged(&self.probe, (common::id::now_ms().to_string(),))
                 .await
                 .map(|_| ())
                 .map_err(err)
