@@ -50,6 +50,8 @@ pub enum ErrorCode {
     RoomMoved,
     /// The node is shutting down.
     GoingAway,
+    /// The router could not reach the room's owner, or knows no live node.
+    NodeUnavailable,
     /// The HTTP route does not exist.
     NotFound,
     /// The HTTP method is not allowed on this route.
@@ -59,7 +61,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::InvalidField,
@@ -73,6 +75,7 @@ impl ErrorCode {
         ErrorCode::StoreUnavailable,
         ErrorCode::RoomMoved,
         ErrorCode::GoingAway,
+        ErrorCode::NodeUnavailable,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::Internal,
@@ -94,6 +97,7 @@ impl ErrorCode {
             ErrorCode::StoreUnavailable => "store_unavailable",
             ErrorCode::RoomMoved => "room_moved",
             ErrorCode::GoingAway => "going_away",
+            ErrorCode::NodeUnavailable => "node_unavailable",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Internal => "internal",
@@ -102,9 +106,10 @@ impl ErrorCode {
 
     pub fn retry(self) -> Retry {
         match self {
-            ErrorCode::RateLimited | ErrorCode::Overloaded | ErrorCode::StoreUnavailable => {
-                Retry::RetryLater
-            }
+            ErrorCode::RateLimited
+            | ErrorCode::Overloaded
+            | ErrorCode::StoreUnavailable
+            | ErrorCode::NodeUnavailable => Retry::RetryLater,
             ErrorCode::RoomMoved | ErrorCode::GoingAway | ErrorCode::Internal => {
                 Retry::ReconnectAndResume
             }
@@ -128,7 +133,10 @@ impl ErrorCode {
             ErrorCode::FrameTooLarge => 413,
             ErrorCode::RateLimited => 429,
             ErrorCode::Internal => 500,
-            ErrorCode::Overloaded | ErrorCode::StoreUnavailable | ErrorCode::GoingAway => 503,
+            ErrorCode::Overloaded
+            | ErrorCode::StoreUnavailable
+            | ErrorCode::GoingAway
+            | ErrorCode::NodeUnavailable => 503,
         }
     }
 }

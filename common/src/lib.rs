@@ -6,11 +6,15 @@
 
 pub mod codes;
 pub mod id;
+#[cfg(feature = "membership")]
+pub mod membership;
 pub mod metrics;
 pub mod names;
 pub mod protocol;
+pub mod ring;
 
 pub use codes::{CloseCode, ErrorCode, Retry};
 pub use id::{IdGenerator, MessageId};
 pub use names::{ClientMsgId, InvalidName, RoomId, UserId};
 pub use protocol::{ChatMessage, ClientFrame, PresenceEvent, ServerFrame};
+pub use ring::{NodeInfo, Ring};
