@@ -350,6 +350,7 @@ mod tests {
             message: "slow \"down\"".into(),
             cid: Some("3-5".into()),
             room: None,
+            owner: None,
         }
         .to_json();
         let v = FrameView::parse(&err).expect("escapes in skipped fields are fine");

@@ -61,7 +61,10 @@ pub struct Registration {
 }
 
 /// Registers `me` and keeps the registration alive until [`Registration::leave`].
-pub async fn register(cfg: &MembershipConfig, me: NodeInfo) -> Result<Registration, MembershipError> {
+pub async fn register(
+    cfg: &MembershipConfig,
+    me: NodeInfo,
+) -> Result<Registration, MembershipError> {
     let client = redis::Client::open(cfg.redis_url.as_str())?;
     let mut conn = client.get_connection_manager().await?;
     let key = cfg.node_key(me.id);
@@ -101,7 +104,13 @@ pub async fn register(cfg: &MembershipConfig, me: NodeInfo) -> Result<Registrati
     })
 }
 
-async fn heartbeat(mut conn: ConnectionManager, key: String, value: String, ttl: Duration, stop: CancellationToken) {
+async fn heartbeat(
+    mut conn: ConnectionManager,
+    key: String,
+    value: String,
+    ttl: Duration,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(50)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -132,7 +141,10 @@ impl Registration {
         self.stop.cancel();
         let _ = (&mut self.heartbeat).await;
         let key = self.cfg.node_key(self.me.id);
-        let _ = redis::cmd("DEL").arg(&key).query_async::<()>(&mut self.conn).await;
+        let _ = redis::cmd("DEL")
+            .arg(&key)
+            .query_async::<()>(&mut self.conn)
+            .await;
         let _ = redis::cmd("PUBLISH")
             .arg(self.cfg.channel())
             .arg(format!("leave:{}", self.me.id))
@@ -172,7 +184,10 @@ impl RingWatch {
 
 /// Starts watching membership. The first ring is read before this returns, so callers
 /// start with a real view (an error if Redis cannot be reached at all).
-pub async fn watch(cfg: MembershipConfig, stop: CancellationToken) -> Result<RingWatch, MembershipError> {
+pub async fn watch(
+    cfg: MembershipConfig,
+    stop: CancellationToken,
+) -> Result<RingWatch, MembershipError> {
     let client = redis::Client::open(cfg.redis_url.as_str())?;
     let mut conn = client.get_connection_manager().await?;
     let first = read_ring(&cfg, &mut conn).await?;
@@ -182,7 +197,10 @@ pub async fn watch(cfg: MembershipConfig, stop: CancellationToken) -> Result<Rin
     Ok(RingWatch { ring: rx, redis_ok })
 }
 
-async fn read_ring(cfg: &MembershipConfig, conn: &mut ConnectionManager) -> Result<Ring, redis::RedisError> {
+async fn read_ring(
+    cfg: &MembershipConfig,
+    conn: &mut ConnectionManager,
+) -> Result<Ring, redis::RedisError> {
     let pattern = format!("{}:node:*", cfg.prefix);
     let mut keys: Vec<String> = Vec::new();
     let mut cursor: u64 = 0;
@@ -262,7 +280,10 @@ async fn watch_loop(
     }
 }
 
-async fn subscribe(client: &redis::Client, cfg: &MembershipConfig) -> Option<redis::aio::PubSubStream> {
+async fn subscribe(
+    client: &redis::Client,
+    cfg: &MembershipConfig,
+) -> Option<redis::aio::PubSubStream> {
     let mut pubsub = client.get_async_pubsub().await.ok()?;
     pubsub.subscribe(cfg.channel()).await.ok()?;
     Some(pubsub.into_on_message())

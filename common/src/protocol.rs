@@ -190,6 +190,9 @@ pub enum ServerFrame {
         cid: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         room: Option<String>,
+        /// With `room_moved`: the `host:port` of the node that owns the room now.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
     },
     Presence {
         room: RoomId,
@@ -221,6 +224,7 @@ impl ServerFrame {
             message: message.into(),
             cid: None,
             room: None,
+            owner: None,
         }
     }
 }
@@ -232,6 +236,7 @@ impl From<FrameError> for ServerFrame {
             message: e.message,
             cid: e.cid,
             room: e.room,
+            owner: None,
         }
     }
 }

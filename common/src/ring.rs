@@ -171,12 +171,18 @@ mod tests {
     #[test]
     fn owners_are_stable_across_versions() {
         let r = ring([1, 2, 3]);
-        let got: Vec<u16> = ["lobby", "team-1", "team-2", "a", "room-42", "x:y.z", "general", "random"]
-            .iter()
-            .map(|room| r.owner_id(room).expect("owner"))
-            .collect();
+        let got: Vec<u16> = [
+            "lobby", "team-1", "team-2", "a", "room-42", "x:y.z", "general", "random",
+        ]
+        .iter()
+        .map(|room| r.owner_id(room).expect("owner"))
+        .collect();
         assert_eq!(got, GOLDEN, "the ring's placement changed");
-        assert_eq!(r.version(), GOLDEN_VERSION, "the ring's version digest changed");
+        assert_eq!(
+            r.version(),
+            GOLDEN_VERSION,
+            "the ring's version digest changed"
+        );
     }
 
     const GOLDEN: [u16; 8] = [3, 2, 1, 1, 3, 1, 1, 1];
@@ -240,7 +246,9 @@ mod tests {
             let r = ring(1..=n);
             let mut counts = BTreeMap::new();
             for room in &all {
-                *counts.entry(r.owner_id(room).expect("owner")).or_insert(0usize) += 1;
+                *counts
+                    .entry(r.owner_id(room).expect("owner"))
+                    .or_insert(0usize) += 1;
             }
             assert_eq!(counts.len(), usize::from(n));
             let mean = all.len() as f64 / f64::from(n);

@@ -54,6 +54,21 @@ pub struct Config {
     /// Address for WebSocket, HTTP API, health and metrics.
     #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:7001")]
     pub listen: SocketAddr,
+    /// Redis for cluster membership. Without it the node runs standalone and owns every room.
+    #[arg(long, env = "CHAT_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of this cluster's Redis keys and channels.
+    #[arg(long, env = "CHAT_REDIS_PREFIX", default_value = "chat")]
+    pub redis_prefix: String,
+    /// A member that stops refreshing its registration drops out after this long.
+    #[arg(long, env = "CHAT_MEMBERSHIP_TTL", value_parser = parse_duration, default_value = "5s")]
+    pub membership_ttl: Duration,
+    /// Virtual nodes per node in the consistent-hash ring; the same on every node and router.
+    #[arg(long, env = "CHAT_VNODES", default_value_t = common::ring::DEFAULT_VNODES)]
+    pub vnodes: u32,
+    /// host:port where routers and clients reach this node (default: the bound address).
+    #[arg(long, env = "CHAT_ADVERTISE")]
+    pub advertise: Option<String>,
     /// This node's stable id, 0-1023; part of every message id it mints.
     #[arg(long, env = "CHAT_NODE_ID", default_value_t = 0)]
     pub node_id: u16,
@@ -253,6 +268,25 @@ impl Config {
                 return Err("--cql-max-inflight must be at least 1".into());
             }
         }
+        if self.redis_url.is_some() {
+            if self.membership_ttl < Duration::from_millis(300) {
+                return Err("--membership-ttl must be at least 300ms".into());
+            }
+            if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
+                return Err("--redis-prefix must be non-empty, without spaces".into());
+            }
+        }
+        if self.vnodes == 0 || self.vnodes > 10_000 {
+            return Err("--vnodes must be 1..=10000".into());
+        }
+        if let Some(a) = &self.advertise {
+            if a.rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(format!("--advertise {a:?} must be host:port"));
+            }
+        }
         if self.store_batch > self.max_pending_per_room {
             return Err("--store-batch must not exceed --max-pending-per-room".into());
         }
@@ -264,6 +298,9 @@ impl Config {
     pub fn for_tests() -> Config {
         let mut c = Config::parse_from(["chat-node", "--insecure-dev-auth", "--store", "memory"]);
         c.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        // clap also reads CHAT_* from the environment, where the test command exports the
+        // real servers' addresses: standalone unless a test opts into membership.
+        c.redis_url = None;
         c.shutdown_grace = Duration::from_secs(5);
         c
     }

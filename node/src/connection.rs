@@ -305,6 +305,17 @@ impl ReaderState {
     }
 
     fn join(&mut self, room: RoomId, since: Option<MessageId>) {
+        if let Some(owner) = self.state.cluster.owner_elsewhere(&room) {
+            self.conn.send_frame(&ServerFrame::Error {
+                code: ErrorCode::RoomMoved,
+                message: "another node owns this room; join it through a connection to that node"
+                    .into(),
+                cid: None,
+                room: Some(room.to_string()),
+                owner: Some(owner.addr),
+            });
+            return;
+        }
         if !self.principal.may_use(&room) {
             self.error(
                 ErrorCode::Forbidden,
@@ -356,6 +367,7 @@ impl ReaderState {
             message: message.into(),
             cid: cid.map(str::to_owned),
             room: room.map(|r| r.to_string()),
+            owner: None,
         });
     }
 }

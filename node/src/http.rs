@@ -160,13 +160,20 @@ fn bad(code: ErrorCode, message: &str) -> Response<Body> {
 }
 
 fn readyz(state: &NodeState) -> Response<Body> {
-    let store_ok = state.registry.ctx().store_healthy();
-    let shutting_down = state.is_shutting_down();
-    let ready = store_ok && !shutting_down;
+    let ctx = state.registry.ctx();
+    let ready = crate::is_ready(ctx, &state.cluster);
+    let ring = state.cluster.ring().current();
     let body = serde_json::json!({
         "ready": ready,
-        "store": { "kind": state.registry.ctx().store.name(), "ok": store_ok },
-        "shutting_down": shutting_down,
+        "store": { "kind": ctx.store.name(), "ok": ctx.store_healthy() },
+        "cluster": {
+            "node": state.cluster.me().id,
+            "in_ring": state.cluster.in_ring(),
+            "ring_size": ring.len(),
+            "ring_version": ring.version().to_string(),
+            "membership_ok": state.cluster.membership_ok(),
+        },
+        "shutting_down": state.is_shutting_down(),
     });
     let status = if ready {
         StatusCode::OK
@@ -174,6 +181,20 @@ fn readyz(state: &NodeState) -> Response<Body> {
         StatusCode::SERVICE_UNAVAILABLE
     };
     json(status, &body)
+}
+
+/// 421 `room_moved` with the owner's address, for requests that reached a non-owner.
+fn moved(owner: &common::NodeInfo) -> Response<Body> {
+    let code = ErrorCode::RoomMoved;
+    json(
+        StatusCode::MISDIRECTED_REQUEST,
+        &serde_json::json!({
+            "code": code,
+            "message": "this node does not own the room; connect through the router",
+            "retry": code.retry(),
+            "owner": owner.addr,
+        }),
+    )
 }
 
 fn authenticate<B>(
@@ -225,6 +246,9 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<NodeState>) -> Response<Body>
     if state.is_shutting_down() {
         return error(ErrorCode::GoingAway, "node is shutting down; reconnect");
     }
+    if let Some(owner) = state.cluster.owner_elsewhere(&room) {
+        return moved(&owner);
+    }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return bad(
             ErrorCode::InvalidField,
@@ -274,6 +298,9 @@ async fn history(req: Request<Incoming>, state: &NodeState, room: RoomId) -> Res
     };
     if !principal.may_use(&room) {
         return bad(ErrorCode::Forbidden, "the token does not allow this room");
+    }
+    if let Some(owner) = state.cluster.owner_elsewhere(&room) {
+        return moved(&owner);
     }
     let id = |k: &str| -> Result<Option<MessageId>, Response<Body>> {
         match query.get(k).map(str::parse::<MessageId>) {
@@ -444,6 +471,13 @@ async fn publish(req: Request<Incoming>, state: &Arc<NodeState>, room: RoomId) -
                 },
             )
         }
+        Ok(Ok(Err(ErrorCode::RoomMoved))) => match state.cluster.owner_elsewhere(&room) {
+            Some(owner) => moved(&owner),
+            None => error(
+                ErrorCode::RoomMoved,
+                "the room is moving; retry with the same cid",
+            ),
+        },
         Ok(Ok(Err(code))) => error(code, "the message was not stored; retry with the same cid"),
         Ok(Err(_)) => error(
             ErrorCode::Internal,

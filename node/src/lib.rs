@@ -7,6 +7,7 @@
 //! config and wires signals; tests call `run` directly on port 0.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod http;
@@ -32,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
+use crate::cluster::Cluster;
 use crate::config::{Config, StoreKind};
 use crate::outbound::ConnHandle;
 use crate::registry::{Registry, RoomCtx};
@@ -47,6 +49,7 @@ const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// State shared by every connection and request of one node.
 pub struct NodeState {
     pub config: Arc<Config>,
+    pub cluster: Arc<Cluster>,
     pub registry: Arc<Registry>,
     pub auth: Authenticator,
     pub open_connections: AtomicUsize,
@@ -131,8 +134,11 @@ pub async fn run_with_store(
     telemetry::start(background.clone());
     let rooms_shutdown = CancellationToken::new();
     let ctx = Arc::new(RoomCtx::new(config.clone(), store, rooms_shutdown.clone()));
+    let local = listener.local_addr()?;
+    let cluster = Arc::new(Cluster::start(&config, local, background.clone()).await?);
     let state = Arc::new(NodeState {
         config: config.clone(),
+        cluster: cluster.clone(),
         registry: Registry::new(ctx.clone()),
         auth,
         open_connections: AtomicUsize::new(0),
@@ -141,9 +147,19 @@ pub async fn run_with_store(
         shutdown_conns: CancellationToken::new(),
         conn_tracker: TaskTracker::new(),
     });
-    tokio::spawn(probe_store(ctx.clone(), background.clone()));
-    let local = listener.local_addr()?;
-    tracing::info!(addr = %local, node = config.node_id, store = ctx.store.name(), "chat-node listening");
+    tokio::spawn(probe_store(
+        ctx.clone(),
+        cluster.clone(),
+        background.clone(),
+    ));
+    cluster.spawn_handoffs(state.registry.clone(), background.clone());
+    tracing::info!(
+        addr = %local,
+        advertise = %cluster.me().addr,
+        node = config.node_id,
+        store = ctx.store.name(),
+        "chat-node listening"
+    );
 
     let http_tracker = TaskTracker::new();
     // The listener stays open through the drain so probes and scrapes see `/readyz` turn
@@ -215,6 +231,26 @@ async fn shutdown_gracefully(
     let deadline = tokio::time::Instant::now() + grace;
     ctx.start_draining();
     metrics::gauge!(m::READY).set(0.0);
+    // Leave the ring first so routers send new clients elsewhere, then let every room stop
+    // accepting and flush what it accepted before any client is told to reconnect: a
+    // client that retries elsewhere then finds its acked messages in the store.
+    state.cluster.leave().await;
+    for room in state.registry.room_ids() {
+        state
+            .registry
+            .dispatch_existing(
+                &room,
+                room::RoomCmd::Handoff {
+                    close: None,
+                    owner: None,
+                },
+            )
+            .await;
+    }
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    while ctx.pending() > 0 && tokio::time::Instant::now() < deadline {
+        poll.tick().await;
+    }
     tracing::info!(?grace, "shutting down: closing clients");
     // Close clients at a capped rate so they do not all reconnect at the same instant.
     let conns = state.snapshot_conns();
@@ -252,7 +288,13 @@ async fn shutdown_gracefully(
     }
 }
 
-async fn probe_store(ctx: Arc<RoomCtx>, stop: CancellationToken) {
+/// Ready to take traffic: the store answers, the node is not draining, and it is in its
+/// own ring view (a node that membership lost gets no traffic from routers anyway).
+pub fn is_ready(ctx: &RoomCtx, cluster: &Cluster) -> bool {
+    ctx.store_healthy() && !ctx.is_draining() && cluster.in_ring()
+}
+
+async fn probe_store(ctx: Arc<RoomCtx>, cluster: Arc<Cluster>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(STORE_PROBE_INTERVAL);
     loop {
         tokio::select! {
@@ -271,10 +313,7 @@ async fn probe_store(ctx: Arc<RoomCtx>, stop: CancellationToken) {
             }
         }
         ctx.set_store_healthy(ok);
-        metrics::gauge!(m::READY).set(if ok && !ctx.shutdown.is_cancelled() {
-            1.0
-        } else {
-            0.0
-        });
+        let ready = is_ready(&ctx, &cluster);
+        metrics::gauge!(m::READY).set(if ready { 1.0 } else { 0.0 });
     }
 }

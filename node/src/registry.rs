@@ -5,7 +5,7 @@
 //! goes idle, which is what makes "look up, then send" race-free: see `room::run`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::{metrics as m, ErrorCode, IdGenerator, RoomId};
@@ -27,6 +27,8 @@ pub struct RoomCtx {
     pub tracker: TaskTracker,
     store_healthy: AtomicBool,
     draining: AtomicBool,
+    /// Messages accepted by rooms and not yet settled by the store, node-wide.
+    pending: AtomicI64,
 }
 
 impl RoomCtx {
@@ -43,6 +45,7 @@ impl RoomCtx {
             tracker: TaskTracker::new(),
             store_healthy: AtomicBool::new(true),
             draining: AtomicBool::new(false),
+            pending: AtomicI64::new(0),
         }
     }
 
@@ -50,6 +53,16 @@ impl RoomCtx {
     /// sends are refused meanwhile instead of being delivered and then not acked.
     pub fn store_healthy(&self) -> bool {
         self.store_healthy.load(Ordering::Relaxed)
+    }
+
+    /// Messages accepted and not yet settled by the store, across rooms.
+    pub fn pending(&self) -> i64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn add_pending(&self, n: i64) {
+        self.pending.fetch_add(n, Ordering::Relaxed);
+        metrics::gauge!(m::STORE_PENDING).increment(n as f64);
     }
 
     /// True from the start of a graceful shutdown: readiness is red, no new connections.
@@ -165,7 +178,8 @@ impl Registry {
         Err(cmd)
     }
 
-    /// Sends, waiting for inbox space; used to hand over commands a closing room received.
+    /// Sends, waiting for inbox space; for commands that must arrive (leaves, handoffs,
+    /// commands a closing room received).
     pub async fn dispatch(self: &Arc<Self>, room: &RoomId, cmd: RoomCmd) {
         let mut cmd = cmd;
         for _ in 0..3 {
@@ -176,6 +190,18 @@ impl Registry {
             }
         }
         cmd.refuse(room, ErrorCode::Internal, "room restarting; retry");
+    }
+
+    /// Sends to the room only if it has a live owner task here (never starts one).
+    pub async fn dispatch_existing(&self, room: &RoomId, cmd: RoomCmd) {
+        let tx = self
+            .rooms
+            .lock()
+            .ok()
+            .and_then(|r| r.get(room).map(|e| e.tx.clone()));
+        if let Some(tx) = tx {
+            let _ = tx.send(cmd).await;
+        }
     }
 
     /// Removes the room's entry if it still belongs to `generation` and `still_idle()` holds
@@ -198,6 +224,14 @@ impl Registry {
             // Already replaced or removed: this task is no longer the owner.
             _ => true,
         }
+    }
+
+    /// The rooms with a live owner task here.
+    pub fn room_ids(&self) -> Vec<RoomId> {
+        self.rooms
+            .lock()
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn len(&self) -> usize {

@@ -15,7 +15,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use common::id::now_ms;
 use common::{
-    metrics as m, ChatMessage, ClientMsgId, ErrorCode, MessageId, PresenceEvent, RoomId,
+    metrics as m, ChatMessage, ClientMsgId, CloseCode, ErrorCode, MessageId, PresenceEvent, RoomId,
     ServerFrame, UserId,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -79,11 +79,30 @@ pub enum RoomCmd {
     },
     /// A replay task finished reading the store for a joiner.
     ReplayDone { conn_id: u64, ok: bool },
+    /// Stop accepting, flush what was accepted, then (with `close`) close every member with
+    /// that code and end. Sent on a ring change (`room_moved`) and on shutdown (no close:
+    /// the node closes connections itself once every room has flushed).
+    Handoff {
+        close: Option<CloseCode>,
+        /// Where the room went, for `room_moved` answers.
+        owner: Option<String>,
+    },
 }
 
 impl RoomCmd {
     /// Answers a command the room could not take.
     pub fn refuse(self, room: &RoomId, code: ErrorCode, message: &str) {
+        self.refuse_with_owner(room, code, message, None);
+    }
+
+    /// [`RoomCmd::refuse`] with the new owner's address for `room_moved`.
+    pub fn refuse_with_owner(
+        self,
+        room: &RoomId,
+        code: ErrorCode,
+        message: &str,
+        owner: Option<&str>,
+    ) {
         match self {
             RoomCmd::Join { conn, .. } => {
                 conn.send_frame(&ServerFrame::Error {
@@ -91,10 +110,13 @@ impl RoomCmd {
                     message: message.into(),
                     cid: None,
                     room: Some(room.to_string()),
+                    owner: owner.map(str::to_owned),
                 });
             }
-            RoomCmd::Send { reply, cid, .. } => reply.error(room, &cid, code, message),
-            RoomCmd::Leave { .. } | RoomCmd::ReplayDone { .. } => {}
+            RoomCmd::Send { reply, cid, .. } => {
+                reply.error_with_owner(room, &cid, code, message, owner)
+            }
+            RoomCmd::Leave { .. } | RoomCmd::ReplayDone { .. } | RoomCmd::Handoff { .. } => {}
         }
     }
 }
@@ -117,6 +139,17 @@ impl Reply {
     }
 
     pub fn error(self, room: &RoomId, cid: &ClientMsgId, code: ErrorCode, message: &str) {
+        self.error_with_owner(room, cid, code, message, None);
+    }
+
+    pub fn error_with_owner(
+        self,
+        room: &RoomId,
+        cid: &ClientMsgId,
+        code: ErrorCode,
+        message: &str,
+        owner: Option<&str>,
+    ) {
         match self {
             Reply::Conn(conn) => {
                 conn.send_frame(&ServerFrame::Error {
@@ -124,6 +157,7 @@ impl Reply {
                     message: message.into(),
                     cid: Some(cid.to_string()),
                     room: Some(room.to_string()),
+                    owner: owner.map(str::to_owned),
                 });
             }
             Reply::Http(tx) => {
@@ -189,6 +223,31 @@ struct Room {
     persist_tx: mpsc::Sender<Persisted>,
     self_tx: mpsc::WeakSender<RoomCmd>,
     broadcasts: u64,
+    handoff: Option<Handoff>,
+}
+
+/// A room being handed over: it accepts nothing new and ends once flushed.
+struct Handoff {
+    close: Option<CloseCode>,
+    owner: Option<String>,
+}
+
+impl Handoff {
+    fn code(&self) -> ErrorCode {
+        if self.close == Some(CloseCode::RoomMoved) {
+            ErrorCode::RoomMoved
+        } else {
+            ErrorCode::GoingAway
+        }
+    }
+
+    fn message(&self) -> &'static str {
+        if self.close == Some(CloseCode::RoomMoved) {
+            "the room moved to another node; reconnect through the router and resume"
+        } else {
+            "the node is shutting down; reconnect and resume"
+        }
+    }
 }
 
 /// Runs a room until it is idle (no members, nothing to persist) past the idle timeout.
@@ -271,6 +330,15 @@ pub(crate) async fn run(
             }
         }
         room.maybe_persist();
+        if room.handed_over() {
+            room.close_members();
+            registry.remove_if(&room.id, generation, || true);
+            rx.close();
+            while let Ok(cmd) = rx.try_recv() {
+                room.refuse_handoff(cmd);
+            }
+            break;
+        }
     }
     tracing::debug!(room = %room.id, "room closed");
 }
@@ -338,6 +406,7 @@ impl Room {
             persist_tx,
             self_tx,
             broadcasts: 0,
+            handoff: None,
         };
         let now = Instant::now();
         for msg in older.iter().chain(newest.iter()) {
@@ -381,10 +450,43 @@ impl Room {
                 source,
             } => self.send(from, cid, body, reply, source),
             RoomCmd::ReplayDone { conn_id, ok } => self.replay_done(conn_id, ok),
+            RoomCmd::Handoff { close, owner } => {
+                tracing::debug!(room = %self.id, ?close, "handing the room over");
+                self.handoff = Some(Handoff { close, owner });
+            }
+        }
+    }
+
+    /// True once a handoff that closes members has flushed: the room can end.
+    fn handed_over(&self) -> bool {
+        matches!(&self.handoff, Some(h) if h.close.is_some())
+            && self.unpersisted.is_empty()
+            && self.inflight == 0
+    }
+
+    /// Closes every member with the handoff's code (after the flush, so a client that
+    /// reconnects elsewhere and retries finds its acked messages in the store).
+    fn close_members(&mut self) {
+        let Some(code) = self.handoff.as_ref().and_then(|h| h.close) else {
+            return;
+        };
+        for (_, member) in self.members.drain() {
+            member.conn.close(code);
+        }
+        self.users.clear();
+    }
+
+    fn refuse_handoff(&self, cmd: RoomCmd) {
+        if let Some(h) = &self.handoff {
+            cmd.refuse_with_owner(&self.id, h.code(), h.message(), h.owner.as_deref());
         }
     }
 
     fn join(&mut self, conn: Arc<ConnHandle>, since: Option<MessageId>) {
+        if self.handoff.is_some() {
+            self.refuse_handoff(RoomCmd::Join { conn, since });
+            return;
+        }
         let rejoin = self.members.remove(&conn.id).is_some();
         let head = (self.head.0 != 0).then_some(self.head);
         if !conn.send_frame(&ServerFrame::Joined {
@@ -505,6 +607,7 @@ impl Room {
                 message: "could not replay history; join again with the same since".into(),
                 cid: None,
                 room: Some(self.id.to_string()),
+                owner: None,
             });
             false
         };
@@ -599,6 +702,16 @@ impl Room {
     }
 
     fn send(&mut self, from: UserId, cid: ClientMsgId, body: String, reply: Reply, source: Source) {
+        if self.handoff.is_some() {
+            self.refuse_handoff(RoomCmd::Send {
+                from,
+                cid,
+                body,
+                reply,
+                source,
+            });
+            return;
+        }
         if let Reply::Conn(conn) = &reply {
             // The room, not the connection, is the authority on membership (a failed
             // replay removes a member the connection still lists).
@@ -645,7 +758,7 @@ impl Room {
                     };
                     entry.accepted = Instant::now();
                     self.unpersisted.push(msg);
-                    metrics::gauge!(m::STORE_PENDING).increment(1.0);
+                    self.ctx.add_pending(1);
                 }
             }
             return;
@@ -702,7 +815,7 @@ impl Room {
             accepted,
         );
         self.unpersisted.push(msg);
-        metrics::gauge!(m::STORE_PENDING).increment(1.0);
+        self.ctx.add_pending(1);
     }
 
     fn trim_recent(&mut self) {
@@ -773,7 +886,7 @@ impl Room {
 
     fn on_persisted(&mut self, p: Persisted) {
         self.inflight = 0;
-        metrics::gauge!(m::STORE_PENDING).decrement(p.batch.len() as f64);
+        self.ctx.add_pending(-(p.batch.len() as i64));
         let ok = p.result.is_ok();
         for msg in p.batch {
             if let Ok(i) = self.recent.binary_search_by_key(&msg.id, |r| r.id) {

@@ -38,6 +38,8 @@ fn a_bad_config_exits_64_with_one_line() {
 async fn spawn_node(extra: &[&str]) -> (std::process::Child, SocketAddr) {
     fresh_keyspace().await;
     let mut child = Command::new(BIN)
+        // Standalone: these tests are about one process, not membership.
+        .env_remove("CHAT_REDIS_URL")
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
         .args([
             "--cql-nodes",
