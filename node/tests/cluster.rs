@@ -1,0 +1,342 @@
+//! The cluster with real processes: a router, three (then four) chat-node processes, the
+//! real Redis for membership and the real CQL server. Rooms spread over the nodes; routers
+//! agree on every owner; a node joining moves about a quarter of the rooms, and a node
+//! killed with SIGKILL loses its rooms to the others; in both cases clients reconnect
+//! through the router, resume with `since`, and no acked message is lost or stored twice.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{MessageId, ServerFrame};
+use support::*;
+
+const NODE_BIN: &str = env!("CARGO_BIN_EXE_chat-node");
+/// Short, so a killed node drops out quickly.
+const TTL: &str = "1s";
+
+fn router_bin() -> PathBuf {
+    let p = PathBuf::from(NODE_BIN).with_file_name("chat-router");
+    assert!(p.exists(), "{} is missing: build the workspace (cargo test --workspace)", p.display());
+    p
+}
+
+fn redis_url() -> String {
+    std::env::var("CHAT_REDIS_URL").unwrap_or_else(|_| {
+        panic!("CHAT_REDIS_URL is not set: cluster tests need the real Redis; run deploy/local/test.sh")
+    })
+}
+
+/// A child process killed when dropped.
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines.next().expect("process logs before exiting").expect("log line");
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            if let Some(addr) = v["fields"]["addr"].as_str() {
+                break addr.parse().expect("addr");
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Proc { child, addr }
+    }
+
+    fn kill9(&mut self) {
+        let _ = Command::new("kill").args(["-KILL", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+struct Cluster {
+    prefix: String,
+    nodes: BTreeMap<u16, Proc>,
+    routers: Vec<Proc>,
+}
+
+impl Cluster {
+    async fn start(tag: &str, nodes: u16, routers: usize) -> Cluster {
+        fresh_keyspace().await;
+        let mut c = Cluster {
+            prefix: format!("t-cluster-{tag}-{}", std::process::id()),
+            nodes: BTreeMap::new(),
+            routers: Vec::new(),
+        };
+        for id in 1..=nodes {
+            c.add_node(id);
+        }
+        for _ in 0..routers {
+            let mut cmd = Command::new(router_bin());
+            cmd.args(["--listen", "127.0.0.1:0", "--log-format", "json", "--redis-url", &redis_url()])
+                .args(["--redis-prefix", &c.prefix, "--membership-ttl", TTL]);
+            c.routers.push(Proc::spawn(cmd));
+        }
+        c.wait_ring_size(usize::from(nodes)).await;
+        c
+    }
+
+    fn add_node(&mut self, id: u16) {
+        let mut cmd = Command::new(NODE_BIN);
+        cmd.args(["--listen", "127.0.0.1:0", "--log-format", "json", "--insecure-dev-auth"])
+            .args(["--node-id", &id.to_string(), "--redis-url", &redis_url()])
+            .args(["--redis-prefix", &self.prefix, "--membership-ttl", TTL])
+            .args(["--cql-nodes", &cql_nodes().join(","), "--cql-keyspace", &keyspace()]);
+        self.nodes.insert(id, Proc::spawn(cmd));
+    }
+
+    fn router(&self) -> SocketAddr {
+        self.routers[0].addr
+    }
+
+    /// Waits until every router's ring has `n` nodes.
+    async fn wait_ring_size(&self, n: usize) {
+        for r in &self.routers {
+            let addr = r.addr;
+            eventually(&format!("router ring of {n} nodes"), || async move {
+                let (status, body) = http(addr, "GET", "/readyz", None).await;
+                status == 200 && json(&body)["ring_size"].as_u64() == Some(n as u64)
+            })
+            .await;
+        }
+    }
+
+    async fn owner(&self, router: SocketAddr, room: &str) -> u16 {
+        let (status, body) = http(router, "GET", &format!("/v1/rooms/{room}/owner"), None).await;
+        assert_eq!(status, 200, "{body}");
+        json(&body)["node"]["id"].as_u64().expect("owner id") as u16
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_spread_over_nodes_and_routers_agree_on_owners() {
+    let c = Cluster::start("spread", 3, 2).await;
+    let mut per_node: HashMap<u16, usize> = HashMap::new();
+    for i in 0..300 {
+        let room = format!("spread-{i}");
+        let a = c.owner(c.routers[0].addr, &room).await;
+        let b = c.owner(c.routers[1].addr, &room).await;
+        assert_eq!(a, b, "routers disagree on {room}");
+        *per_node.entry(a).or_default() += 1;
+    }
+    assert_eq!(per_node.len(), 3, "every node owns rooms: {per_node:?}");
+    assert!(per_node.values().all(|&n| n >= 50), "rooms spread: {per_node:?}");
+    // Traffic through the router lands on the owner: message ids carry its node id.
+    for i in 0..6 {
+        let room = format!("spread-{i}");
+        let owner = c.owner(c.router(), &room).await;
+        let mut client = Client::connect(c.router(), &format!("/ws?room={room}&user=u{i}")).await.expect("via router");
+        client.expect_joined().await;
+        client.send_text(&room, "c1", "hello").await;
+        assert_eq!(client.message().await.id.node(), owner);
+    }
+    // A node asked directly for a room it does not own answers 421 with the owner.
+    let room = "spread-0";
+    let owner = c.owner(c.router(), room).await;
+    let other = c.nodes.iter().find(|(id, _)| **id != owner).expect("another node").1.addr;
+    let (status, body) = http(other, "GET", &format!("/v1/rooms/{room}/messages?user=x"), None).await;
+    assert_eq!(status, 421, "{body}");
+    assert_eq!(json(&body)["owner"], c.nodes[&owner].addr.to_string());
+}
+
+/// One member per room sending through the router, reconnecting and resuming as needed.
+struct Member {
+    room: String,
+    next: u32,
+    acked: Vec<(String, MessageId)>,
+    seen: Vec<MessageId>,
+    reconnects: u32,
+}
+
+impl Member {
+    async fn connect(&mut self, router: SocketAddr) -> Client {
+        let since = self.seen.last().map(|id| format!("&since={id}")).unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut pace = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            // Right after a change the router may still point at a node that is gone (502)
+            // or that has just handed the room over (421): retry until the ring settles.
+            match Client::connect(router, &format!("/ws?room={}&user=m-{}{since}", self.room, self.room)).await {
+                Ok(mut client) => {
+                    client.expect_joined().await;
+                    return client;
+                }
+                Err((status, body)) => {
+                    assert!(matches!(status, 421 | 502 | 503), "unexpected refusal {status}: {body}");
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{} never reconnected", self.room);
+            pace.tick().await;
+        }
+    }
+
+    /// Sends messages one at a time until `stop`, each acked before the next; a closed
+    /// connection is reopened with `since` and the unacked message resent with its cid.
+    async fn run(mut self, router: SocketAddr, stop: tokio_util::sync::CancellationToken) -> Member {
+        let mut client = self.connect(router).await;
+        while !stop.is_cancelled() {
+            let cid = format!("c{}", self.next);
+            client.send_text(&self.room, &cid, &format!("msg {}", self.next)).await;
+            let acked = loop {
+                match tokio::time::timeout(WAIT, client.ws.read_frame()).await {
+                    Ok(Ok(frame)) if frame.opcode == fastwebsockets::OpCode::Text => {
+                        match serde_json::from_slice::<ServerFrame>(&frame.payload).expect("frame") {
+                            ServerFrame::Message(m) => self.seen.push(m.id),
+                            ServerFrame::Ack { cid: c, id, .. } if c.as_str() == cid => break Some(id),
+                            ServerFrame::Error { code, .. } => {
+                                assert!(
+                                    matches!(code, common::ErrorCode::RoomMoved | common::ErrorCode::GoingAway),
+                                    "unexpected error {code}"
+                                );
+                            }
+                            _ => {}
+                        }
+                    }
+                    Ok(Ok(frame)) if frame.opcode == fastwebsockets::OpCode::Close => break None,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => break None,
+                    Err(_) => panic!("{}: no answer within the wait", self.room),
+                }
+            };
+            match acked {
+                Some(id) => {
+                    self.acked.push((cid, id));
+                    self.next += 1;
+                }
+                None => {
+                    self.reconnects += 1;
+                    client = self.connect(router).await;
+                }
+            }
+        }
+        self
+    }
+}
+
+/// Runs members in `rooms` through `change`, then checks every room's history.
+async fn churn(c: &mut Cluster, rooms: &[String], change: impl FnOnce(&mut Cluster)) -> Vec<Member> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let router = c.router();
+    let tasks: Vec<_> = rooms
+        .iter()
+        .map(|room| {
+            let m = Member { room: room.clone(), next: 0, acked: Vec::new(), seen: Vec::new(), reconnects: 0 };
+            tokio::spawn(m.run(router, stop.clone()))
+        })
+        .collect();
+    let mut pace = tokio::time::interval(Duration::from_millis(500));
+    pace.tick().await;
+    pace.tick().await;
+    change(c);
+    // Keep sending for a while after the change so moved clients resume and carry on.
+    for _ in 0..8 {
+        pace.tick().await;
+    }
+    stop.cancel();
+    let mut members = Vec::new();
+    for t in tasks {
+        members.push(t.await.expect("member"));
+    }
+    for m in &members {
+        let (status, body) = http(router, "GET", &format!("/v1/rooms/{}/messages?after=0&limit=1000&user=x", m.room), None).await;
+        assert_eq!(status, 200, "{body}");
+        let stored: Vec<(String, MessageId)> = json(&body)["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|x| (x["cid"].as_str().expect("cid").to_string(), x["id"].as_str().expect("id").parse().expect("id")))
+            .collect();
+        let cids: HashSet<&String> = stored.iter().map(|(c, _)| c).collect();
+        assert_eq!(cids.len(), stored.len(), "{}: a cid was stored twice", m.room);
+        let stored_map: HashMap<&String, MessageId> = stored.iter().map(|(c, id)| (c, *id)).collect();
+        for (cid, id) in &m.acked {
+            assert_eq!(stored_map.get(cid), Some(id), "{}: acked {cid} lost or re-numbered", m.room);
+        }
+        // No gap: the member saw every stored message of its room, in store order. (It may
+        // also have seen a message a killed node delivered but never stored; its retry is
+        // stored under a new id.)
+        let seen: HashSet<MessageId> = m.seen.iter().copied().collect();
+        let stored_ids: Vec<MessageId> = stored.iter().map(|(_, id)| *id).collect();
+        for id in &stored_ids {
+            assert!(seen.contains(id), "{}: stored {id} never reached the member", m.room);
+        }
+        let mut order = Vec::new();
+        let mut once = HashSet::new();
+        for id in &m.seen {
+            if stored_map.values().any(|s| s == id) && once.insert(*id) {
+                order.push(*id);
+            }
+        }
+        assert_eq!(order, stored_ids, "{}: reordered", m.room);
+        assert!(m.acked.len() >= 5, "{}: traffic flowed ({} acked)", m.room, m.acked.len());
+    }
+    members
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_node_takes_about_a_quarter_of_the_rooms_and_nothing_acked_is_lost() {
+    let mut c = Cluster::start("join", 3, 1).await;
+    let rooms: Vec<String> = (0..40).map(|i| format!("join-{i}")).collect();
+    let mut before = HashMap::new();
+    for r in &rooms {
+        before.insert(r.clone(), c.owner(c.router(), r).await);
+    }
+    let members = churn(&mut c, &rooms, |c| c.add_node(4)).await;
+    c.wait_ring_size(4).await;
+    let mut moved = 0;
+    for m in &members {
+        let now = c.owner(c.router(), &m.room).await;
+        if now != before[&m.room] {
+            moved += 1;
+            assert_eq!(now, 4, "{} moved between old nodes", m.room);
+            assert!(m.reconnects >= 1, "{}: moved room's client reconnected", m.room);
+        }
+    }
+    assert!((4..=18).contains(&moved), "about a quarter of 40 rooms moved: {moved}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_loses_its_rooms_and_their_clients_recover() {
+    let mut c = Cluster::start("kill", 3, 1).await;
+    let rooms: Vec<String> = (0..30).map(|i| format!("kill-{i}")).collect();
+    let mut owners = HashMap::new();
+    for r in &rooms {
+        owners.insert(r.clone(), c.owner(c.router(), r).await);
+    }
+    let victim = 2u16;
+    let members = churn(&mut c, &rooms, move |c| {
+        if let Some(p) = c.nodes.get_mut(&victim) {
+            p.kill9();
+        }
+    })
+    .await;
+    c.wait_ring_size(2).await;
+    for m in &members {
+        if owners[&m.room] == victim {
+            assert_ne!(c.owner(c.router(), &m.room).await, victim);
+            assert!(m.reconnects >= 1, "{}: its client reconnected", m.room);
+        }
+    }
+}
