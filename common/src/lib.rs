@@ -5,6 +5,7 @@
 //! crate and does no I/O, so any client can link it.
 
 pub mod codes;
+pub mod duration;
 pub mod id;
 #[cfg(feature = "membership")]
 pub mod membership;

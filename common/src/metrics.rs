@@ -35,3 +35,34 @@ pub const STORE_READS_COALESCED: &str = "chat_node_store_reads_coalesced_total";
 pub const STORE_PENDING: &str = "chat_node_store_pending_messages";
 pub const HTTP_REQUESTS: &str = "chat_node_http_requests_total";
 pub const READY: &str = "chat_node_ready";
+
+// ---------------------------------------------------------------------------------------
+// chat-router. Labels: `route` is one of `ws`, `messages`, `room_api`, `owner`, `healthz`,
+// `readyz`, `metrics`, `other`; `status` a class (`2xx`..`5xx`).
+// ---------------------------------------------------------------------------------------
+
+/// WebSocket connections being spliced to a node now (gauge).
+pub const ROUTER_WS_CONNECTIONS: &str = "chat_router_ws_connections";
+/// WebSocket connections whose upgrade the owner accepted and the router spliced.
+pub const ROUTER_WS_CONNECTIONS_OPENED: &str = "chat_router_ws_connections_opened_total";
+/// Requests answered, by `route` and `status` class (a `/ws` redirect counts as `3xx`, a
+/// proxied upgrade as `1xx`).
+pub const ROUTER_HTTP_REQUESTS: &str = "chat_router_http_requests_total";
+/// Time from a request's arrival to its response head (for `/ws`: to the owner's `101`).
+/// Label `route`.
+pub const ROUTER_REQUEST_SECONDS: &str = "chat_router_request_seconds";
+/// Bytes copied through WebSocket splices. Label `direction`: `client_to_node` or
+/// `node_to_client`.
+pub const ROUTER_PROXIED_BYTES: &str = "chat_router_proxied_bytes_total";
+/// Failed exchanges with an owner. Label `kind`: `connect` (refused, unreachable),
+/// `timeout` (connect or answer too slow), `protocol` (closed mid-answer, not HTTP).
+pub const ROUTER_UPSTREAM_ERRORS: &str = "chat_router_upstream_errors_total";
+/// Live nodes in the router's ring (gauge).
+pub const ROUTER_RING_NODES: &str = "chat_router_ring_nodes";
+/// The ring's version digest as a float (gauge): equal on routers that agree, so
+/// `count(count by (value) ...)`-style checks can spot a router with a stale view.
+pub const ROUTER_RING_VERSION: &str = "chat_router_ring_version";
+/// Ring changes this router has seen.
+pub const ROUTER_RING_CHANGES: &str = "chat_router_ring_changes_total";
+/// 1 when the router's `/readyz` answers 200 (gauge).
+pub const ROUTER_READY: &str = "chat_router_ready";

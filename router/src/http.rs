@@ -1,0 +1,280 @@
+//! The router's HTTP surface: routing, input checks, the answers it gives itself (owner
+//! lookups, redirects, health, metrics) and the JSON error bodies.
+//!
+//! Every refusal is a JSON body `{"code", "message", "retry"}` with a code from
+//! `common::codes`, exactly as the nodes answer, so a client handles a router's refusal and a
+//! node's the same way. Requests the owner must answer are handed to [`crate::proxy`]; this
+//! module never talks to a node itself.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use common::{metrics as m, ErrorCode, NodeInfo, RoomId};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde::Serialize;
+
+use crate::RouterState;
+
+pub type Body = Full<Bytes>;
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: ErrorCode,
+    message: &'a str,
+    retry: common::Retry,
+}
+
+pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(bytes)))
+        .unwrap_or_else(|_| Response::new(Full::default()))
+}
+
+/// An error answer with the code's own status.
+pub fn error(code: ErrorCode, message: &str) -> Response<Body> {
+    let status =
+        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    error_with_status(status, code, message)
+}
+
+/// An error answer with an explicit status: `node_unavailable` is 503 when no node is
+/// known but 502 when the owner did not answer.
+pub fn error_with_status(status: StatusCode, code: ErrorCode, message: &str) -> Response<Body> {
+    let mut resp = json(
+        status,
+        &ErrorBody {
+            code,
+            message,
+            retry: code.retry(),
+        },
+    );
+    if matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+    ) {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+/// The parts of a query string the router reads. Values are used as-is: room ids are from a
+/// URL-safe alphabet, so a percent-encoded room is simply invalid (as on the nodes).
+struct Query<'a> {
+    pairs: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Query<'a> {
+    fn parse(q: Option<&'a str>) -> Self {
+        let pairs = q
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| p.split_once('=').unwrap_or((p, "")))
+            .collect();
+        Query { pairs }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a str> {
+        self.pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    }
+}
+
+pub async fn handle(
+    req: Request<Incoming>,
+    state: Arc<RouterState>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let route = route_label(req.uri().path());
+    let resp = route_request(req, &state, peer).await;
+    let class = match resp.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!(m::ROUTER_HTTP_REQUESTS, "route" => route, "status" => class).increment(1);
+    metrics::histogram!(m::ROUTER_REQUEST_SECONDS, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    Ok(resp)
+}
+
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/ws" => "ws",
+        "/healthz" => "healthz",
+        "/readyz" => "readyz",
+        "/metrics" => "metrics",
+        p if p.starts_with("/v1/rooms/") => {
+            if p.ends_with("/messages") {
+                "messages"
+            } else if p.ends_with("/owner") {
+                "owner"
+            } else {
+                "room_api"
+            }
+        }
+        _ => "other",
+    }
+}
+
+async fn route_request(
+    req: Request<Incoming>,
+    state: &Arc<RouterState>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/ws") => websocket(req, state, peer).await,
+        (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        (&Method::GET, "/readyz") => readyz(state),
+        (&Method::GET, "/metrics") => Response::builder()
+            .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(crate::telemetry::render())))
+            .unwrap_or_else(|_| Response::new(Full::default())),
+        (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => error(
+            ErrorCode::MethodNotAllowed,
+            "method not allowed on this route",
+        ),
+        (method, p) => {
+            let Some((room, rest)) = p.strip_prefix("/v1/rooms/").and_then(|r| r.split_once('/'))
+            else {
+                return error(ErrorCode::NotFound, "no such route");
+            };
+            let room = match RoomId::new(room) {
+                Ok(r) => r,
+                Err(e) => return error(ErrorCode::InvalidField, &e.to_string()),
+            };
+            if rest == "owner" {
+                return if method == Method::GET {
+                    owner(state, &room)
+                } else {
+                    error(ErrorCode::MethodNotAllowed, "use GET")
+                };
+            }
+            // Everything else under a room (today `/messages`) is the owner's to answer,
+            // including its 404s and 405s, so new node routes need no router release.
+            let Some(node) = owner_of(state, &room) else {
+                return no_node();
+            };
+            crate::proxy::http(req, state, peer, &node).await
+        }
+    }
+}
+
+fn owner_of(state: &RouterState, room: &RoomId) -> Option<NodeInfo> {
+    state.ring().owner(room.as_str()).cloned()
+}
+
+fn no_node() -> Response<Body> {
+    error(
+        ErrorCode::NodeUnavailable,
+        "no live chat node is registered; retry later",
+    )
+}
+
+async fn websocket(
+    req: Request<Incoming>,
+    state: &Arc<RouterState>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let query = Query::parse(req.uri().query());
+    let room = match query.get("room").map(RoomId::new) {
+        None => {
+            return error(
+                ErrorCode::InvalidField,
+                "missing room query parameter: /ws?room=R",
+            )
+        }
+        Some(Err(e)) => return error(ErrorCode::InvalidField, &e.to_string()),
+        Some(Ok(r)) => r,
+    };
+    if state.is_draining() {
+        // A splice opened now would be cut within the grace period: send the client to
+        // another router straight away.
+        return error(
+            ErrorCode::GoingAway,
+            "router is shutting down; reconnect through another router",
+        );
+    }
+    let Some(node) = owner_of(state, &room) else {
+        return no_node();
+    };
+    let wants_redirect = matches!(query.get("redirect"), Some("1" | "true"));
+    if state.config.redirect || wants_redirect {
+        return redirect(&req, &room, &node);
+    }
+    crate::proxy::websocket(req, state, peer, &node).await
+}
+
+/// `307` to the owner, same path and query: the client repeats its upgrade there.
+fn redirect(req: &Request<Incoming>, room: &RoomId, node: &NodeInfo) -> Response<Body> {
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/ws");
+    let location = format!("ws://{}{path_and_query}", node.addr);
+    let Ok(value) = HeaderValue::from_str(&location) else {
+        return error_with_status(
+            StatusCode::BAD_GATEWAY,
+            ErrorCode::NodeUnavailable,
+            "the owner's registered address is not usable",
+        );
+    };
+    let mut resp = json(
+        StatusCode::TEMPORARY_REDIRECT,
+        &serde_json::json!({
+            "room": room,
+            "node": { "id": node.id, "addr": node.addr },
+            "location": location,
+        }),
+    );
+    resp.headers_mut().insert(header::LOCATION, value);
+    resp
+}
+
+fn owner(state: &RouterState, room: &RoomId) -> Response<Body> {
+    let ring = state.ring();
+    let Some(node) = ring.owner(room.as_str()) else {
+        return no_node();
+    };
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "room": room,
+            "node": { "id": node.id, "addr": node.addr },
+            // A u64 as a string: JavaScript numbers lose precision past 2^53.
+            "ring_version": ring.version().to_string(),
+            "ring_size": ring.len(),
+        }),
+    )
+}
+
+fn readyz(state: &RouterState) -> Response<Body> {
+    let ring = state.ring();
+    let ready = state.is_ready();
+    let body = serde_json::json!({
+        "ready": ready,
+        "ring_size": ring.len(),
+        "ring_version": ring.version().to_string(),
+        "redis_ok": state.redis_ok(),
+        "shutting_down": state.is_draining(),
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(status, &body)
+}

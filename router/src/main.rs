@@ -1,0 +1,82 @@
+//! The `chat-router` binary: parse config, set up logs, bind, run until SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+
+use chat_router::config::Config;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// Exit status for a bad configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let config = match Config::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            let msg = e.to_string();
+            eprintln!(
+                "chat-router: {}",
+                msg.lines().next().unwrap_or("invalid arguments")
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(e) => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    if let Err(msg) = config.validate() {
+        eprintln!("chat-router: invalid config: {msg}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    chat_router::telemetry::init_logging(&config);
+    // Each proxied WebSocket holds two file descriptors: use the whole hard limit.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chat-router: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "chat-router failed");
+            eprintln!("chat-router: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals(shutdown.clone()));
+    chat_router::run(config, listener, shutdown).await
+}
+
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}
