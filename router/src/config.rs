@@ -122,10 +122,6 @@ impl Config {
     }
 }
 
-/// Parses `250ms`, `15s`, `10m`, `1h`, `1d` or a bare number of seconds, like chat-node.
-// A copy of chat-node's parser: the router may not depend on the node crate, and `common`
-// does no config parsing yet. Keep the two in step (the test below pins the formats).
-
 #[cfg(test)]
 mod tests {
     use super::*;
