@@ -677,6 +677,8 @@ async fn write_loop(
 /// A joined connection waiting for the start.
 struct Ready {
     index: usize,
+    /// Microseconds from the start of the connect to `joined`.
+    connect_us: u64,
     room: usize,
     ws: WsWrite,
     control: ControlRx,
@@ -703,6 +705,7 @@ async fn connect_one(plan: Arc<ConnectPlan>, index: usize) -> Result<Ready, Stri
     }
     let room_name = plan.room_names[room].clone();
     let user = format!("{}-{room}-{member}", plan.user_prefix);
+    let started = Instant::now();
     let deadline = tokio::time::Instant::now() + plan.timeout;
     let (rd, ws) = client::connect(&plan.target, &room_name, &user, plan.timeout)
         .await
@@ -738,6 +741,7 @@ async fn connect_one(plan: Arc<ConnectPlan>, index: usize) -> Result<Ready, Stri
     match outcome {
         Ok(()) => Ok(Ready {
             index,
+            connect_us: started.elapsed().as_micros() as u64,
             room,
             ws,
             control,
@@ -850,6 +854,7 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
         abandon: Arc::new(AtomicBool::new(false)),
     });
     let permits = Arc::new(Semaphore::new(args.connect_concurrency));
+    let connect_phase = Instant::now();
     let mut connects = JoinSet::new();
     for index in 0..total {
         let plan = plan.clone();
@@ -880,6 +885,11 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
                 *failures.entry(format!("connect task: {e}")).or_default() += 1;
             }
         }
+    }
+    let connect_phase_s = connect_phase.elapsed().as_secs_f64();
+    let mut connect_hist = new_histogram();
+    for r in &ready {
+        let _ = connect_hist.record(r.connect_us.max(1));
     }
     if failed > args.max_connect_failures {
         shared.finishing.store(true, Relaxed);
@@ -1069,6 +1079,13 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
     let (sent, skipped, late) = (m.sent, m.sends_skipped, m.sends_late);
     r.e2e_latency_us = LatencySummary::from_histogram(&merged(&shared.e2e));
     r.ack_latency_us = LatencySummary::from_histogram(&merged(&shared.ack));
+    r.connect_latency_us = LatencySummary::from_histogram(&connect_hist);
+    r.connections.connect_phase_s = connect_phase_s;
+    r.connections.connects_per_second = if connect_phase_s > 0.0 {
+        r.connections.joined as f64 / connect_phase_s
+    } else {
+        0.0
+    };
     r.throughput.window_s = window_s;
     r.throughput.sends_per_s = sent as f64 / window_s;
     r.throughput.deliveries_per_s = r.messages.delivered as f64 / window_s;

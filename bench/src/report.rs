@@ -141,6 +141,10 @@ pub struct Connections {
     pub failed: u64,
     /// Why connects failed, by reason.
     pub failures: BTreeMap<String, u64>,
+    /// Wall time of the connect phase, first attempt to last `joined`.
+    pub connect_phase_s: f64,
+    /// `joined / connect_phase_s`: the connect rate reached with `--connect-concurrency`.
+    pub connects_per_second: f64,
     /// Close codes received from the server before the bench started closing, e.g.
     /// `"4000 slow_consumer"`; `"1006 abnormal"` when the connection ended without one.
     pub closes: BTreeMap<String, u64>,
@@ -219,6 +223,8 @@ pub struct Report {
     pub connections: Connections,
     pub messages: Messages,
     pub e2e_latency_us: LatencySummary,
+    /// From starting a connection (TCP connect) to its `joined` frame.
+    pub connect_latency_us: LatencySummary,
     pub ack_latency_us: LatencySummary,
     pub throughput: Throughput,
     pub bench: Cpu,
@@ -309,6 +315,13 @@ impl Report {
                 ),
             ),
             ("connect failures", map_or_none(&self.connections.failures)),
+            (
+                "connect rate (joined/s)",
+                format!(
+                    "{:.0} ({:.2} s for the connect phase)",
+                    self.connections.connects_per_second, self.connections.connect_phase_s
+                ),
+            ),
             ("closes received", map_or_none(&self.connections.closes)),
             ("sent / target", format!("{} / {}", m.sent, m.target_sends)),
             (
@@ -376,6 +389,7 @@ impl Report {
         );
         latency_row(&mut out, "end-to-end", &self.e2e_latency_us);
         latency_row(&mut out, "ack", &self.ack_latency_us);
+        latency_row(&mut out, "connect", &self.connect_latency_us);
         if !self.notes.is_empty() {
             let _ = writeln!(out);
             for n in &self.notes {

@@ -19,7 +19,7 @@
 #                         (a value equal to our own address, e.g. left over from `eval env`,
 #                         means our own server)
 #   CHAT_REDIS_PORT       port of our Redis (6390)
-#   CHAT_CQL_PORT         CQL port of our Cassandra (9042); CHAT_CQL_STORAGE_PORT (7000)
+#   CHAT_CQL_PORT         CQL port of our Cassandra (9042); CHAT_CQL_STORAGE_PORT (17000: 7000 is the router's)
 #   CHAT_CQL_HEAP         max heap of our Cassandra (1g)
 #   CHAT_CASSANDRA_VERSION  cassandra-all version fetched from Maven Central (5.0.8)
 #   CHAT_CACHE_DIR        downloaded jars ($HOME/.cache/chat-cluster)
@@ -37,7 +37,7 @@ CACHE_DIR=${CHAT_CACHE_DIR:-${HOME:-/root}/.cache/chat-cluster}
 
 REDIS_PORT=${CHAT_REDIS_PORT:-6390}
 CQL_PORT=${CHAT_CQL_PORT:-9042}
-CQL_STORAGE_PORT=${CHAT_CQL_STORAGE_PORT:-7000}
+CQL_STORAGE_PORT=${CHAT_CQL_STORAGE_PORT:-17000}
 CQL_HEAP=${CHAT_CQL_HEAP:-1g}
 CASSANDRA_VERSION=${CHAT_CASSANDRA_VERSION:-5.0.8}
 DEPENDENCY_PLUGIN=org.apache.maven.plugins:maven-dependency-plugin:3.8.1

@@ -22,7 +22,11 @@ const TTL: &str = "1s";
 
 fn router_bin() -> PathBuf {
     let p = PathBuf::from(NODE_BIN).with_file_name("chat-router");
-    assert!(p.exists(), "{} is missing: build the workspace (cargo test --workspace)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace (cargo test --workspace)",
+        p.display()
+    );
     p
 }
 
@@ -55,8 +59,13 @@ impl Proc {
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let addr = loop {
-            let line = lines.next().expect("process logs before exiting").expect("log line");
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            let line = lines
+                .next()
+                .expect("process logs before exiting")
+                .expect("log line");
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
             if let Some(addr) = v["fields"]["addr"].as_str() {
                 break addr.parse().expect("addr");
             }
@@ -66,7 +75,9 @@ impl Proc {
     }
 
     fn kill9(&mut self) {
-        let _ = Command::new("kill").args(["-KILL", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status();
         let _ = self.child.wait();
     }
 }
@@ -90,8 +101,15 @@ impl Cluster {
         }
         for _ in 0..routers {
             let mut cmd = Command::new(router_bin());
-            cmd.args(["--listen", "127.0.0.1:0", "--log-format", "json", "--redis-url", &redis_url()])
-                .args(["--redis-prefix", &c.prefix, "--membership-ttl", TTL]);
+            cmd.args([
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--redis-url",
+                &redis_url(),
+            ])
+            .args(["--redis-prefix", &c.prefix, "--membership-ttl", TTL]);
             c.routers.push(Proc::spawn(cmd));
         }
         c.wait_ring_size(usize::from(nodes)).await;
@@ -100,10 +118,21 @@ impl Cluster {
 
     fn add_node(&mut self, id: u16) {
         let mut cmd = Command::new(NODE_BIN);
-        cmd.args(["--listen", "127.0.0.1:0", "--log-format", "json", "--insecure-dev-auth"])
-            .args(["--node-id", &id.to_string(), "--redis-url", &redis_url()])
-            .args(["--redis-prefix", &self.prefix, "--membership-ttl", TTL])
-            .args(["--cql-nodes", &cql_nodes().join(","), "--cql-keyspace", &keyspace()]);
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--insecure-dev-auth",
+        ])
+        .args(["--node-id", &id.to_string(), "--redis-url", &redis_url()])
+        .args(["--redis-prefix", &self.prefix, "--membership-ttl", TTL])
+        .args([
+            "--cql-nodes",
+            &cql_nodes().join(","),
+            "--cql-keyspace",
+            &keyspace(),
+        ]);
         self.nodes.insert(id, Proc::spawn(cmd));
     }
 
@@ -142,12 +171,17 @@ async fn rooms_spread_over_nodes_and_routers_agree_on_owners() {
         *per_node.entry(a).or_default() += 1;
     }
     assert_eq!(per_node.len(), 3, "every node owns rooms: {per_node:?}");
-    assert!(per_node.values().all(|&n| n >= 50), "rooms spread: {per_node:?}");
+    assert!(
+        per_node.values().all(|&n| n >= 50),
+        "rooms spread: {per_node:?}"
+    );
     // Traffic through the router lands on the owner: message ids carry its node id.
     for i in 0..6 {
         let room = format!("spread-{i}");
         let owner = c.owner(c.router(), &room).await;
-        let mut client = Client::connect(c.router(), &format!("/ws?room={room}&user=u{i}")).await.expect("via router");
+        let mut client = Client::connect(c.router(), &format!("/ws?room={room}&user=u{i}"))
+            .await
+            .expect("via router");
         client.expect_joined().await;
         client.send_text(&room, "c1", "hello").await;
         assert_eq!(client.message().await.id.node(), owner);
@@ -155,8 +189,20 @@ async fn rooms_spread_over_nodes_and_routers_agree_on_owners() {
     // A node asked directly for a room it does not own answers 421 with the owner.
     let room = "spread-0";
     let owner = c.owner(c.router(), room).await;
-    let other = c.nodes.iter().find(|(id, _)| **id != owner).expect("another node").1.addr;
-    let (status, body) = http(other, "GET", &format!("/v1/rooms/{room}/messages?user=x"), None).await;
+    let other = c
+        .nodes
+        .iter()
+        .find(|(id, _)| **id != owner)
+        .expect("another node")
+        .1
+        .addr;
+    let (status, body) = http(
+        other,
+        "GET",
+        &format!("/v1/rooms/{room}/messages?user=x"),
+        None,
+    )
+    .await;
     assert_eq!(status, 421, "{body}");
     assert_eq!(json(&body)["owner"], c.nodes[&owner].addr.to_string());
 }
@@ -168,46 +214,76 @@ struct Member {
     acked: Vec<(String, MessageId)>,
     seen: Vec<MessageId>,
     reconnects: u32,
+    /// When the last reconnect completed (joined again).
+    resumed_at: Option<tokio::time::Instant>,
 }
 
 impl Member {
     async fn connect(&mut self, router: SocketAddr) -> Client {
-        let since = self.seen.last().map(|id| format!("&since={id}")).unwrap_or_default();
+        let since = self
+            .seen
+            .last()
+            .map(|id| format!("&since={id}"))
+            .unwrap_or_default();
         let deadline = tokio::time::Instant::now() + WAIT;
         let mut pace = tokio::time::interval(Duration::from_millis(100));
         loop {
             // Right after a change the router may still point at a node that is gone (502)
             // or that has just handed the room over (421): retry until the ring settles.
-            match Client::connect(router, &format!("/ws?room={}&user=m-{}{since}", self.room, self.room)).await {
+            match Client::connect(
+                router,
+                &format!("/ws?room={}&user=m-{}{since}", self.room, self.room),
+            )
+            .await
+            {
                 Ok(mut client) => {
                     client.expect_joined().await;
                     return client;
                 }
                 Err((status, body)) => {
-                    assert!(matches!(status, 421 | 502 | 503), "unexpected refusal {status}: {body}");
+                    assert!(
+                        matches!(status, 421 | 502 | 503),
+                        "unexpected refusal {status}: {body}"
+                    );
                 }
             }
-            assert!(tokio::time::Instant::now() < deadline, "{} never reconnected", self.room);
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} never reconnected",
+                self.room
+            );
             pace.tick().await;
         }
     }
 
     /// Sends messages one at a time until `stop`, each acked before the next; a closed
     /// connection is reopened with `since` and the unacked message resent with its cid.
-    async fn run(mut self, router: SocketAddr, stop: tokio_util::sync::CancellationToken) -> Member {
+    async fn run(
+        mut self,
+        router: SocketAddr,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Member {
         let mut client = self.connect(router).await;
         while !stop.is_cancelled() {
             let cid = format!("c{}", self.next);
-            client.send_text(&self.room, &cid, &format!("msg {}", self.next)).await;
+            client
+                .send_text(&self.room, &cid, &format!("msg {}", self.next))
+                .await;
             let acked = loop {
                 match tokio::time::timeout(WAIT, client.ws.read_frame()).await {
                     Ok(Ok(frame)) if frame.opcode == fastwebsockets::OpCode::Text => {
-                        match serde_json::from_slice::<ServerFrame>(&frame.payload).expect("frame") {
+                        match serde_json::from_slice::<ServerFrame>(&frame.payload).expect("frame")
+                        {
                             ServerFrame::Message(m) => self.seen.push(m.id),
-                            ServerFrame::Ack { cid: c, id, .. } if c.as_str() == cid => break Some(id),
+                            ServerFrame::Ack { cid: c, id, .. } if c.as_str() == cid => {
+                                break Some(id)
+                            }
                             ServerFrame::Error { code, .. } => {
                                 assert!(
-                                    matches!(code, common::ErrorCode::RoomMoved | common::ErrorCode::GoingAway),
+                                    matches!(
+                                        code,
+                                        common::ErrorCode::RoomMoved | common::ErrorCode::GoingAway
+                                    ),
                                     "unexpected error {code}"
                                 );
                             }
@@ -228,6 +304,7 @@ impl Member {
                 None => {
                     self.reconnects += 1;
                     client = self.connect(router).await;
+                    self.resumed_at = Some(tokio::time::Instant::now());
                 }
             }
         }
@@ -236,19 +313,31 @@ impl Member {
 }
 
 /// Runs members in `rooms` through `change`, then checks every room's history.
-async fn churn(c: &mut Cluster, rooms: &[String], change: impl FnOnce(&mut Cluster)) -> Vec<Member> {
+async fn churn(
+    c: &mut Cluster,
+    rooms: &[String],
+    change: impl FnOnce(&mut Cluster),
+) -> Vec<Member> {
     let stop = tokio_util::sync::CancellationToken::new();
     let router = c.router();
     let tasks: Vec<_> = rooms
         .iter()
         .map(|room| {
-            let m = Member { room: room.clone(), next: 0, acked: Vec::new(), seen: Vec::new(), reconnects: 0 };
+            let m = Member {
+                room: room.clone(),
+                next: 0,
+                acked: Vec::new(),
+                seen: Vec::new(),
+                reconnects: 0,
+                resumed_at: None,
+            };
             tokio::spawn(m.run(router, stop.clone()))
         })
         .collect();
     let mut pace = tokio::time::interval(Duration::from_millis(500));
     pace.tick().await;
     pace.tick().await;
+    let changed_at = tokio::time::Instant::now();
     change(c);
     // Keep sending for a while after the change so moved clients resume and carry on.
     for _ in 0..8 {
@@ -259,20 +348,53 @@ async fn churn(c: &mut Cluster, rooms: &[String], change: impl FnOnce(&mut Clust
     for t in tasks {
         members.push(t.await.expect("member"));
     }
+    // A figure for the docs, not an assertion: how long until the last moved client had
+    // resumed (printed with --nocapture).
+    let moved: Vec<_> = members.iter().filter_map(|m| m.resumed_at).collect();
+    if let Some(last) = moved.iter().max() {
+        eprintln!(
+            "{} of {} clients resumed; the last {:?} after the change",
+            moved.len(),
+            members.len(),
+            last.duration_since(changed_at)
+        );
+    }
     for m in &members {
-        let (status, body) = http(router, "GET", &format!("/v1/rooms/{}/messages?after=0&limit=1000&user=x", m.room), None).await;
+        let (status, body) = http(
+            router,
+            "GET",
+            &format!("/v1/rooms/{}/messages?after=0&limit=1000&user=x", m.room),
+            None,
+        )
+        .await;
         assert_eq!(status, 200, "{body}");
         let stored: Vec<(String, MessageId)> = json(&body)["messages"]
             .as_array()
             .expect("messages")
             .iter()
-            .map(|x| (x["cid"].as_str().expect("cid").to_string(), x["id"].as_str().expect("id").parse().expect("id")))
+            .map(|x| {
+                (
+                    x["cid"].as_str().expect("cid").to_string(),
+                    x["id"].as_str().expect("id").parse().expect("id"),
+                )
+            })
             .collect();
         let cids: HashSet<&String> = stored.iter().map(|(c, _)| c).collect();
-        assert_eq!(cids.len(), stored.len(), "{}: a cid was stored twice", m.room);
-        let stored_map: HashMap<&String, MessageId> = stored.iter().map(|(c, id)| (c, *id)).collect();
+        assert_eq!(
+            cids.len(),
+            stored.len(),
+            "{}: a cid was stored twice",
+            m.room
+        );
+        let stored_map: HashMap<&String, MessageId> =
+            stored.iter().map(|(c, id)| (c, *id)).collect();
         for (cid, id) in &m.acked {
-            assert_eq!(stored_map.get(cid), Some(id), "{}: acked {cid} lost or re-numbered", m.room);
+            assert_eq!(
+                stored_map.get(cid),
+                Some(id),
+                "{}: acked {cid} lost or re-numbered",
+                m.room
+            );
         }
         // No gap: the member saw every stored message of its room, in store order. (It may
         // also have seen a message a killed node delivered but never stored; its retry is
@@ -280,7 +402,11 @@ async fn churn(c: &mut Cluster, rooms: &[String], change: impl FnOnce(&mut Clust
         let seen: HashSet<MessageId> = m.seen.iter().copied().collect();
         let stored_ids: Vec<MessageId> = stored.iter().map(|(_, id)| *id).collect();
         for id in &stored_ids {
-            assert!(seen.contains(id), "{}: stored {id} never reached the member", m.room);
+            assert!(
+                seen.contains(id),
+                "{}: stored {id} never reached the member",
+                m.room
+            );
         }
         let mut order = Vec::new();
         let mut once = HashSet::new();
@@ -290,7 +416,12 @@ async fn churn(c: &mut Cluster, rooms: &[String], change: impl FnOnce(&mut Clust
             }
         }
         assert_eq!(order, stored_ids, "{}: reordered", m.room);
-        assert!(m.acked.len() >= 5, "{}: traffic flowed ({} acked)", m.room, m.acked.len());
+        assert!(
+            m.acked.len() >= 5,
+            "{}: traffic flowed ({} acked)",
+            m.room,
+            m.acked.len()
+        );
     }
     members
 }
@@ -311,10 +442,17 @@ async fn a_fourth_node_takes_about_a_quarter_of_the_rooms_and_nothing_acked_is_l
         if now != before[&m.room] {
             moved += 1;
             assert_eq!(now, 4, "{} moved between old nodes", m.room);
-            assert!(m.reconnects >= 1, "{}: moved room's client reconnected", m.room);
+            assert!(
+                m.reconnects >= 1,
+                "{}: moved room's client reconnected",
+                m.room
+            );
         }
     }
-    assert!((4..=18).contains(&moved), "about a quarter of 40 rooms moved: {moved}");
+    assert!(
+        (4..=18).contains(&moved),
+        "about a quarter of 40 rooms moved: {moved}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
