@@ -23,6 +23,9 @@ pub struct Cluster {
     ring: RingWatch,
     registration: Mutex<Option<Registration>>,
     standalone: bool,
+    /// Set when this node leaves on shutdown: its rooms then drain through the shutdown
+    /// sequence (flush, paced `going_away`), not through ring-change handoffs.
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
@@ -46,6 +49,7 @@ impl Cluster {
                 me,
                 registration: Mutex::new(None),
                 standalone: true,
+                leaving: Default::default(),
             });
         };
         let cfg = MembershipConfig {
@@ -66,6 +70,7 @@ impl Cluster {
             ring,
             registration: Mutex::new(Some(registration)),
             standalone: false,
+            leaving: Default::default(),
         })
     }
 
@@ -79,6 +84,10 @@ impl Cluster {
 
     /// The room's owner when it is another node; `None` when this node owns it.
     pub fn owner_elsewhere(&self, room: &RoomId) -> Option<NodeInfo> {
+        if self.leaving.load(std::sync::atomic::Ordering::Relaxed) {
+            // Draining after leaving the ring: finish what is here, answer `going_away`.
+            return None;
+        }
         let ring = self.ring.current();
         match ring.owner(room.as_str()) {
             Some(owner) if owner.id != self.me.id => Some(owner.clone()),
@@ -98,6 +107,8 @@ impl Cluster {
 
     /// Leaves the ring now (graceful shutdown), so routers stop sending new clients here.
     pub async fn leave(&self) {
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let registration = self.registration.lock().ok().and_then(|mut r| r.take());
         if let Some(r) = registration {
             r.leave().await;
@@ -117,6 +128,9 @@ impl Cluster {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     changed = ring.changed() => if changed.is_err() { return },
+                }
+                if cluster.leaving.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
                 }
                 let mut moved = 0;
                 for room in registry.room_ids() {

@@ -401,6 +401,9 @@ async fn publish(req: Request<Incoming>, state: &Arc<NodeState>, room: RoomId) -
             "node is shutting down; retry with the same cid",
         );
     }
+    if let Some(owner) = state.cluster.owner_elsewhere(&room) {
+        return moved(&owner);
+    }
     let max = state.config.max_frame_bytes;
     let bytes = match Limited::new(req.into_body(), max).collect().await {
         Ok(b) => b.to_bytes(),

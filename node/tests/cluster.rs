@@ -127,6 +127,9 @@ impl Cluster {
         ])
         .args(["--node-id", &id.to_string(), "--redis-url", &redis_url()])
         .args(["--redis-prefix", &self.prefix, "--membership-ttl", TTL])
+        // Slow shutdown pacing (one client per 100 ms), so a test can tell the paced
+        // `going_away` closes from anything faster.
+        .args(["--shutdown-close-rate", "10"])
         .args([
             "--cql-nodes",
             &cql_nodes().join(","),
@@ -205,6 +208,76 @@ async fn rooms_spread_over_nodes_and_routers_agree_on_owners() {
     .await;
     assert_eq!(status, 421, "{body}");
     assert_eq!(json(&body)["owner"], c.nodes[&owner].addr.to_string());
+    let (status, body) = http(
+        other,
+        "POST",
+        &format!("/v1/rooms/{room}/messages?user=x"),
+        Some(r#"{"cid":"wrong-node","body":"x"}"#),
+    )
+    .await;
+    assert_eq!(status, 421, "a publish to a non-owner is refused: {body}");
+    assert_eq!(json(&body)["code"], "room_moved");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_leaves_the_ring_and_closes_clients_with_going_away() {
+    let mut c = Cluster::start("term", 3, 1).await;
+    let victim = 3u16;
+    let mut rooms = Vec::new();
+    for i in 0..100 {
+        let room = format!("term-{i}");
+        if c.owner(c.router(), &room).await == victim {
+            rooms.push(room);
+        }
+        if rooms.len() == 3 {
+            break;
+        }
+    }
+    let mut clients = Vec::new();
+    for room in &rooms {
+        let mut client = Client::connect(c.router(), &format!("/ws?room={room}&user=t"))
+            .await
+            .expect("connect");
+        client.expect_joined().await;
+        client.send_text(room, "before", "before SIGTERM").await;
+        client.ack().await;
+        clients.push(client);
+    }
+    let pid = c.nodes[&victim].child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    for client in &mut clients {
+        assert_eq!(
+            client.closed().await,
+            1001,
+            "shutdown closes with going_away, not room_moved"
+        );
+    }
+    c.wait_ring_size(2).await;
+    let status = c
+        .nodes
+        .get_mut(&victim)
+        .expect("victim")
+        .child
+        .wait()
+        .expect("wait");
+    assert_eq!(status.code(), Some(0));
+    // The rooms are served elsewhere now, with their history.
+    for room in &rooms {
+        assert_ne!(c.owner(c.router(), room).await, victim);
+        let (status, body) = http(
+            c.router(),
+            "GET",
+            &format!("/v1/rooms/{room}/messages?user=x"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(json(&body)["messages"][0]["cid"], "before");
+    }
 }
 
 /// One member per room sending through the router, reconnecting and resuming as needed.
