@@ -149,8 +149,10 @@ async fn publish_and_history_go_through_the_router_to_the_owner() {
         // A node whose ring view lags may answer 421 for a moment; a client retries.
         let mut r = http(router.addr, "POST", &path, Some(publish)).await;
         let deadline = tokio::time::Instant::now() + WAIT;
+        let mut retry = tokio::time::interval(Duration::from_millis(50));
+        retry.tick().await;
         while r.status == 421 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            retry.tick().await;
             r = http(router.addr, "POST", &path, Some(publish)).await;
         }
         assert_eq!(r.status, 201, "{}", r.body);

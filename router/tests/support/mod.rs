@@ -327,7 +327,9 @@ impl Client {
     pub async fn join(addr: SocketAddr, room: &str, user: &str) -> Client {
         let path = format!("/ws?room={room}&user={user}");
         let deadline = tokio::time::Instant::now() + WAIT;
+        let mut retry = tokio::time::interval(Duration::from_millis(50));
         loop {
+            retry.tick().await;
             match Client::connect(addr, &path).await {
                 Ok(mut c) => loop {
                     match c.next().await {
@@ -354,7 +356,6 @@ impl Client {
                 tokio::time::Instant::now() < deadline,
                 "could not join {room} within the wait"
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
