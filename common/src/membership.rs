@@ -5,8 +5,11 @@
 //! announced on the channel `<prefix>:membership`, and watchers also re-read the keys on a
 //! timer, because pub/sub is at-most-once and a crashed node announces nothing: its key
 //! simply expires, and the next reconcile drops it (within the TTL plus one interval).
-//! While Redis is unreachable a watcher keeps its last ring rather than guess.
+//! While Redis is unreachable a watcher keeps its last ring rather than guess, and a member
+//! missing from Redis is dropped only after a full TTL unseen (a graceful leave, announced
+//! on the channel, is applied at once).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -201,6 +204,13 @@ async fn read_ring(
     cfg: &MembershipConfig,
     conn: &mut ConnectionManager,
 ) -> Result<Ring, redis::RedisError> {
+    Ok(Ring::new(read_members(cfg, conn).await?, cfg.vnodes))
+}
+
+async fn read_members(
+    cfg: &MembershipConfig,
+    conn: &mut ConnectionManager,
+) -> Result<Vec<NodeInfo>, redis::RedisError> {
     let pattern = format!("{}:node:*", cfg.prefix);
     let mut keys: Vec<String> = Vec::new();
     let mut cursor: u64 = 0;
@@ -229,7 +239,7 @@ async fn read_ring(
             }
         }
     }
-    Ok(Ring::new(nodes, cfg.vnodes))
+    Ok(nodes)
 }
 
 async fn watch_loop(
@@ -243,29 +253,53 @@ async fn watch_loop(
     let mut tick = tokio::time::interval(cfg.reconcile_every());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pubsub: Option<redis::aio::PubSubStream> = None;
+    let mut last_seen: HashMap<u16, (NodeInfo, tokio::time::Instant)> = tx
+        .borrow()
+        .nodes()
+        .iter()
+        .map(|n| (n.id, (n.clone(), tokio::time::Instant::now())))
+        .collect();
+    let mut left: HashSet<u16> = HashSet::new();
     loop {
         if pubsub.is_none() {
             pubsub = subscribe(&client, &cfg).await;
         }
         let notified = async {
             match pubsub.as_mut() {
-                Some(s) => s.next().await.is_some(),
+                Some(s) => Some(s.next().await),
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
             _ = stop.cancelled() => return,
-            alive = notified => {
-                if !alive {
-                    // The subscription broke; resubscribe on the next round.
-                    pubsub = None;
+            msg = notified => match msg.flatten() {
+                Some(msg) => {
+                    let text: String = msg.get_payload().unwrap_or_default();
+                    if let Some(id) = text.strip_prefix("leave:").and_then(|id| id.parse().ok()) {
+                        left.insert(id);
+                    }
                 }
-            }
+                // The subscription broke; resubscribe on the next round.
+                None => pubsub = None,
+            },
             _ = tick.tick() => {}
         }
-        match read_ring(&cfg, &mut conn).await {
-            Ok(ring) => {
+        match read_members(&cfg, &mut conn).await {
+            Ok(present) => {
                 redis_ok.store(true, Ordering::Relaxed);
+                // A member leaves the ring only after it has been missing for a full TTL
+                // on this watcher's clock: a Redis that restarted empty (its keys gone
+                // until the next heartbeats) must not move every room twice. A graceful
+                // leave announces itself and is applied at once.
+                let now = tokio::time::Instant::now();
+                for n in present {
+                    last_seen.insert(n.id, (n, now));
+                }
+                last_seen.retain(|id, (_, seen)| {
+                    !left.contains(id) && now.duration_since(*seen) < cfg.ttl
+                });
+                left.clear();
+                let ring = Ring::new(last_seen.values().map(|(n, _)| n.clone()), cfg.vnodes);
                 if ring.version() != tx.borrow().version() {
                     tracing::info!(nodes = ring.len(), version = ring.version(), "ring changed");
                     tx.send_replace(Arc::new(ring));

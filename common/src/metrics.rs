@@ -35,6 +35,18 @@ pub const STORE_READS_COALESCED: &str = "chat_node_store_reads_coalesced_total";
 pub const STORE_PENDING: &str = "chat_node_store_pending_messages";
 pub const HTTP_REQUESTS: &str = "chat_node_http_requests_total";
 pub const READY: &str = "chat_node_ready";
+/// 1 while this node's bus inbox subscription is live (gauge).
+pub const BUS_UP: &str = "chat_node_bus_up";
+/// Messages this node published on the bus (requests and replies).
+pub const BUS_PUBLISHED: &str = "chat_node_bus_published_total";
+/// Messages this node received on its bus inbox.
+pub const BUS_RECEIVED: &str = "chat_node_bus_received_total";
+/// Bus failures. Label `kind`: `publish`, `timeout` (no reply in time), `decode`.
+pub const BUS_ERRORS: &str = "chat_node_bus_errors_total";
+/// Times the bus subscription was restored after Redis went away.
+pub const BUS_RECONNECTS: &str = "chat_node_bus_reconnects_total";
+/// Round trip of a send forwarded to the room's owner, until its reply (or the timeout).
+pub const CROSS_SHARD_SECONDS: &str = "chat_node_cross_shard_seconds";
 
 // ---------------------------------------------------------------------------------------
 // chat-router. Labels: `route` is one of `ws`, `messages`, `room_api`, `owner`, `healthz`,

@@ -173,6 +173,9 @@ fn readyz(state: &NodeState) -> Response<Body> {
             "ring_version": ring.version().to_string(),
             "membership_ok": state.cluster.membership_ok(),
         },
+        // The bus carries only cross-shard traffic: local rooms keep working without it, so
+        // it is reported here but does not make the node unready.
+        "bus": state.bus.get().map(|b| serde_json::json!({ "ok": b.is_up() })),
         "shutting_down": state.is_shutting_down(),
     });
     let status = if ready {
@@ -386,6 +389,23 @@ struct Published {
     duplicate: bool,
 }
 
+fn published(room: RoomId, cid: ClientMsgId, accepted: crate::room::Accepted) -> Response<Body> {
+    let status = if accepted.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    json(
+        status,
+        &Published {
+            room,
+            id: accepted.id,
+            cid,
+            duplicate: accepted.duplicate,
+        },
+    )
+}
+
 async fn publish(req: Request<Incoming>, state: &Arc<NodeState>, room: RoomId) -> Response<Body> {
     let query = Query::parse(req.uri().query());
     let principal = match authenticate(&req, &query, state) {
@@ -401,8 +421,9 @@ async fn publish(req: Request<Incoming>, state: &Arc<NodeState>, room: RoomId) -
             "node is shutting down; retry with the same cid",
         );
     }
-    if let Some(owner) = state.cluster.owner_elsewhere(&room) {
-        return moved(&owner);
+    let owner_elsewhere = state.cluster.owner_elsewhere(&room);
+    if let (Some(owner), None) = (&owner_elsewhere, state.bus.get()) {
+        return moved(owner);
     }
     let max = state.config.max_frame_bytes;
     let bytes = match Limited::new(req.into_body(), max).collect().await {
@@ -441,6 +462,32 @@ async fn publish(req: Request<Incoming>, state: &Arc<NodeState>, room: RoomId) -
             ),
         );
     }
+    // A room owned elsewhere: forward through the bus and answer with the owner's reply.
+    if let (Some(owner), Some(bus)) = (owner_elsewhere, state.bus.get()) {
+        let wait = state.config.store_timeout * 2 + Duration::from_secs(1);
+        let result = bus
+            .forward_send(
+                owner.id,
+                room.clone(),
+                principal.user,
+                cid.clone(),
+                parsed.body,
+                wait,
+            )
+            .await;
+        return match result {
+            Ok(accepted) => published(room, cid, accepted),
+            Err(ErrorCode::RoomMoved) => error(
+                ErrorCode::RoomMoved,
+                "the room is moving; retry with the same cid",
+            ),
+            Err(ErrorCode::NodeUnavailable) => error(
+                ErrorCode::NodeUnavailable,
+                "the room's owner did not answer through the bus; retry with the same cid",
+            ),
+            Err(code) => error(code, "the message was not stored; retry with the same cid"),
+        };
+    }
     let (tx, rx) = oneshot::channel();
     let cmd = RoomCmd::Send {
         from: principal.user,
@@ -458,22 +505,7 @@ async fn publish(req: Request<Incoming>, state: &Arc<NodeState>, room: RoomId) -
     // The room answers within one store timeout per attempt; allow for a queue ahead of us.
     let wait = state.config.store_timeout * 2 + Duration::from_secs(1);
     match tokio::time::timeout(wait, rx).await {
-        Ok(Ok(Ok(accepted))) => {
-            let status = if accepted.duplicate {
-                StatusCode::OK
-            } else {
-                StatusCode::CREATED
-            };
-            json(
-                status,
-                &Published {
-                    room,
-                    id: accepted.id,
-                    cid,
-                    duplicate: accepted.duplicate,
-                },
-            )
-        }
+        Ok(Ok(Ok(accepted))) => published(room, cid, accepted),
         Ok(Ok(Err(ErrorCode::RoomMoved))) => match state.cluster.owner_elsewhere(&room) {
             Some(owner) => moved(&owner),
             None => error(

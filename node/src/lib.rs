@@ -7,6 +7,7 @@
 //! config and wires signals; tests call `run` directly on port 0.
 
 pub mod auth;
+pub mod bus;
 pub mod cluster;
 pub mod config;
 pub mod connection;
@@ -50,6 +51,8 @@ const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 pub struct NodeState {
     pub config: Arc<Config>,
     pub cluster: Arc<Cluster>,
+    /// Cross-shard forwarding; set in cluster mode once the inbox is subscribed.
+    pub bus: std::sync::OnceLock<Arc<bus::redis::Bus>>,
     pub registry: Arc<Registry>,
     pub auth: Authenticator,
     pub open_connections: AtomicUsize,
@@ -139,6 +142,7 @@ pub async fn run_with_store(
     let state = Arc::new(NodeState {
         config: config.clone(),
         cluster: cluster.clone(),
+        bus: std::sync::OnceLock::new(),
         registry: Registry::new(ctx.clone()),
         auth,
         open_connections: AtomicUsize::new(0),
@@ -153,6 +157,18 @@ pub async fn run_with_store(
         background.clone(),
     ));
     cluster.spawn_handoffs(state.registry.clone(), background.clone());
+    if let Some(url) = &config.redis_url {
+        let bus = bus::redis::Bus::start(
+            url,
+            &config.redis_prefix,
+            config.node_id,
+            Arc::downgrade(&state),
+            background.clone(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("subscribing to the bus through {url}: {e}"))?;
+        let _ = state.bus.set(bus);
+    }
     tracing::info!(
         addr = %local,
         advertise = %cluster.me().addr,

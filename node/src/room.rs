@@ -49,6 +49,8 @@ pub struct Accepted {
 pub enum Source {
     Ws,
     Http,
+    /// Forwarded from another node over the bus.
+    Bus,
 }
 
 impl Source {
@@ -56,6 +58,7 @@ impl Source {
         match self {
             Source::Ws => "ws",
             Source::Http => "http",
+            Source::Bus => "bus",
         }
     }
 }

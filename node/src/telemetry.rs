@@ -151,4 +151,23 @@ fn describe() {
         "HTTP requests, by route and status class."
     );
     describe_gauge!(m::READY, "1 when /readyz answers 200.");
+    describe_gauge!(m::BUS_UP, "1 while the bus inbox subscription is live.");
+    describe_counter!(
+        m::BUS_PUBLISHED,
+        "Bus messages published (requests and replies)."
+    );
+    describe_counter!(
+        m::BUS_RECEIVED,
+        "Bus messages received on this node's inbox."
+    );
+    describe_counter!(m::BUS_ERRORS, "Bus failures, by kind.");
+    describe_counter!(
+        m::BUS_RECONNECTS,
+        "Bus subscriptions restored after Redis went away."
+    );
+    describe_histogram!(
+        m::CROSS_SHARD_SECONDS,
+        Unit::Seconds,
+        "Forwarded send round trip to the owner."
+    );
 }

@@ -215,8 +215,57 @@ async fn rooms_spread_over_nodes_and_routers_agree_on_owners() {
         Some(r#"{"cid":"wrong-node","body":"x"}"#),
     )
     .await;
-    assert_eq!(status, 421, "a publish to a non-owner is refused: {body}");
-    assert_eq!(json(&body)["code"], "room_moved");
+    assert_eq!(
+        status, 201,
+        "a publish to a non-owner is forwarded to the owner: {body}"
+    );
+    let first = json(&body);
+    let id: MessageId = first["id"].as_str().expect("id").parse().expect("id");
+    assert_eq!(id.node(), owner, "stored by the owner");
+    let bus_before = metric(other, "chat_node_bus_published_total").await;
+    let (status, body) = http(
+        other,
+        "POST",
+        &format!("/v1/rooms/{room}/messages?user=x"),
+        Some(r#"{"cid":"wrong-node","body":"x"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "the retry is a duplicate: {body}");
+    assert_eq!(json(&body)["id"], first["id"]);
+    assert!(metric(other, "chat_node_bus_published_total").await > bus_before);
+    // A publish on the owner itself causes no bus traffic there.
+    let owner_addr = c.nodes[&owner].addr;
+    let owner_bus = metric(owner_addr, "chat_node_bus_published_total").await;
+    let (status, _) = http(
+        owner_addr,
+        "POST",
+        &format!("/v1/rooms/{room}/messages?user=x"),
+        Some(r#"{"cid":"local","body":"x"}"#),
+    )
+    .await;
+    assert_eq!(status, 201);
+    assert_eq!(
+        metric(owner_addr, "chat_node_bus_published_total").await,
+        owner_bus
+    );
+    let (_, body) = http(
+        owner_addr,
+        "GET",
+        &format!("/v1/rooms/{room}/messages?user=x"),
+        None,
+    )
+    .await;
+    let cids: Vec<_> = json(&body)["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["cid"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        cids.iter().filter(|c| *c == "wrong-node").count(),
+        1,
+        "{cids:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,324 @@
+//! Request/reply between nodes over Redis pub/sub.
+//!
+//! Every node subscribes to its own inbox channel, `<prefix>:inbox:<node id>`. A node that
+//! receives an HTTP publish for a room owned elsewhere publishes a `send` request to the
+//! owner's inbox and waits for the `reply` in its own. The owner runs the send through the
+//! room like any other (ordering, dedupe, ack after the store write) and replies with the
+//! id or an error code.
+//!
+//! Pub/sub is at-most-once: a request or reply can be lost (Redis restarting, a subscriber
+//! reconnecting). The design leans on what the product already guarantees instead of
+//! adding delivery machinery: a forwarded send waits at most a bounded time, then answers
+//! `node_unavailable` ("retry with the same cid"), and the retry is deduplicated by the
+//! owner's cid window, so a lost reply never yields two stored messages. A request published
+//! to an inbox nobody subscribes to (Redis returns 0 receivers) fails at once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{metrics as m, ClientMsgId, ErrorCode, MessageId, RoomId, UserId};
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::room::{Accepted, Reply, RoomCmd, Source};
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum Envelope {
+    /// Store and fan out this message in `room`, then reply to `from_node`.
+    Send {
+        req: u64,
+        from_node: u16,
+        room: RoomId,
+        user: UserId,
+        cid: ClientMsgId,
+        body: String,
+    },
+    /// The answer to request `req`.
+    Reply {
+        req: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<MessageId>,
+        #[serde(default)]
+        duplicate: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<ErrorCode>,
+    },
+}
+
+type Waiters = Mutex<HashMap<u64, oneshot::Sender<Result<Accepted, ErrorCode>>>>;
+
+/// This node's end of the bus.
+pub struct Bus {
+    prefix: String,
+    me: u16,
+    publisher: ConnectionManager,
+    next_req: AtomicU64,
+    waiting: Waiters,
+    up: AtomicBool,
+}
+
+impl Bus {
+    fn inbox(prefix: &str, node: u16) -> String {
+        format!("{prefix}:inbox:{node}")
+    }
+
+    /// Connects, subscribes to this node's inbox, and serves it until `stop`.
+    pub async fn start(
+        redis_url: &str,
+        prefix: &str,
+        me: u16,
+        state: std::sync::Weak<crate::NodeState>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Arc<Bus>> {
+        let client = redis::Client::open(redis_url)?;
+        let publisher = client.get_connection_manager().await?;
+        let bus = Arc::new(Bus {
+            prefix: prefix.to_owned(),
+            me,
+            publisher,
+            next_req: AtomicU64::new(1),
+            waiting: Mutex::new(HashMap::new()),
+            up: AtomicBool::new(false),
+        });
+        let first = subscribe(&client, &Bus::inbox(prefix, me)).await?;
+        bus.set_up(true);
+        tokio::spawn(serve_inbox(bus.clone(), client, first, state, stop));
+        Ok(bus)
+    }
+
+    /// Whether the inbox subscription is live.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Relaxed);
+        metrics::gauge!(m::BUS_UP).set(if up { 1.0 } else { 0.0 });
+    }
+
+    async fn publish(&self, node: u16, env: &Envelope) -> Result<u64, redis::RedisError> {
+        let payload = serde_json::to_string(env).unwrap_or_default();
+        let mut conn = self.publisher.clone();
+        let cmd = redis::cmd("PUBLISH")
+            .arg(Bus::inbox(&self.prefix, node))
+            .arg(payload)
+            .clone();
+        // The connection manager reconnects after a failed command, so the first command
+        // after a Redis restart fails on the dead socket: try once more. A repeated request
+        // is harmless (the owner dedupes by cid; a second reply finds no waiter).
+        let receivers: u64 = match cmd.query_async(&mut conn).await {
+            Ok(n) => n,
+            Err(e) if e.is_io_error() || e.is_connection_dropped() => {
+                cmd.query_async(&mut conn).await?
+            }
+            Err(e) => return Err(e),
+        };
+        metrics::counter!(m::BUS_PUBLISHED).increment(1);
+        Ok(receivers)
+    }
+
+    /// Forwards a send to the room's owner and waits for its answer, at most `wait`.
+    pub async fn forward_send(
+        &self,
+        owner: u16,
+        room: RoomId,
+        user: UserId,
+        cid: ClientMsgId,
+        body: String,
+        wait: Duration,
+    ) -> Result<Accepted, ErrorCode> {
+        if !self.is_up() {
+            return Err(ErrorCode::NodeUnavailable);
+        }
+        let started = Instant::now();
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut w) = self.waiting.lock() {
+            w.insert(req, tx);
+        }
+        let env = Envelope::Send {
+            req,
+            from_node: self.me,
+            room,
+            user,
+            cid,
+            body,
+        };
+        // One deadline for the whole exchange: a frozen Redis must not hang the caller.
+        let exchange = async {
+            match self.publish(owner, &env).await {
+                Err(e) => {
+                    metrics::counter!(m::BUS_ERRORS, "kind" => "publish").increment(1);
+                    tracing::warn!(error = %e, owner, "bus publish failed");
+                    Err(ErrorCode::NodeUnavailable)
+                }
+                // Nobody listens on the owner's inbox: it is gone or not subscribed yet.
+                Ok(0) => Err(ErrorCode::NodeUnavailable),
+                Ok(_) => rx.await.unwrap_or(Err(ErrorCode::NodeUnavailable)),
+            }
+        };
+        let outcome = match tokio::time::timeout(wait, exchange).await {
+            Ok(result) => result,
+            Err(_) => {
+                metrics::counter!(m::BUS_ERRORS, "kind" => "timeout").increment(1);
+                Err(ErrorCode::NodeUnavailable)
+            }
+        };
+        if let Ok(mut w) = self.waiting.lock() {
+            w.remove(&req);
+        }
+        metrics::histogram!(m::CROSS_SHARD_SECONDS).record(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    fn complete(&self, req: u64, result: Result<Accepted, ErrorCode>) {
+        let waiter = self.waiting.lock().ok().and_then(|mut w| w.remove(&req));
+        if let Some(tx) = waiter {
+            let _ = tx.send(result);
+        }
+    }
+}
+
+async fn subscribe(
+    client: &redis::Client,
+    channel: &str,
+) -> redis::RedisResult<redis::aio::PubSubStream> {
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(channel).await?;
+    Ok(pubsub.into_on_message())
+}
+
+async fn serve_inbox(
+    bus: Arc<Bus>,
+    client: redis::Client,
+    mut stream: redis::aio::PubSubStream,
+    state: std::sync::Weak<crate::NodeState>,
+    stop: CancellationToken,
+) {
+    let channel = Bus::inbox(&bus.prefix, bus.me);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        loop {
+            let msg = tokio::select! {
+                _ = stop.cancelled() => return,
+                msg = stream.next() => msg,
+            };
+            let Some(msg) = msg else { break };
+            metrics::counter!(m::BUS_RECEIVED).increment(1);
+            let payload: String = match msg.get_payload() {
+                Ok(p) => p,
+                Err(_) => continue,
+            };
+            match serde_json::from_str::<Envelope>(&payload) {
+                Ok(Envelope::Reply {
+                    req,
+                    id,
+                    duplicate,
+                    error,
+                }) => {
+                    let result = match (id, error) {
+                        (Some(id), None) => Ok(Accepted { id, duplicate }),
+                        (_, Some(code)) => Err(code),
+                        (None, None) => Err(ErrorCode::Internal),
+                    };
+                    bus.complete(req, result);
+                }
+                Ok(Envelope::Send {
+                    req,
+                    from_node,
+                    room,
+                    user,
+                    cid,
+                    body,
+                }) => {
+                    let Some(state) = state.upgrade() else { return };
+                    let bus = bus.clone();
+                    tokio::spawn(async move {
+                        let result = run_forwarded(&state, room, user, cid, body).await;
+                        let reply = match result {
+                            Ok(a) => Envelope::Reply {
+                                req,
+                                id: Some(a.id),
+                                duplicate: a.duplicate,
+                                error: None,
+                            },
+                            Err(code) => Envelope::Reply {
+                                req,
+                                id: None,
+                                duplicate: false,
+                                error: Some(code),
+                            },
+                        };
+                        if let Err(e) = bus.publish(from_node, &reply).await {
+                            metrics::counter!(m::BUS_ERRORS, "kind" => "publish").increment(1);
+                            tracing::warn!(error = %e, "bus reply failed; the sender will time out and retry");
+                        }
+                    });
+                }
+                Err(e) => {
+                    metrics::counter!(m::BUS_ERRORS, "kind" => "decode").increment(1);
+                    tracing::warn!(error = %e, "undecodable bus message");
+                }
+            }
+        }
+        // The subscription ended: Redis went away. Resubscribe with backoff.
+        bus.set_up(false);
+        tracing::warn!("bus subscription lost; reconnecting");
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            match subscribe(&client, &channel).await {
+                Ok(s) => {
+                    stream = s;
+                    bus.set_up(true);
+                    metrics::counter!(m::BUS_RECONNECTS).increment(1);
+                    tracing::info!("bus subscription restored");
+                    backoff = Duration::from_millis(100);
+                    break;
+                }
+                Err(_) => backoff = (backoff * 2).min(Duration::from_secs(5)),
+            }
+        }
+    }
+}
+
+/// Runs a forwarded send on this node, if it owns the room.
+async fn run_forwarded(
+    state: &crate::NodeState,
+    room: RoomId,
+    user: UserId,
+    cid: ClientMsgId,
+    body: String,
+) -> Result<Accepted, ErrorCode> {
+    if state.is_shutting_down() {
+        return Err(ErrorCode::GoingAway);
+    }
+    if state.cluster.owner_elsewhere(&room).is_some() {
+        return Err(ErrorCode::RoomMoved);
+    }
+    let (tx, rx) = oneshot::channel();
+    let cmd = RoomCmd::Send {
+        from: user,
+        cid,
+        body,
+        reply: Reply::Http(tx),
+        source: Source::Bus,
+    };
+    if state.registry.try_dispatch(&room, cmd).is_err() {
+        return Err(ErrorCode::Overloaded);
+    }
+    let wait = state.config.store_timeout * 2 + Duration::from_secs(1);
+    match tokio::time::timeout(wait, rx).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(ErrorCode::Internal),
+        Err(_) => Err(ErrorCode::StoreUnavailable),
+    }
+}

@@ -1,0 +1,176 @@
+//! Redis going away and coming back, with two nodes: forwarded publishes get a clear
+//! `node_unavailable` (never a fake ack, never a hang), rooms keep working on their owner,
+//! `/readyz` reports the bus, and after Redis restarts the bus resubscribes by itself and
+//! forwarding works again without a node restart. Its own test binary: it restarts the
+//! local Redis that `deploy/local/test.sh` started.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+use common::{MessageId, Ring};
+use support::*;
+
+const NODE_BIN: &str = env!("CARGO_BIN_EXE_chat-node");
+const SERVERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/local/servers.sh");
+
+struct Proc(Child, SocketAddr);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_node(id: u16, prefix: &str) -> Proc {
+    let redis = std::env::var("CHAT_REDIS_URL").expect("CHAT_REDIS_URL: run deploy/local/test.sh");
+    let mut child = Command::new(NODE_BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--insecure-dev-auth",
+        ])
+        .args([
+            "--node-id",
+            &id.to_string(),
+            "--redis-url",
+            &redis,
+            "--redis-prefix",
+            prefix,
+        ])
+        // Long enough that the outage below expires no membership.
+        .args(["--membership-ttl", "30s", "--store-timeout", "1s"])
+        .args([
+            "--cql-nodes",
+            &cql_nodes().join(","),
+            "--cql-keyspace",
+            &keyspace(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let addr = loop {
+        let line = lines.next().expect("node logs").expect("line");
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if let Some(a) = v["fields"]["addr"].as_str() {
+            break a.parse().expect("addr");
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Proc(child, addr)
+}
+
+fn servers(cmd: &str) {
+    let ok = Command::new("bash")
+        .args([SERVERS, cmd, "redis"])
+        .status()
+        .expect("servers.sh")
+        .success();
+    assert!(ok, "servers.sh {cmd} redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_fails_forwarded_sends_clearly_and_the_bus_recovers() {
+    assert!(
+        std::env::var("CHAT_REDIS_PID").is_ok(),
+        "CHAT_REDIS_PID is not set: this test restarts the local Redis; run deploy/local/test.sh"
+    );
+    fresh_keyspace().await;
+    let prefix = format!("t-bus-{}", std::process::id());
+    let a = spawn_node(1, &prefix);
+    let b = spawn_node(2, &prefix);
+    for n in [&a, &b] {
+        let addr = n.1;
+        eventually("both nodes in the ring", || async move {
+            let (s, body) = http(addr, "GET", "/readyz", None).await;
+            s == 200 && json(&body)["cluster"]["ring_size"] == 2
+        })
+        .await;
+    }
+    let ring = Ring::new(
+        [a.1, b.1]
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| common::NodeInfo {
+                id: i as u16 + 1,
+                addr: addr.to_string(),
+                started_at_ms: 0,
+            }),
+        common::ring::DEFAULT_VNODES,
+    );
+    let room = (0..100)
+        .map(|i| format!("bus-{i}"))
+        .find(|r| ring.owner_id(r) == Some(2))
+        .expect("a room on node 2");
+    let publish = |addr: SocketAddr, cid: &'static str| {
+        let room = room.clone();
+        async move {
+            http(
+                addr,
+                "POST",
+                &format!("/v1/rooms/{room}/messages?user=x"),
+                Some(&format!(r#"{{"cid":"{cid}","body":"b"}}"#)),
+            )
+            .await
+        }
+    };
+    // Forwarded through the bus: node 1 does not own the room.
+    let (status, body) = publish(a.1, "before").await;
+    assert_eq!(status, 201, "{body}");
+
+    servers("stop");
+    eventually("node 1 reports the bus down", || async {
+        let (_, body) = http(a.1, "GET", "/readyz", None).await;
+        json(&body)["bus"]["ok"] == false
+    })
+    .await;
+    let (status, body) = publish(a.1, "during").await;
+    assert_eq!(status, 503, "a clear error, not an ack: {body}");
+    assert_eq!(json(&body)["code"], "node_unavailable");
+    // The owner keeps serving its room without Redis.
+    let (status, body) = publish(b.1, "local-during").await;
+    assert_eq!(status, 201, "{body}");
+
+    servers("start");
+    eventually("node 1's bus resubscribed", || async {
+        let (_, body) = http(a.1, "GET", "/readyz", None).await;
+        json(&body)["bus"]["ok"] == true
+    })
+    .await;
+    assert!(metric(a.1, "chat_node_bus_reconnects_total").await >= 1.0);
+    // Node 2 must be subscribed again too before forwarding can reach it.
+    // 201, or 200 if an earlier attempt was stored but its reply was lost.
+    eventually("forwarding works again", || async {
+        matches!(publish(a.1, "during").await.0, 200 | 201)
+    })
+    .await;
+    let (_, body) = http(
+        b.1,
+        "GET",
+        &format!("/v1/rooms/{room}/messages?user=x"),
+        None,
+    )
+    .await;
+    let msgs = json(&body)["messages"]
+        .as_array()
+        .expect("messages")
+        .clone();
+    let cids: Vec<&str> = msgs
+        .iter()
+        .map(|m| m["cid"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(cids, vec!["before", "local-during", "during"]);
+    let ids: Vec<MessageId> = msgs
+        .iter()
+        .map(|m| m["id"].as_str().expect("id").parse().expect("id"))
+        .collect();
+    assert!(ids.iter().all(|id| id.node() == 2));
+}
