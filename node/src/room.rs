@@ -185,8 +185,9 @@ enum DedupeState {
     Pending(Vec<Reply>),
     Durable,
     /// The store refused it; a retry with the same cid re-persists this message (same id)
-    /// without delivering it again.
-    Failed(ChatMessage),
+    /// without delivering it again. Boxed: most entries are `Durable`, and the map's slots
+    /// are as large as the largest variant.
+    Failed(Box<ChatMessage>),
 }
 
 struct DedupeEntry {
@@ -195,7 +196,19 @@ struct DedupeEntry {
     state: DedupeState,
 }
 
-type DedupeKey = (UserId, ClientMsgId);
+/// A 128-bit digest of (sender, cid) rather than the two strings: one allocation-free key
+/// per remembered message, for windows of up to `--dedupe-max-per-room` entries. Two
+/// different pairs in one room's window share a digest with probability about n²/2¹²⁹.
+type DedupeKey = u128;
+
+fn dedupe_key(from: &UserId, cid: &ClientMsgId) -> DedupeKey {
+    let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+    h.update(from.as_str().as_bytes());
+    // Both parts are from a charset without NUL, so the separator keeps pairs distinct.
+    h.update(&[0]);
+    h.update(cid.as_str().as_bytes());
+    h.digest128()
+}
 
 struct Recent {
     id: MessageId,
@@ -414,7 +427,7 @@ impl Room {
         let now = Instant::now();
         for msg in older.iter().chain(newest.iter()) {
             room.remember(
-                (msg.from.clone(), msg.cid.clone()),
+                dedupe_key(&msg.from, &msg.cid),
                 DedupeEntry {
                     id: msg.id,
                     accepted: now,
@@ -728,7 +741,7 @@ impl Room {
                 return;
             }
         }
-        let key = (from, cid);
+        let key = dedupe_key(&from, &cid);
         let store_ok =
             self.ctx.store_healthy() && self.pending() < self.ctx.config.max_pending_per_room;
         if let Some(entry) = self.dedupe.get_mut(&key) {
@@ -737,7 +750,7 @@ impl Room {
             match &mut entry.state {
                 DedupeState::Durable => reply.ack(
                     &self.id,
-                    &key.1,
+                    &cid,
                     Accepted {
                         id,
                         duplicate: true,
@@ -748,7 +761,7 @@ impl Room {
                     if !store_ok {
                         reply.error(
                             &self.id,
-                            &key.1,
+                            &cid,
                             ErrorCode::StoreUnavailable,
                             "store unavailable; retry later with the same cid",
                         );
@@ -760,7 +773,7 @@ impl Room {
                         return;
                     };
                     entry.accepted = Instant::now();
-                    self.unpersisted.push(msg);
+                    self.unpersisted.push(*msg);
                     self.ctx.add_pending(1);
                 }
             }
@@ -769,7 +782,7 @@ impl Room {
         if !self.ctx.store_healthy() {
             reply.error(
                 &self.id,
-                &key.1,
+                &cid,
                 ErrorCode::StoreUnavailable,
                 "store unavailable; retry later with the same cid",
             );
@@ -778,7 +791,7 @@ impl Room {
         if self.pending() >= self.ctx.config.max_pending_per_room {
             reply.error(
                 &self.id,
-                &key.1,
+                &cid,
                 ErrorCode::StoreUnavailable,
                 "store is behind; retry later with the same cid",
             );
@@ -790,8 +803,8 @@ impl Room {
         let msg = ChatMessage {
             room: self.id.clone(),
             id,
-            from: key.0.clone(),
-            cid: key.1.clone(),
+            from,
+            cid,
             body,
             ts: now_ms(),
         };
@@ -834,7 +847,7 @@ impl Room {
     }
 
     fn remember(&mut self, key: DedupeKey, entry: DedupeEntry, now: Instant) {
-        self.dedupe_order.push_back((now, key.clone()));
+        self.dedupe_order.push_back((now, key));
         self.dedupe.insert(key, entry);
         let window = self.ctx.config.dedupe_window;
         let max = self.ctx.config.dedupe_max_per_room;
@@ -895,7 +908,7 @@ impl Room {
             if let Ok(i) = self.recent.binary_search_by_key(&msg.id, |r| r.id) {
                 self.recent[i].settled = true;
             }
-            let key = (msg.from.clone(), msg.cid.clone());
+            let key = dedupe_key(&msg.from, &msg.cid);
             let Some(entry) = self.dedupe.get_mut(&key) else {
                 continue;
             };
@@ -912,7 +925,7 @@ impl Room {
                 for (i, w) in waiters.into_iter().enumerate() {
                     w.ack(
                         &self.id,
-                        &key.1,
+                        &msg.cid,
                         Accepted {
                             id,
                             duplicate: i > 0,
@@ -920,15 +933,15 @@ impl Room {
                     );
                 }
             } else {
-                entry.state = DedupeState::Failed(msg);
                 for w in waiters {
                     w.error(
                         &self.id,
-                        &key.1,
+                        &msg.cid,
                         ErrorCode::StoreUnavailable,
                         "store did not confirm the write; retry with the same cid",
                     );
                 }
+                entry.state = DedupeState::Failed(Box::new(msg));
             }
         }
         self.trim_recent();
