@@ -163,6 +163,8 @@ pub enum CloseCode {
     SlowConsumer,
     /// The room is now owned by another node.
     RoomMoved,
+    /// A room joined through another node's bridge lost frames or its bus link.
+    BridgeInterrupted,
     /// The token expired during the session.
     Unauthorized,
     /// The peer sent nothing (not even a pong) for longer than the idle timeout.
@@ -172,13 +174,14 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 9] = [
+    pub const ALL: [CloseCode; 10] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::ProtocolError,
         CloseCode::FrameTooLarge,
         CloseCode::SlowConsumer,
         CloseCode::RoomMoved,
+        CloseCode::BridgeInterrupted,
         CloseCode::Unauthorized,
         CloseCode::IdleTimeout,
         CloseCode::RateLimited,
@@ -192,6 +195,7 @@ impl CloseCode {
             CloseCode::FrameTooLarge => 1009,
             CloseCode::SlowConsumer => 4000,
             CloseCode::RoomMoved => 4001,
+            CloseCode::BridgeInterrupted => 4002,
             CloseCode::Unauthorized => 4003,
             CloseCode::IdleTimeout => 4008,
             CloseCode::RateLimited => 4029,
@@ -211,6 +215,7 @@ impl CloseCode {
             CloseCode::FrameTooLarge => "frame_too_large",
             CloseCode::SlowConsumer => "slow_consumer",
             CloseCode::RoomMoved => "room_moved",
+            CloseCode::BridgeInterrupted => "bridge_interrupted",
             CloseCode::Unauthorized => "unauthorized",
             CloseCode::IdleTimeout => "idle_timeout",
             CloseCode::RateLimited => "rate_limited",
@@ -227,6 +232,7 @@ impl CloseCode {
             CloseCode::GoingAway
             | CloseCode::SlowConsumer
             | CloseCode::RoomMoved
+            | CloseCode::BridgeInterrupted
             | CloseCode::IdleTimeout => Retry::ReconnectAndResume,
         }
     }

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::auth::Principal;
+use crate::bus::bridge::BridgeOp;
 use crate::outbound::{ConnHandle, Out};
 use crate::reader::{FrameReader, Incoming, ReadError};
 use crate::registry::{RoomHandle, SendFailed};
@@ -127,6 +128,8 @@ pub async fn serve(
             joined: HashMap::new(),
             bucket: TokenBucket::new(state.config.send_rate, state.config.send_burst),
             rate_strikes: 0,
+            remote: HashMap::new(),
+            bridge: None,
         };
         r.join(session.room, session.since);
         let reason = r.read_loop(reader).await;
@@ -166,6 +169,10 @@ struct ReaderState {
     bucket: TokenBucket,
     /// Sends refused for rate in a row.
     rate_strikes: u32,
+    /// Rooms joined on other nodes through the bus, with their owner.
+    remote: HashMap<RoomId, u16>,
+    /// Bridge operations for the bus, sent in order by one task (created on first use).
+    bridge: Option<tokio::sync::mpsc::Sender<BridgeOp>>,
 }
 
 impl ReaderState {
@@ -234,6 +241,17 @@ impl ReaderState {
             }
             Ok(ClientFrame::Join { room, since }) => self.join(room, since),
             Ok(ClientFrame::Leave { room }) => {
+                if let Some(owner) = self.remote.remove(&room) {
+                    self.bridge_op(
+                        BridgeOp::Leave {
+                            owner,
+                            room: room.clone(),
+                        },
+                        None,
+                        &room,
+                    );
+                    return;
+                }
                 if self.joined.remove(&room).is_none() {
                     self.error(
                         ErrorCode::NotJoined,
@@ -252,7 +270,24 @@ impl ReaderState {
                 tokio::spawn(async move { state.registry.dispatch(&room, cmd).await });
             }
             Ok(ClientFrame::Send { room, cid, body }) => {
-                let Some(handle) = self.joined.get(&room) else {
+                if let Some(&owner) = self.remote.get(&room) {
+                    if !self.take_send_token(&room, &cid) {
+                        return;
+                    }
+                    let cid_text = cid.to_string();
+                    self.bridge_op(
+                        BridgeOp::Send {
+                            owner,
+                            room: room.clone(),
+                            cid,
+                            body,
+                        },
+                        Some(&cid_text),
+                        &room,
+                    );
+                    return;
+                }
+                let Some(handle) = self.joined.get(&room).cloned() else {
                     self.error(
                         ErrorCode::NotJoined,
                         "join the room before sending to it",
@@ -261,23 +296,9 @@ impl ReaderState {
                     );
                     return;
                 };
-                if !self.bucket.take() {
-                    metrics::counter!(m::BAD_INPUT, "kind" => ErrorCode::RateLimited.as_str())
-                        .increment(1);
-                    self.error(
-                        ErrorCode::RateLimited,
-                        "send rate exceeded; retry later with the same cid",
-                        Some(cid.as_str()),
-                        Some(&room),
-                    );
-                    // A client that ignores a burst's worth of these is closed.
-                    self.rate_strikes += 1;
-                    if f64::from(self.rate_strikes) > self.state.config.send_burst {
-                        self.conn.close(CloseCode::RateLimited);
-                    }
+                if !self.take_send_token(&room, &cid) {
                     return;
                 }
-                self.rate_strikes = 0;
                 let cmd = RoomCmd::Send {
                     from: self.conn.user.clone(),
                     cid,
@@ -306,6 +327,10 @@ impl ReaderState {
 
     fn join(&mut self, room: RoomId, since: Option<MessageId>) {
         if let Some(owner) = self.state.cluster.owner_elsewhere(&room) {
+            if self.state.bus.get().is_some() {
+                self.join_remote(room, since, owner.id);
+                return;
+            }
             self.conn.send_frame(&ServerFrame::Error {
                 code: ErrorCode::RoomMoved,
                 message: "another node owns this room; join it through a connection to that node"
@@ -356,6 +381,91 @@ impl ReaderState {
                 "room is overloaded; join again later",
             ),
         }
+    }
+
+    /// Spends one send from the rate budget, or answers `rate_limited` (and closes a client
+    /// that ignores a burst's worth of those).
+    fn take_send_token(&mut self, room: &RoomId, cid: &common::ClientMsgId) -> bool {
+        if self.bucket.take() {
+            self.rate_strikes = 0;
+            return true;
+        }
+        metrics::counter!(m::BAD_INPUT, "kind" => ErrorCode::RateLimited.as_str()).increment(1);
+        self.error(
+            ErrorCode::RateLimited,
+            "send rate exceeded; retry later with the same cid",
+            Some(cid.as_str()),
+            Some(room),
+        );
+        self.rate_strikes += 1;
+        if f64::from(self.rate_strikes) > self.state.config.send_burst {
+            self.conn.close(CloseCode::RateLimited);
+        }
+        false
+    }
+
+    /// Joins a room owned by another node through the bus (see `bus/bridge.rs`).
+    fn join_remote(&mut self, room: RoomId, since: Option<MessageId>, owner: u16) {
+        if !self.principal.may_use(&room) {
+            self.error(
+                ErrorCode::Forbidden,
+                "the token does not allow this room",
+                None,
+                Some(&room),
+            );
+            return;
+        }
+        if !self.remote.contains_key(&room)
+            && self.joined.len() + self.remote.len() >= self.state.config.max_rooms_per_connection
+        {
+            self.error(
+                ErrorCode::Overloaded,
+                "joined-room limit reached for this connection; leave a room first",
+                None,
+                Some(&room),
+            );
+            return;
+        }
+        if self.bridge_op(
+            BridgeOp::Join {
+                owner,
+                room: room.clone(),
+                since,
+            },
+            None,
+            &room,
+        ) {
+            self.remote.insert(room, owner);
+        }
+    }
+
+    /// Queues a bridge operation; false (and an error frame) when the bus is unavailable.
+    fn bridge_op(&mut self, op: BridgeOp, cid: Option<&str>, room: &RoomId) -> bool {
+        let Some(bus) = self.state.bus.get() else {
+            return false;
+        };
+        if !bus.is_up() {
+            self.error(
+                ErrorCode::NodeUnavailable,
+                "the bus to the room's owner is down; retry later",
+                cid,
+                Some(room),
+            );
+            return false;
+        }
+        let tx = self
+            .bridge
+            .get_or_insert_with(|| crate::bus::bridge::start_ops(bus.clone(), self.conn.clone()));
+        if tx.try_send(op).is_err() {
+            self.error(
+                ErrorCode::Overloaded,
+                "too many bridged operations in flight; retry later",
+                cid,
+                Some(room),
+            );
+            return false;
+        }
+        true
     }
 
     fn error(&self, code: ErrorCode, message: &str, cid: Option<&str>, room: Option<&RoomId>) {

@@ -167,6 +167,7 @@ pub async fn run_with_store(
         )
         .await
         .map_err(|e| anyhow::anyhow!("subscribing to the bus through {url}: {e}"))?;
+        bus::bridge::spawn_ring_watch(bus.clone(), state.clone(), background.clone());
         let _ = state.bus.set(bus);
     }
     tracing::info!(
@@ -280,6 +281,10 @@ async fn shutdown_gracefully(
         if tokio::time::Instant::now() >= deadline {
             break;
         }
+    }
+    // Remote members bridged into this node's rooms go the same way.
+    if let Some(bus) = state.bus.get() {
+        bus.bridges.close_all_proxies(CloseCode::GoingAway);
     }
     // Anything left (the deadline cut the pacing short) is closed at once.
     for conn in state.snapshot_conns() {

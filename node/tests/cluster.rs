@@ -600,3 +600,158 @@ async fn a_killed_node_loses_its_rooms_and_their_clients_recover() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_joins_a_room_owned_by_another_node_through_the_bus() {
+    let c = Cluster::start("bridge", 2, 1).await;
+    let mut x = None;
+    let mut y = None;
+    for i in 0..200 {
+        let room = format!("bridge-{i}");
+        match c.owner(c.router(), &room).await {
+            1 if x.is_none() => x = Some(room),
+            2 if y.is_none() => y = Some(room),
+            _ => {}
+        }
+    }
+    let (x, y) = (x.expect("a room on node 1"), y.expect("a room on node 2"));
+    // A lives on node 1 (its first room) and joins Y, owned by node 2, over the socket.
+    let mut a = Client::connect(c.router(), &format!("/ws?room={x}&user=alice"))
+        .await
+        .expect("a");
+    a.expect_joined().await;
+    a.send(&common::ClientFrame::Join {
+        room: common::RoomId::new(y.clone()).expect("room"),
+        since: None,
+    })
+    .await;
+    assert_eq!(a.expect_joined().await, None, "joined Y through the bridge");
+    let mut b = Client::connect(c.router(), &format!("/ws?room={y}&user=bob"))
+        .await
+        .expect("b");
+    b.expect_joined().await;
+    // Bob's messages reach Alice across nodes, in order.
+    for i in 0..50 {
+        b.send_text(&y, &format!("b{i}"), &format!("from bob {i}"))
+            .await;
+    }
+    let mut last = MessageId(0);
+    for i in 0..50 {
+        let m = a.message().await;
+        assert_eq!(m.room.as_str(), y);
+        assert_eq!(m.body, format!("from bob {i}"));
+        assert!(m.id > last);
+        assert_eq!(m.id.node(), 2, "ordered and stored by the owner");
+        last = m.id;
+    }
+    // Alice's send is acked once durable on the owner, and Bob sees it.
+    a.send_text(&y, "a1", "from alice").await;
+    let (cid, id, duplicate) = a.ack().await;
+    assert_eq!((cid.as_str(), duplicate), ("a1", false));
+    assert_eq!(id.node(), 2);
+    loop {
+        let m = b.message().await;
+        if m.cid.as_str() == "a1" {
+            assert_eq!(m.id, id);
+            break;
+        }
+    }
+    // A retry with the same cid is a duplicate, through the bridge too.
+    a.send_text(&y, "a1", "from alice").await;
+    assert_eq!(a.ack().await, ("a1".to_string(), id, true));
+    // A second connection on node 1 resumes Y with `since` through the bridge.
+    let mut a2 = Client::connect(c.router(), &format!("/ws?room={x}&user=alice2"))
+        .await
+        .expect("a2");
+    a2.expect_joined().await;
+    a2.send(&common::ClientFrame::Join {
+        room: common::RoomId::new(y.clone()).expect("room"),
+        since: Some(last),
+    })
+    .await;
+    a2.expect_joined().await;
+    let m = a2.message().await;
+    assert_eq!(m.id, id, "replayed after `since` with no gap");
+    assert!(metric(c.nodes[&1].addr, "chat_node_bus_published_total").await > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridged_room_that_changes_owner_closes_with_4001_and_resumes() {
+    let mut c = Cluster::start("bridgemove", 2, 1).await;
+    // Placement depends only on ids and vnodes: find a home room that stays on node 1 and
+    // a bridged room that moves from node 2 to node 3 when node 3 joins.
+    let info = |id: u16| common::NodeInfo {
+        id,
+        addr: String::new(),
+        started_at_ms: 0,
+    };
+    let two = common::Ring::new([info(1), info(2)], common::ring::DEFAULT_VNODES);
+    let three = common::Ring::new([info(1), info(2), info(3)], common::ring::DEFAULT_VNODES);
+    let rooms: Vec<String> = (0..500).map(|i| format!("bm-{i}")).collect();
+    let home = rooms
+        .iter()
+        .find(|r| two.owner_id(r) == Some(1) && three.owner_id(r) == Some(1))
+        .expect("home")
+        .clone();
+    let y = rooms
+        .iter()
+        .find(|r| two.owner_id(r) == Some(2) && three.owner_id(r) == Some(3))
+        .expect("moving room")
+        .clone();
+    let target = common::RoomId::new(y.clone()).expect("room");
+    let mut a = Client::connect(c.router(), &format!("/ws?room={home}&user=alice"))
+        .await
+        .expect("a");
+    a.expect_joined().await;
+    a.send(&common::ClientFrame::Join {
+        room: target.clone(),
+        since: None,
+    })
+    .await;
+    a.expect_joined().await;
+    a.send_text(&y, "m1", "before the move").await;
+    let (_, first, _) = a.ack().await;
+    c.add_node(3);
+    c.wait_ring_size(3).await;
+    assert_eq!(a.closed().await, 4001, "the bridged room moved");
+    // Meanwhile someone writes to the room on its new owner.
+    let (status, body) = http(
+        c.router(),
+        "POST",
+        &format!("/v1/rooms/{y}/messages?user=bob"),
+        Some(r#"{"cid":"m2","body":"after"}"#),
+    )
+    .await;
+    assert!(matches!(status, 201 | 421 | 502), "{body}");
+    let mut pace = tokio::time::interval(std::time::Duration::from_millis(100));
+    let mut status = status;
+    while status != 201 {
+        pace.tick().await;
+        status = http(
+            c.router(),
+            "POST",
+            &format!("/v1/rooms/{y}/messages?user=bob"),
+            Some(r#"{"cid":"m2","body":"after"}"#),
+        )
+        .await
+        .0;
+        assert!(matches!(status, 200 | 201 | 421 | 502));
+        if status == 200 {
+            break;
+        }
+    }
+    // Alice reconnects, rejoins with `since`, and gets what she missed from the new owner.
+    let mut a = Client::connect(c.router(), &format!("/ws?room={home}&user=alice"))
+        .await
+        .expect("a again");
+    a.expect_joined().await;
+    a.send(&common::ClientFrame::Join {
+        room: target,
+        since: Some(first),
+    })
+    .await;
+    a.expect_joined().await;
+    let m = a.message().await;
+    assert_eq!((m.cid.as_str(), m.body.as_str()), ("m2", "after"));
+    assert_eq!(m.id.node(), 3, "stored by the new owner");
+}

@@ -1,6 +1,8 @@
-//! Cross-shard traffic between nodes.
+//! Cross-shard traffic between nodes, over Redis.
 //!
-//! Today one kind of traffic crosses nodes: an HTTP publish that lands on a node that does
-//! not own the room is forwarded to the owner and answered from there (see `redis.rs`).
+//! `redis.rs` owns the transport (each node's inbox channel, requests and replies) and
+//! forwards HTTP publishes that land on a non-owner. `bridge.rs` lets a WebSocket
+//! connection on one node join rooms owned by others.
 
+pub mod bridge;
 pub mod redis;

@@ -29,7 +29,7 @@ use crate::room::{Accepted, Reply, RoomCmd, Source};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
-enum Envelope {
+pub(crate) enum Envelope {
     /// Store and fan out this message in `room`, then reply to `from_node`.
     Send {
         req: u64,
@@ -38,6 +38,45 @@ enum Envelope {
         user: UserId,
         cid: ClientMsgId,
         body: String,
+    },
+    /// Bridge (requester → owner): join `room` for connection `conn` of `from_node`.
+    Join {
+        from_node: u16,
+        conn: u64,
+        room: RoomId,
+        user: UserId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<MessageId>,
+    },
+    /// Bridge (requester → owner): a `send` from a bridged connection.
+    BridgedSend {
+        from_node: u16,
+        conn: u64,
+        room: RoomId,
+        cid: ClientMsgId,
+        body: String,
+    },
+    /// Bridge (requester → owner): the connection left `room`.
+    Leave {
+        from_node: u16,
+        conn: u64,
+        room: RoomId,
+    },
+    /// Bridge (requester → owner): the connection is gone; drop its proxy.
+    Gone { from_node: u16, conn: u64 },
+    /// Bridge (owner → requester): frames for a bridged connection, numbered per owner so a
+    /// lost message is noticed.
+    Deliver {
+        from_node: u16,
+        conn: u64,
+        seq: u64,
+        frames: Vec<String>,
+    },
+    /// Bridge (owner → requester): the owner closed the connection's proxy with `code`.
+    Closed {
+        from_node: u16,
+        conn: u64,
+        code: u16,
     },
     /// The answer to request `req`.
     Reply {
@@ -61,6 +100,8 @@ pub struct Bus {
     next_req: AtomicU64,
     waiting: Waiters,
     up: AtomicBool,
+    /// Both ends of bridged connections (see `bridge.rs`).
+    pub(crate) bridges: super::bridge::Bridges,
 }
 
 impl Bus {
@@ -85,6 +126,7 @@ impl Bus {
             next_req: AtomicU64::new(1),
             waiting: Mutex::new(HashMap::new()),
             up: AtomicBool::new(false),
+            bridges: super::bridge::Bridges::default(),
         });
         let first = subscribe(&client, &Bus::inbox(prefix, me)).await?;
         bus.set_up(true);
@@ -102,7 +144,15 @@ impl Bus {
         metrics::gauge!(m::BUS_UP).set(if up { 1.0 } else { 0.0 });
     }
 
-    async fn publish(&self, node: u16, env: &Envelope) -> Result<u64, redis::RedisError> {
+    pub(crate) fn me(&self) -> u16 {
+        self.me
+    }
+
+    pub(crate) async fn publish(
+        &self,
+        node: u16,
+        env: &Envelope,
+    ) -> Result<u64, redis::RedisError> {
         let payload = serde_json::to_string(env).unwrap_or_default();
         let mut conn = self.publisher.clone();
         let cmd = redis::cmd("PUBLISH")
@@ -261,14 +311,28 @@ async fn serve_inbox(
                         }
                     });
                 }
+                Ok(env @ (Envelope::Deliver { .. } | Envelope::Closed { .. })) => {
+                    bus.bridges.on_owner_message(env);
+                }
+                Ok(
+                    env @ (Envelope::Join { .. }
+                    | Envelope::BridgedSend { .. }
+                    | Envelope::Leave { .. }
+                    | Envelope::Gone { .. }),
+                ) => {
+                    let Some(state) = state.upgrade() else { return };
+                    super::bridge::on_bridge_request(&bus, &state, env).await;
+                }
                 Err(e) => {
                     metrics::counter!(m::BUS_ERRORS, "kind" => "decode").increment(1);
                     tracing::warn!(error = %e, "undecodable bus message");
                 }
             }
         }
-        // The subscription ended: Redis went away. Resubscribe with backoff.
+        // The subscription ended: Redis went away. Bridged connections may have missed
+        // frames: close them so their clients resume with `since`. Resubscribe with backoff.
         bus.set_up(false);
+        bus.bridges.interrupt_all();
         tracing::warn!("bus subscription lost; reconnecting");
         loop {
             tokio::select! {
