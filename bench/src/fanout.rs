@@ -68,6 +68,11 @@ pub struct FanoutArgs {
     /// Connection attempts (TCP + upgrade + join) in flight at once.
     #[arg(long, env = "CHAT_BENCH_CONNECT_CONCURRENCY", default_value_t = 64)]
     pub connect_concurrency: usize,
+    /// Connect each member to a room of its own (`<room>-home-<member>`) and join the bench
+    /// room over the socket: against a cluster, members whose home room lands on another
+    /// node than the bench room are bridged through Redis (cross-shard).
+    #[arg(long, env = "CHAT_BENCH_BRIDGE")]
+    pub bridge: bool,
     /// Seconds one connection may take to connect and be joined.
     #[arg(long, env = "CHAT_BENCH_CONNECT_TIMEOUT", default_value_t = 10.0)]
     pub connect_timeout: f64,
@@ -692,6 +697,7 @@ struct ConnectPlan {
     room_names: Arc<Vec<Arc<str>>>,
     user_prefix: Arc<str>,
     rate: f64,
+    bridge: bool,
     timeout: Duration,
     hard_stop: watch::Receiver<bool>,
     abandon: Arc<AtomicBool>,
@@ -707,9 +713,23 @@ async fn connect_one(plan: Arc<ConnectPlan>, index: usize) -> Result<Ready, Stri
     let user = format!("{}-{room}-{member}", plan.user_prefix);
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + plan.timeout;
-    let (rd, ws) = client::connect(&plan.target, &room_name, &user, plan.timeout)
+    let home = format!("{room_name}-home-{member}");
+    let query_room: &str = if plan.bridge { &home } else { &room_name };
+    let (rd, mut ws) = client::connect(&plan.target, query_room, &user, plan.timeout)
         .await
         .map_err(|e| format!("{e:#}"))?;
+    if plan.bridge {
+        // The reader signals `joined` only for the bench room, so this join is what the
+        // connect waits for.
+        let mut join = serde_json::to_vec(&common::ClientFrame::Join {
+            room: common::RoomId::new(room_name.to_string()).map_err(|e| e.to_string())?,
+            since: None,
+        })
+        .map_err(|e| e.to_string())?;
+        client::send_text(&mut ws, &mut join)
+            .await
+            .map_err(|e| format!("join {room_name}: {e}"))?;
+    }
     let (reader, control) = client::reader(rd);
     let ring = Arc::new(AckRing::new(plan.rate));
     let (joined_tx, joined_rx) = oneshot::channel();
@@ -849,6 +869,7 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
         ),
         user_prefix: Arc::from(args.user_prefix.as_str()),
         rate: args.rate,
+        bridge: args.bridge,
         timeout: Duration::from_secs_f64(args.connect_timeout),
         hard_stop: stop_rx.clone(),
         abandon: Arc::new(AtomicBool::new(false)),
@@ -1038,6 +1059,7 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
             room_prefix,
             user_prefix: args.user_prefix.clone(),
             connect_concurrency: args.connect_concurrency,
+            bridge: args.bridge,
         },
         ..Default::default()
     };

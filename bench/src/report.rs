@@ -132,6 +132,8 @@ pub struct RunConfig {
     pub room_prefix: String,
     pub user_prefix: String,
     pub connect_concurrency: usize,
+    /// Members joined the bench rooms over the socket from rooms of their own.
+    pub bridge: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
