@@ -41,12 +41,17 @@ pub const BUS_UP: &str = "chat_node_bus_up";
 pub const BUS_PUBLISHED: &str = "chat_node_bus_published_total";
 /// Messages this node received on its bus inbox.
 pub const BUS_RECEIVED: &str = "chat_node_bus_received_total";
-/// Bus failures. Label `kind`: `publish`, `timeout` (no reply in time), `decode`.
+/// Bus failures. Label `kind`: `publish`, `timeout` (no reply in time), `decode`, `gap`
+/// (a bridged connection missed a numbered batch and was closed to resume).
 pub const BUS_ERRORS: &str = "chat_node_bus_errors_total";
 /// Times the bus subscription was restored after Redis went away.
 pub const BUS_RECONNECTS: &str = "chat_node_bus_reconnects_total";
 /// Round trip of a send forwarded to the room's owner, until its reply (or the timeout).
 pub const CROSS_SHARD_SECONDS: &str = "chat_node_cross_shard_seconds";
+/// Remote connections bridged into this node's rooms (owner side, gauge).
+pub const BRIDGE_PROXIES: &str = "chat_node_bridge_proxies";
+/// Room memberships of this node's connections in rooms owned elsewhere (gauge).
+pub const BRIDGED_ROOMS: &str = "chat_node_bridged_rooms";
 
 // ---------------------------------------------------------------------------------------
 // chat-router. Labels: `route` is one of `ws`, `messages`, `room_api`, `owner`, `healthz`,

@@ -151,6 +151,14 @@ fn describe() {
         "HTTP requests, by route and status class."
     );
     describe_gauge!(m::READY, "1 when /readyz answers 200.");
+    describe_gauge!(
+        m::BRIDGE_PROXIES,
+        "Remote connections bridged into this node's rooms."
+    );
+    describe_gauge!(
+        m::BRIDGED_ROOMS,
+        "Memberships of local connections in rooms owned elsewhere."
+    );
     describe_gauge!(m::BUS_UP, "1 while the bus inbox subscription is live.");
     describe_counter!(
         m::BUS_PUBLISHED,

@@ -673,6 +673,11 @@ async fn a_connection_joins_a_room_owned_by_another_node_through_the_bus() {
     let m = a2.message().await;
     assert_eq!(m.id, id, "replayed after `since` with no gap");
     assert!(metric(c.nodes[&1].addr, "chat_node_bus_published_total").await > 0.0);
+    assert!(
+        metric(c.nodes[&1].addr, "chat_node_bridged_rooms").await >= 2.0,
+        "a and a2 bridged"
+    );
+    assert!(metric(c.nodes[&2].addr, "chat_node_bridge_proxies").await >= 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

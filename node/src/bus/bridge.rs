@@ -70,6 +70,11 @@ pub enum BridgeOp {
     },
 }
 
+/// Takes a removed connection's rooms off the bridged-rooms gauge.
+fn untracked(b: &Bridged) {
+    metrics::gauge!(m::BRIDGED_ROOMS).decrement(b.rooms.len() as f64);
+}
+
 fn proxy_id(node: u16, conn: u64) -> u64 {
     (1 << 63) | (u64::from(node) << 40) | (conn & ((1 << 40) - 1))
 }
@@ -84,14 +89,18 @@ impl Bridges {
                 rooms: HashMap::new(),
             });
             b.next_seq.entry(owner).or_insert(1);
-            b.rooms.insert(room, owner);
+            if b.rooms.insert(room, owner).is_none() {
+                metrics::gauge!(m::BRIDGED_ROOMS).increment(1.0);
+            }
         }
     }
 
     fn untrack(&self, conn: u64, room: &RoomId) {
         if let Ok(mut local) = self.local.lock() {
             if let Some(b) = local.get_mut(&conn) {
-                b.rooms.remove(room);
+                if b.rooms.remove(room).is_some() {
+                    metrics::gauge!(m::BRIDGED_ROOMS).decrement(1.0);
+                }
             }
         }
     }
@@ -123,17 +132,22 @@ impl Bridges {
                     metrics::counter!(m::BUS_ERRORS, "kind" => "gap").increment(1);
                     tracing::debug!(conn, from_node, seq, expected = *expected, "bridge gap");
                     b.conn.close(CloseCode::BridgeInterrupted);
-                    local.remove(&conn);
+                    if let Some(b) = local.remove(&conn) {
+                        untracked(&b);
+                    }
                     return;
                 }
                 *expected += 1;
                 let frames = frames.into_iter().map(Bytes::from).collect();
                 if !b.conn.deliver(Out::Frames(frames)) {
-                    local.remove(&conn);
+                    if let Some(b) = local.remove(&conn) {
+                        untracked(&b);
+                    }
                 }
             }
             Envelope::Closed { conn, code, .. } => {
                 if let Some(b) = local.remove(&conn) {
+                    untracked(&b);
                     b.conn
                         .close(CloseCode::from_code(code).unwrap_or(CloseCode::BridgeInterrupted));
                 }
@@ -150,6 +164,7 @@ impl Bridges {
             .map(|mut l| l.drain().map(|(_, b)| b).collect())
             .unwrap_or_default();
         for b in all {
+            untracked(&b);
             if !b.rooms.is_empty() {
                 b.conn.close(CloseCode::BridgeInterrupted);
             }
@@ -229,6 +244,7 @@ impl Bridges {
             CancellationToken::new(),
         );
         let handle = Arc::new(handle);
+        metrics::gauge!(m::BRIDGE_PROXIES).increment(1.0);
         proxies.insert(
             (node, conn),
             Proxy {
@@ -267,6 +283,7 @@ impl Bridges {
             .ok()
             .and_then(|mut p| p.remove(&(node, conn)));
         let Some(proxy) = proxy else { return };
+        metrics::gauge!(m::BRIDGE_PROXIES).decrement(1.0);
         proxy.handle.cancel_silently();
         for room in proxy.rooms {
             let registry = state.registry.clone();
