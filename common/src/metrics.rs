@@ -10,7 +10,7 @@ pub const CONNECTIONS_OPENED: &str = "chat_node_connections_opened_total";
 /// did not complete.
 pub const CONNECTIONS_CLOSED: &str = "chat_node_connections_closed_total";
 pub const ROOMS_ACTIVE: &str = "chat_node_rooms_active";
-/// Label `source`: `ws` or `http`.
+/// Label `source`: `ws`, `http`, or `bus` (forwarded from another node).
 pub const MESSAGES_RECEIVED: &str = "chat_node_messages_received_total";
 pub const MESSAGES_DELIVERED: &str = "chat_node_messages_delivered_total";
 pub const MESSAGES_DUPLICATE: &str = "chat_node_messages_duplicate_total";

@@ -351,7 +351,7 @@ impl ReaderState {
             return;
         }
         if !self.joined.contains_key(&room)
-            && self.joined.len() >= self.state.config.max_rooms_per_connection
+            && self.joined.len() + self.remote.len() >= self.state.config.max_rooms_per_connection
         {
             self.error(
                 ErrorCode::Overloaded,

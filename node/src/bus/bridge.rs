@@ -108,8 +108,11 @@ impl Bridges {
     /// Requester side: the connection ended; returns the owners to tell.
     fn forget_conn(&self, conn: u64) -> Vec<u16> {
         let b = self.local.lock().ok().and_then(|mut l| l.remove(&conn));
-        b.map(|b| b.next_seq.into_keys().collect())
-            .unwrap_or_default()
+        b.map(|b| {
+            untracked(&b);
+            b.next_seq.into_keys().collect()
+        })
+        .unwrap_or_default()
     }
 
     /// Requester side: a `deliver` or `closed` from an owner.
@@ -190,7 +193,10 @@ impl Bridges {
                     .collect();
                 ids.iter()
                     .filter_map(|id| l.remove(id))
-                    .map(|b| b.conn)
+                    .map(|b| {
+                        untracked(&b);
+                        b.conn
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -359,9 +365,10 @@ async fn proxy_writer(
         };
         match bus.publish(node, &env).await {
             Ok(0) | Err(_) => {
-                // The requester is gone or Redis is: its client will resume elsewhere.
+                // The requester is gone, or Redis is: close with 4002 so that, if the
+                // requester can still be reached, its client resumes rather than waits.
                 metrics::counter!(m::BUS_ERRORS, "kind" => "publish").increment(1);
-                handle.cancel_silently();
+                handle.close(CloseCode::BridgeInterrupted);
                 break;
             }
             Ok(_) => {}
@@ -435,17 +442,14 @@ pub(crate) async fn on_bridge_request(bus: &Arc<Bus>, state: &Arc<NodeState>, en
         Envelope::BridgedSend {
             from_node,
             conn,
+            user,
             room,
             cid,
             body,
         } => {
-            let proxy = bus
-                .bridges
-                .proxies
-                .lock()
-                .ok()
-                .and_then(|p| p.get(&(from_node, conn)).map(|p| p.handle.clone()));
-            let Some(proxy) = proxy else { return };
+            // Without a proxy (its join failed or was never seen) the proxy is created now,
+            // so the room's `not_joined` answer reaches the sender instead of silence.
+            let proxy = bus.bridges.proxy(bus, state, from_node, conn, &user);
             let cmd = RoomCmd::Send {
                 from: proxy.user.clone(),
                 cid,
@@ -513,6 +517,9 @@ pub fn start_ops(bus: Arc<Bus>, conn: Arc<ConnHandle>) -> mpsc::Sender<BridgeOp>
     let (tx, mut rx) = mpsc::channel::<BridgeOp>(OPS_QUEUE);
     tokio::spawn(async move {
         let me = bus.me();
+        // Owners this connection ever joined through: each is told `gone` at the end, even
+        // if the bridge record was already removed (gap, moved room, lost bus link).
+        let mut owners: HashSet<u16> = HashSet::new();
         loop {
             let op = tokio::select! {
                 biased;
@@ -521,6 +528,7 @@ pub fn start_ops(bus: Arc<Bus>, conn: Arc<ConnHandle>) -> mpsc::Sender<BridgeOp>
             };
             let (owner, env, cid_room) = match op {
                 BridgeOp::Join { owner, room, since } => {
+                    owners.insert(owner);
                     bus.bridges.track(&conn, room.clone(), owner);
                     let env = Envelope::Join {
                         from_node: me,
@@ -540,6 +548,7 @@ pub fn start_ops(bus: Arc<Bus>, conn: Arc<ConnHandle>) -> mpsc::Sender<BridgeOp>
                     let env = Envelope::BridgedSend {
                         from_node: me,
                         conn: conn.id,
+                        user: conn.user.clone(),
                         room: room.clone(),
                         cid: cid.clone(),
                         body,
@@ -573,7 +582,8 @@ pub fn start_ops(bus: Arc<Bus>, conn: Arc<ConnHandle>) -> mpsc::Sender<BridgeOp>
                 }
             }
         }
-        for owner in bus.bridges.forget_conn(conn.id) {
+        owners.extend(bus.bridges.forget_conn(conn.id));
+        for owner in owners {
             let _ = bus
                 .publish(
                     owner,

@@ -52,6 +52,7 @@ pub(crate) enum Envelope {
     BridgedSend {
         from_node: u16,
         conn: u64,
+        user: UserId,
         room: RoomId,
         cid: ClientMsgId,
         body: String,
