@@ -678,6 +678,19 @@ async fn a_connection_joins_a_room_owned_by_another_node_through_the_bus() {
         "a and a2 bridged"
     );
     assert!(metric(c.nodes[&2].addr, "chat_node_bridge_proxies").await >= 2.0);
+    // When the bridged connections end, the owner drops their proxies and memberships.
+    drop(a);
+    drop(a2);
+    let owner = c.nodes[&2].addr;
+    eventually("proxies dropped on the owner", || async move {
+        metric(owner, "chat_node_bridge_proxies").await == 0.0
+    })
+    .await;
+    let requester = c.nodes[&1].addr;
+    eventually("bridged rooms forgotten on the requester", || async move {
+        metric(requester, "chat_node_bridged_rooms").await == 0.0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
