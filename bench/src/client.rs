@@ -21,7 +21,7 @@ use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt as _, Chain};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 
 /// Where the node (or router) is: resolved once, reused by every connection.
@@ -98,17 +98,47 @@ pub async fn connect(
     user: &str,
     timeout: Duration,
 ) -> anyhow::Result<(WsRead, WsWrite)> {
-    tokio::time::timeout(timeout, connect_inner(target, room, user))
+    tokio::time::timeout(timeout, connect_inner(target, room, user, None))
         .await
         .map_err(|_| anyhow!("connect timed out"))?
+}
+
+/// Like [`connect`], with the socket's receive buffer (`SO_RCVBUF`) set to `recv_buffer`
+/// bytes before connecting: a client that stops reading then fills its buffers quickly
+/// (the slow-consumer test).
+pub async fn connect_with_recv_buffer(
+    target: &Target,
+    room: &str,
+    user: &str,
+    timeout: Duration,
+    recv_buffer: u32,
+) -> anyhow::Result<(WsRead, WsWrite)> {
+    tokio::time::timeout(
+        timeout,
+        connect_inner(target, room, user, Some(recv_buffer)),
+    )
+    .await
+    .map_err(|_| anyhow!("connect timed out"))?
 }
 
 async fn connect_inner(
     target: &Target,
     room: &str,
     user: &str,
+    recv_buffer: Option<u32>,
 ) -> anyhow::Result<(WsRead, WsWrite)> {
-    let stream = TcpStream::connect(target.addr).await?;
+    let stream = match recv_buffer {
+        None => TcpStream::connect(target.addr).await?,
+        Some(size) => {
+            let socket = if target.addr.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.set_recv_buffer_size(size)?;
+            socket.connect(target.addr).await?
+        }
+    };
     // Each send is one small frame; Nagle would add up to 40 ms to the latency we measure.
     stream.set_nodelay(true)?;
     let req = Request::builder()

@@ -6,11 +6,13 @@
 //! what the cluster guarantees (delivery, order, isolation, acks) and how fast, and returns a
 //! [`report::Report`] that is printed as Markdown and optionally written as JSON.
 
+pub mod baseline;
 pub mod client;
 pub mod fanout;
 pub mod metrics_scrape;
 pub mod payload;
 pub mod report;
+pub mod seed;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +32,16 @@ pub enum Command {
     /// Rooms × members connections; every member sends at a paced rate and receives its
     /// room's traffic. Reports loss, duplicates, order, acks and latency.
     Fanout(fanout::FanoutArgs),
+    /// The three load tests of BRIEF.md in turn, each with a PASS/FAIL verdict and its
+    /// evidence: (a) 100 clients × 10 msg/s in one room, nothing lost, duplicated or out of
+    /// order and every send acked; (b) 10 rooms × 50 clients, isolated and lossless; (c) one
+    /// slow client among 100, closed with 4000 while the other 99 receive everything.
+    /// Exit status 0 when all pass, 1 otherwise.
+    SeedSuite(seed::SeedSuiteArgs),
+    /// The ceiling reference: a bare fastwebsockets broadcast server (no auth, ids beyond a
+    /// counter, storage or cluster) that `fanout` drives unchanged; a node's figures can be
+    /// read as a fraction of it. Stops on Ctrl-C or after --max-seconds.
+    Baseline(baseline::BaselineArgs),
 }
 
 /// How a run failed; `main` maps each kind to an exit status.
@@ -57,19 +69,48 @@ pub async fn run(cli: Cli, command: String) -> Result<(), BenchError> {
         Command::Fanout(args) => {
             let (json, markdown) = (args.json.clone(), args.markdown.clone());
             let report = fanout::run(args, command).await?;
-            let md = report.to_markdown();
-            println!("{md}");
-            if let Some(path) = json {
-                std::fs::write(&path, report.to_json() + "\n").map_err(|e| {
-                    BenchError::Failed(anyhow::anyhow!("writing {}: {e}", path.display()))
-                })?;
-            }
-            if let Some(path) = markdown {
-                std::fs::write(&path, md).map_err(|e| {
-                    BenchError::Failed(anyhow::anyhow!("writing {}: {e}", path.display()))
-                })?;
-            }
-            Ok(())
+            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)
         }
+        Command::SeedSuite(args) => {
+            let (json, markdown) = (args.json.clone(), args.markdown.clone());
+            let suite = seed::run(args, command).await?;
+            write_reports(&suite.to_markdown(), &suite.to_json(), json, markdown)?;
+            if suite.pass {
+                Ok(())
+            } else {
+                let failed: Vec<&str> = suite
+                    .tests
+                    .iter()
+                    .filter(|t| !t.verdict.pass)
+                    .map(|t| t.id)
+                    .collect();
+                Err(BenchError::Failed(anyhow::anyhow!(
+                    "seed suite failed: test(s) {}",
+                    failed.join(", ")
+                )))
+            }
+        }
+        Command::Baseline(args) => baseline::run(args).await,
     }
+}
+
+/// Prints the Markdown on stdout and writes the files asked for.
+fn write_reports(
+    md: &str,
+    json: &str,
+    json_path: Option<std::path::PathBuf>,
+    md_path: Option<std::path::PathBuf>,
+) -> Result<(), BenchError> {
+    println!("{md}");
+    let write = |path: &std::path::Path, text: String| {
+        std::fs::write(path, text)
+            .map_err(|e| BenchError::Failed(anyhow::anyhow!("writing {}: {e}", path.display())))
+    };
+    if let Some(path) = json_path {
+        write(&path, format!("{json}\n"))?;
+    }
+    if let Some(path) = md_path {
+        write(&path, md.to_owned())?;
+    }
+    Ok(())
 }

@@ -2,7 +2,7 @@
 //!
 //! Exit status: 0 when the run completed (losses are results, reported, not failures), 64
 //! for bad arguments, 1 when the run could not be carried out (e.g. more connect failures
-//! than `--max-connect-failures`).
+//! than `--max-connect-failures`) or, for `seed-suite`, when any of its tests failed.
 
 use std::process::ExitCode;
 
