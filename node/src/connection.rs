@@ -326,6 +326,9 @@ impl ReaderState {
     }
 
     fn join(&mut self, room: RoomId, since: Option<MessageId>) {
+        if !self.may_join(&room) {
+            return;
+        }
         if let Some(owner) = self.state.cluster.owner_elsewhere(&room) {
             if self.state.bus.get().is_some() {
                 self.join_remote(room, since, owner.id);
@@ -339,26 +342,6 @@ impl ReaderState {
                 room: Some(room.to_string()),
                 owner: Some(owner.addr),
             });
-            return;
-        }
-        if !self.principal.may_use(&room) {
-            self.error(
-                ErrorCode::Forbidden,
-                "the token does not allow this room",
-                None,
-                Some(&room),
-            );
-            return;
-        }
-        if !self.joined.contains_key(&room)
-            && self.joined.len() + self.remote.len() >= self.state.config.max_rooms_per_connection
-        {
-            self.error(
-                ErrorCode::Overloaded,
-                "joined-room limit reached for this connection; leave a room first",
-                None,
-                Some(&room),
-            );
             return;
         }
         let cmd = RoomCmd::Join {
@@ -404,28 +387,35 @@ impl ReaderState {
         false
     }
 
-    /// Joins a room owned by another node through the bus (see `bus/bridge.rs`).
-    fn join_remote(&mut self, room: RoomId, since: Option<MessageId>, owner: u16) {
-        if !self.principal.may_use(&room) {
+    /// The checks every join passes, local or bridged: the token allows the room, and the
+    /// connection is under its joined-room limit (local and remote rooms together).
+    fn may_join(&self, room: &RoomId) -> bool {
+        if !self.principal.may_use(room) {
             self.error(
                 ErrorCode::Forbidden,
                 "the token does not allow this room",
                 None,
-                Some(&room),
+                Some(room),
             );
-            return;
+            return false;
         }
-        if !self.remote.contains_key(&room)
+        let already = self.joined.contains_key(room) || self.remote.contains_key(room);
+        if !already
             && self.joined.len() + self.remote.len() >= self.state.config.max_rooms_per_connection
         {
             self.error(
                 ErrorCode::Overloaded,
                 "joined-room limit reached for this connection; leave a room first",
                 None,
-                Some(&room),
+                Some(room),
             );
-            return;
+            return false;
         }
+        true
+    }
+
+    /// Joins a room owned by another node through the bus (see `bus/bridge.rs`).
+    fn join_remote(&mut self, room: RoomId, since: Option<MessageId>, owner: u16) {
         if self.bridge_op(
             BridgeOp::Join {
                 owner,
