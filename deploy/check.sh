@@ -6,7 +6,8 @@
 #     for the structure this cluster needs (ids, advertise names, probes, grace periods...);
 #   - the Grafana dashboard: valid JSON (python3 -m json.tool) and well-formed panels;
 #   - every chat_* metric named in alerts.yml and the dashboard exists in common/src/metrics.rs,
-#     and every alert's runbook anchor is a heading of deploy/OPERATIONS.md.
+#     every metric of metrics.rs is described in deploy/OPERATIONS.md,
+#     and every alert links to its own section (### AlertName) of deploy/OPERATIONS.md.
 # Exit status: 0 when everything passed, 1 otherwise.
 set -uo pipefail
 
@@ -190,6 +191,9 @@ def slug(h):
     return h.replace(" ", "-")
 anchors = {slug(m) for m in re.findall(r"^#{1,6}\s+(.+)$", ops, re.M)}
 
+undocumented = sorted(n for n in defined if f"`{n}`" not in ops)
+check(not undocumented, "every metric of common/src/metrics.rs is described in OPERATIONS.md" + (f"; missing {undocumented}" if undocumented else ""))
+
 # --- alerts.yml ------------------------------------------------------------------------------
 alerts_path = os.path.join(D, "prometheus/alerts.yml")
 alerts = yaml.safe_load(open(alerts_path))
@@ -201,6 +205,7 @@ for r in rules:
     rb = ann.get("runbook", "")
     m = re.fullmatch(r"OPERATIONS\.md#([a-z0-9\-_]+)", rb)
     check(bool(m) and m.group(1) in anchors, f"alert {r['alert']} runbook {rb!r} is a section of OPERATIONS.md")
+    check(bool(m) and m.group(1) == r["alert"].lower(), f"alert {r['alert']} has its own section (### {r['alert']}) in OPERATIONS.md \"Alerts\"")
     check(r.get("labels", {}).get("severity") in ("warning", "critical"), f"alert {r['alert']} has a severity")
 alert_text = "\n".join(r["expr"] for r in rules)
 check_names("alerts.yml", referenced(alert_text))

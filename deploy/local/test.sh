@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The project's test command (README, CI): start the real servers (or use the ones named by
-# CHAT_REDIS_URL / CHAT_CQL_NODES), export their addresses (and CHAT_REDIS_PID / CHAT_CQL_PID
-# for outage tests), run `cargo test --workspace "$@"` against them, and stop on exit whatever
-# this run started. Exits with cargo's status. With -p/--package, --workspace is left out.
+# The project's test command (README, CI): validate the deployment files (deploy/check.sh:
+# promtool, compose/Kubernetes/Grafana structure, metric names; it installs Debian's
+# prometheus package when missing, which the Prometheus scrape test also needs), start the
+# real servers (or use the ones named by CHAT_REDIS_URL / CHAT_CQL_NODES), export their
+# addresses (and CHAT_REDIS_PID / CHAT_CQL_PID for outage tests), run
+# `cargo test --workspace "$@"` against them, and stop on exit whatever this run started.
+# Exits non-zero when either the checks or cargo failed. With -p/--package, --workspace is
+# left out.
 #   deploy/local/test.sh                 # whole workspace
 #   deploy/local/test.sh -p common       # extra arguments go to cargo test
 # CHAT_KEEP_SERVERS=1 leaves the servers running afterwards (faster repeated runs; stop them
@@ -29,6 +33,9 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+checks=0
+"$repo/deploy/check.sh" || checks=$?
+
 CHAT_SERVERS_STARTED_FILE=$started "$servers" start
 eval "$("$servers" env)"
 echo "[test] CHAT_REDIS_URL=$CHAT_REDIS_URL CHAT_CQL_NODES=$CHAT_CQL_NODES" \
@@ -46,4 +53,8 @@ for arg in "$@"; do
 done
 rc=0
 cargo test "${scope[@]}" "$@" || rc=$?
+if ((checks != 0)); then
+    echo "[test] deploy/check.sh failed (see its summary above)" >&2
+    ((rc != 0)) || rc=$checks
+fi
 exit "$rc"

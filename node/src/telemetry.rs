@@ -51,6 +51,7 @@ fn metrics() -> &'static Metrics {
         let process = metrics_process::Collector::default();
         process.describe();
         describe();
+        register_zeroes();
         Metrics { handle, process }
     })
 }
@@ -178,4 +179,46 @@ fn describe() {
         Unit::Seconds,
         "Forwarded send round trip to the owner."
     );
+}
+
+/// Creates, at zero, every series an alert or the dashboard reads that would otherwise only
+/// appear with its first event: `rate()` needs two samples, so an alert on the first
+/// store error of a fresh series would never fire, and a dashboard panel of a missing
+/// series is indistinguishable from a renamed metric. Labelled counters get every label
+/// value the code can emit.
+fn register_zeroes() {
+    use common::ErrorCode;
+    for name in [
+        m::SLOW_CONSUMER_DISCONNECTS,
+        m::ROOM_INBOX_FULL,
+        m::MESSAGES_DUPLICATE,
+        m::MESSAGES_REPLAYED,
+        m::STORE_READS_COALESCED,
+        m::BUS_RECONNECTS,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for op in ["append", "read"] {
+        metrics::counter!(m::STORE_ERRORS, "op" => op).increment(0);
+    }
+    for kind in ["publish", "timeout", "decode", "gap"] {
+        metrics::counter!(m::BUS_ERRORS, "kind" => kind).increment(0);
+    }
+    for code in ErrorCode::ALL {
+        metrics::counter!(m::BAD_INPUT, "kind" => code.as_str()).increment(0);
+    }
+    metrics::counter!(m::BAD_INPUT, "kind" => "protocol_error").increment(0);
+    for name in [m::BRIDGE_PROXIES, m::BRIDGED_ROOMS, m::STORE_PENDING] {
+        metrics::gauge!(name).increment(0.0);
+    }
+    for name in [
+        m::QUEUE_FILL_RATIO,
+        m::FANOUT_SECONDS,
+        m::ACK_SECONDS,
+        m::STORE_WRITE_SECONDS,
+        m::CROSS_SHARD_SECONDS,
+    ] {
+        // Registers the histogram; it renders with zero counts until the first sample.
+        let _ = metrics::histogram!(name);
+    }
 }

@@ -46,6 +46,7 @@ fn metrics() -> &'static Metrics {
         let process = metrics_process::Collector::default();
         process.describe();
         describe();
+        register_zeroes();
         Metrics { handle, process }
     })
 }
@@ -134,4 +135,13 @@ fn describe() {
     );
     describe_counter!(m::ROUTER_RING_CHANGES, "Ring changes this router has seen.");
     describe_gauge!(m::ROUTER_READY, "1 when /readyz answers 200.");
+}
+
+/// Creates, at zero, the series alerts read that would otherwise only appear with their
+/// first event (`rate()` needs two samples to see an increase; see the node's twin).
+fn register_zeroes() {
+    metrics::counter!(m::ROUTER_RING_CHANGES).increment(0);
+    for kind in ["connect", "timeout", "protocol"] {
+        metrics::counter!(m::ROUTER_UPSTREAM_ERRORS, "kind" => kind).increment(0);
+    }
 }

@@ -2,6 +2,8 @@
 //! talks to it over real sockets. No fixed ports, no sleeps for readiness.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
