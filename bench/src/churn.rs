@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Args;
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use tokio::sync::watch;
 
 use crate::auth::{Auth, AuthArgs};
 use crate::chart::{Chart, Panel, Series};
@@ -110,6 +111,8 @@ const MAX_SECONDS: f64 = 86_400.0;
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Timeline buckets kept (one per second); longer runs keep the first hour.
 const MAX_BUCKETS: usize = 3600;
+/// Longest a connection open at the end waits for the end-of-storm sample.
+const RELEASE_WAIT: Duration = Duration::from_secs(15);
 
 impl ChurnArgs {
     fn room_prefix(&self) -> String {
@@ -222,6 +225,14 @@ pub fn slot_rng(seed: u64, slot: usize) -> SplitMix64 {
     r
 }
 
+fn quantile(h: &Histogram<u64>, q: f64) -> u64 {
+    if h.is_empty() {
+        0
+    } else {
+        h.value_at_quantile(q)
+    }
+}
+
 /// One second of the run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ChurnPoint {
@@ -308,6 +319,9 @@ struct SlotPlan {
     end: tokio::time::Instant,
     connect_timeout: Duration,
     ack_timeout: Duration,
+    /// Set once the end-of-storm metrics are sampled: connections open at `end` stay open
+    /// until then, so that sample sees them.
+    release: watch::Receiver<bool>,
 }
 
 async fn slot(p: Arc<SlotPlan>, slot: usize) {
@@ -385,6 +399,10 @@ async fn slot(p: Arc<SlotPlan>, slot: usize) {
         let until = (tokio::time::Instant::now() + life).min(p.end);
         let by_server = live.wait_until(until).await;
         let at_end = tokio::time::Instant::now() >= p.end;
+        if at_end && !by_server {
+            let mut release = p.release.clone();
+            let _ = tokio::time::timeout(RELEASE_WAIT, release.wait_for(|r| *r)).await;
+        }
         let end = live.finish(CLOSE_GRACE).await;
         p.tally.stats(|s| {
             if let Some(e) = &end {
@@ -655,6 +673,7 @@ pub async fn run(args: ChurnArgs, command: String) -> Result<ChurnReport, BenchE
             ..Default::default()
         }),
     });
+    let (release_tx, release_rx) = watch::channel(false);
     let plan = Arc::new(SlotPlan {
         tally: tally.clone(),
         targets: Arc::new(targets),
@@ -669,6 +688,7 @@ pub async fn run(args: ChurnArgs, command: String) -> Result<ChurnReport, BenchE
         end,
         connect_timeout: Duration::from_secs_f64(args.connect_timeout),
         ack_timeout: Duration::from_secs_f64(args.ack_timeout),
+        release: release_rx,
     });
     let cpu0 = report::self_cpu_seconds();
     let t0 = Instant::now();
@@ -703,8 +723,9 @@ pub async fn run(args: ChurnArgs, command: String) -> Result<ChurnReport, BenchE
     let cpu1 = report::self_cpu_seconds();
     let t1 = Instant::now();
     let loaded = watched.sample().await;
+    let _ = release_tx.send(true);
     // Every slot ends within its current step's bound after `end`.
-    let bound = end
+    let bound = tokio::time::Instant::now()
         + Duration::from_secs_f64(args.connect_timeout + args.ack_timeout)
         + CLOSE_GRACE * 2
         + Duration::from_secs(5);
@@ -776,12 +797,8 @@ pub async fn run(args: ChurnArgs, command: String) -> Result<ChurnReport, BenchE
                 connects: b.connects,
                 disconnects: b.disconnects,
                 failures: b.failures,
-                connect_p50_us: (!b.hist.is_empty())
-                    .then(|| b.hist.value_at_quantile(0.5))
-                    .unwrap_or(0),
-                connect_p99_us: (!b.hist.is_empty())
-                    .then(|| b.hist.value_at_quantile(0.99))
-                    .unwrap_or(0),
+                connect_p50_us: quantile(&b.hist, 0.5),
+                connect_p99_us: quantile(&b.hist, 0.99),
                 connect_max_us: b.hist.max(),
             })
             .collect();

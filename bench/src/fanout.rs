@@ -1235,8 +1235,8 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
 }
 
 /// One timeline point per second from the first send until the close: the e2e latency of
-/// the messages received in that second (as readers flush them, at most 250 ms late) and
-/// the sends and deliveries made in it.
+/// the measured-window messages (warmup ones are not timed) received in that second (as
+/// readers flush them, at most 250 ms late) and the sends and deliveries made in it.
 async fn timeline(
     shared: Arc<Shared>,
     start: Instant,
@@ -1308,6 +1308,15 @@ pub fn chart(r: &Report) -> String {
     let pts = |f: &dyn Fn(&TimelinePoint) -> f64| -> Vec<(f64, f64)> {
         r.timeline.iter().map(|p| (p.t_s, f(p))).collect()
     };
+    // Latency is measured inside the measured window only: seconds without samples are
+    // gaps, not zeros.
+    let lat = |us: fn(&TimelinePoint) -> u64| -> Vec<(f64, f64)> {
+        r.timeline
+            .iter()
+            .filter(|p| p.e2e_samples > 0)
+            .map(|p| (p.t_s, us(p) as f64 / 1000.0))
+            .collect()
+    };
     let c = &r.config;
     Chart {
         title: format!(
@@ -1330,17 +1339,17 @@ pub fn chart(r: &Report) -> String {
                     Series {
                         name: "p50".into(),
                         color: "#1f77b4",
-                        points: pts(&|p| p.e2e_p50_us as f64 / 1000.0),
+                        points: lat(|p| p.e2e_p50_us),
                     },
                     Series {
                         name: "p99".into(),
                         color: "#ff7f0e",
-                        points: pts(&|p| p.e2e_p99_us as f64 / 1000.0),
+                        points: lat(|p| p.e2e_p99_us),
                     },
                     Series {
                         name: "max".into(),
                         color: "#d62728",
-                        points: pts(&|p| p.e2e_max_us as f64 / 1000.0),
+                        points: lat(|p| p.e2e_max_us),
                     },
                 ],
             },
