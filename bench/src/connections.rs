@@ -404,12 +404,12 @@ pub(crate) fn latency_table(out: &mut String, rows: &[(&str, &LatencySummary)]) 
 
 pub(crate) fn servers_table(out: &mut String, servers: &[ServerFigures], loaded: &str) {
     out.push_str(&format!(
-        "| server | RSS before | RSS {loaded} | RSS after close | connections gauge before / {loaded} / after | CPU (% of one core) |\n|---|---|---|---|---|---|\n"
+        "| server | RSS before | RSS {loaded} | RSS after close | connections gauge before / {loaded} / after | RSS growth per own connection | CPU (% of one core) |\n|---|---|---|---|---|---|---|\n"
     ));
     let g = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.0}"));
     for s in servers {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} / {} / {} | {} |\n",
+            "| {} | {} | {} | {} | {} / {} / {} | {} | {} |\n",
             s.metrics_url,
             servers::mib(s.rss_before),
             servers::mib(s.rss_loaded),
@@ -417,12 +417,14 @@ pub(crate) fn servers_table(out: &mut String, servers: &[ServerFigures], loaded:
             g(s.connections_before),
             g(s.connections_loaded),
             g(s.connections_after),
+            s.rss_per_own_connection
+                .map_or_else(|| "n/a".to_owned(), |b| format!("{:.1} KiB", b / 1024.0)),
             s.cpu_percent
                 .map_or_else(|| "n/a".to_owned(), |p| format!("{p:.1}%")),
         ));
         if let Some(e) = &s.error {
             out.push_str(&format!(
-                "| ↳ {} metrics n/a: {e} | | | | | |\n",
+                "| ↳ {} metrics n/a: {e} | | | | | | |\n",
                 s.metrics_url
             ));
         }

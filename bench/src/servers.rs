@@ -50,6 +50,9 @@ pub struct ServerFigures {
     pub connections_before: Option<f64>,
     pub connections_loaded: Option<f64>,
     pub connections_after: Option<f64>,
+    /// (loaded − before) RSS / this server's own connection gauge when loaded: what one
+    /// connection costs this process (a router holds two sockets per client).
+    pub rss_per_own_connection: Option<f64>,
     /// Percent of one core between the first two samples.
     pub cpu_percent: Option<f64>,
     pub error: Option<String>,
@@ -139,6 +142,10 @@ pub fn figures(
                 connections_before: b.connections,
                 connections_loaded: l.connections,
                 connections_after: a.connections,
+                rss_per_own_connection: match (rss(b), rss(l), l.connections) {
+                    (Some(x), Some(y), Some(n)) if n > 0.0 => Some((y as f64 - x as f64) / n),
+                    _ => None,
+                },
                 cpu_percent: metrics_scrape::cpu_percent(&b.process, &l.process, wall),
                 error: b
                     .error
