@@ -358,6 +358,9 @@ pub struct ConnectionsReport {
     pub rss_per_connection_bytes: Option<f64>,
     /// Σ RSS after the close + settle minus before the ramp.
     pub rss_retained_bytes: Option<i64>,
+    /// SYNs this machine dropped on full accept queues during the ramp (see
+    /// `report::listen_overflows`).
+    pub listen_overflows_during_ramp: Option<u64>,
     pub notes: Vec<String>,
 }
 
@@ -486,6 +489,11 @@ impl ConnectionsReport {
             ),
             ("server RSS per connection", per_conn),
             (
+                "SYNs dropped on full accept queues (this machine, during the ramp)",
+                self.listen_overflows_during_ramp
+                    .map_or_else(|| "n/a".to_owned(), |n| n.to_string()),
+            ),
+            (
                 "server RSS kept after close",
                 self.rss_retained_bytes.map_or_else(
                     || "n/a".to_owned(),
@@ -557,6 +565,7 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
     let auth = Auth::from_args(&args.auth).map_err(BenchError::Config)?;
 
     let before = watched.sample().await;
+    let overflows0 = report::listen_overflows();
     let ramp_wall = args.connections as f64 / args.rate;
     let ramp_deadline = Duration::from_secs_f64(ramp_wall + args.connect_timeout) + START_GRACE;
     let max_hold_s = ramp_deadline.as_secs_f64() + args.hold + 60.0;
@@ -615,6 +624,7 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
         }
     }
     let ramp_end = Instant::now();
+    let overflows1 = report::listen_overflows();
     if !args.quiet {
         eprintln!(
             "chat-bench connections: {ramped}/{} workers ramped in {:.2} s; holding {} s",
@@ -730,10 +740,32 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
     r.servers = servers::figures(&watched.servers, &before, &loaded, &after);
     r.rss_per_connection_bytes = servers::rss_per_connection(&r.servers, r.joined);
     r.rss_retained_bytes = servers::rss_retained(&r.servers);
+    r.listen_overflows_during_ramp = match (overflows0, overflows1) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
 
     let notes = &mut r.notes;
     notes.push(report::load_note(r.load_average.as_deref(), r.nproc));
     notes.extend(problems);
+    if let Some(n) = r.listen_overflows_during_ramp.filter(|n| *n > 0) {
+        notes.push(format!(
+            "this machine dropped {n} SYNs on full accept queues during the ramp \
+             (TcpExt ListenOverflows, machine-wide): each costs its client a 1 s (then 3 s) \
+             retransmit, which shows as a second mode in connect latency; lower \
+             --connect-concurrency or raise the servers' listen backlog"
+        ));
+    }
+    if r.rss_retained_bytes.is_some_and(|b| b > 0)
+        || r.rss_per_connection_bytes.is_some_and(|b| b < 1024.0)
+    {
+        notes.push(
+            "servers keep freed memory for reuse (RSS does not fall after the close, and a \
+             repeat run on the same processes grows it little): measure memory per \
+             connection on freshly started servers"
+                .into(),
+        );
+    }
     if r.bench_saturated {
         notes.push(format!(
             "load generator saturated during the ramp ({:.0}% of one core on {} cores): the \

@@ -477,6 +477,25 @@ pub fn load_average() -> Option<String> {
     (fields.len() == 3).then(|| fields.join(" "))
 }
 
+/// `TcpExt: ListenOverflows` from `/proc/net/netstat`: SYNs this machine dropped because a
+/// listener's accept queue was full. Each one costs the client a retransmit (1 s, then 3 s,
+/// ...), which is what a bimodal connect latency usually is. Machine-wide: meaningful when
+/// the servers run on the bench's machine.
+pub fn listen_overflows() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if !names.starts_with("TcpExt:") {
+            continue;
+        }
+        let i = names
+            .split_whitespace()
+            .position(|n| n == "ListenOverflows")?;
+        return values.split_whitespace().nth(i)?.parse().ok();
+    }
+    None
+}
+
 /// The note every report carries about the load at its start.
 pub fn load_note(load: Option<&str>, nproc: usize) -> String {
     match load {
