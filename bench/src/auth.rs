@@ -109,11 +109,16 @@ impl Auth {
                         path.display()
                     )
                 })?;
-                Ok(Auth::Jwt {
+                let auth = Auth::Jwt {
                     key: Box::new(key),
                     algorithm: Algorithm::RS256,
                     ttl_s: args.jwt_ttl,
-                })
+                };
+                // A PEM that parses may still not sign (a public key, say): find out now,
+                // not once per connection.
+                auth.credentials("probe")
+                    .map_err(|e| format!("--jwt-key: {} cannot sign: {e}", path.display()))?;
+                Ok(auth)
             }
             (None, None) => Ok(Auth::Dev),
         }
@@ -232,6 +237,37 @@ mod tests {
             let e = Auth::from_args(&args).expect_err(needle);
             assert!(e.contains(needle), "{e}");
         }
+    }
+
+    #[test]
+    fn rs256_token_verifies_with_the_public_key() {
+        // A key pair made for this test only (bench/tests/data), never used anywhere else.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        let a = Auth::from_args(&AuthArgs {
+            jwt_secret: None,
+            jwt_key: Some(dir.join("test-rs256-private.pem")),
+            jwt_ttl: 60,
+        })
+        .expect("rs256");
+        assert_eq!(a.describe(), "JWT RS256 (token=)");
+        let creds = a.credentials("bob").expect("creds");
+        let token = creds.strip_prefix("token=").expect("token=");
+        let public = std::fs::read(dir.join("test-rs256-public.pem")).expect("public key");
+        let data = jsonwebtoken::decode::<Claims>(
+            token,
+            &DecodingKey::from_rsa_pem(&public).expect("pem"),
+            &Validation::new(Algorithm::RS256),
+        )
+        .expect("valid");
+        assert_eq!(data.claims.sub, "bob");
+        // The public key is not a signing key: a clear error naming the flag.
+        let e = Auth::from_args(&AuthArgs {
+            jwt_secret: None,
+            jwt_key: Some(dir.join("test-rs256-public.pem")),
+            jwt_ttl: 60,
+        })
+        .expect_err("public key");
+        assert!(e.contains("--jwt-key"), "{e}");
     }
 
     #[test]

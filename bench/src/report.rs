@@ -596,6 +596,17 @@ mod tests {
     }
 
     #[test]
+    fn machine_counters_read_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(listen_overflows().is_some());
+            let load = load_average().expect("loadavg");
+            assert_eq!(load.split(' ').count(), 3, "{load}");
+            assert!(load_note(Some(&load), 2).contains(&load));
+        }
+        assert!(load_note(None, 2).contains("n/a"));
+    }
+
+    #[test]
     fn saturation_threshold() {
         assert!(!is_saturated(150.0, 2));
         assert!(is_saturated(185.0, 2));
