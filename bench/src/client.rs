@@ -9,7 +9,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::Cursor;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
@@ -98,7 +98,35 @@ pub async fn connect(
     user: &str,
     timeout: Duration,
 ) -> anyhow::Result<(WsRead, WsWrite)> {
-    tokio::time::timeout(timeout, connect_inner(target, room, user, None))
+    let opts = ConnectOptions {
+        credentials: format!("user={user}"),
+        ..Default::default()
+    };
+    connect_as(target, room, &opts, timeout).await
+}
+
+/// How one connection is made beyond its room: who it is and where it comes from.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// The upgrade query's credentials, `user=U` or `token=JWT` (see [`crate::auth`]).
+    pub credentials: String,
+    /// Bind the socket to this local address (port 0) before connecting: each source
+    /// address has its own ephemeral ports, which lifts the one-address limit (~28,000
+    /// connections) on loopback.
+    pub source: Option<IpAddr>,
+    /// `SO_RCVBUF` in bytes, set before connecting.
+    pub recv_buffer: Option<u32>,
+}
+
+/// Opens a WebSocket to `target` joined (through the query) to `room`, as `opts` says,
+/// within `timeout`. `room` must already be a valid id (it is placed in the URL unescaped).
+pub async fn connect_as(
+    target: &Target,
+    room: &str,
+    opts: &ConnectOptions,
+    timeout: Duration,
+) -> anyhow::Result<(WsRead, WsWrite)> {
+    tokio::time::timeout(timeout, connect_inner(target, room, opts))
         .await
         .map_err(|_| anyhow!("connect timed out"))?
 }
@@ -113,37 +141,45 @@ pub async fn connect_with_recv_buffer(
     timeout: Duration,
     recv_buffer: u32,
 ) -> anyhow::Result<(WsRead, WsWrite)> {
-    tokio::time::timeout(
-        timeout,
-        connect_inner(target, room, user, Some(recv_buffer)),
-    )
-    .await
-    .map_err(|_| anyhow!("connect timed out"))?
+    let opts = ConnectOptions {
+        credentials: format!("user={user}"),
+        source: None,
+        recv_buffer: Some(recv_buffer),
+    };
+    connect_as(target, room, &opts, timeout).await
 }
 
 async fn connect_inner(
     target: &Target,
     room: &str,
-    user: &str,
-    recv_buffer: Option<u32>,
+    opts: &ConnectOptions,
 ) -> anyhow::Result<(WsRead, WsWrite)> {
-    let stream = match recv_buffer {
-        None => TcpStream::connect(target.addr).await?,
-        Some(size) => {
-            let socket = if target.addr.is_ipv4() {
-                TcpSocket::new_v4()?
-            } else {
-                TcpSocket::new_v6()?
-            };
+    let stream = if opts.recv_buffer.is_none() && opts.source.is_none() {
+        TcpStream::connect(target.addr).await?
+    } else {
+        let socket = if target.addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(size) = opts.recv_buffer {
             socket.set_recv_buffer_size(size)?;
-            socket.connect(target.addr).await?
         }
+        if let Some(ip) = opts.source {
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .with_context(|| format!("bind {ip}"))?;
+        }
+        socket.connect(target.addr).await?
     };
     // Each send is one small frame; Nagle would add up to 40 ms to the latency we measure.
     stream.set_nodelay(true)?;
     let req = Request::builder()
         .method("GET")
-        .uri(format!("{}?room={room}&user={user}", target.ws_path))
+        .uri(format!(
+            "{}?room={room}&{}",
+            target.ws_path, opts.credentials
+        ))
         .header(HOST, &target.authority)
         .header(UPGRADE, "websocket")
         .header(CONNECTION, "upgrade")

@@ -20,6 +20,8 @@ use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{interval_at, sleep_until, MissedTickBehavior};
 
+use crate::auth::{Auth, AuthArgs};
+use crate::chart::{Chart, Panel, Series};
 use crate::client::{self, ControlRx, Incoming, Reader, Target, WsWrite};
 use crate::metrics_scrape::{self, ServerSample};
 use crate::payload::{
@@ -27,7 +29,7 @@ use crate::payload::{
 };
 use crate::report::{
     self, close_label, new_histogram, LatencySummary, Report, RunConfig, SeqOutcome, SeqTracker,
-    MAX_TRACKED_SEQ,
+    TimelinePoint, MAX_TRACKED_SEQ,
 };
 use crate::BenchError;
 
@@ -88,6 +90,12 @@ pub struct FanoutArgs {
     /// No progress line on stderr.
     #[arg(long, env = "CHAT_BENCH_QUIET")]
     pub quiet: bool,
+    /// Write the per-second timeline (e2e p50/p99/max, sends/s and deliveries/s) as an SVG
+    /// chart to this file. The JSON report carries the same numbers as `timeline`.
+    #[arg(long, env = "CHAT_BENCH_CHART")]
+    pub chart: Option<PathBuf>,
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 const MAX_CONNECTIONS: usize = 200_000;
@@ -176,6 +184,7 @@ impl FanoutArgs {
         let last_room = format!("{}-{}", self.room_prefix(), self.rooms - 1);
         common::RoomId::new(last_room)
             .map_err(|e| format!("--room-prefix gives invalid room ids: {e}"))?;
+        Auth::from_args(&self.auth)?;
         Ok(())
     }
 }
@@ -224,6 +233,8 @@ struct Shared {
     ack: Vec<Mutex<Histogram<u64>>>,
     /// e2e samples since the last progress line.
     live: Mutex<Histogram<u64>>,
+    /// e2e samples since the last timeline point.
+    interval: Mutex<Histogram<u64>>,
 }
 
 impl Shared {
@@ -255,6 +266,7 @@ impl Shared {
             e2e: shards(),
             ack: shards(),
             live: Mutex::new(new_histogram()),
+            interval: Mutex::new(new_histogram()),
         }
     }
 
@@ -374,6 +386,11 @@ impl LatBatch {
                 }
             }
             if let Ok(mut h) = shared.live.lock() {
+                for &v in &self.e2e {
+                    h.saturating_record(v);
+                }
+            }
+            if let Ok(mut h) = shared.interval.lock() {
                 for &v in &self.e2e {
                     h.saturating_record(v);
                 }
@@ -696,6 +713,7 @@ struct ConnectPlan {
     target: Arc<Target>,
     room_names: Arc<Vec<Arc<str>>>,
     user_prefix: Arc<str>,
+    auth: Arc<Auth>,
     rate: f64,
     bridge: bool,
     timeout: Duration,
@@ -715,7 +733,11 @@ async fn connect_one(plan: Arc<ConnectPlan>, index: usize) -> Result<Ready, Stri
     let deadline = tokio::time::Instant::now() + plan.timeout;
     let home = format!("{room_name}-home-{member}");
     let query_room: &str = if plan.bridge { &home } else { &room_name };
-    let (rd, mut ws) = client::connect(&plan.target, query_room, &user, plan.timeout)
+    let opts = client::ConnectOptions {
+        credentials: plan.auth.credentials(&user)?,
+        ..Default::default()
+    };
+    let (rd, mut ws) = client::connect_as(&plan.target, query_room, &opts, plan.timeout)
         .await
         .map_err(|e| format!("{e:#}"))?;
     if plan.bridge {
@@ -830,6 +852,7 @@ async fn progress(shared: Arc<Shared>, total: usize, mut stop: watch::Receiver<b
 /// arguments and too many connect failures are errors.
 pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError> {
     args.validate().map_err(BenchError::Config)?;
+    let load_average = report::load_average();
     let target = Arc::new(
         Target::resolve(&args.url)
             .await
@@ -868,6 +891,7 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
                 .collect(),
         ),
         user_prefix: Arc::from(args.user_prefix.as_str()),
+        auth: Arc::new(Auth::from_args(&args.auth).map_err(BenchError::Config)?),
         rate: args.rate,
         bridge: args.bridge,
         timeout: Duration::from_secs_f64(args.connect_timeout),
@@ -948,6 +972,13 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
         .send_end_ns
         .store(ns_since(shared.base, send_end), Relaxed);
     let writers = ready.len();
+    let (timeline_stop_tx, timeline_stop_rx) = watch::channel(false);
+    let timeline_task = tokio::spawn(timeline(
+        shared.clone(),
+        start,
+        (measure_start, send_end),
+        timeline_stop_rx,
+    ));
     let mut writer_tasks = Vec::with_capacity(writers);
     let mut reader_tasks = Vec::with_capacity(writers);
     for (k, r) in ready.into_iter().enumerate() {
@@ -1001,6 +1032,12 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
     }
 
     // Close: ask every writer to send 1000, give servers a moment to answer, then stop.
+    let _ = timeline_stop_tx.send(true);
+    let timeline_points = tokio::time::timeout(Duration::from_secs(2), timeline_task)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
     shared.finishing.store(true, Relaxed);
     let _ = finish_tx.send(true);
     let close_deadline = tokio::time::Instant::now() + CLOSE_GRACE;
@@ -1047,6 +1084,8 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
         git_rev: report::git_rev(),
         nproc: report::nproc(),
         started_unix_ms,
+        load_average,
+        timeline: timeline_points,
         config: RunConfig {
             url: args.url.clone(),
             rooms: args.rooms,
@@ -1120,6 +1159,7 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
     r.server.rss_bytes_after = rss(&srv1);
 
     let notes = &mut r.notes;
+    notes.push(report::load_note(r.load_average.as_deref(), r.nproc));
     notes.extend(fd_note);
     if r.bench_saturated {
         notes.push(format!(
@@ -1192,6 +1232,145 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
         ));
     }
     Ok(r)
+}
+
+/// One timeline point per second from the first send until the close: the e2e latency of
+/// the measured-window messages (warmup ones are not timed) received in that second (as
+/// readers flush them, at most 250 ms late) and the sends and deliveries made in it.
+async fn timeline(
+    shared: Arc<Shared>,
+    start: Instant,
+    (measure_start, send_end): (Instant, Instant),
+    mut stop: watch::Receiver<bool>,
+) -> Vec<TimelinePoint> {
+    let mut out = Vec::new();
+    sleep_until(start.into()).await;
+    if let Ok(mut h) = shared.interval.lock() {
+        h.reset();
+    }
+    let mut tick = interval_at(
+        (start + Duration::from_secs(1)).into(),
+        Duration::from_secs(1),
+    );
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let (mut last_sent, mut last_recv) = (shared.sent.load(Relaxed), shared.received.load(Relaxed));
+    let mut last_at = start;
+    // Bounded by the stop signal; the cap is a second guard (a day of points).
+    while out.len() < 86_400 {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = flag_set(&mut stop) => break,
+        }
+        let now = Instant::now();
+        let dt = now.duration_since(last_at).as_secs_f64().max(1e-3);
+        let (sent, recv) = (shared.sent.load(Relaxed), shared.received.load(Relaxed));
+        let (p50, p99, max, n) = match shared.interval.lock() {
+            Ok(mut h) => {
+                let v = if h.is_empty() {
+                    (0, 0, 0, 0)
+                } else {
+                    (
+                        h.value_at_quantile(0.5),
+                        h.value_at_quantile(0.99),
+                        h.max(),
+                        h.len(),
+                    )
+                };
+                h.reset();
+                v
+            }
+            Err(_) => (0, 0, 0, 0),
+        };
+        let phase = if last_at < measure_start {
+            "warmup"
+        } else if last_at < send_end {
+            "measure"
+        } else {
+            "drain"
+        };
+        out.push(TimelinePoint {
+            t_s: now.duration_since(start).as_secs_f64(),
+            phase: phase.into(),
+            sends_per_s: (sent - last_sent) as f64 / dt,
+            deliveries_per_s: (recv - last_recv) as f64 / dt,
+            e2e_p50_us: p50,
+            e2e_p99_us: p99,
+            e2e_max_us: max,
+            e2e_samples: n,
+        });
+        (last_sent, last_recv, last_at) = (sent, recv, now);
+    }
+    out
+}
+
+/// The timeline as an SVG chart: latency on top, throughput below.
+pub fn chart(r: &Report) -> String {
+    let pts = |f: &dyn Fn(&TimelinePoint) -> f64| -> Vec<(f64, f64)> {
+        r.timeline.iter().map(|p| (p.t_s, f(p))).collect()
+    };
+    // Latency is measured inside the measured window only: seconds without samples are
+    // gaps, not zeros.
+    let lat = |us: fn(&TimelinePoint) -> u64| -> Vec<(f64, f64)> {
+        r.timeline
+            .iter()
+            .filter(|p| p.e2e_samples > 0)
+            .map(|p| (p.t_s, us(p) as f64 / 1000.0))
+            .collect()
+    };
+    let c = &r.config;
+    Chart {
+        title: format!(
+            "chat-bench fanout: {} rooms × {} members × {} msg/s",
+            c.rooms, c.members, c.rate_per_member
+        ),
+        subtitle: format!(
+            "{} · git {} · load average at start {} · warmup {} s, measured {} s",
+            c.url,
+            r.git_rev,
+            r.load_average.as_deref().unwrap_or("n/a"),
+            c.warmup_s,
+            c.duration_s
+        ),
+        x_label: "seconds since the first send".into(),
+        panels: vec![
+            Panel {
+                y_label: "end-to-end latency (ms)".into(),
+                series: vec![
+                    Series {
+                        name: "p50".into(),
+                        color: "#1f77b4",
+                        points: lat(|p| p.e2e_p50_us),
+                    },
+                    Series {
+                        name: "p99".into(),
+                        color: "#ff7f0e",
+                        points: lat(|p| p.e2e_p99_us),
+                    },
+                    Series {
+                        name: "max".into(),
+                        color: "#d62728",
+                        points: lat(|p| p.e2e_max_us),
+                    },
+                ],
+            },
+            Panel {
+                y_label: "messages per second".into(),
+                series: vec![
+                    Series {
+                        name: "deliveries/s".into(),
+                        color: "#2ca02c",
+                        points: pts(&|p| p.deliveries_per_s),
+                    },
+                    Series {
+                        name: "sends/s".into(),
+                        color: "#9467bd",
+                        points: pts(&|p| p.sends_per_s),
+                    },
+                ],
+            },
+        ],
+    }
+    .to_svg()
 }
 
 #[cfg(test)]

@@ -6,13 +6,20 @@
 //! what the cluster guarantees (delivery, order, isolation, acks) and how fast, and returns a
 //! [`report::Report`] that is printed as Markdown and optionally written as JSON.
 
+pub mod auth;
 pub mod baseline;
+pub mod chart;
+pub mod churn;
 pub mod client;
+pub mod connections;
 pub mod fanout;
+pub mod idle;
 pub mod metrics_scrape;
 pub mod payload;
 pub mod report;
 pub mod seed;
+pub mod servers;
+pub mod workers;
 
 use clap::{Parser, Subcommand};
 
@@ -42,6 +49,21 @@ pub enum Command {
     /// counter, storage or cluster) that `fanout` drives unchanged; a node's figures can be
     /// read as a fraction of it. Stops on Ctrl-C or after --max-seconds.
     Baseline(baseline::BaselineArgs),
+    /// Ramp to N concurrent connections at a given rate, hold them, close them: connect
+    /// latency, the connect rate reached, failures by kind, server memory per connection.
+    /// Spreads over several processes (--processes) and loopback source addresses
+    /// (--source-addresses) to get past one process's open files and one address's ports.
+    /// Exit status 1 when more connections failed than --max-connect-failures.
+    Connections(connections::ConnectionsArgs),
+    /// A connect/disconnect storm: C connections, each living a seeded random lifetime and
+    /// reconnecting (join, optionally one acked send), at a target churn rate for a fixed
+    /// duration. Reports connects/s and disconnects/s, connect latency, join failures,
+    /// close and error codes, acks, and server CPU/RSS before, during and after.
+    Churn(churn::ChurnArgs),
+    /// A `connections` load generator process (started by the parent; reads its plan on
+    /// stdin, writes JSON lines on stdout).
+    #[command(name = "__worker", hide = true)]
+    Worker,
 }
 
 /// How a run failed; `main` maps each kind to an exit status.
@@ -67,9 +89,14 @@ impl std::fmt::Display for BenchError {
 pub async fn run(cli: Cli, command: String) -> Result<(), BenchError> {
     match cli.command {
         Command::Fanout(args) => {
-            let (json, markdown) = (args.json.clone(), args.markdown.clone());
+            let (json, markdown, chart) =
+                (args.json.clone(), args.markdown.clone(), args.chart.clone());
             let report = fanout::run(args, command).await?;
-            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)
+            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)?;
+            if let Some(path) = chart {
+                write_chart(&path, &fanout::chart(&report))?;
+            }
+            Ok(())
         }
         Command::SeedSuite(args) => {
             let (json, markdown) = (args.json.clone(), args.markdown.clone());
@@ -91,7 +118,39 @@ pub async fn run(cli: Cli, command: String) -> Result<(), BenchError> {
             }
         }
         Command::Baseline(args) => baseline::run(args).await,
+        Command::Connections(args) => {
+            let (json, markdown) = (args.json.clone(), args.markdown.clone());
+            let allowed = args.max_connect_failures;
+            let report = connections::run(args, command).await?;
+            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)?;
+            if report.failed > allowed {
+                return Err(BenchError::Failed(anyhow::anyhow!(
+                    "{} of {} connections failed (allowed: {allowed}): {}",
+                    report.failed,
+                    report.attempted,
+                    connections::map_or_none(&report.failures)
+                )));
+            }
+            Ok(())
+        }
+        Command::Churn(args) => {
+            let (json, markdown, chart) =
+                (args.json.clone(), args.markdown.clone(), args.chart.clone());
+            let report = churn::run(args, command).await?;
+            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)?;
+            if let Some(path) = chart {
+                write_chart(&path, &report.chart())?;
+            }
+            Ok(())
+        }
+        Command::Worker => connections::run_worker().await,
     }
+}
+
+/// Writes an SVG chart.
+fn write_chart(path: &std::path::Path, svg: &str) -> Result<(), BenchError> {
+    std::fs::write(path, svg)
+        .map_err(|e| BenchError::Failed(anyhow::anyhow!("writing {}: {e}", path.display())))
 }
 
 /// Prints the Markdown on stdout and writes the files asked for.

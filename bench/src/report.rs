@@ -213,6 +213,22 @@ pub struct ServerStats {
     pub rss_bytes_after: Option<u64>,
 }
 
+/// One second of a run: what was sent and delivered in it and the e2e latency of what
+/// arrived in it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TimelinePoint {
+    /// Seconds since the first scheduled send, at the end of this interval.
+    pub t_s: f64,
+    /// `warmup`, `measure` or `drain`, by the interval's start.
+    pub phase: String,
+    pub sends_per_s: f64,
+    pub deliveries_per_s: f64,
+    pub e2e_p50_us: u64,
+    pub e2e_p99_us: u64,
+    pub e2e_max_us: u64,
+    pub e2e_samples: u64,
+}
+
 /// Everything one `fanout` run reports.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
@@ -220,6 +236,8 @@ pub struct Report {
     pub command: String,
     pub git_rev: String,
     pub nproc: usize,
+    /// `/proc/loadavg` (1/5/15 min) when the run started: other processes share the cores.
+    pub load_average: Option<String>,
     pub started_unix_ms: u64,
     pub config: RunConfig,
     pub connections: Connections,
@@ -235,6 +253,8 @@ pub struct Report {
     pub bench_saturated: bool,
     pub server: ServerStats,
     pub notes: Vec<String>,
+    /// Per-second sends, deliveries and e2e latency from the first send to the close.
+    pub timeline: Vec<TimelinePoint>,
 }
 
 /// Above this share of all cores the load generator is reported as saturated.
@@ -449,6 +469,44 @@ pub fn git_rev() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
+/// The machine's load average at this moment (`/proc/loadavg`: 1, 5 and 15 minutes), for
+/// reports: other processes share the cores, and a busy machine skews every figure.
+pub fn load_average() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let fields: Vec<&str> = text.split_whitespace().take(3).collect();
+    (fields.len() == 3).then(|| fields.join(" "))
+}
+
+/// `TcpExt: ListenOverflows` from `/proc/net/netstat`: SYNs this machine dropped because a
+/// listener's accept queue was full. Each one costs the client a retransmit (1 s, then 3 s,
+/// ...), which is what a bimodal connect latency usually is. Machine-wide: meaningful when
+/// the servers run on the bench's machine.
+pub fn listen_overflows() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if !names.starts_with("TcpExt:") {
+            continue;
+        }
+        let i = names
+            .split_whitespace()
+            .position(|n| n == "ListenOverflows")?;
+        return values.split_whitespace().nth(i)?.parse().ok();
+    }
+    None
+}
+
+/// The note every report carries about the load at its start.
+pub fn load_note(load: Option<&str>, nproc: usize) -> String {
+    match load {
+        Some(l) => format!(
+            "machine load average at the start (1/5/15 min): {l} on {nproc} cores; other \
+             processes share them"
+        ),
+        None => "machine load average at the start: n/a (/proc/loadavg unreadable)".to_owned(),
+    }
+}
+
 pub fn nproc() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -535,6 +593,17 @@ mod tests {
         if cfg!(target_os = "linux") {
             assert!(self_cpu_seconds().is_some());
         }
+    }
+
+    #[test]
+    fn machine_counters_read_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(listen_overflows().is_some());
+            let load = load_average().expect("loadavg");
+            assert_eq!(load.split(' ').count(), 3, "{load}");
+            assert!(load_note(Some(&load), 2).contains(&load));
+        }
+        assert!(load_note(None, 2).contains("n/a"));
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub struct SeedSuiteArgs {
     /// No progress lines on stderr.
     #[arg(long, env = "CHAT_BENCH_QUIET")]
     pub quiet: bool,
+    #[command(flatten)]
+    pub auth: crate::auth::AuthArgs,
 }
 
 /// One condition of a verdict, with the observed value as evidence.
@@ -207,6 +209,8 @@ pub struct SuiteReport {
     pub git_rev: String,
     pub url: String,
     pub started_unix_ms: u64,
+    /// `/proc/loadavg` (1/5/15 min) when the suite started.
+    pub load_average: Option<String>,
     pub pass: bool,
     pub tests: Vec<TestResult>,
 }
@@ -233,8 +237,11 @@ impl SuiteReport {
             self.tests.len()
         );
         s += &format!(
-            "- command: `{}`\n- git revision: `{}`\n- target: `{}`\n\n",
-            self.command, self.git_rev, self.url
+            "- command: `{}`\n- git revision: `{}`\n- target: `{}`\n- {}\n\n",
+            self.command,
+            self.git_rev,
+            self.url,
+            report::load_note(self.load_average.as_deref(), report::nproc())
         );
         for t in &self.tests {
             s += &format!(
@@ -358,6 +365,8 @@ impl SeedSuiteArgs {
             json: None,
             markdown: None,
             quiet: self.quiet,
+            chart: None,
+            auth: self.auth.clone(),
         }
     }
 }
@@ -398,10 +407,19 @@ struct SlowClient {
     _control: client::ControlRx,
 }
 
-async fn slow_connect(target: &Target, room: &str, recv_buffer: u32) -> anyhow::Result<SlowClient> {
+async fn slow_connect(
+    target: &Target,
+    room: &str,
+    recv_buffer: u32,
+    auth: &crate::auth::Auth,
+) -> anyhow::Result<SlowClient> {
     let timeout = Duration::from_secs(10);
-    let (rd, ws) =
-        client::connect_with_recv_buffer(target, room, "seed-slow", timeout, recv_buffer).await?;
+    let opts = client::ConnectOptions {
+        credentials: auth.credentials("seed-slow").map_err(anyhow::Error::msg)?,
+        source: None,
+        recv_buffer: Some(recv_buffer),
+    };
+    let (rd, ws) = client::connect_as(target, room, &opts, timeout).await?;
     let (mut reader, control) = client::reader(rd);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -483,7 +501,14 @@ async fn slow_test(
         report: None,
     };
     eprintln!("chat-bench seed-suite: (c) {title}");
-    let slow = match slow_connect(&target, &format!("{room_prefix}-0"), args.slow_recv_buffer).await
+    let auth = crate::auth::Auth::from_args(&args.auth).map_err(BenchError::Config)?;
+    let slow = match slow_connect(
+        &target,
+        &format!("{room_prefix}-0"),
+        args.slow_recv_buffer,
+        &auth,
+    )
+    .await
     {
         Ok(s) => s,
         Err(e) => return Ok(failed(format!("{e:#}"), title)),
@@ -509,6 +534,7 @@ async fn slow_test(
 /// Runs (a), (b) and (c) in turn. Bad arguments are errors; failed tests are results.
 pub async fn run(args: SeedSuiteArgs, command: String) -> Result<SuiteReport, BenchError> {
     args.validate().map_err(BenchError::Config)?;
+    let load_average = report::load_average();
     let started_unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -547,6 +573,7 @@ pub async fn run(args: SeedSuiteArgs, command: String) -> Result<SuiteReport, Be
         git_rev: report::git_rev(),
         url: args.url.clone(),
         started_unix_ms,
+        load_average,
         pass: tests.iter().all(|t| t.verdict.pass),
         tests,
     })
@@ -660,6 +687,7 @@ mod tests {
             git_rev: "abc".into(),
             url: "ws://x:1".into(),
             started_unix_ms: 0,
+            load_average: Some("1.00 0.50 0.25".into()),
             pass: false,
             tests: vec![
                 TestResult {

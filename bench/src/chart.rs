@@ -1,0 +1,294 @@
+//! Line charts of a run's timeline as a standalone SVG file (`--chart FILE.svg`).
+//!
+//! Hand-written rather than drawn with `plotters`: what a report needs is a few line series
+//! over time in stacked panels with axes, ticks and a legend, about 150 lines of SVG text.
+//! `plotters` with `default-features = false` and only `svg_backend` + `line_series` has no
+//! font backend, so it cannot measure its own labels, and its font features pull in
+//! font-kit or ab_glyph; either way it costs build time on a shared 2-core machine for a
+//! chart that needs no layout engine. The SVG here has no dependencies and is checked by a
+//! unit test.
+
+use std::fmt::Write as _;
+
+/// One line.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub name: String,
+    /// CSS colour.
+    pub color: &'static str,
+    /// `(x, y)` points in x order; non-finite values are skipped.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// One panel: a y axis shared by its series.
+#[derive(Debug, Clone)]
+pub struct Panel {
+    pub y_label: String,
+    pub series: Vec<Series>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Chart {
+    pub title: String,
+    pub subtitle: String,
+    pub x_label: String,
+    pub panels: Vec<Panel>,
+}
+
+const WIDTH: f64 = 960.0;
+const PANEL_H: f64 = 260.0;
+const LEFT: f64 = 80.0;
+const RIGHT: f64 = 170.0;
+const TOP: f64 = 60.0;
+const GAP: f64 = 50.0;
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A "nice" tick step (1, 2 or 5 × 10^k) giving about `n` ticks over `span`.
+pub fn nice_step(span: f64, n: f64) -> f64 {
+    if !(span.is_finite() && span > 0.0) {
+        return 1.0;
+    }
+    let raw = span / n.max(1.0);
+    let mag = 10f64.powf(raw.log10().floor());
+    let norm = raw / mag;
+    let m = if norm <= 1.0 {
+        1.0
+    } else if norm <= 2.0 {
+        2.0
+    } else if norm <= 5.0 {
+        5.0
+    } else {
+        10.0
+    };
+    m * mag
+}
+
+fn fmt_tick(v: f64) -> String {
+    let a = v.abs();
+    if a >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if a >= 1e4 {
+        format!("{:.0}k", v / 1e3)
+    } else if a >= 100.0 || v == v.trunc() {
+        format!("{v:.0}")
+    } else if a >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+impl Chart {
+    /// The whole SVG document.
+    pub fn to_svg(&self) -> String {
+        let panels = self.panels.len().max(1) as f64;
+        let height = TOP + panels * PANEL_H + (panels - 1.0) * GAP + 60.0;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">"#
+        );
+        let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
+        let _ = writeln!(
+            out,
+            r#"<text x="{LEFT}" y="24" font-size="16" font-weight="bold">{}</text>"#,
+            esc(&self.title)
+        );
+        let _ = writeln!(
+            out,
+            r##"<text x="{LEFT}" y="42" fill="#555">{}</text>"##,
+            esc(&self.subtitle)
+        );
+        // One x range for every panel so they line up.
+        let xs = self
+            .panels
+            .iter()
+            .flat_map(|p| p.series.iter())
+            .flat_map(|s| s.points.iter().map(|p| p.0))
+            .filter(|x| x.is_finite());
+        let (mut x0, mut x1) = xs.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+        if x0 > x1 {
+            (x0, x1) = (0.0, 1.0);
+        }
+        if x1 - x0 < 1e-9 {
+            x1 = x0 + 1.0;
+        }
+        let plot_w = WIDTH - LEFT - RIGHT;
+        for (i, panel) in self.panels.iter().enumerate() {
+            let top = TOP + i as f64 * (PANEL_H + GAP);
+            self.panel(
+                &mut out,
+                panel,
+                top,
+                (x0, x1),
+                plot_w,
+                i + 1 == self.panels.len(),
+            );
+        }
+        out.push_str("</svg>\n");
+        out
+    }
+
+    fn panel(
+        &self,
+        out: &mut String,
+        panel: &Panel,
+        top: f64,
+        (x0, x1): (f64, f64),
+        plot_w: f64,
+        last: bool,
+    ) {
+        let ymax = panel
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .filter(|y| y.is_finite())
+            .fold(0.0f64, f64::max);
+        let ystep = nice_step(if ymax > 0.0 { ymax } else { 1.0 }, 5.0);
+        let ytop = ((ymax / ystep).ceil().max(1.0)) * ystep;
+        let bottom = top + PANEL_H;
+        let sx = |x: f64| LEFT + (x - x0) / (x1 - x0) * plot_w;
+        let sy = |y: f64| bottom - (y / ytop) * PANEL_H;
+        // Grid and y ticks.
+        let mut y = 0.0;
+        while y <= ytop + ystep * 1e-6 {
+            let py = sy(y);
+            let _ = writeln!(
+                out,
+                r##"<line x1="{LEFT}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#e5e5e5"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+                LEFT + plot_w,
+                LEFT - 6.0,
+                py + 4.0,
+                fmt_tick(y)
+            );
+            y += ystep;
+        }
+        // X ticks.
+        let xstep = nice_step(x1 - x0, 10.0);
+        let mut x = (x0 / xstep).ceil() * xstep;
+        while x <= x1 + xstep * 1e-6 {
+            let px = sx(x);
+            let _ = writeln!(
+                out,
+                r##"<line x1="{px:.1}" y1="{bottom:.1}" x2="{px:.1}" y2="{:.1}" stroke="#999"/><text x="{px:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+                bottom + 4.0,
+                bottom + 17.0,
+                fmt_tick(x)
+            );
+            x += xstep;
+        }
+        // Axes and labels.
+        let _ = writeln!(
+            out,
+            r##"<rect x="{LEFT}" y="{top:.1}" width="{plot_w:.1}" height="{PANEL_H}" fill="none" stroke="#333"/>"##
+        );
+        let cy = top + PANEL_H / 2.0;
+        let _ = writeln!(
+            out,
+            r#"<text transform="translate(18 {cy:.1}) rotate(-90)" text-anchor="middle">{}</text>"#,
+            esc(&panel.y_label)
+        );
+        if last {
+            let _ = writeln!(
+                out,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+                LEFT + plot_w / 2.0,
+                bottom + 36.0,
+                esc(&self.x_label)
+            );
+        }
+        // Series and legend.
+        for (k, s) in panel.series.iter().enumerate() {
+            let pts: Vec<String> = s
+                .points
+                .iter()
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+                .collect();
+            if !pts.is_empty() {
+                let _ = writeln!(
+                    out,
+                    r#"<polyline fill="none" stroke="{}" stroke-width="1.6" points="{}"/>"#,
+                    s.color,
+                    pts.join(" ")
+                );
+            }
+            let ly = top + 14.0 + k as f64 * 18.0;
+            let lx = LEFT + plot_w + 12.0;
+            let _ = writeln!(
+                out,
+                r#"<line x1="{lx:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+                ly - 4.0,
+                lx + 18.0,
+                ly - 4.0,
+                s.color,
+                lx + 24.0,
+                ly,
+                esc(&s.name)
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nice_steps() {
+        assert_eq!(nice_step(10.0, 5.0), 2.0);
+        assert_eq!(nice_step(100.0, 10.0), 10.0);
+        assert_eq!(nice_step(7.0, 5.0), 2.0);
+        assert_eq!(nice_step(0.0, 5.0), 1.0);
+        assert!((nice_step(0.3, 5.0) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn svg_has_one_polyline_per_series_and_escapes_text() {
+        let c = Chart {
+            title: "fanout <1 room>".into(),
+            subtitle: "a & b".into(),
+            x_label: "seconds".into(),
+            panels: vec![
+                Panel {
+                    y_label: "ms".into(),
+                    series: vec![
+                        Series {
+                            name: "p50".into(),
+                            color: "#1f77b4",
+                            points: vec![(0.0, 1.0), (1.0, 2.0), (2.0, f64::NAN)],
+                        },
+                        Series {
+                            name: "p99".into(),
+                            color: "#d62728",
+                            points: vec![(0.0, 3.0), (1.0, 4.0)],
+                        },
+                    ],
+                },
+                Panel {
+                    y_label: "msg/s".into(),
+                    series: vec![Series {
+                        name: "deliveries/s".into(),
+                        color: "#2ca02c",
+                        points: vec![],
+                    }],
+                },
+            ],
+        };
+        let svg = c.to_svg();
+        assert!(svg.starts_with("<svg "));
+        assert!(svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(svg.contains("fanout &lt;1 room&gt;") && svg.contains("a &amp; b"));
+        assert!(!svg.contains("NaN"));
+        for name in ["p50", "p99", "deliveries/s", "msg/s", "seconds"] {
+            assert!(svg.contains(name), "{name}");
+        }
+    }
+}

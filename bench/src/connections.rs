@@ -1,0 +1,1133 @@
+//! The `connections` scenario: ramp to N concurrent connections at a given rate, hold them,
+//! close them, and report connect latency, the connect rate reached, failures by kind and
+//! what each connection costs the servers in memory.
+//!
+//! The parent process only plans and reports: it starts `--processes` workers (this same
+//! binary, hidden `__worker` subcommand, see [`crate::workers`]), each of which opens its
+//! slice of the connections from its share of the `--source-addresses`, so a run is not
+//! bound by one process's open-file limit or one address's ephemeral ports. The parent
+//! samples the servers' `/metrics` before the ramp, at the end of the hold and after the
+//! close (plus `--settle`), tells the workers to close, and merges their counts and
+//! connect-latency histograms into one report.
+//!
+//! Every phase is bounded: the ramp by its schedule plus the connect timeout, the hold by
+//! `--hold`, the close by a grace; workers close by themselves if the parent goes quiet.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Args;
+use serde::Serialize;
+use tokio::io::AsyncBufReadExt as _;
+use tokio::sync::Semaphore;
+
+use crate::auth::{Auth, AuthArgs};
+use crate::client::{ConnectOptions, Target};
+use crate::idle::{self, Live};
+use crate::report::{self, new_histogram, LatencySummary};
+use crate::servers::{self, ServerFigures, Watched};
+use crate::workers::{self, WorkerEvent, WorkerPlan, WorkerResult};
+use crate::BenchError;
+
+/// Options of `chat-bench connections`.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionsArgs {
+    /// WebSocket URL of a node or router (path defaults to /ws). Repeat it to spread the
+    /// rooms over several targets (e.g. several routers); room r goes to URL r mod count.
+    #[arg(
+        long = "url",
+        env = "CHAT_BENCH_URL",
+        value_delimiter = ',',
+        default_value = "ws://127.0.0.1:7001"
+    )]
+    pub urls: Vec<String>,
+    /// A server whose `/metrics` to sample for CPU and RSS (`http://host:port`); repeat
+    /// for every node behind a router. Default: each --url's own host and port.
+    #[arg(
+        long = "metrics-url",
+        env = "CHAT_BENCH_METRICS_URL",
+        value_delimiter = ','
+    )]
+    pub metrics_urls: Vec<String>,
+    /// Connections to open in total.
+    #[arg(long, env = "CHAT_BENCH_CONNECTIONS", default_value_t = 1000)]
+    pub connections: usize,
+    /// Target connect rate, in new connections per second over all processes.
+    #[arg(long, env = "CHAT_BENCH_CONNECT_RATE", default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Seconds to hold every connection open once the ramp is done.
+    #[arg(long, env = "CHAT_BENCH_HOLD", default_value_t = 10.0)]
+    pub hold: f64,
+    /// Members per room: connection i joins room i / members.
+    #[arg(long, env = "CHAT_BENCH_MEMBERS", default_value_t = 10)]
+    pub members: usize,
+    /// Load generator processes; each holds at most ~19,000 connections (open files).
+    #[arg(long, env = "CHAT_BENCH_PROCESSES", default_value_t = 1)]
+    pub processes: usize,
+    /// Bind connections to K loopback source addresses 127.0.0.1..127.0.0.K in turn, each
+    /// with its own ~28,000 ephemeral ports. Loopback targets only; 1 = no binding.
+    #[arg(long, env = "CHAT_BENCH_SOURCE_ADDRESSES", default_value_t = 1)]
+    pub source_addresses: usize,
+    /// Bind connections to these local addresses in turn instead (any reachable address
+    /// of this machine); repeatable or comma-separated. Overrides --source-addresses.
+    #[arg(long = "source-address", value_delimiter = ',')]
+    pub source_address_list: Vec<IpAddr>,
+    /// Connection attempts in flight at once, per process.
+    #[arg(long, env = "CHAT_BENCH_CONNECT_CONCURRENCY", default_value_t = 512)]
+    pub connect_concurrency: usize,
+    /// Seconds one connection may take to connect and be joined.
+    #[arg(long, env = "CHAT_BENCH_CONNECT_TIMEOUT", default_value_t = 10.0)]
+    pub connect_timeout: f64,
+    /// Seconds after the close before the last metrics sample (does memory come back?).
+    #[arg(long, env = "CHAT_BENCH_SETTLE", default_value_t = 3.0)]
+    pub settle: f64,
+    /// Connections that may fail before the run exits with status 1 (the report is still
+    /// written).
+    #[arg(long, env = "CHAT_BENCH_MAX_CONNECT_FAILURES", default_value_t = 0)]
+    pub max_connect_failures: u64,
+    /// Users are named `<prefix>-<index>`.
+    #[arg(long, env = "CHAT_BENCH_USER_PREFIX", default_value = "conn")]
+    pub user_prefix: String,
+    /// Rooms are named `<prefix>-<room index>`; defaults to `conn-<unix seconds>`.
+    #[arg(long, env = "CHAT_BENCH_ROOM_PREFIX")]
+    pub room_prefix: Option<String>,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// Also write the report as JSON to this file.
+    #[arg(long, env = "CHAT_BENCH_JSON")]
+    pub json: Option<PathBuf>,
+    /// Also write the Markdown report to this file.
+    #[arg(long, env = "CHAT_BENCH_MARKDOWN")]
+    pub markdown: Option<PathBuf>,
+    /// No progress lines on stderr.
+    #[arg(long, env = "CHAT_BENCH_QUIET")]
+    pub quiet: bool,
+}
+
+const MAX_CONNECTIONS: usize = 1_000_000;
+const MAX_RATE: f64 = 100_000.0;
+const MAX_SECONDS: f64 = 86_400.0;
+const MAX_PROCESSES: usize = 64;
+/// How long the server gets to echo our close frames.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Time for worker processes to start before their ramp deadline counts.
+const START_GRACE: Duration = Duration::from_secs(20);
+
+/// The machine limits a plan is checked against (a parameter so tests fix them).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub nofile_hard: u64,
+    pub ports_per_source: u64,
+}
+
+impl Limits {
+    pub fn of_this_machine() -> Limits {
+        Limits {
+            nofile_hard: workers::nofile_hard_limit(),
+            ports_per_source: workers::ephemeral_ports(),
+        }
+    }
+
+    /// Connections one process may hold.
+    pub fn per_process(&self) -> u64 {
+        self.nofile_hard.saturating_sub(workers::FD_RESERVE).max(1)
+    }
+
+    /// Connections one source address (or, unbound, one destination) may carry.
+    pub fn per_source(&self) -> u64 {
+        self.ports_per_source
+            .saturating_sub(workers::PORT_RESERVE)
+            .max(1)
+    }
+}
+
+fn is_loopback_url(url: &str) -> bool {
+    let Ok(uri) = url.parse::<hyper::Uri>() else {
+        return false;
+    };
+    match uri.host() {
+        Some("localhost") => true,
+        Some(h) => h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    }
+}
+
+/// Checks the shared settings of a plan: the URLs and the source addresses for `total`
+/// connections held by `processes` processes. The message names the flag to change.
+pub fn validate_spread(
+    urls: &[String],
+    total: usize,
+    processes: usize,
+    source_addresses: usize,
+    source_list: &[IpAddr],
+    limits: Limits,
+) -> Result<(), String> {
+    if urls.is_empty() {
+        return Err("--url is required".into());
+    }
+    for u in urls {
+        let uri: hyper::Uri = u.parse().map_err(|e| format!("--url {u:?}: {e}"))?;
+        if !matches!(uri.scheme_str(), Some("ws") | Some("http")) || uri.host().is_none() {
+            return Err(format!("--url {u:?} must look like ws://host:port"));
+        }
+    }
+    if !(1..=MAX_PROCESSES).contains(&processes) {
+        return Err(format!("--processes must be between 1 and {MAX_PROCESSES}"));
+    }
+    let per_process = total.div_ceil(processes) as u64;
+    if per_process > limits.per_process() {
+        return Err(format!(
+            "--processes {processes} gives {per_process} connections per process, more than the \
+             {} one process can hold (open-file hard limit {} minus {} for itself); use \
+             --processes {} or more",
+            limits.per_process(),
+            limits.nofile_hard,
+            workers::FD_RESERVE,
+            (total as u64).div_ceil(limits.per_process())
+        ));
+    }
+    if source_list.is_empty() {
+        if !(1..=254).contains(&source_addresses) {
+            return Err("--source-addresses must be between 1 and 254".into());
+        }
+        if source_addresses > 1 {
+            if let Some(u) = urls.iter().find(|u| !is_loopback_url(u)) {
+                return Err(format!(
+                    "--source-addresses binds to 127.0.0.x, which only reaches loopback \
+                     targets, and --url {u} is not one; name local addresses with \
+                     --source-address instead"
+                ));
+            }
+        }
+    }
+    let sources = if source_list.is_empty() {
+        source_addresses
+    } else {
+        source_list.len()
+    };
+    // Unbound, the kernel picks ports per destination; bound, per source address.
+    let (lanes, what) = if source_list.is_empty() && source_addresses == 1 {
+        (urls.len(), "destination (one source address)")
+    } else {
+        (sources, "source address")
+    };
+    let per_lane = total.div_ceil(lanes) as u64;
+    if per_lane > limits.per_source() {
+        return Err(format!(
+            "--source-addresses: {per_lane} connections per {what} is more than its {} \
+             ephemeral ports allow (less {} kept free); use --source-addresses {} or more",
+            limits.ports_per_source,
+            workers::PORT_RESERVE,
+            (total as u64).div_ceil(limits.per_source())
+        ));
+    }
+    Ok(())
+}
+
+fn secs(name: &str, v: f64, positive: bool) -> Result<(), String> {
+    let ok = v.is_finite() && v <= MAX_SECONDS && if positive { v > 0.0 } else { v >= 0.0 };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "--{name} must be {} and at most {MAX_SECONDS} seconds",
+            if positive { "positive" } else { "non-negative" }
+        ))
+    }
+}
+
+impl ConnectionsArgs {
+    pub fn room_prefix(&self) -> String {
+        self.room_prefix.clone().unwrap_or_else(|| {
+            let secs = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            format!("conn-{secs}")
+        })
+    }
+
+    pub fn sources(&self) -> Vec<IpAddr> {
+        if !self.source_address_list.is_empty() {
+            self.source_address_list.clone()
+        } else if self.source_addresses > 1 {
+            workers::loopback_sources(self.source_addresses)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Checks every flag against `limits`; the message names the flag.
+    pub fn validate(&self, limits: Limits) -> Result<(), String> {
+        if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
+            return Err(format!(
+                "--connections must be between 1 and {MAX_CONNECTIONS}"
+            ));
+        }
+        if !(self.rate.is_finite() && self.rate > 0.0 && self.rate <= MAX_RATE) {
+            return Err(format!(
+                "--rate must be in (0, {MAX_RATE}] connections per second"
+            ));
+        }
+        if self.connections as f64 / self.rate > MAX_SECONDS {
+            return Err("--rate is too low: the ramp would take more than a day".into());
+        }
+        secs("hold", self.hold, false)?;
+        secs("connect-timeout", self.connect_timeout, true)?;
+        secs("settle", self.settle, false)?;
+        if self.members == 0 {
+            return Err("--members must be at least 1".into());
+        }
+        if !(1..=10_000).contains(&self.connect_concurrency) {
+            return Err("--connect-concurrency must be between 1 and 10000".into());
+        }
+        validate_spread(
+            &self.urls,
+            self.connections,
+            self.processes,
+            self.source_addresses,
+            &self.source_address_list,
+            limits,
+        )?;
+        common::UserId::new(format!("{}-{}", self.user_prefix, self.connections - 1))
+            .map_err(|e| format!("--user-prefix gives invalid user ids: {e}"))?;
+        common::RoomId::new(format!("{}-{}", self.room_prefix(), self.connections))
+            .map_err(|e| format!("--room-prefix gives invalid room ids: {e}"))?;
+        for m in &self.metrics_urls {
+            let ok = m
+                .parse::<hyper::Uri>()
+                .is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some());
+            if !ok {
+                return Err(format!(
+                    "--metrics-url {m:?} must look like http://host:port"
+                ));
+            }
+        }
+        Auth::from_args(&self.auth)?;
+        Ok(())
+    }
+}
+
+/// Everything one `connections` run reports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConnectionsReport {
+    pub scenario: String,
+    pub command: String,
+    pub git_rev: String,
+    pub nproc: usize,
+    /// `/proc/loadavg` (1/5/15 min) when the run started.
+    pub load_average: Option<String>,
+    pub started_unix_ms: u64,
+    pub urls: Vec<String>,
+    pub auth: String,
+    pub target_connections: u64,
+    pub target_rate: f64,
+    pub hold_s: f64,
+    pub members_per_room: usize,
+    pub processes: usize,
+    pub source_addresses: Vec<String>,
+    pub attempted: u64,
+    pub joined: u64,
+    pub failed: u64,
+    pub failures: BTreeMap<String, u64>,
+    /// Server-side closes (or drops) during the hold, by close label.
+    pub server_closes: BTreeMap<String, u64>,
+    pub errors: BTreeMap<String, u64>,
+    pub closed_cleanly: u64,
+    pub close_unanswered: u64,
+    /// From the first attempt to the last worker's last `joined`.
+    pub ramp_s: f64,
+    /// `joined / ramp_s`.
+    pub achieved_rate: f64,
+    pub connect_latency_us: LatencySummary,
+    /// Per worker: joined, failed, its own ramp seconds.
+    pub workers: Vec<WorkerSummary>,
+    /// All workers' CPU over the ramp, as percent of one core over the ramp's wall time.
+    pub bench_ramp_cpu_percent: Option<f64>,
+    pub bench_saturated: bool,
+    pub servers: Vec<ServerFigures>,
+    /// Σ RSS growth of the servers from before the ramp to the end of the hold, per joined
+    /// connection.
+    pub rss_per_connection_bytes: Option<f64>,
+    /// Σ RSS after the close + settle minus before the ramp.
+    pub rss_retained_bytes: Option<i64>,
+    /// SYNs this machine dropped on full accept queues during the ramp (see
+    /// `report::listen_overflows`).
+    pub listen_overflows_during_ramp: Option<u64>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WorkerSummary {
+    pub worker: usize,
+    pub attempted: u64,
+    pub joined: u64,
+    pub failed: u64,
+    pub ramp_s: f64,
+    pub ramp_cpu_s: Option<f64>,
+    pub nofile: String,
+}
+
+pub(crate) fn map_or_none(m: &BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return "none".to_owned();
+    }
+    m.iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub(crate) fn latency_table(out: &mut String, rows: &[(&str, &LatencySummary)]) {
+    out.push_str("| latency (ms) | p50 | p90 | p99 | p99.9 | max | samples |\n|---|---|---|---|---|---|---|\n");
+    let ms = |us: u64| format!("{:.3}", us as f64 / 1000.0);
+    for (name, l) in rows {
+        if l.count == 0 {
+            out.push_str(&format!("| {name} | n/a | n/a | n/a | n/a | n/a | 0 |\n"));
+        } else {
+            out.push_str(&format!(
+                "| {name} | {} | {} | {} | {} | {} | {} |\n",
+                ms(l.p50),
+                ms(l.p90),
+                ms(l.p99),
+                ms(l.p999),
+                ms(l.max),
+                l.count
+            ));
+        }
+    }
+}
+
+pub(crate) fn servers_table(out: &mut String, servers: &[ServerFigures], loaded: &str) {
+    out.push_str(&format!(
+        "| server | RSS before | RSS {loaded} | RSS after close | connections gauge before / {loaded} / after | RSS growth per own connection | CPU (% of one core) |\n|---|---|---|---|---|---|---|\n"
+    ));
+    let g = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.0}"));
+    for s in servers {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} / {} / {} | {} | {} |\n",
+            s.metrics_url,
+            servers::mib(s.rss_before),
+            servers::mib(s.rss_loaded),
+            servers::mib(s.rss_after),
+            g(s.connections_before),
+            g(s.connections_loaded),
+            g(s.connections_after),
+            s.rss_per_own_connection
+                .map_or_else(|| "n/a".to_owned(), |b| format!("{:.1} KiB", b / 1024.0)),
+            s.cpu_percent
+                .map_or_else(|| "n/a".to_owned(), |p| format!("{p:.1}%")),
+        ));
+        if let Some(e) = &s.error {
+            out.push_str(&format!(
+                "| ↳ {} metrics n/a: {e} | | | | | | |\n",
+                s.metrics_url
+            ));
+        }
+    }
+}
+
+impl ConnectionsReport {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    pub fn to_markdown(&self) -> String {
+        let mut out = String::new();
+        out.push_str("## chat-bench connections\n\n");
+        out.push_str(&format!("```\n{}\n```\n\n", self.command));
+        out.push_str(&format!(
+            "git `{}` · nproc {} · load average at start {} · {} connections at {} /s, held {} s, \
+             {} per room · {} process(es) · source addresses: {} · {}\n\n",
+            self.git_rev,
+            self.nproc,
+            self.load_average.as_deref().unwrap_or("n/a"),
+            self.target_connections,
+            self.target_rate,
+            self.hold_s,
+            self.members_per_room,
+            self.processes,
+            if self.source_addresses.is_empty() {
+                "default (unbound)".to_owned()
+            } else {
+                self.source_addresses.join(", ")
+            },
+            self.auth,
+        ));
+        let per_conn = self.rss_per_connection_bytes.map_or_else(
+            || "n/a".to_owned(),
+            |b| format!("{:.1} KiB ({b:.0} B)", b / 1024.0),
+        );
+        let rows = [
+            (
+                "joined / attempted",
+                format!("{} / {}", self.joined, self.attempted),
+            ),
+            ("connect failures", map_or_none(&self.failures)),
+            (
+                "connect rate reached (joined/s)",
+                format!(
+                    "{:.0} of {} asked ({:.2} s ramp)",
+                    self.achieved_rate, self.target_rate, self.ramp_s
+                ),
+            ),
+            (
+                "closed by the server during the hold",
+                map_or_none(&self.server_closes),
+            ),
+            ("error frames", map_or_none(&self.errors)),
+            (
+                "our closes echoed / unanswered",
+                format!("{} / {}", self.closed_cleanly, self.close_unanswered),
+            ),
+            ("server RSS per connection", per_conn),
+            (
+                "SYNs dropped on full accept queues (this machine, during the ramp)",
+                self.listen_overflows_during_ramp
+                    .map_or_else(|| "n/a".to_owned(), |n| n.to_string()),
+            ),
+            (
+                "server RSS kept after close",
+                self.rss_retained_bytes.map_or_else(
+                    || "n/a".to_owned(),
+                    |b| format!("{:.1} MiB", b as f64 / 1_048_576.0),
+                ),
+            ),
+            (
+                "bench CPU during the ramp (% of one core, all processes)",
+                format!(
+                    "{}{}",
+                    self.bench_ramp_cpu_percent
+                        .map_or_else(|| "n/a".to_owned(), |p| format!("{p:.1}%")),
+                    if self.bench_saturated {
+                        " (load generator saturated)"
+                    } else {
+                        ""
+                    }
+                ),
+            ),
+        ];
+        out.push_str("| metric | value |\n|---|---|\n");
+        for (k, v) in rows {
+            out.push_str(&format!("| {k} | {v} |\n"));
+        }
+        out.push('\n');
+        latency_table(
+            &mut out,
+            &[("connect (TCP + upgrade + joined)", &self.connect_latency_us)],
+        );
+        out.push('\n');
+        servers_table(&mut out, &self.servers, "held");
+        out.push_str("\n| worker | attempted | joined | failed | ramp s | ramp CPU s | open files |\n|---|---|---|---|---|---|---|\n");
+        for w in &self.workers {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {:.2} | {} | {} |\n",
+                w.worker,
+                w.attempted,
+                w.joined,
+                w.failed,
+                w.ramp_s,
+                w.ramp_cpu_s
+                    .map_or_else(|| "n/a".to_owned(), |c| format!("{c:.2}")),
+                w.nofile
+            ));
+        }
+        if !self.notes.is_empty() {
+            out.push('\n');
+            for n in &self.notes {
+                out.push_str(&format!("- {n}\n"));
+            }
+        }
+        out
+    }
+}
+
+/// Runs the scenario from the parent: plan, start workers, sample, merge. `Err(Failed)`
+/// only when the run could not be carried out; failures beyond the allowance are reported
+/// and then turned into exit status 1 by the caller (see [`ConnectionsReport`] and `lib.rs`).
+pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsReport, BenchError> {
+    args.validate(Limits::of_this_machine())
+        .map_err(BenchError::Config)?;
+    let load_average = report::load_average();
+    let started_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let room_prefix = args.room_prefix();
+    let sources = args.sources();
+    let watched = Watched::resolve(servers::metrics_urls(&args.urls, &args.metrics_urls)).await;
+    let auth = Auth::from_args(&args.auth).map_err(BenchError::Config)?;
+
+    let before = watched.sample().await;
+    let overflows0 = report::listen_overflows();
+    let ramp_wall = args.connections as f64 / args.rate;
+    let ramp_deadline = Duration::from_secs_f64(ramp_wall + args.connect_timeout) + START_GRACE;
+    let max_hold_s = ramp_deadline.as_secs_f64() + args.hold + 60.0;
+    let mut procs = Vec::with_capacity(args.processes);
+    let started = Instant::now();
+    for w in 0..args.processes {
+        let plan = WorkerPlan {
+            worker: w,
+            processes: args.processes,
+            urls: args.urls.clone(),
+            connections: args.connections,
+            rate: args.rate,
+            members: args.members,
+            room_prefix: room_prefix.clone(),
+            user_prefix: args.user_prefix.clone(),
+            sources: sources.clone(),
+            connect_concurrency: args.connect_concurrency,
+            connect_timeout_s: args.connect_timeout,
+            max_hold_s,
+            auth: args.auth.clone(),
+        };
+        let p = workers::spawn(&plan)
+            .await
+            .map_err(|e| BenchError::Failed(anyhow::anyhow!("starting worker {w}: {e:#}")))?;
+        procs.push(p);
+    }
+
+    // Ramp: every worker reports `ramped` (or fails) before the deadline.
+    let deadline = tokio::time::Instant::now() + ramp_deadline;
+    let mut ramped = 0usize;
+    let mut problems = Vec::new();
+    for p in &mut procs {
+        match tokio::time::timeout_at(deadline, p.next_event()).await {
+            Ok(Some(WorkerEvent::Ramped {
+                worker,
+                joined,
+                failed,
+            })) => {
+                ramped += 1;
+                if !args.quiet {
+                    eprintln!("chat-bench connections: worker {worker} ramped: {joined} joined, {failed} failed");
+                }
+            }
+            Ok(Some(WorkerEvent::Failed { worker, message })) => {
+                problems.push(format!("worker {worker}: {message}"))
+            }
+            Ok(Some(WorkerEvent::Done(_))) | Ok(None) => problems.push(format!(
+                "worker {} ended before its ramp was done",
+                p.worker
+            )),
+            Err(_) => problems.push(format!(
+                "worker {} did not finish its ramp within {:.0} s",
+                p.worker,
+                ramp_deadline.as_secs_f64()
+            )),
+        }
+    }
+    let ramp_end = Instant::now();
+    let overflows1 = report::listen_overflows();
+    if !args.quiet {
+        eprintln!(
+            "chat-bench connections: {ramped}/{} workers ramped in {:.2} s; holding {} s",
+            args.processes,
+            ramp_end.duration_since(started).as_secs_f64(),
+            args.hold
+        );
+    }
+    tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+    let loaded = watched.sample().await;
+
+    // Close: every worker closes its connections and reports.
+    for p in &mut procs {
+        p.close().await;
+    }
+    let done_deadline = tokio::time::Instant::now() + CLOSE_GRACE + Duration::from_secs(30);
+    let mut results: Vec<WorkerResult> = Vec::with_capacity(procs.len());
+    for p in &mut procs {
+        loop {
+            match tokio::time::timeout_at(done_deadline, p.next_event()).await {
+                Ok(Some(WorkerEvent::Done(r))) => {
+                    results.push(r);
+                    break;
+                }
+                Ok(Some(WorkerEvent::Failed { worker, message })) => {
+                    problems.push(format!("worker {worker}: {message}"));
+                    break;
+                }
+                Ok(Some(WorkerEvent::Ramped { .. })) => {}
+                Ok(None) => {
+                    problems.push(format!("worker {} ended without its counts", p.worker));
+                    break;
+                }
+                Err(_) => {
+                    problems.push(format!(
+                        "worker {} did not report after the close",
+                        p.worker
+                    ));
+                    break;
+                }
+            }
+        }
+        if tokio::time::timeout(Duration::from_secs(5), p.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = p.child.start_kill();
+        }
+    }
+    tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
+    let after = watched.sample().await;
+
+    let mut r = ConnectionsReport {
+        scenario: "connections".into(),
+        command,
+        git_rev: report::git_rev(),
+        nproc: report::nproc(),
+        load_average,
+        started_unix_ms,
+        urls: args.urls.clone(),
+        auth: auth.describe().into(),
+        target_connections: args.connections as u64,
+        target_rate: args.rate,
+        hold_s: args.hold,
+        members_per_room: args.members,
+        processes: args.processes,
+        source_addresses: sources.iter().map(ToString::to_string).collect(),
+        ..Default::default()
+    };
+    let mut ramp_cpu = Some(0.0);
+    for w in &results {
+        r.attempted += w.attempted;
+        r.joined += w.joined;
+        r.failed += w.failed;
+        for (k, v) in &w.failures {
+            *r.failures.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &w.server_closes {
+            *r.server_closes.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &w.errors {
+            *r.errors.entry(k.clone()).or_default() += v;
+        }
+        r.closed_cleanly += w.closed_cleanly;
+        r.close_unanswered += w.close_unanswered;
+        r.ramp_s = r.ramp_s.max(w.ramp_s);
+        ramp_cpu = match (ramp_cpu, w.ramp_cpu_s) {
+            (Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        };
+        r.workers.push(WorkerSummary {
+            worker: w.worker,
+            attempted: w.attempted,
+            joined: w.joined,
+            failed: w.failed,
+            ramp_s: w.ramp_s,
+            ramp_cpu_s: w.ramp_cpu_s,
+            nofile: w.nofile.clone(),
+        });
+    }
+    r.achieved_rate = if r.ramp_s > 0.0 {
+        r.joined as f64 / r.ramp_s
+    } else {
+        0.0
+    };
+    r.connect_latency_us = LatencySummary::from_histogram(&workers::merged_histogram(&results));
+    r.bench_ramp_cpu_percent = ramp_cpu
+        .filter(|_| r.ramp_s > 0.0 && !results.is_empty())
+        .map(|c| c / r.ramp_s * 100.0);
+    r.bench_saturated = r
+        .bench_ramp_cpu_percent
+        .is_some_and(|c| report::is_saturated(c, r.nproc));
+    r.servers = servers::figures(&watched.servers, &before, &loaded, &after);
+    r.rss_per_connection_bytes = servers::rss_per_connection(&r.servers, r.joined);
+    r.rss_retained_bytes = servers::rss_retained(&r.servers);
+    r.listen_overflows_during_ramp = match (overflows0, overflows1) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+
+    let notes = &mut r.notes;
+    notes.push(report::load_note(r.load_average.as_deref(), r.nproc));
+    notes.extend(problems);
+    if let Some(n) = r.listen_overflows_during_ramp.filter(|n| *n > 0) {
+        notes.push(format!(
+            "this machine dropped {n} SYNs on full accept queues during the ramp \
+             (TcpExt ListenOverflows, machine-wide): each costs its client a 1 s (then 3 s) \
+             retransmit, which shows as a second mode in connect latency; lower \
+             --connect-concurrency or raise the servers' listen backlog"
+        ));
+    }
+    if r.rss_retained_bytes.is_some_and(|b| b > 0)
+        || r.rss_per_connection_bytes.is_some_and(|b| b < 1024.0)
+    {
+        notes.push(
+            "servers keep freed memory for reuse (RSS does not fall after the close, and a \
+             repeat run on the same processes grows it little): measure memory per \
+             connection on freshly started servers"
+                .into(),
+        );
+    }
+    if r.bench_saturated {
+        notes.push(format!(
+            "load generator saturated during the ramp ({:.0}% of one core on {} cores): the \
+             connect rate and latency measure the bench as much as the servers",
+            r.bench_ramp_cpu_percent.unwrap_or_default(),
+            r.nproc
+        ));
+    }
+    if r.achieved_rate < args.rate * 0.9 && r.joined > 0 {
+        notes.push(format!(
+            "the ramp fell behind its schedule ({:.0}/s of {}/s asked): connects in flight were \
+             capped at --connect-concurrency {} per process, or the servers or the bench were \
+             the limit",
+            r.achieved_rate, args.rate, args.connect_concurrency
+        ));
+    }
+    notes.push(
+        "RSS per connection is Σ over the scraped servers of (RSS at the end of the hold − \
+         RSS before the ramp) / joined connections: it includes the rooms the connections \
+         created and whatever the allocator keeps, not only per-socket state"
+            .into(),
+    );
+    let closed: u64 = r.server_closes.values().sum();
+    if closed > 0 {
+        notes.push(format!(
+            "{closed} connections were closed by the server while held (see closed by the server)"
+        ));
+    }
+    if r.failed > args.max_connect_failures {
+        notes.push(format!(
+            "{} connections failed, more than --max-connect-failures {}: exit status 1",
+            r.failed, args.max_connect_failures
+        ));
+    }
+    Ok(r)
+}
+
+/// Runs a worker: reads its plan from stdin, opens its slice on schedule, reports
+/// `ramped`, holds until `close` (or EOF, or `max_hold_s`), closes and reports `done`.
+pub async fn run_worker() -> Result<(), BenchError> {
+    let stdin = tokio::io::stdin();
+    let mut lines = tokio::io::BufReader::new(stdin).lines();
+    let plan_line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .map_err(|_| BenchError::Config("worker: no plan on stdin within 30 s".into()))?
+        .map_err(|e| BenchError::Config(format!("worker: reading the plan: {e}")))?
+        .ok_or_else(|| BenchError::Config("worker: stdin closed before the plan".into()))?;
+    let plan: WorkerPlan = serde_json::from_str(&plan_line)
+        .map_err(|e| BenchError::Config(format!("worker: bad plan: {e}")))?;
+    let emit = |ev: WorkerEvent| println!("{}", ev.to_line());
+    let result = match worker_body(&plan, &mut lines, &emit).await {
+        Ok(r) => r,
+        Err(message) => {
+            emit(WorkerEvent::Failed {
+                worker: plan.worker,
+                message: message.clone(),
+            });
+            return Err(BenchError::Failed(anyhow::anyhow!(message)));
+        }
+    };
+    emit(WorkerEvent::Done(result));
+    Ok(())
+}
+
+async fn worker_body(
+    plan: &WorkerPlan,
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::io::Stdin>>,
+    emit: &impl Fn(WorkerEvent),
+) -> Result<WorkerResult, String> {
+    let nofile = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n.to_string(),
+        Err(e) => format!("cannot raise: {e}"),
+    };
+    let auth = Arc::new(Auth::from_args(&plan.auth)?);
+    let mut targets = Vec::with_capacity(plan.urls.len());
+    for u in &plan.urls {
+        targets.push(Arc::new(
+            Target::resolve(u)
+                .await
+                .map_err(|e| format!("--url {u}: {e:#}"))?,
+        ));
+    }
+    let cpu0 = report::self_cpu_seconds();
+    let nsources = plan.sources.len();
+    let mine: Vec<usize> = (0..plan.connections)
+        .filter(|&i| workers::assign(i, plan.processes, nsources).worker == plan.worker)
+        .collect();
+    let permits = Arc::new(Semaphore::new(plan.connect_concurrency));
+    let timeout = Duration::from_secs_f64(plan.connect_timeout_s);
+    let t0 = tokio::time::Instant::now();
+    let first = Instant::now();
+    let last_joined_ns = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for &i in &mine {
+        // The schedule is global: connection i starts at i / rate.
+        let at = t0 + Duration::from_secs_f64(i as f64 / plan.rate);
+        tokio::time::sleep_until(at).await;
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| "connect limiter closed".to_owned())?;
+        let room_index = i / plan.members;
+        let target = targets[room_index % targets.len()].clone();
+        let room = format!("{}-{room_index}", plan.room_prefix);
+        let user = format!("{}-{i}", plan.user_prefix);
+        let source = (nsources > 0)
+            .then(|| plan.sources[workers::assign(i, plan.processes, nsources).source]);
+        let auth = auth.clone();
+        let last = last_joined_ns.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let credentials = auth.credentials(&user)?;
+            let opts = ConnectOptions {
+                credentials,
+                source,
+                recv_buffer: None,
+            };
+            let j = idle::connect_joined(&target, &room, &opts, timeout).await?;
+            last.fetch_max(first.elapsed().as_nanos() as u64, Relaxed);
+            let us = j.connect_us;
+            Ok::<(u64, Live), String>((us, idle::hold(j)))
+        });
+    }
+    let mut out = WorkerResult {
+        worker: plan.worker,
+        attempted: mine.len() as u64,
+        nofile,
+        ..Default::default()
+    };
+    let mut hist = new_histogram();
+    let mut live = Vec::with_capacity(mine.len());
+    // Every task ends within its connect timeout; the outer bound is a safety net.
+    let drain_deadline = tokio::time::Instant::now() + timeout + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(drain_deadline, tasks.join_next()).await {
+            Ok(Some(Ok(Ok((us, l))))) => {
+                hist.saturating_record(us.max(1));
+                live.push(l);
+            }
+            Ok(Some(Ok(Err(kind)))) => {
+                out.failed += 1;
+                *out.failures.entry(kind).or_default() += 1;
+            }
+            Ok(Some(Err(e))) => {
+                out.failed += 1;
+                *out.failures
+                    .entry(format!("connect task: {e}"))
+                    .or_default() += 1;
+            }
+            Ok(None) => break,
+            Err(_) => {
+                let n = tasks.len() as u64;
+                tasks.abort_all();
+                out.failed += n;
+                *out.failures
+                    .entry("connect task stuck past its timeout".into())
+                    .or_default() += n;
+                break;
+            }
+        }
+    }
+    out.joined = live.len() as u64;
+    out.ramp_s = last_joined_ns.load(Relaxed) as f64 / 1e9;
+    out.ramp_cpu_s = match (cpu0, report::self_cpu_seconds()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    emit(WorkerEvent::Ramped {
+        worker: plan.worker,
+        joined: out.joined,
+        failed: out.failed,
+    });
+
+    // Hold until the parent says close (or goes away), within the plan's bound.
+    let _ = tokio::time::timeout(Duration::from_secs_f64(plan.max_hold_s), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.trim() == "close" {
+                break;
+            }
+        }
+    })
+    .await;
+    let mut closing = Vec::with_capacity(live.len());
+    for l in live {
+        if l.ended_by_server() {
+            if let Some(end) = l.finish(Duration::ZERO).await {
+                *out.server_closes.entry(end.close).or_default() += 1;
+                for (k, v) in end.errors {
+                    *out.errors.entry(k).or_default() += v;
+                }
+            }
+        } else {
+            closing.push(l);
+        }
+    }
+    for l in &mut closing {
+        l.request_close();
+    }
+    let mut finishing = tokio::task::JoinSet::new();
+    for l in closing {
+        finishing.spawn(l.finish(CLOSE_GRACE));
+    }
+    while let Some(res) = finishing.join_next().await {
+        match res {
+            Ok(Some(end)) => {
+                out.closed_cleanly += 1;
+                for (k, v) in end.errors {
+                    *out.errors.entry(k).or_default() += v;
+                }
+            }
+            _ => out.close_unanswered += 1,
+        }
+    }
+    out.connect_us = workers::histogram_pairs(&hist);
+    out.cpu_s = report::self_cpu_seconds();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: ConnectionsArgs,
+    }
+
+    fn args(extra: &[&str]) -> ConnectionsArgs {
+        let mut v = vec!["t"];
+        v.extend_from_slice(extra);
+        T::try_parse_from(v).expect("parses").a
+    }
+
+    const LIMITS: Limits = Limits {
+        nofile_hard: 20_000,
+        ports_per_source: 28_232,
+    };
+
+    #[test]
+    fn defaults_validate() {
+        assert_eq!(args(&[]).validate(LIMITS), Ok(()));
+        assert!(args(&[]).sources().is_empty());
+        assert_eq!(args(&["--source-addresses", "3"]).sources().len(), 3);
+        let a = args(&[
+            "--url",
+            "ws://127.0.0.1:1,ws://127.0.0.1:2",
+            "--url",
+            "ws://127.0.0.1:3",
+        ]);
+        assert_eq!(a.urls.len(), 3);
+    }
+
+    #[test]
+    fn plans_that_cannot_work_name_their_flag() {
+        for (flags, needle) in [
+            (vec!["--connections", "0"], "--connections"),
+            (vec!["--rate", "0"], "--rate"),
+            (vec!["--rate", "inf"], "--rate"),
+            (vec!["--hold=-1"], "--hold"),
+            (vec!["--members", "0"], "--members"),
+            (vec!["--connect-timeout", "0"], "--connect-timeout"),
+            (vec!["--connect-concurrency", "0"], "--connect-concurrency"),
+            (vec!["--processes", "0"], "--processes"),
+            (vec!["--processes", "65"], "--processes"),
+            // 40,000 in one process: over the open-file limit.
+            (
+                vec!["--connections", "40000", "--source-addresses", "2"],
+                "--processes",
+            ),
+            // 40,000 over 3 processes but one source address: over its ports.
+            (
+                vec!["--connections", "40000", "--processes", "3"],
+                "--source-addresses",
+            ),
+            (vec!["--source-addresses", "0"], "--source-addresses"),
+            (vec!["--source-addresses", "255"], "--source-addresses"),
+            (
+                vec!["--url", "ws://10.0.0.5:7001", "--source-addresses", "2"],
+                "--source-addresses",
+            ),
+            (vec!["--url", "http//x"], "--url"),
+            (vec!["--metrics-url", "ws://127.0.0.1:1"], "--metrics-url"),
+            (vec!["--user-prefix", "a b"], "--user-prefix"),
+            (vec!["--room-prefix", "r/1"], "--room-prefix"),
+            (vec!["--jwt-secret", ""], "--jwt-secret"),
+            (vec!["--jwt-ttl", "0"], "--jwt-ttl"),
+            (vec!["--settle", "NaN"], "--settle"),
+        ] {
+            let e = args(&flags).validate(LIMITS).expect_err(needle);
+            assert!(e.contains(needle), "{flags:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn plans_within_the_limits_pass() {
+        for flags in [
+            vec![
+                "--connections",
+                "40000",
+                "--processes",
+                "3",
+                "--source-addresses",
+                "2",
+            ],
+            vec!["--connections", "19000", "--source-addresses", "1"],
+            // Two destinations unbound: 2 × 20,000 ports.
+            vec![
+                "--connections",
+                "40000",
+                "--processes",
+                "3",
+                "--url",
+                "ws://127.0.0.1:1,ws://127.0.0.1:2",
+            ],
+            // An explicit list may name non-loopback addresses.
+            vec![
+                "--url",
+                "ws://10.0.0.5:7001",
+                "--source-address",
+                "10.0.0.9,10.0.0.10",
+            ],
+        ] {
+            assert_eq!(args(&flags).validate(LIMITS), Ok(()), "{flags:?}");
+        }
+    }
+
+    #[test]
+    fn loopback_detection() {
+        assert!(is_loopback_url("ws://127.0.0.1:7000"));
+        assert!(is_loopback_url("ws://127.9.0.1:7000/ws"));
+        assert!(is_loopback_url("ws://localhost:7000"));
+        assert!(is_loopback_url("ws://[::1]:7000"));
+        assert!(!is_loopback_url("ws://10.1.1.1:7000"));
+        assert!(!is_loopback_url("ws://example.com:7000"));
+    }
+
+    #[test]
+    fn report_renders() {
+        let mut r = ConnectionsReport {
+            scenario: "connections".into(),
+            command: "chat-bench connections".into(),
+            load_average: Some("0.50 0.40 0.30".into()),
+            joined: 10,
+            attempted: 11,
+            failed: 1,
+            rss_per_connection_bytes: Some(6758.0),
+            ..Default::default()
+        };
+        r.failures.insert("upgrade refused: HTTP 401".into(), 1);
+        let md = r.to_markdown();
+        for needle in [
+            "load average at start 0.50 0.40 0.30",
+            "| joined / attempted | 10 / 11 |",
+            "upgrade refused: HTTP 401: 1",
+            "6.6 KiB (6758 B)",
+        ] {
+            assert!(md.contains(needle), "{needle:?} in\n{md}");
+        }
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+        assert_eq!(json["failures"]["upgrade refused: HTTP 401"], 1);
+    }
+}
