@@ -98,7 +98,20 @@ pub async fn connect(
     user: &str,
     timeout: Duration,
 ) -> anyhow::Result<(WsRead, WsWrite)> {
-    tokio::time::timeout(timeout, connect_inner(target, room, user, None))
+    let query = format!("room={room}&user={user}");
+    tokio::time::timeout(timeout, connect_inner(target, &query, None))
+        .await
+        .map_err(|_| anyhow!("connect timed out"))?
+}
+
+/// Like [`connect`], with the whole query given (`room=R&user=U&since=ID`): for clients
+/// that resume. Every value must already be URL-safe (valid ids are).
+pub async fn connect_query(
+    target: &Target,
+    query: &str,
+    timeout: Duration,
+) -> anyhow::Result<(WsRead, WsWrite)> {
+    tokio::time::timeout(timeout, connect_inner(target, query, None))
         .await
         .map_err(|_| anyhow!("connect timed out"))?
 }
@@ -113,18 +126,15 @@ pub async fn connect_with_recv_buffer(
     timeout: Duration,
     recv_buffer: u32,
 ) -> anyhow::Result<(WsRead, WsWrite)> {
-    tokio::time::timeout(
-        timeout,
-        connect_inner(target, room, user, Some(recv_buffer)),
-    )
+    let query = format!("room={room}&user={user}");
+    tokio::time::timeout(timeout, connect_inner(target, &query, Some(recv_buffer)))
     .await
     .map_err(|_| anyhow!("connect timed out"))?
 }
 
 async fn connect_inner(
     target: &Target,
-    room: &str,
-    user: &str,
+    query: &str,
     recv_buffer: Option<u32>,
 ) -> anyhow::Result<(WsRead, WsWrite)> {
     let stream = match recv_buffer {
@@ -143,7 +153,7 @@ async fn connect_inner(
     stream.set_nodelay(true)?;
     let req = Request::builder()
         .method("GET")
-        .uri(format!("{}?room={room}&user={user}", target.ws_path))
+        .uri(format!("{}?{query}", target.ws_path))
         .header(HOST, &target.authority)
         .header(UPGRADE, "websocket")
         .header(CONNECTION, "upgrade")

@@ -9,8 +9,10 @@
 pub mod baseline;
 pub mod client;
 pub mod fanout;
+pub mod http;
 pub mod metrics_scrape;
 pub mod payload;
+pub mod rebalance;
 pub mod report;
 pub mod seed;
 
@@ -42,6 +44,11 @@ pub enum Command {
     /// counter, storage or cluster) that `fanout` drives unchanged; a node's figures can be
     /// read as a fraction of it. Stops on Ctrl-C or after --max-seconds.
     Baseline(baseline::BaselineArgs),
+    /// Rooms × members through a router that resume (reconnect, rejoin with `since`, resend
+    /// unacked sends with the same cid) while `--command` changes the cluster mid-run; then
+    /// checks every acked message against the history API. Exit status 1 when any acked
+    /// message is missing (acked_lost > 0).
+    Rebalance(rebalance::RebalanceArgs),
 }
 
 /// How a run failed; `main` maps each kind to an exit status.
@@ -91,6 +98,24 @@ pub async fn run(cli: Cli, command: String) -> Result<(), BenchError> {
             }
         }
         Command::Baseline(args) => baseline::run(args).await,
+        Command::Rebalance(args) => {
+            let (json, markdown) = (args.json.clone(), args.markdown.clone());
+            let report = rebalance::run(args, command).await?;
+            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)?;
+            if report.pass() {
+                Ok(())
+            } else {
+                Err(BenchError::Failed(anyhow::anyhow!(
+                    "rebalance FAIL: acked_lost {}{}",
+                    report.correctness.acked_lost,
+                    report
+                        .history_error
+                        .as_ref()
+                        .map(|e| format!("; history not verified: {e}"))
+                        .unwrap_or_default()
+                )))
+            }
+        }
     }
 }
 
