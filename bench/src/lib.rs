@@ -9,6 +9,7 @@
 pub mod baseline;
 pub mod client;
 pub mod fanout;
+pub mod history;
 pub mod http;
 pub mod metrics_scrape;
 pub mod payload;
@@ -49,6 +50,11 @@ pub enum Command {
     /// checks every acked message against the history API. Exit status 1 when any acked
     /// message is missing (acked_lost > 0).
     Rebalance(rebalance::RebalanceArgs),
+    /// The read path: seeds rooms over the HTTP API, then concurrent readers page through
+    /// each room's history (newest-first with `before=`, oldest-first with `after=`) for a
+    /// fixed time. Reports pages/s, page latency, errors by status, and checks every full
+    /// walk returns exactly the seeded ids in order.
+    History(history::HistoryArgs),
 }
 
 /// How a run failed; `main` maps each kind to an exit status.
@@ -98,6 +104,11 @@ pub async fn run(cli: Cli, command: String) -> Result<(), BenchError> {
             }
         }
         Command::Baseline(args) => baseline::run(args).await,
+        Command::History(args) => {
+            let (json, markdown) = (args.json.clone(), args.markdown.clone());
+            let report = history::run(args, command).await?;
+            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)
+        }
         Command::Rebalance(args) => {
             let (json, markdown) = (args.json.clone(), args.markdown.clone());
             let report = rebalance::run(args, command).await?;
