@@ -128,8 +128,8 @@ pub async fn connect_with_recv_buffer(
 ) -> anyhow::Result<(WsRead, WsWrite)> {
     let query = format!("room={room}&user={user}");
     tokio::time::timeout(timeout, connect_inner(target, &query, Some(recv_buffer)))
-    .await
-    .map_err(|_| anyhow!("connect timed out"))?
+        .await
+        .map_err(|_| anyhow!("connect timed out"))?
 }
 
 async fn connect_inner(

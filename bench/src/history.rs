@@ -320,7 +320,10 @@ async fn seed(
     );
     let next = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicBool::new(false));
-    let ids = Arc::new(Mutex::new(vec![Vec::with_capacity(args.messages); rooms.len()]));
+    let ids = Arc::new(Mutex::new(vec![
+        Vec::with_capacity(args.messages);
+        rooms.len()
+    ]));
     let rooms = Arc::new(rooms.to_vec());
     let mut tasks = Vec::new();
     for _ in 0..args.seed_concurrency.min(jobs.len().max(1)) {
@@ -345,7 +348,8 @@ async fn seed(
                     break;
                 }
                 let path = format!("/v1/rooms/{}/messages?user={user}", rooms[r]);
-                let payload = serde_json::json!({"cid": format!("h-{i}"), "body": body}).to_string();
+                let payload =
+                    serde_json::json!({"cid": format!("h-{i}"), "body": body}).to_string();
                 let mut backoff = Duration::from_millis(100);
                 let id = loop {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -354,7 +358,10 @@ async fn seed(
                         return Err(anyhow::anyhow!("seeding did not finish in time"));
                     }
                     let t = Instant::now();
-                    match http.request("POST", &path, Some(payload.clone()), left).await {
+                    match http
+                        .request("POST", &path, Some(payload.clone()), left)
+                        .await
+                    {
                         Ok(a) if a.status == 201 || a.status == 200 => {
                             lat.saturating_record(t.elapsed().as_micros().max(1) as u64);
                             if a.status == 200 {
@@ -494,7 +501,11 @@ impl Walker<'_> {
                     }
                 },
                 Ok(a) => {
-                    *self.out.errors.entry(format!("HTTP {}", a.status)).or_default() += 1;
+                    *self
+                        .out
+                        .errors
+                        .entry(format!("HTTP {}", a.status))
+                        .or_default() += 1;
                     return WalkEnd::Failed;
                 }
                 Err(_) => {
@@ -661,8 +672,7 @@ pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, Be
     }
     if args.messages == 0 {
         notes.push(
-            "--messages 0: the rooms were never written; every walk must be one empty page"
-                .into(),
+            "--messages 0: the rooms were never written; every walk must be one empty page".into(),
         );
     }
     if reading.walks_ok + reading.walks_mismatched == 0 {
@@ -742,7 +752,10 @@ mod tests {
         assert_eq!(walk_mismatch(&[1, 2, 3], &[1, 2, 3]), None);
         assert_eq!(walk_mismatch(&[], &[]), None);
         let e = walk_mismatch(&[1, 3], &[1, 2, 3]).expect("short");
-        assert!(e.contains("2 ids walked, 3 seeded") && e.contains("position 1"), "{e}");
+        assert!(
+            e.contains("2 ids walked, 3 seeded") && e.contains("position 1"),
+            "{e}"
+        );
         let e = walk_mismatch(&[1, 2, 3, 4], &[1, 2, 3]).expect("long");
         assert!(e.contains("position 3"), "{e}");
         assert!(walk_mismatch(&[2, 1], &[1, 2]).is_some());

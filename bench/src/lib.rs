@@ -8,6 +8,7 @@
 
 pub mod baseline;
 pub mod client;
+pub mod cross_shard;
 pub mod fanout;
 pub mod history;
 pub mod http;
@@ -55,6 +56,11 @@ pub enum Command {
     /// fixed time. Reports pages/s, page latency, errors by status, and checks every full
     /// walk returns exactly the seeded ids in order.
     History(history::HistoryArgs),
+    /// Cross-node traffic through a router: `fanout --bridge`, with members that are local
+    /// to the room's owner and members bridged through Redis reported separately (decided
+    /// from the router's `/v1/rooms/{room}/owner`); optionally HTTP publishes forwarded by
+    /// a non-owner node (`--http-publishers`).
+    CrossShard(cross_shard::CrossShardArgs),
 }
 
 /// How a run failed; `main` maps each kind to an exit status.
@@ -104,6 +110,11 @@ pub async fn run(cli: Cli, command: String) -> Result<(), BenchError> {
             }
         }
         Command::Baseline(args) => baseline::run(args).await,
+        Command::CrossShard(args) => {
+            let (json, markdown) = (args.json.clone(), args.markdown.clone());
+            let report = cross_shard::run(args, command).await?;
+            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)
+        }
         Command::History(args) => {
             let (json, markdown) = (args.json.clone(), args.markdown.clone());
             let report = history::run(args, command).await?;

@@ -257,7 +257,10 @@ pub fn account(histories: &[Vec<HistoryEntry>], members: &[MemberView]) -> Corre
         for ((from, cid), n) in copies {
             if n > 1 {
                 c.stored_twice += n - 1;
-                example(&mut c, format!("room {room}: {from}/{cid} stored {n} times"));
+                example(
+                    &mut c,
+                    format!("room {room}: {from}/{cid} stored {n} times"),
+                );
             }
         }
     }
@@ -470,7 +473,10 @@ impl Member {
     fn publish(&self) {
         let settled = self.joined && self.catch_up_to.is_none() && self.open_episode.is_none();
         self.p.live.settled.store(settled, Relaxed);
-        self.p.live.pending.store(self.pending.len() as u64, Relaxed);
+        self.p
+            .live
+            .pending
+            .store(self.pending.len() as u64, Relaxed);
         self.p.live.last_seen.store(self.last_seen, Relaxed);
     }
 
@@ -562,8 +568,8 @@ impl Member {
             return;
         }
         // Each member has its own phase within the period so sends are spread out.
-        let members_phase =
-            (self.p.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) % self.p.shared.period_ns.max(1);
+        let members_phase = (self.p.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            % self.p.shared.period_ns.max(1);
         let t = now - start;
         if t < members_phase {
             return;
@@ -845,7 +851,6 @@ impl Member {
         self.publish();
         self.out
     }
-
 }
 
 /// Refusals no retry fixes (bad user, auth, forbidden).
@@ -1144,7 +1149,10 @@ impl RebalanceReport {
             ("sessions", d.sessions.to_string()),
             (
                 "sent / acked / unanswered / rejected",
-                format!("{} / {} / {} / {}", s.sent, s.acked, s.unanswered, s.rejected),
+                format!(
+                    "{} / {} / {} / {}",
+                    s.sent, s.acked, s.unanswered, s.rejected
+                ),
             ),
             (
                 "attempts / resends / duplicate acks / ack id changed",
@@ -1731,7 +1739,14 @@ mod tests {
             (vec!["--history-timeout", "0"], "--history-timeout"),
             (vec!["--command", "  "], "--command"),
             (
-                vec!["--command", "true", "--command-at", "40", "--duration", "30"],
+                vec![
+                    "--command",
+                    "true",
+                    "--command-at",
+                    "40",
+                    "--duration",
+                    "30",
+                ],
                 "--command-at",
             ),
             (vec!["--user-prefix", "a b"], "--user-prefix"),
@@ -1750,7 +1765,13 @@ mod tests {
         }
     }
 
-    fn member(room: usize, user: &str, jp: Option<u64>, rx: &[u64], acks: &[(&str, u64)]) -> MemberView {
+    fn member(
+        room: usize,
+        user: &str,
+        jp: Option<u64>,
+        rx: &[u64],
+        acks: &[(&str, u64)],
+    ) -> MemberView {
         MemberView {
             room,
             user: user.into(),

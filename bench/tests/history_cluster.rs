@@ -71,9 +71,17 @@ async fn unwritten_rooms_and_bad_names_give_clear_answers() {
     let md = r.to_markdown();
     assert_eq!(r.seeding.published, 0, "{md}");
     assert!(r.reading.walks_ok > 0, "{md}");
-    assert_eq!(r.reading.walks_mismatched + r.reading.walks_failed, 0, "{md}");
+    assert_eq!(
+        r.reading.walks_mismatched + r.reading.walks_failed,
+        0,
+        "{md}"
+    );
     assert_eq!(r.reading.messages, 0, "{md}");
-    assert_eq!(r.reading.pages, r.reading.walks_ok + r.reading.walks_incomplete, "{md}");
+    assert_eq!(
+        r.reading.pages,
+        r.reading.walks_ok + r.reading.walks_incomplete,
+        "{md}"
+    );
     // A room name the protocol does not allow is refused before anything is sent.
     let err = chat_bench::history::run(
         args(&c.url(), &["--room-prefix", "no/such room"]),

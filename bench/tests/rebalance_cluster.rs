@@ -66,12 +66,9 @@ async fn kill9_of_a_node_loses_nothing_acked_and_every_client_resumes() {
     let c = TestCluster::start("kill9", 3).await;
     let victim = c.nodes[&2].pid();
     let cmd = format!("kill -9 {victim}");
-    let r = chat_bench::rebalance::run(
-        args(&c.url(), &["--command", &cmd]),
-        "test kill9".into(),
-    )
-    .await
-    .expect("run");
+    let r = chat_bench::rebalance::run(args(&c.url(), &["--command", &cmd]), "test kill9".into())
+        .await
+        .expect("run");
     let md = r.to_markdown();
     assert_guarantees(&r);
     let x = r.external_command.as_ref().expect("command ran");
@@ -98,8 +95,8 @@ async fn a_fourth_node_joining_moves_rooms_and_loses_nothing_acked() {
         sh_quote(&log.display().to_string()),
         sh_quote(&pidfile.display().to_string())
     );
-    let run = chat_bench::rebalance::run(args(&c.url(), &["--command", &cmd]), "test join".into())
-        .await;
+    let run =
+        chat_bench::rebalance::run(args(&c.url(), &["--command", &cmd]), "test join".into()).await;
     // Kill the fourth node whatever happened.
     let pid = std::fs::read_to_string(&pidfile).unwrap_or_default();
     let pid = pid.trim();

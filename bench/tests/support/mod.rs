@@ -85,7 +85,10 @@ pub fn server_bins() -> &'static (PathBuf, PathBuf) {
             .expect("run cargo build for chat-node and chat-router");
         assert!(status.success(), "building chat-node/chat-router failed");
         let (node, router) = (dir.join("chat-node"), dir.join("chat-router"));
-        assert!(node.exists() && router.exists(), "binaries missing after the build");
+        assert!(
+            node.exists() && router.exists(),
+            "binaries missing after the build"
+        );
         (node, router)
     })
 }
