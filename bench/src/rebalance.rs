@@ -1409,7 +1409,8 @@ pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport
     let t1 = Instant::now();
 
     // Drain: every member joined, caught up to its room's newest acked id, nothing pending.
-    let drain_deadline = end + Duration::from_secs_f64(args.drain);
+    // A command that outlived the sending window gets the whole drain after it ends.
+    let drain_deadline = Instant::now().max(end) + Duration::from_secs_f64(args.drain);
     let mut drained = false;
     loop {
         let mut max_acked = vec![0u64; args.rooms];
