@@ -419,6 +419,11 @@ pub async fn run(args: CrossShardArgs, command: String) -> Result<CrossShardRepo
          during the run is not followed"
             .into(),
     );
+    notes.push(
+        "server CPU and RSS above are the --url's (the router's); the nodes' are on their own \
+         /metrics"
+            .into(),
+    );
     Ok(CrossShardReport {
         scenario: "cross-shard".into(),
         room_owners,

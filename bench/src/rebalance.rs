@@ -725,10 +725,13 @@ impl Member {
             Err(e) => {
                 let msg = format!("{e:#}");
                 // "upgrade refused: HTTP 503 Service Unavailable" → "HTTP 503".
-                let label = match msg.find("HTTP ") {
+                let label: String = match msg.find("HTTP ") {
                     Some(i) => msg[i..].chars().take(8).collect(),
                     None => msg.chars().take(60).collect(),
                 };
+                if !self.p.shared.finishing.load(Relaxed) {
+                    self.disrupted(label.clone(), false);
+                }
                 return SessionEnd::Lost(label);
             }
         };
