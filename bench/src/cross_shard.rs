@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use crate::client::Target;
 use crate::fanout::{self, FanoutArgs, GroupResult, Groups};
 use crate::http::HttpClient;
-use crate::rebalance::{latency_md, map_or_none};
+use crate::rebalance::{latency_md, load_note, map_or_none};
 use crate::report::{new_histogram, LatencySummary, Report};
 use crate::BenchError;
 
@@ -349,7 +349,7 @@ pub async fn run(args: CrossShardArgs, command: String) -> Result<CrossShardRepo
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut publishers = Vec::new();
     let mut posted_to = Vec::new();
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = load_note().into_iter().collect();
     for p in 0..args.http_publishers {
         let room = format!("{prefix}-http-{p}");
         let o = owner(&mut http, &room).await.map_err(fail)?;

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::client::Target;
 use crate::http::{HistoryPage, HttpClient};
-use crate::rebalance::{latency_md, map_or_none};
+use crate::rebalance::{latency_md, load_note, map_or_none};
 use crate::report::{self, new_histogram, LatencySummary};
 use crate::BenchError;
 
@@ -548,6 +548,7 @@ pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, Be
     let started_unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
+    let load = load_note();
     let prefix = args.room_prefix();
     let rooms: Vec<String> = (0..args.rooms).map(|r| format!("{prefix}-{r}")).collect();
     let mut seeding = Seeding::default();
@@ -663,7 +664,7 @@ pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, Be
     };
     let nproc = report::nproc();
     let bench_saturated = bench_cpu.is_some_and(|c| report::is_saturated(c, nproc));
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = load.into_iter().collect();
     if bench_saturated {
         notes.push(format!(
             "load generator saturated: the bench used {:.0}% of one core on {nproc} cores",

@@ -1221,6 +1221,18 @@ impl RebalanceReport {
     }
 }
 
+/// The machine's load average when a run starts (`/proc/loadavg`), for a note: on a shared
+/// machine the figures mean little without it.
+pub(crate) fn load_note() -> Option<String> {
+    let l = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let f: Vec<&str> = l.split_whitespace().take(3).collect();
+    Some(format!(
+        "load average at the start (1/5/15 min): {} on {} cores",
+        f.join(" / "),
+        report::nproc()
+    ))
+}
+
 pub(crate) fn map_or_none(m: &BTreeMap<String, u64>) -> String {
     if m.is_empty() {
         return "none".to_owned();
@@ -1275,7 +1287,7 @@ pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport
         .map_or(0, |d| d.as_millis() as u64);
     let room_prefix = args.room_prefix();
     let total = args.rooms * args.members;
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = load_note().into_iter().collect();
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) if limit < total as u64 + 64 => notes.push(format!(
             "the open-file limit ({limit}) is below the {total} connections asked for"
