@@ -714,6 +714,8 @@ impl Member {
 
     /// One connection: connect with `since`, then run until it is lost or the bench ends.
     async fn session(&mut self, ws_query: String) -> SessionEnd {
+        // A refused attempt is not a working session: the backoff keeps growing.
+        self.reached_joined = false;
         let connected = {
             let Ok(_permit) = self.p.permits.acquire().await else {
                 return SessionEnd::Done;
@@ -736,7 +738,6 @@ impl Member {
             }
         };
         self.out.sessions += 1;
-        self.reached_joined = false;
         let (reader, mut control) = client::reader(rd);
         let (tx, mut events) = mpsc::channel(1024);
         let read_task: JoinHandle<()> = tokio::spawn(read_session(reader, tx));
