@@ -18,7 +18,16 @@ struct Wrap {
 async fn local_and_bridged_members_both_receive_everything() {
     let c = TestCluster::start("xshard", 3).await;
     let url = c.url();
-    let prefix = unique("xs");
+    // Names chosen so that both groups have members: fanout --bridge homes member m of room
+    // r in `<prefix>-<r>-home-<m>`.
+    let ids = [1, 2, 3];
+    let prefix = unique_where("xs", |p| {
+        let room = owner_in_ring(&ids, &format!("{p}-0"));
+        let homes: Vec<u16> = (0..12)
+            .map(|m| owner_in_ring(&ids, &format!("{p}-0-home-{m}")))
+            .collect();
+        homes.contains(&room) && homes.iter().any(|h| *h != room)
+    });
     let args = Wrap::try_parse_from([
         "chat-bench",
         "--url",
@@ -49,8 +58,6 @@ async fn local_and_bridged_members_both_receive_everything() {
         .await
         .expect("run");
     let md = r.to_markdown();
-    // 24 members whose home rooms spread over 3 nodes: both groups are all but certain to
-    // be non-empty (the chance that all 12 homes of a room land on one node is ~1e-6).
     assert!(r.local.members > 0 && r.bridged.members > 0, "{md}");
     assert_eq!(r.local.members + r.bridged.members, 24, "{md}");
     for g in [&r.local, &r.bridged] {

@@ -17,14 +17,16 @@ struct Wrap {
     args: RebalanceArgs,
 }
 
-fn args(url: &str, extra: &[&str]) -> RebalanceArgs {
-    let room_prefix = unique("rb");
+const ROOMS: usize = 9;
+
+fn args(url: &str, room_prefix: &str, extra: &[&str]) -> RebalanceArgs {
+    let rooms = ROOMS.to_string();
     let mut v = vec![
         "chat-bench",
         "--url",
         url,
         "--rooms",
-        "9",
+        &rooms,
         "--members",
         "3",
         "--rate",
@@ -37,7 +39,7 @@ fn args(url: &str, extra: &[&str]) -> RebalanceArgs {
         "30",
         "--quiet",
         "--room-prefix",
-        &room_prefix,
+        room_prefix,
     ];
     v.extend_from_slice(extra);
     Wrap::try_parse_from(v).expect("args").args
@@ -64,17 +66,30 @@ fn assert_guarantees(r: &RebalanceReport) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_a_node_loses_nothing_acked_and_every_client_resumes() {
     let c = TestCluster::start("kill9", 3).await;
+    // Rooms chosen so that node 2, the victim, owns at least one.
+    let prefix = prefix_with_a_room_on("rb-kill9", ROOMS, &[1, 2, 3], 2);
+    let on_victim = (0..ROOMS)
+        .filter(|r| owner_in_ring(&[1, 2, 3], &format!("{prefix}-{r}")) == 2)
+        .count() as u64;
+    assert_eq!(
+        c.owner(&format!("{prefix}-0")).await,
+        owner_in_ring(&[1, 2, 3], &format!("{prefix}-0")),
+        "the router's ring is the one the test computed"
+    );
     let victim = c.nodes[&2].pid();
     let cmd = format!("kill -9 {victim}");
-    let r = chat_bench::rebalance::run(args(&c.url(), &["--command", &cmd]), "test kill9".into())
-        .await
-        .expect("run");
+    let r = chat_bench::rebalance::run(
+        args(&c.url(), &prefix, &["--command", &cmd]),
+        "test kill9".into(),
+    )
+    .await
+    .expect("run");
     let md = r.to_markdown();
     assert_guarantees(&r);
     let x = r.external_command.as_ref().expect("command ran");
     assert_eq!(x.exit_code, Some(0), "{md}");
-    // 9 rooms over 3 nodes: the victim owned some, so some clients were cut off.
-    assert!(r.disruption.clients_disconnected > 0, "{md}");
+    // Every member (3 per room) of the victim's rooms was cut off, and only those.
+    assert_eq!(r.disruption.clients_disconnected, on_victim * 3, "{md}");
     assert_eq!(r.disruption.disconnections_before_command, 0, "{md}");
     assert!(r.disruption.command_to_all_resumed_s.is_some(), "{md}");
     assert!(r.disruption.resume_us.count > 0, "{md}");
@@ -84,6 +99,8 @@ async fn kill9_of_a_node_loses_nothing_acked_and_every_client_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fourth_node_joining_moves_rooms_and_loses_nothing_acked() {
     let c = TestCluster::start("join", 3).await;
+    // Rooms chosen so that the fourth node takes at least one.
+    let prefix = prefix_with_a_room_on("rb-join", ROOMS, &[1, 2, 3, 4], 4);
     let dir = std::env::temp_dir().join(unique("rb-join"));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let pidfile = dir.join("node4.pid");
@@ -95,8 +112,11 @@ async fn a_fourth_node_joining_moves_rooms_and_loses_nothing_acked() {
         sh_quote(&log.display().to_string()),
         sh_quote(&pidfile.display().to_string())
     );
-    let run =
-        chat_bench::rebalance::run(args(&c.url(), &["--command", &cmd]), "test join".into()).await;
+    let run = chat_bench::rebalance::run(
+        args(&c.url(), &prefix, &["--command", &cmd]),
+        "test join".into(),
+    )
+    .await;
     // Kill the fourth node whatever happened.
     let pid = std::fs::read_to_string(&pidfile).unwrap_or_default();
     let pid = pid.trim();
@@ -110,8 +130,8 @@ async fn a_fourth_node_joining_moves_rooms_and_loses_nothing_acked() {
     assert!(!pid.is_empty(), "the command wrote the node's pid: {md}");
     assert_guarantees(&r);
     assert!(r.external_command.as_ref().is_some_and(|x| x.ok()), "{md}");
-    // A fourth node takes about a quarter of the rooms: some clients were moved.
-    assert!(r.disruption.clients_disconnected > 0, "{md}");
+    // The fourth node took at least one room: its clients were moved.
+    assert!(r.disruption.clients_disconnected >= 3, "{md}");
     assert!(
         r.disruption.closes.keys().any(|k| k.starts_with("4001")),
         "moved clients were closed with room_moved: {md}"
@@ -123,9 +143,11 @@ async fn a_fourth_node_joining_moves_rooms_and_loses_nothing_acked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_command_nothing_is_disrupted() {
     let c = TestCluster::start("plain", 3).await;
-    let r = chat_bench::rebalance::run(args(&c.url(), &["--duration", "4"]), "test".into())
-        .await
-        .expect("run");
+    let prefix = unique("rb-plain");
+    let r =
+        chat_bench::rebalance::run(args(&c.url(), &prefix, &["--duration", "4"]), "test".into())
+            .await
+            .expect("run");
     let md = r.to_markdown();
     assert_guarantees(&r);
     assert!(r.external_command.is_none());

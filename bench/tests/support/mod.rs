@@ -278,3 +278,41 @@ pub async fn target(url: &str) -> Target {
 pub fn sh_quote(a: &str) -> String {
     format!("'{}'", a.replace('\'', r"'\''"))
 }
+
+/// The owner of `room` in a ring of nodes `ids` (the ring hashes node ids only, so a test
+/// can tell in advance which rooms a given change moves).
+pub fn owner_in_ring(ids: &[u16], room: &str) -> u16 {
+    let ring = common::Ring::new(
+        ids.iter().map(|&id| common::NodeInfo {
+            id,
+            addr: String::new(),
+            started_at_ms: 0,
+        }),
+        common::ring::DEFAULT_VNODES,
+    );
+    ring.owner_id(room).expect("non-empty ring")
+}
+
+/// A fresh room prefix for `rooms` rooms (`<prefix>-<i>`) such that at least one room is
+/// owned by `node` in a ring of `ids`: a test of a change to `node` then always has
+/// clients to disrupt, instead of passing vacuously when the hash put none there.
+pub fn prefix_with_a_room_on(what: &str, rooms: usize, ids: &[u16], node: u16) -> String {
+    for _ in 0..1000 {
+        let prefix = unique(what);
+        if (0..rooms).any(|r| owner_in_ring(ids, &format!("{prefix}-{r}")) == node) {
+            return prefix;
+        }
+    }
+    panic!("no prefix puts one of {rooms} rooms on node {node}");
+}
+
+/// A fresh name (see [`unique`]) for which `pred` holds.
+pub fn unique_where(what: &str, pred: impl Fn(&str) -> bool) -> String {
+    for _ in 0..1000 {
+        let name = unique(what);
+        if pred(&name) {
+            return name;
+        }
+    }
+    panic!("no {what} name satisfies the test's condition");
+}
