@@ -1882,6 +1882,140 @@ mod tests {
         assert!(bg.duration_s < 2.5, "{bg:?}");
     }
 
+    async fn test_member(index: usize) -> Member {
+        let (_, finish) = watch::channel(false);
+        let (_, stop) = watch::channel(false);
+        Member {
+            p: MemberPlan {
+                shared: Arc::new(Shared {
+                    base: Instant::now(),
+                    start_ns: AtomicU64::new(u64::MAX),
+                    end_ns: AtomicU64::new(u64::MAX),
+                    period_ns: 1_000_000_000,
+                    joined_once: AtomicU64::new(0),
+                    finishing: AtomicBool::new(false),
+                    sent: AtomicU64::new(0),
+                    acked: AtomicU64::new(0),
+                    received: AtomicU64::new(0),
+                    disconnects: AtomicU64::new(0),
+                    connected: AtomicU64::new(0),
+                }),
+                live: Arc::new(Live::default()),
+                target: Arc::new(Target::resolve("ws://127.0.0.1:9").await.expect("target")),
+                permits: Arc::new(Semaphore::new(1)),
+                index,
+                room: 0,
+                room_name: "r-0".into(),
+                user: "u".into(),
+                size: 8,
+                connect_timeout: Duration::from_secs(1),
+                resend_after: Duration::from_secs(5),
+                max_backoff: Duration::from_secs(1),
+                finish,
+                stop,
+            },
+            out: MemberOutcome::default(),
+            pending: BTreeMap::new(),
+            next_seq: 0,
+            last_seen: 0,
+            catch_up_to: None,
+            joined: false,
+            reached_joined: false,
+            open_episode: None,
+        }
+    }
+
+    fn pend(m: &mut Member, seq: u64) {
+        m.pending.insert(
+            seq,
+            Pending {
+                first_sent_ns: Some(1),
+                last_sent: Some(Instant::now()),
+                retry_at: None,
+            },
+        );
+    }
+
+    /// A loss, a refused retry, a rejoin whose `head` is ahead, the replay up to it: one
+    /// episode, resumed only once caught up; unacked sends are due again on the new session.
+    #[tokio::test]
+    async fn member_resumes_through_a_loss_and_accounts_the_episode() {
+        let mut m = test_member(7).await;
+        let f = |s: &str| m_frame(s);
+        assert!(m
+            .on_frame(&f(r#"{"type":"joined","room":"r-0","head":"100"}"#))
+            .is_none());
+        assert_eq!(m.out.view.join_point, Some(100));
+        assert!(m.joined && m.catch_up_to.is_none());
+        m.on_frame(&f(r#"{"type":"message","room":"r-0","id":"101","from":"u","cid":"m7-0","body":"x","ts":1}"#));
+        pend(&mut m, 0);
+        pend(&mut m, 1);
+        m.on_frame(&f(
+            r#"{"type":"ack","room":"r-0","cid":"m7-0","id":"101","duplicate":false}"#,
+        ));
+        assert_eq!(m.out.view.acked.get("m7-0"), Some(&101));
+        assert!(!m.pending.contains_key(&0) && m.pending.contains_key(&1));
+        // A refused send is retried later; a do-not-retry refusal is final.
+        m.on_frame(&f(
+            r#"{"type":"error","code":"room_moved","message":"x","cid":"m7-1","room":"r-0"}"#,
+        ));
+        assert!(m.pending[&1].retry_at.is_some());
+        pend(&mut m, 2);
+        m.on_frame(&f(
+            r#"{"type":"error","code":"body_too_long","message":"x","cid":"m7-2"}"#,
+        ));
+        assert!(!m.pending.contains_key(&2));
+        assert_eq!(m.out.rejected, 1);
+        // Without a cid, room_moved means this connection no longer serves the room.
+        assert!(m
+            .on_frame(&f(
+                r#"{"type":"error","code":"room_moved","message":"x","room":"r-0"}"#
+            ))
+            .is_some());
+        m.disrupted(close_label(4001), true);
+        m.disrupted("HTTP 502".into(), false);
+        assert_eq!(
+            m.out.episodes.len(),
+            1,
+            "one episode for a loss and its refusals"
+        );
+        assert_eq!(m.out.refusals.get("HTTP 502"), Some(&1));
+        // Rejoined with a head beyond what was seen: not resumed until the replay reaches it.
+        m.on_frame(&f(r#"{"type":"joined","room":"r-0","head":"103"}"#));
+        assert!(m.out.episodes[0].rejoined_ns.is_some());
+        assert!(m.out.episodes[0].resumed_ns.is_none());
+        assert!(
+            m.pending[&1].last_sent.is_none(),
+            "unacked sends go out again"
+        );
+        m.on_frame(&f(
+            r#"{"type":"message","room":"r-0","id":"102","from":"v","cid":"c","body":"x","ts":1}"#,
+        ));
+        assert!(m.out.episodes[0].resumed_ns.is_none());
+        m.on_frame(&f(
+            r#"{"type":"message","room":"r-0","id":"103","from":"v","cid":"d","body":"x","ts":1}"#,
+        ));
+        assert!(m.out.episodes[0].resumed_ns.is_some());
+        // A replayed duplicate and another room's message are counted, not kept.
+        m.on_frame(&f(
+            r#"{"type":"message","room":"r-0","id":"103","from":"v","cid":"d","body":"x","ts":1}"#,
+        ));
+        m.on_frame(&f(
+            r#"{"type":"message","room":"r-9","id":"104","from":"v","cid":"e","body":"x","ts":1}"#,
+        ));
+        assert_eq!((m.out.duplicates, m.out.misrouted), (1, 1));
+        assert_eq!(m.out.view.received.len(), 3);
+        // The same cid acked under another id is flagged.
+        m.on_frame(&f(
+            r#"{"type":"ack","room":"r-0","cid":"m7-0","id":"999","duplicate":true}"#,
+        ));
+        assert_eq!((m.out.ack_id_changed, m.out.ack_duplicates), (1, 1));
+    }
+
+    fn m_frame(s: &str) -> Vec<u8> {
+        s.as_bytes().to_vec()
+    }
+
     #[test]
     fn cids_round_trip_and_codes_classify() {
         assert!(retry_later("room_moved") && retry_later("rate_limited"));
