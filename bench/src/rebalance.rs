@@ -2012,6 +2012,27 @@ mod tests {
         assert_eq!((m.out.ack_id_changed, m.out.ack_duplicates), (1, 1));
     }
 
+    #[test]
+    fn only_lost_acks_or_an_unread_history_fail_the_run() {
+        let mut r = RebalanceReport::default();
+        r.correctness.stored_twice = 3;
+        r.correctness.gaps = 2;
+        r.sends.unanswered = 1;
+        assert!(r.pass(), "warnings do not fail a run");
+        r.correctness.acked_lost = 1;
+        assert!(!r.pass());
+        r.correctness.acked_lost = 0;
+        r.history_error = Some("HTTP 500".into());
+        assert!(!r.pass());
+        r.verdict = "FAIL".into();
+        let md = r.to_markdown();
+        assert!(md.contains("rebalance: FAIL") && md.contains("History could not be verified"));
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+        assert_eq!(json["correctness"]["acked_lost"], 0);
+        assert_eq!(json["correctness"]["stored_twice"], 3);
+        assert_eq!(json["sends"]["unanswered"], 1);
+    }
+
     fn m_frame(s: &str) -> Vec<u8> {
         s.as_bytes().to_vec()
     }
