@@ -126,7 +126,21 @@ pub async fn connect_as(
     opts: &ConnectOptions,
     timeout: Duration,
 ) -> anyhow::Result<(WsRead, WsWrite)> {
-    tokio::time::timeout(timeout, connect_inner(target, room, opts))
+    let query = format!("room={room}&{}", opts.credentials);
+    tokio::time::timeout(timeout, connect_inner(target, &query, opts))
+        .await
+        .map_err(|_| anyhow!("connect timed out"))?
+}
+
+/// Like [`connect`], with the whole query given (`room=R&user=U&since=ID`): for clients
+/// that resume. Every value must already be URL-safe (valid ids are).
+pub async fn connect_query(
+    target: &Target,
+    query: &str,
+    timeout: Duration,
+) -> anyhow::Result<(WsRead, WsWrite)> {
+    let opts = ConnectOptions::default();
+    tokio::time::timeout(timeout, connect_inner(target, query, &opts))
         .await
         .map_err(|_| anyhow!("connect timed out"))?
 }
@@ -151,7 +165,7 @@ pub async fn connect_with_recv_buffer(
 
 async fn connect_inner(
     target: &Target,
-    room: &str,
+    query: &str,
     opts: &ConnectOptions,
 ) -> anyhow::Result<(WsRead, WsWrite)> {
     let stream = if opts.recv_buffer.is_none() && opts.source.is_none() {
@@ -176,10 +190,7 @@ async fn connect_inner(
     stream.set_nodelay(true)?;
     let req = Request::builder()
         .method("GET")
-        .uri(format!(
-            "{}?room={room}&{}",
-            target.ws_path, opts.credentials
-        ))
+        .uri(format!("{}?{query}", target.ws_path))
         .header(HOST, &target.authority)
         .header(UPGRADE, "websocket")
         .header(CONNECTION, "upgrade")

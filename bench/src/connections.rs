@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 use crate::auth::{Auth, AuthArgs};
 use crate::client::{ConnectOptions, Target};
 use crate::idle::{self, Live};
-use crate::report::{self, new_histogram, LatencySummary};
+use crate::report::{self, map_or_none, new_histogram, LatencySummary};
 use crate::servers::{self, ServerFigures, Watched};
 use crate::workers::{self, WorkerEvent, WorkerPlan, WorkerResult};
 use crate::BenchError;
@@ -373,16 +373,6 @@ pub struct WorkerSummary {
     pub ramp_s: f64,
     pub ramp_cpu_s: Option<f64>,
     pub nofile: String,
-}
-
-pub(crate) fn map_or_none(m: &BTreeMap<String, u64>) -> String {
-    if m.is_empty() {
-        return "none".to_owned();
-    }
-    m.iter()
-        .map(|(k, v)| format!("{k}: {v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 pub(crate) fn latency_table(out: &mut String, rows: &[(&str, &LatencySummary)]) {

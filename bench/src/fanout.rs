@@ -235,6 +235,38 @@ struct Shared {
     live: Mutex<Histogram<u64>>,
     /// e2e samples since the last timeline point.
     interval: Mutex<Histogram<u64>>,
+    /// Per-group accounting when the caller asked for it ([`run_grouped`]).
+    groups: Option<GroupState>,
+}
+
+/// Connection groups a caller wants reported separately (e.g. `cross-shard`: members local
+/// to the room's owner vs bridged): `of[i]` is the group of connection `i` (`room ×
+/// members + member`), an index into `names`.
+#[derive(Debug, Clone, Default)]
+pub struct Groups {
+    pub names: Vec<String>,
+    pub of: Vec<usize>,
+}
+
+/// One group's share of a run: deliveries expected by and made to its members, and their
+/// end-to-end latency.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GroupResult {
+    pub name: String,
+    pub members: u64,
+    pub expected_deliveries: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub e2e_latency_us: LatencySummary,
+}
+
+/// Group counters. The e2e histogram is locked per delivery: groups are for runs sized to
+/// study a cluster's paths, not for the largest fan-outs.
+struct GroupState {
+    of: Vec<usize>,
+    e2e: Vec<Mutex<Histogram<u64>>>,
+    expected: Vec<AtomicU64>,
+    delivered: Vec<AtomicU64>,
 }
 
 impl Shared {
@@ -267,6 +299,7 @@ impl Shared {
             ack: shards(),
             live: Mutex::new(new_histogram()),
             interval: Mutex::new(new_histogram()),
+            groups: None,
         }
     }
 
@@ -545,7 +578,16 @@ impl ReaderTask {
         }
         self.stats.delivered += 1;
         self.shared.delivered_measured.fetch_add(1, Relaxed);
-        self.lat.e2e.push(now_ns.saturating_sub(h.sent_ns) / 1_000);
+        let e2e_us = now_ns.saturating_sub(h.sent_ns) / 1_000;
+        if let Some(g) = &self.shared.groups {
+            if let Some(&k) = g.of.get(self.me as usize) {
+                g.delivered[k].fetch_add(1, Relaxed);
+                if let Ok(mut hist) = g.e2e[k].lock() {
+                    hist.saturating_record(e2e_us);
+                }
+            }
+        }
+        self.lat.e2e.push(e2e_us);
     }
 
     fn on_ack(&mut self, v: &FrameView<'_>, now_ns: u64) {
@@ -600,6 +642,8 @@ struct WriterPlan {
     send_end: Instant,
     /// Joined members of this room: deliveries each measured send should produce.
     room_members: u64,
+    /// The same, per group (empty without groups).
+    group_members: Vec<u64>,
 }
 
 /// Sends on schedule until `send_end`, forwarding owed control frames all along; then keeps
@@ -670,6 +714,11 @@ async fn write_loop(
                 if measured {
                     shared.sent_measured.fetch_add(1, Relaxed);
                     shared.expected_measured.fetch_add(plan.room_members, Relaxed);
+                    if let Some(g) = &shared.groups {
+                        for (k, n) in plan.group_members.iter().enumerate() {
+                            g.expected[k].fetch_add(*n, Relaxed);
+                        }
+                    }
                 }
             }
         }
@@ -851,6 +900,15 @@ async fn progress(shared: Arc<Shared>, total: usize, mut stop: watch::Receiver<b
 /// Runs the scenario and writes the report. Losses are results, not failures; only bad
 /// arguments and too many connect failures are errors.
 pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError> {
+    run_grouped(args, command, None).await.map(|(r, _)| r)
+}
+
+/// [`run`], with deliveries and e2e latency also reported per group of connections.
+pub async fn run_grouped(
+    args: FanoutArgs,
+    command: String,
+    groups: Option<Groups>,
+) -> Result<(Report, Vec<GroupResult>), BenchError> {
     args.validate().map_err(BenchError::Config)?;
     let load_average = report::load_average();
     let target = Arc::new(
@@ -874,7 +932,19 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
     if let Some(n) = &fd_note {
         eprintln!("chat-bench: {n}");
     }
-    let shared = Arc::new(Shared::new(args.members));
+    let mut shared = Shared::new(args.members);
+    let group_names = groups.as_ref().map(|g| g.names.clone()).unwrap_or_default();
+    shared.groups = groups.map(|g| GroupState {
+        e2e: g
+            .names
+            .iter()
+            .map(|_| Mutex::new(new_histogram()))
+            .collect(),
+        expected: g.names.iter().map(|_| AtomicU64::new(0)).collect(),
+        delivered: g.names.iter().map(|_| AtomicU64::new(0)).collect(),
+        of: g.of,
+    });
+    let shared = Arc::new(shared);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (finish_tx, finish_rx) = watch::channel(false);
     if !args.quiet {
@@ -957,8 +1027,14 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
     // The schedule: every writer starts at its own phase within the first period, so sends
     // are spread evenly instead of arriving in bursts.
     let mut per_room = vec![0u64; args.rooms];
+    let mut group_members = vec![vec![0u64; group_names.len()]; args.rooms];
+    let mut group_sizes = vec![0u64; group_names.len()];
     for r in &ready {
         per_room[r.room] += 1;
+        if let Some(&k) = shared.groups.as_ref().and_then(|g| g.of.get(r.index)) {
+            group_members[r.room][k] += 1;
+            group_sizes[k] += 1;
+        }
     }
     ready.sort_by_key(|r| r.index);
     let period = Duration::from_secs_f64(1.0 / args.rate);
@@ -994,6 +1070,7 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
             measure_start,
             send_end,
             room_members: per_room[r.room],
+            group_members: group_members[r.room].clone(),
         };
         writer_tasks.push(tokio::spawn(write_loop(
             plan,
@@ -1231,7 +1308,29 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
             metrics_scrape::CPU_SECONDS
         ));
     }
-    Ok(r)
+    let group_results = match &shared.groups {
+        Some(g) => group_names
+            .iter()
+            .enumerate()
+            .map(|(k, name)| {
+                let expected = g.expected[k].load(Relaxed);
+                let delivered = g.delivered[k].load(Relaxed);
+                GroupResult {
+                    name: name.clone(),
+                    members: group_sizes[k],
+                    expected_deliveries: expected,
+                    delivered,
+                    lost: expected.saturating_sub(delivered),
+                    e2e_latency_us: g.e2e[k]
+                        .lock()
+                        .map(|h| LatencySummary::from_histogram(&h))
+                        .unwrap_or_default(),
+                }
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok((r, group_results))
 }
 
 /// One timeline point per second from the first send until the close: the e2e latency of

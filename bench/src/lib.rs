@@ -12,10 +12,14 @@ pub mod chart;
 pub mod churn;
 pub mod client;
 pub mod connections;
+pub mod cross_shard;
 pub mod fanout;
+pub mod history;
+pub mod http;
 pub mod idle;
 pub mod metrics_scrape;
 pub mod payload;
+pub mod rebalance;
 pub mod report;
 pub mod seed;
 pub mod servers;
@@ -64,6 +68,21 @@ pub enum Command {
     /// stdin, writes JSON lines on stdout).
     #[command(name = "__worker", hide = true)]
     Worker,
+    /// Rooms × members through a router that resume (reconnect, rejoin with `since`, resend
+    /// unacked sends with the same cid) while `--command` changes the cluster mid-run; then
+    /// checks every acked message against the history API. Exit status 1 when any acked
+    /// message is missing (acked_lost > 0).
+    Rebalance(rebalance::RebalanceArgs),
+    /// The read path: seeds rooms over the HTTP API, then concurrent readers page through
+    /// each room's history (newest-first with `before=`, oldest-first with `after=`) for a
+    /// fixed time. Reports pages/s, page latency, errors by status, and checks every full
+    /// walk returns exactly the seeded ids in order.
+    History(history::HistoryArgs),
+    /// Cross-node traffic through a router: `fanout --bridge`, with members that are local
+    /// to the room's owner and members bridged through Redis reported separately (decided
+    /// from the router's `/v1/rooms/{room}/owner`); optionally HTTP publishes forwarded by
+    /// a non-owner node (`--http-publishers`).
+    CrossShard(cross_shard::CrossShardArgs),
 }
 
 /// How a run failed; `main` maps each kind to an exit status.
@@ -128,7 +147,7 @@ pub async fn run(cli: Cli, command: String) -> Result<(), BenchError> {
                     "{} of {} connections failed (allowed: {allowed}): {}",
                     report.failed,
                     report.attempted,
-                    connections::map_or_none(&report.failures)
+                    report::map_or_none(&report.failures)
                 )));
             }
             Ok(())
@@ -144,6 +163,39 @@ pub async fn run(cli: Cli, command: String) -> Result<(), BenchError> {
             Ok(())
         }
         Command::Worker => connections::run_worker().await,
+        Command::CrossShard(args) => {
+            let (json, markdown, chart) =
+                (args.json.clone(), args.markdown.clone(), args.chart.clone());
+            let report = cross_shard::run(args, command).await?;
+            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)?;
+            if let Some(path) = chart {
+                write_chart(&path, &fanout::chart(&report.fanout))?;
+            }
+            Ok(())
+        }
+        Command::History(args) => {
+            let (json, markdown) = (args.json.clone(), args.markdown.clone());
+            let report = history::run(args, command).await?;
+            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)
+        }
+        Command::Rebalance(args) => {
+            let (json, markdown) = (args.json.clone(), args.markdown.clone());
+            let report = rebalance::run(args, command).await?;
+            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)?;
+            if report.pass() {
+                Ok(())
+            } else {
+                Err(BenchError::Failed(anyhow::anyhow!(
+                    "rebalance FAIL: acked_lost {}{}",
+                    report.correctness.acked_lost,
+                    report
+                        .history_error
+                        .as_ref()
+                        .map(|e| format!("; history not verified: {e}"))
+                        .unwrap_or_default()
+                )))
+            }
+        }
     }
 }
 

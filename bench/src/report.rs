@@ -275,7 +275,8 @@ fn opt_bytes(v: Option<u64>) -> String {
     )
 }
 
-fn map_or_none(m: &BTreeMap<String, u64>) -> String {
+/// `k: v, k: v` for a table cell, or `none`.
+pub fn map_or_none(m: &BTreeMap<String, u64>) -> String {
     if m.is_empty() {
         return "none".to_owned();
     }
@@ -289,12 +290,13 @@ fn ms(us: u64) -> String {
     format!("{:.3}", us as f64 / 1000.0)
 }
 
-fn latency_row(out: &mut String, name: &str, l: &LatencySummary) {
+/// One Markdown row of a `| latency | p50 | p90 | p99 | p99.9 | max | samples |` table, in
+/// milliseconds; `n/a` without samples.
+pub fn latency_md(name: &str, l: &LatencySummary) -> String {
     if l.count == 0 {
-        let _ = writeln!(out, "| {name} (ms) | n/a | n/a | n/a | n/a | n/a | 0 |");
+        format!("| {name} (ms) | n/a | n/a | n/a | n/a | n/a | 0 |")
     } else {
-        let _ = writeln!(
-            out,
+        format!(
             "| {name} (ms) | {} | {} | {} | {} | {} | {} |",
             ms(l.p50),
             ms(l.p90),
@@ -302,8 +304,12 @@ fn latency_row(out: &mut String, name: &str, l: &LatencySummary) {
             ms(l.p999),
             ms(l.max),
             l.count
-        );
+        )
     }
+}
+
+fn latency_row(out: &mut String, name: &str, l: &LatencySummary) {
+    let _ = writeln!(out, "{}", latency_md(name, l));
 }
 
 impl Report {
@@ -505,6 +511,11 @@ pub fn load_note(load: Option<&str>, nproc: usize) -> String {
         ),
         None => "machine load average at the start: n/a (/proc/loadavg unreadable)".to_owned(),
     }
+}
+
+/// [`load_note`] for this machine, now.
+pub fn current_load_note() -> String {
+    load_note(load_average().as_deref(), nproc())
 }
 
 pub fn nproc() -> usize {

@@ -4,7 +4,7 @@
 
 mod support;
 
-use support::{run_bench, spawn_node, unique};
+use support::{run_bench, spawn_standalone_node, unique};
 
 fn u(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
@@ -12,7 +12,7 @@ fn u(v: &serde_json::Value) -> u64 {
 
 #[test]
 fn connections_over_two_processes_and_two_source_addresses() {
-    let node = spawn_node(&["--insecure-dev-auth"]);
+    let node = spawn_standalone_node(&["--insecure-dev-auth"]);
     let url = node.ws_url();
     let prefix = unique("conn");
     let (status, r) = run_bench(&[
@@ -69,7 +69,7 @@ fn connections_over_two_processes_and_two_source_addresses() {
 
 #[test]
 fn churn_reconnects_and_acks_with_no_unexpected_closes() {
-    let node = spawn_node(&["--insecure-dev-auth"]);
+    let node = spawn_standalone_node(&["--insecure-dev-auth"]);
     let url = node.ws_url();
     let prefix = unique("churn");
     let (status, r) = run_bench(&[
@@ -107,7 +107,7 @@ fn churn_reconnects_and_acks_with_no_unexpected_closes() {
 #[test]
 fn jwt_signed_connections_are_accepted_and_a_wrong_secret_is_reported() {
     const SECRET: &str = "bench-test-secret-0123456789";
-    let node = spawn_node(&["--jwt-secret", SECRET]);
+    let node = spawn_standalone_node(&["--jwt-secret", SECRET]);
     let url = node.ws_url();
     let good = unique("jwt");
     let (status, r) = run_bench(&[

@@ -1,9 +1,16 @@
-//! Test harness for running the real `chat-bench` binary against a real `chat-node`
-//! process: the node on port 0 with the real CQL store (`CHAT_CQL_NODES`) and membership in
-//! the real Redis (`CHAT_REDIS_URL`), its address read from its JSON log, readiness polled
-//! with a deadline. Missing servers fail the test loudly; children are killed on drop.
+//! Test harness for scenarios that need a real cluster: a `chat-router` and `chat-node`
+//! processes (built from this workspace into the same target directory), membership in the
+//! real Redis under a prefix unique to the test, messages in the real CQL server. Addresses
+//! are read from each process's JSON log (`--listen 127.0.0.1:0`); nothing waits by sleeping:
+//! readiness is polled with a deadline. Children are killed by Drop guards.
+//!
+//! Scenarios run against one node use a standalone node ([`spawn_standalone_node`]) and the
+//! real `chat-bench` binary ([`run_bench`]).
+//!
+//! Tests fail loudly when `CHAT_REDIS_URL` or `CHAT_CQL_NODES` is unset, never skip.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -12,41 +19,41 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use chat_bench::client::Target;
+use chat_bench::http::HttpClient;
+
 /// Upper bound for anything a test waits for; reaching it fails the test.
 pub const WAIT: Duration = Duration::from_secs(60);
+pub const KEYSPACE: &str = "t_chat_bench";
+/// Short, so a killed node leaves the ring quickly.
+pub const TTL: &str = "1s";
 
-/// The real Redis, from `CHAT_REDIS_URL`. Missing means the suite was started the wrong
-/// way: fail loudly, never skip.
 pub fn redis_url() -> String {
     match std::env::var("CHAT_REDIS_URL") {
         Ok(v) if !v.trim().is_empty() => v,
         _ => panic!(
-            "CHAT_REDIS_URL is not set: this test needs the real Redis. Export the servers' \
-             environment first: eval \"$(deploy/local/servers.sh env)\""
+            "CHAT_REDIS_URL is not set: this test needs the real Redis \
+             (eval \"$(deploy/local/servers.sh env)\" or deploy/local/test.sh)"
         ),
     }
 }
 
-/// The real CQL server's contact points, from `CHAT_CQL_NODES`.
 pub fn cql_nodes() -> String {
     match std::env::var("CHAT_CQL_NODES") {
         Ok(v) if !v.trim().is_empty() => v,
         _ => panic!(
-            "CHAT_CQL_NODES is not set: this test needs the real CQL server. Export the \
-             servers' environment first: eval \"$(deploy/local/servers.sh env)\""
+            "CHAT_CQL_NODES is not set: this test needs the real CQL server \
+             (eval \"$(deploy/local/servers.sh env)\" or deploy/local/test.sh)"
         ),
     }
 }
-
-/// One keyspace for every node the bench tests start; rooms are unique per run.
-pub const KEYSPACE: &str = "t_chat_bench";
 
 /// A name no other test or earlier run uses.
 pub fn unique(what: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
+        .map(|d| d.as_millis() % 100_000_000)
         .unwrap_or(0);
     format!(
         "{what}-{}-{}-{nanos}",
@@ -55,11 +62,11 @@ pub fn unique(what: &str) -> String {
     )
 }
 
-/// The chat-node binary beside ours, built into the same target directory once per test
-/// binary (`cargo test -p chat-bench` builds only this package's binaries).
-pub fn node_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
+/// `chat-node` and `chat-router` beside `chat-bench`: `cargo test -p chat-bench` builds
+/// only this package, so they are built here once per test binary (a no-op when current).
+pub fn server_bins() -> &'static (PathBuf, PathBuf) {
+    static BINS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    BINS.get_or_init(|| {
         let bench = Path::new(env!("CARGO_BIN_EXE_chat-bench"));
         let dir = bench.parent().expect("the bench binary has a directory");
         let profile = match dir.file_name().and_then(|n| n.to_str()) {
@@ -71,33 +78,262 @@ pub fn node_bin() -> &'static Path {
             .parent()
             .expect("workspace root");
         let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "chat-node", "--bin", "chat-node"])
+            .args(["build", "-q", "-p", "chat-node", "-p", "chat-router"])
+            .args(["--bin", "chat-node", "--bin", "chat-router"])
             .args(["--profile", profile])
             .arg("--target-dir")
             .arg(target_dir)
             .current_dir(workspace)
             .status()
-            .expect("run cargo build for chat-node");
-        assert!(status.success(), "building chat-node failed");
-        let bin = dir.join("chat-node");
-        assert!(bin.exists(), "{} missing after the build", bin.display());
-        bin
+            .expect("run cargo build for chat-node and chat-router");
+        assert!(status.success(), "building chat-node/chat-router failed");
+        let (node, router) = (dir.join("chat-node"), dir.join("chat-router"));
+        assert!(
+            node.exists() && router.exists(),
+            "binaries missing after the build"
+        );
+        (node, router)
     })
 }
 
-/// A chat-node process, killed when dropped.
-pub struct NodeProc {
+/// A child process, killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Proc {
+    /// Spawns `cmd` and reads its bound address from the JSON log (`fields.addr`).
+    pub fn spawn(mut cmd: Command, what: &str) -> Proc {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            for line in lines.by_ref() {
+                let Ok(line) = line else { break };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if let Some(addr) = v["fields"]["addr"].as_str().and_then(|a| a.parse().ok()) {
+                    let _ = tx.send(addr);
+                    break;
+                }
+            }
+            // Keep draining so the process never blocks on a full pipe.
+            for _ in lines {}
+        });
+        match rx.recv_timeout(WAIT) {
+            Ok(addr) => Proc { child, addr },
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what} did not log its address within {WAIT:?}");
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A router and nodes under one membership prefix.
+pub struct TestCluster {
+    pub prefix: String,
+    pub nodes: BTreeMap<u16, Proc>,
+    pub router: Proc,
+}
+
+impl TestCluster {
+    pub async fn start(tag: &str, nodes: u16) -> TestCluster {
+        let prefix = unique(&format!("t-bench-{tag}"));
+        let mut started = BTreeMap::new();
+        // One at a time: the first creates the schema alone.
+        for id in 1..=nodes {
+            started.insert(id, spawn_node(&prefix, id));
+            wait_http_ok(started[&id].addr, "/readyz").await;
+        }
+        let (_, router_bin) = server_bins();
+        let mut cmd = Command::new(router_bin);
+        cmd.args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--redis-url", &redis_url(), "--redis-prefix", &prefix])
+            .args(["--membership-ttl", TTL])
+            .env_remove("CHAT_LISTEN");
+        let router = Proc::spawn(cmd, "chat-router");
+        let c = TestCluster {
+            prefix,
+            nodes: started,
+            router,
+        };
+        c.wait_ring_size(usize::from(nodes)).await;
+        c
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.router.addr)
+    }
+
+    /// The argv of node `id` in this cluster, for a test that starts it from a shell.
+    pub fn node_argv(&self, id: u16) -> Vec<String> {
+        node_argv(&self.prefix, id)
+    }
+
+    /// Waits until the router's ring has `n` nodes.
+    pub async fn wait_ring_size(&self, n: usize) {
+        let addr = self.router.addr;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(v) = get_json(addr, "/readyz").await {
+                if v["ring_size"].as_u64() == Some(n as u64) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the router's ring never reached {n} nodes"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Owner node id of `room` in the router's ring.
+    pub async fn owner(&self, room: &str) -> u16 {
+        let v = get_json(self.router.addr, &format!("/v1/rooms/{room}/owner"))
+            .await
+            .expect("owner lookup");
+        v["node"]["id"].as_u64().expect("owner id") as u16
+    }
+}
+
+fn node_argv(prefix: &str, id: u16) -> Vec<String> {
+    let (node_bin, _) = server_bins();
+    [
+        node_bin.display().to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--log-format".into(),
+        "json".into(),
+        "--insecure-dev-auth".into(),
+        "--node-id".into(),
+        id.to_string(),
+        "--redis-url".into(),
+        redis_url(),
+        "--redis-prefix".into(),
+        prefix.into(),
+        "--membership-ttl".into(),
+        TTL.into(),
+        "--cql-nodes".into(),
+        cql_nodes(),
+        "--cql-keyspace".into(),
+        KEYSPACE.into(),
+    ]
+    .into()
+}
+
+pub fn spawn_node(prefix: &str, id: u16) -> Proc {
+    let argv = node_argv(prefix, id);
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).env_remove("CHAT_LISTEN");
+    Proc::spawn(cmd, &format!("chat-node {id}"))
+}
+
+pub async fn get_json(addr: SocketAddr, path: &str) -> Option<serde_json::Value> {
+    let mut c = HttpClient::new(addr, addr.to_string());
+    let a = c
+        .request("GET", path, None, Duration::from_secs(5))
+        .await
+        .ok()?;
+    if a.status != 200 {
+        return None;
+    }
+    serde_json::from_slice(&a.body).ok()
+}
+
+pub async fn wait_http_ok(addr: SocketAddr, path: &str) {
+    let deadline = Instant::now() + WAIT;
+    while get_json(addr, path).await.is_none() {
+        assert!(Instant::now() < deadline, "{addr}{path} never answered 200");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn target(url: &str) -> Target {
+    Target::resolve(url).await.expect("target")
+}
+
+/// Quotes one argument for `sh`.
+pub fn sh_quote(a: &str) -> String {
+    format!("'{}'", a.replace('\'', r"'\''"))
+}
+
+/// The owner of `room` in a ring of nodes `ids` (the ring hashes node ids only, so a test
+/// can tell in advance which rooms a given change moves).
+pub fn owner_in_ring(ids: &[u16], room: &str) -> u16 {
+    let ring = common::Ring::new(
+        ids.iter().map(|&id| common::NodeInfo {
+            id,
+            addr: String::new(),
+            started_at_ms: 0,
+        }),
+        common::ring::DEFAULT_VNODES,
+    );
+    ring.owner_id(room).expect("non-empty ring")
+}
+
+/// A fresh room prefix for `rooms` rooms (`<prefix>-<i>`) such that at least one room is
+/// owned by `node` in a ring of `ids`: a test of a change to `node` then always has
+/// clients to disrupt, instead of passing vacuously when the hash put none there.
+pub fn prefix_with_a_room_on(what: &str, rooms: usize, ids: &[u16], node: u16) -> String {
+    for _ in 0..1000 {
+        let prefix = unique(what);
+        if (0..rooms).any(|r| owner_in_ring(ids, &format!("{prefix}-{r}")) == node) {
+            return prefix;
+        }
+    }
+    panic!("no prefix puts one of {rooms} rooms on node {node}");
+}
+
+/// A fresh name (see [`unique`]) for which `pred` holds.
+pub fn unique_where(what: &str, pred: impl Fn(&str) -> bool) -> String {
+    for _ in 0..1000 {
+        let name = unique(what);
+        if pred(&name) {
+            return name;
+        }
+    }
+    panic!("no {what} name satisfies the test's condition");
+}
+
+/// A standalone chat-node process (its own membership prefix, so it owns every room),
+/// killed when dropped.
+pub struct StandaloneNode {
     pub addr: SocketAddr,
     child: Child,
 }
 
-impl NodeProc {
+impl StandaloneNode {
     pub fn ws_url(&self) -> String {
         format!("ws://{}", self.addr)
     }
 }
 
-impl Drop for NodeProc {
+impl Drop for StandaloneNode {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -110,8 +346,8 @@ static SPAWN: Mutex<()> = Mutex::new(());
 /// Starts a chat-node on port 0 with `auth` flags (`--insecure-dev-auth`, or
 /// `--jwt-secret S`) against the real CQL store and Redis (its own membership prefix, so
 /// it owns every room), and waits until `/readyz` answers 200.
-pub fn spawn_node(auth: &[&str]) -> NodeProc {
-    let bin = node_bin();
+pub fn spawn_standalone_node(auth: &[&str]) -> StandaloneNode {
+    let bin = &server_bins().0;
     let _one_at_a_time = SPAWN.lock().unwrap_or_else(|e| e.into_inner());
     let mut child = Command::new(bin)
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
@@ -154,7 +390,7 @@ pub fn spawn_node(auth: &[&str]) -> NodeProc {
             panic!("chat-node did not log its address within {WAIT:?}");
         }
     };
-    let node = NodeProc { addr, child };
+    let node = StandaloneNode { addr, child };
     let deadline = Instant::now() + WAIT;
     loop {
         if http_get(addr, "/readyz").is_some_and(|(status, _)| status == 200) {

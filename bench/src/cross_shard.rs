@@ -1,0 +1,483 @@
+//! The `cross-shard` scenario: cross-node traffic through a router, measured per path.
+//!
+//! Members connect to a home room of their own and join the bench room over the socket
+//! (exactly `fanout --bridge`, whose machinery runs the traffic here). Before the run the
+//! bench asks the router who owns each member's home room and each bench room
+//! (`GET /v1/rooms/{room}/owner`): a member whose home room lives on the bench room's owner
+//! is *local*, any other is *bridged* through Redis, and the two groups' deliveries, loss
+//! and end-to-end latency are reported separately.
+//!
+//! Optionally `--http-publishers` post over HTTP straight to a node that does not own the
+//! room they post to, so each publish is forwarded to the owner through Redis; their
+//! latency (request to 201) is reported. They post to rooms of their own, so the members'
+//! accounting is not disturbed. Every phase is bounded; addresses used are `--url` and the
+//! node addresses the router reported.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Args;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::auth::{Auth, AuthArgs};
+use crate::client::Target;
+use crate::fanout::{self, FanoutArgs, GroupResult, Groups};
+use crate::http::HttpClient;
+use crate::report::{self, latency_md, map_or_none, new_histogram, LatencySummary, Report};
+use crate::BenchError;
+
+/// Options of `chat-bench cross-shard`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "\
+Exit status: 0 when the run completed (loss is a result, in the report); 1 when it could \
+not be carried out (owner lookups failed, too many connect failures); 64 for bad arguments.")]
+pub struct CrossShardArgs {
+    /// WebSocket URL of a router (the owner lookups need one).
+    #[arg(long, env = "CHAT_BENCH_URL", default_value = "ws://127.0.0.1:7000")]
+    pub url: String,
+    #[arg(long, default_value_t = 1)]
+    pub rooms: usize,
+    #[arg(long, default_value_t = 100)]
+    pub members: usize,
+    /// Messages per second each member sends.
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    #[arg(long, default_value_t = 128)]
+    pub size: usize,
+    #[arg(long, default_value_t = 30.0)]
+    pub duration: f64,
+    #[arg(long, default_value_t = 5.0)]
+    pub warmup: f64,
+    #[arg(long, default_value_t = 5.0)]
+    pub drain: f64,
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout: f64,
+    #[arg(long, default_value_t = 0)]
+    pub max_connect_failures: u64,
+    /// HTTP publishers posting to a node that does not own their room (forwarded publishes).
+    #[arg(long, default_value_t = 0)]
+    pub http_publishers: usize,
+    /// Publishes per second per HTTP publisher.
+    #[arg(long, default_value_t = 10.0)]
+    pub http_rate: f64,
+    #[arg(long, default_value = "xs")]
+    pub user_prefix: String,
+    /// Rooms are `<prefix>-<room>`; defaults to `xshard-<unix seconds>`.
+    #[arg(long)]
+    pub room_prefix: Option<String>,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+    #[arg(long)]
+    pub quiet: bool,
+    /// Write the per-second timeline of the whole run as an SVG chart (see `fanout`).
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl CrossShardArgs {
+    fn room_prefix(&self) -> String {
+        self.room_prefix.clone().unwrap_or_else(|| {
+            let secs = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            format!("xshard-{secs}")
+        })
+    }
+
+    /// The equivalent `fanout --bridge` arguments.
+    fn fanout(&self, room_prefix: &str) -> FanoutArgs {
+        FanoutArgs {
+            url: self.url.clone(),
+            rooms: self.rooms,
+            members: self.members,
+            rate: self.rate,
+            size: self.size,
+            duration: self.duration,
+            warmup: self.warmup,
+            drain: self.drain,
+            user_prefix: self.user_prefix.clone(),
+            room_prefix: Some(room_prefix.to_owned()),
+            connect_concurrency: 64,
+            bridge: true,
+            connect_timeout: self.connect_timeout,
+            max_connect_failures: self.max_connect_failures,
+            json: None,
+            markdown: None,
+            quiet: self.quiet,
+            chart: self.chart.clone(),
+            auth: self.auth.clone(),
+        }
+    }
+
+    /// Checks every limit (fanout's, plus the publishers'); the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        self.fanout(&self.room_prefix()).validate()?;
+        if self.http_publishers > 1000 {
+            return Err("--http-publishers must be at most 1000".into());
+        }
+        if !(self.http_rate.is_finite() && self.http_rate > 0.0 && self.http_rate <= 10_000.0) {
+            return Err("--http-rate must be in (0, 10000] publishes per second".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where the router says a room lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Owner {
+    pub id: u64,
+    pub addr: String,
+}
+
+async fn owner(http: &mut HttpClient, room: &str) -> anyhow::Result<Owner> {
+    let a = http
+        .request(
+            "GET",
+            &format!("/v1/rooms/{room}/owner"),
+            None,
+            LOOKUP_TIMEOUT,
+        )
+        .await?;
+    if a.status != 200 {
+        anyhow::bail!(
+            "owner of {room}: HTTP {} {} (is --url a router?)",
+            a.status,
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&a.body)?;
+    Ok(Owner {
+        id: v["node"]["id"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("owner of {room}: no node id"))?,
+        addr: v["node"]["addr"].as_str().unwrap_or_default().to_owned(),
+    })
+}
+
+/// Local (index 0) or bridged (index 1) for each connection, from the owners of the bench
+/// rooms and of the members' home rooms.
+pub fn classify(room_owner: &[u64], home_owner: &[Vec<u64>]) -> Vec<usize> {
+    home_owner
+        .iter()
+        .enumerate()
+        .flat_map(|(r, homes)| {
+            homes
+                .iter()
+                .map(move |h| usize::from(Some(h) != room_owner.get(r)))
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HttpPublishStats {
+    pub publishers: usize,
+    /// The nodes posted to, none of which owned the room posted to.
+    pub posted_to: Vec<String>,
+    pub published: u64,
+    pub duplicates: u64,
+    /// Refusals and failures by status (`transport` when no answer came).
+    pub errors: BTreeMap<String, u64>,
+    pub latency_us: LatencySummary,
+    pub publishes_per_s: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CrossShardReport {
+    pub scenario: String,
+    /// The owner of each bench room (router's view at the start).
+    pub room_owners: Vec<Owner>,
+    /// Members whose home room is on the bench room's owner, and the others.
+    pub local: GroupResult,
+    pub bridged: GroupResult,
+    pub http_publish: Option<HttpPublishStats>,
+    /// The whole run as `fanout --bridge` reports it (command line, git revision, CPU...).
+    pub fanout: Report,
+    pub notes: Vec<String>,
+}
+
+impl CrossShardReport {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    pub fn to_markdown(&self) -> String {
+        use std::fmt::Write as _;
+        let mut o = self.fanout.to_markdown().replacen(
+            "## chat-bench fanout",
+            "## chat-bench cross-shard",
+            1,
+        );
+        let owners: Vec<String> = self
+            .room_owners
+            .iter()
+            .map(|w| format!("node {} ({})", w.id, w.addr))
+            .collect();
+        let _ = writeln!(o, "\nBench room owners: {}\n", owners.join(", "));
+        let _ = writeln!(
+            o,
+            "| group | members | expected | delivered | lost | e2e p50 | p90 | p99 | p99.9 | max (ms) |\n|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for g in [&self.local, &self.bridged] {
+            let l = &g.e2e_latency_us;
+            let ms = |us: u64| format!("{:.3}", us as f64 / 1000.0);
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                g.name,
+                g.members,
+                g.expected_deliveries,
+                g.delivered,
+                g.lost,
+                ms(l.p50),
+                ms(l.p90),
+                ms(l.p99),
+                ms(l.p999),
+                ms(l.max)
+            );
+        }
+        if let Some(h) = &self.http_publish {
+            let _ = writeln!(
+                o,
+                "\nHTTP publishes forwarded by a non-owner node ({} publishers to {}): {} \
+                 published ({:.1}/s), {} duplicates, errors: {}\n",
+                h.publishers,
+                h.posted_to.join(", "),
+                h.published,
+                h.publishes_per_s,
+                h.duplicates,
+                map_or_none(&h.errors)
+            );
+            let _ = writeln!(
+                o,
+                "| latency | p50 | p90 | p99 | p99.9 | max | samples |\n|---|---|---|---|---|---|---|"
+            );
+            let _ = writeln!(o, "{}", latency_md("forwarded publish", &h.latency_us));
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(o);
+        }
+        for n in &self.notes {
+            let _ = writeln!(o, "- {n}");
+        }
+        o
+    }
+}
+
+/// One HTTP publisher: posts to `room` on `node` (not its owner) at `rate` until `stop`.
+async fn publisher(
+    node: SocketAddr,
+    room: String,
+    // `user=U` or `token=JWT`.
+    creds: String,
+    rate: f64,
+    size: usize,
+    mut stop: watch::Receiver<bool>,
+) -> (hdrhistogram::Histogram<u64>, u64, BTreeMap<String, u64>) {
+    let mut http = HttpClient::new(node, node.to_string());
+    let mut lat = new_histogram();
+    let mut dups = 0;
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let body = "p".repeat(size);
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|v| *v) => break,
+        }
+        let payload = serde_json::json!({"cid": format!("p-{n}"), "body": body}).to_string();
+        n += 1;
+        let t = Instant::now();
+        match http
+            .request(
+                "POST",
+                &format!("/v1/rooms/{room}/messages?{creds}"),
+                Some(payload),
+                Duration::from_secs(10),
+            )
+            .await
+        {
+            Ok(a) if a.status == 201 || a.status == 200 => {
+                lat.saturating_record(t.elapsed().as_micros().max(1) as u64);
+                if a.status == 200 {
+                    dups += 1;
+                }
+            }
+            Ok(a) => *errors.entry(format!("HTTP {}", a.status)).or_default() += 1,
+            Err(_) => *errors.entry("transport".into()).or_default() += 1,
+        }
+    }
+    (lat, dups, errors)
+}
+
+pub async fn run(args: CrossShardArgs, command: String) -> Result<CrossShardReport, BenchError> {
+    args.validate().map_err(BenchError::Config)?;
+    let auth = Auth::from_args(&args.auth).map_err(BenchError::Config)?;
+    let target = Target::resolve(&args.url)
+        .await
+        .map_err(|e| BenchError::Config(format!("--url: {e:#}")))?;
+    let prefix = args.room_prefix();
+    let fail = |e: anyhow::Error| BenchError::Failed(e.context("owner lookup"));
+
+    // Who owns what: the same names fanout --bridge uses.
+    let mut http = HttpClient::for_target(&target);
+    let mut room_owners = Vec::with_capacity(args.rooms);
+    let mut home_owners = Vec::with_capacity(args.rooms);
+    let mut nodes: BTreeMap<u64, String> = BTreeMap::new();
+    for r in 0..args.rooms {
+        let room = format!("{prefix}-{r}");
+        let o = owner(&mut http, &room).await.map_err(fail)?;
+        nodes.insert(o.id, o.addr.clone());
+        let mut homes = Vec::with_capacity(args.members);
+        for m in 0..args.members {
+            let h = owner(&mut http, &format!("{room}-home-{m}"))
+                .await
+                .map_err(fail)?;
+            nodes.insert(h.id, h.addr.clone());
+            homes.push(h.id);
+        }
+        room_owners.push(o);
+        home_owners.push(homes);
+    }
+    let of = classify(
+        &room_owners.iter().map(|o| o.id).collect::<Vec<_>>(),
+        &home_owners,
+    );
+
+    // Publishers, each to a room of its own on a node that does not own it.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut publishers = Vec::new();
+    let mut posted_to = Vec::new();
+    let mut notes = vec![report::current_load_note()];
+    for p in 0..args.http_publishers {
+        let room = format!("{prefix}-http-{p}");
+        let o = owner(&mut http, &room).await.map_err(fail)?;
+        let Some((_, addr)) = nodes.iter().find(|(id, _)| **id != o.id) else {
+            notes.push("only one node is known: HTTP publishers were not started".into());
+            break;
+        };
+        let Ok(node) = addr.parse::<SocketAddr>() else {
+            notes.push(format!(
+                "node address {addr:?} is not host:port; publishers skipped"
+            ));
+            break;
+        };
+        posted_to.push(addr.clone());
+        publishers.push(tokio::spawn(publisher(
+            node,
+            room,
+            auth.credentials(&format!("{}-http-{p}", args.user_prefix))
+                .map_err(BenchError::Config)?,
+            args.http_rate,
+            args.size,
+            stop_rx.clone(),
+        )));
+    }
+    let pub_started = Instant::now();
+
+    let groups = Groups {
+        names: vec!["local".into(), "bridged".into()],
+        of,
+    };
+    let result = fanout::run_grouped(args.fanout(&prefix), command, Some(groups)).await;
+    let _ = stop_tx.send(true);
+    let pub_wall = pub_started.elapsed().as_secs_f64();
+    let mut stats = HttpPublishStats {
+        publishers: publishers.len(),
+        posted_to,
+        ..Default::default()
+    };
+    let mut lat = new_histogram();
+    for t in publishers {
+        if let Ok(Ok((h, d, e))) = tokio::time::timeout(Duration::from_secs(15), t).await {
+            let _ = lat.add(&h);
+            stats.duplicates += d;
+            for (k, v) in e {
+                *stats.errors.entry(k).or_default() += v;
+            }
+        }
+    }
+    stats.published = lat.len();
+    stats.latency_us = LatencySummary::from_histogram(&lat);
+    stats.publishes_per_s = if pub_wall > 0.0 {
+        stats.published as f64 / pub_wall
+    } else {
+        0.0
+    };
+    let (fanout, mut groups) = result?;
+    let bridged = groups.pop().unwrap_or_default();
+    let local = groups.pop().unwrap_or_default();
+    if local.members == 0 || bridged.members == 0 {
+        notes.push(format!(
+            "one group is empty ({} local, {} bridged): with one node every member is local; \
+             with few members the split may be lopsided",
+            local.members, bridged.members
+        ));
+    }
+    notes.push(
+        "local and bridged are decided from the router's ring at the start; a ring change \
+         during the run is not followed"
+            .into(),
+    );
+    notes.push(
+        "server CPU and RSS above are the --url's (the router's); the nodes' are on their own \
+         /metrics"
+            .into(),
+    );
+    Ok(CrossShardReport {
+        scenario: "cross-shard".into(),
+        room_owners,
+        local,
+        bridged,
+        http_publish: (args.http_publishers > 0).then_some(stats),
+        fanout,
+        notes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_are_local_when_their_home_shares_the_rooms_owner() {
+        let of = classify(&[1, 2], &[vec![1, 2, 3], vec![2, 2]]);
+        assert_eq!(of, vec![0, 1, 1, 0, 0]);
+    }
+
+    #[test]
+    fn bad_arguments_name_their_flag() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            a: CrossShardArgs,
+        }
+        let args = |extra: &[&str]| {
+            let mut v = vec!["t"];
+            v.extend_from_slice(extra);
+            T::try_parse_from(v).expect("parses").a
+        };
+        assert_eq!(args(&[]).validate(), Ok(()));
+        for (flags, needle) in [
+            (vec!["--members", "0"], "--members"),
+            (vec!["--rate", "0"], "--rate"),
+            (vec!["--http-rate", "0"], "--http-rate"),
+            (vec!["--http-publishers", "5000"], "--http-publishers"),
+            (vec!["--room-prefix", "a b"], "--room-prefix"),
+        ] {
+            let e = args(&flags).validate().expect_err(needle);
+            assert!(e.contains(needle), "{flags:?}: {e}");
+        }
+    }
+}

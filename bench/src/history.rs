@@ -1,0 +1,772 @@
+//! The `history` scenario: the read path. It seeds rooms with a known set of messages over
+//! the HTTP API (each `POST` answered 201/200, i.e. durable), then runs concurrent readers
+//! that walk each room's whole history page by page for a fixed time, newest-first with
+//! `before=` and oldest-first with `after=`, alternately, and checks every complete walk
+//! returns exactly the seeded ids in order.
+//!
+//! It reports pages/s, messages/s and page latency from the client's side (request written
+//! to body read), errors by HTTP status, and walks that matched or did not. Every phase has
+//! a deadline; it connects only to `--url`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::auth::{Auth, AuthArgs};
+use crate::client::Target;
+use crate::http::{HistoryPage, HttpClient};
+use crate::report::{self, latency_md, map_or_none, new_histogram, LatencySummary};
+use crate::BenchError;
+
+/// Options of `chat-bench history`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "\
+Exit status: 0 when the run completed, even with errors or mismatched walks (they are \
+results, in the report); 1 when seeding failed; 64 for bad arguments.")]
+pub struct HistoryArgs {
+    /// URL of a router or node (ws:// or http://); the HTTP API is on the same port.
+    #[arg(long, env = "CHAT_BENCH_URL", default_value = "ws://127.0.0.1:7000")]
+    pub url: String,
+    /// Rooms to seed and read.
+    #[arg(long, default_value_t = 10)]
+    pub rooms: usize,
+    /// Messages seeded per room (0: read rooms that were never written).
+    #[arg(long, default_value_t = 1000)]
+    pub messages: usize,
+    /// Body size of seeded messages, in bytes.
+    #[arg(long, default_value_t = 128)]
+    pub size: usize,
+    /// Publishes in flight at once while seeding.
+    #[arg(long, default_value_t = 16)]
+    pub seed_concurrency: usize,
+    /// Longest time, in seconds, the seeding may take.
+    #[arg(long, default_value_t = 300.0)]
+    pub seed_timeout: f64,
+    /// Concurrent readers, each on its own keep-alive connection.
+    #[arg(long, default_value_t = 8)]
+    pub readers: usize,
+    /// `limit` of each page (1-1000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    /// Seconds of reading.
+    #[arg(long, default_value_t = 20.0)]
+    pub duration: f64,
+    /// Seconds one page request may take before it counts as an error.
+    #[arg(long, default_value_t = 10.0)]
+    pub request_timeout: f64,
+    /// The user that seeds and reads (dev auth, or the `sub` of its signed token).
+    #[arg(long, default_value = "hist")]
+    pub user: String,
+    /// Rooms are `<prefix>-<room>`; defaults to `history-<unix seconds>` (fresh rooms).
+    #[arg(long)]
+    pub room_prefix: Option<String>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Also write the Markdown report to this file.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+const MAX_SECONDS: f64 = 86_400.0;
+
+impl HistoryArgs {
+    pub fn room_prefix(&self) -> String {
+        self.room_prefix.clone().unwrap_or_else(|| {
+            let secs = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            format!("history-{secs}")
+        })
+    }
+
+    /// Checks every limit; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        let secs = |name: &str, v: f64| -> Result<(), String> {
+            if v.is_finite() && v > 0.0 && v <= MAX_SECONDS {
+                Ok(())
+            } else {
+                Err(format!(
+                    "--{name} must be positive and at most {MAX_SECONDS} seconds"
+                ))
+            }
+        };
+        if !(1..=10_000).contains(&self.rooms) {
+            return Err("--rooms must be between 1 and 10000".into());
+        }
+        if self.messages > 1_000_000 {
+            return Err("--messages must be at most 1000000 per room".into());
+        }
+        if !(1..=4096).contains(&self.size) {
+            return Err("--size must be between 1 and 4096 bytes".into());
+        }
+        if !(1..=1000).contains(&self.seed_concurrency) {
+            return Err("--seed-concurrency must be between 1 and 1000".into());
+        }
+        if !(1..=1000).contains(&self.readers) {
+            return Err("--readers must be between 1 and 1000".into());
+        }
+        if !(1..=1000).contains(&self.limit) {
+            return Err("--limit must be between 1 and 1000".into());
+        }
+        secs("duration", self.duration)?;
+        secs("seed-timeout", self.seed_timeout)?;
+        secs("request-timeout", self.request_timeout)?;
+        common::UserId::new(self.user.clone())
+            .map_err(|e| format!("--user is not a valid user id: {e}"))?;
+        let last_room = format!("{}-{}", self.room_prefix(), self.rooms - 1);
+        common::RoomId::new(last_room)
+            .map_err(|e| format!("--room-prefix gives invalid room ids: {e}"))?;
+        Ok(())
+    }
+}
+
+/// Which way a walk pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// `before=`: newest page first.
+    NewestFirst,
+    /// `after=`: oldest page first.
+    OldestFirst,
+}
+
+/// Compares one complete walk with what was seeded; `None` when they match.
+pub fn walk_mismatch(walked: &[u64], expected: &[u64]) -> Option<String> {
+    if walked == expected {
+        return None;
+    }
+    let first_diff = walked
+        .iter()
+        .zip(expected)
+        .position(|(a, b)| a != b)
+        .unwrap_or(walked.len().min(expected.len()));
+    Some(format!(
+        "{} ids walked, {} seeded; first difference at position {first_diff}",
+        walked.len(),
+        expected.len()
+    ))
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HistoryConfig {
+    pub url: String,
+    pub rooms: usize,
+    pub messages_per_room: usize,
+    pub body_bytes: usize,
+    pub readers: usize,
+    pub limit: u32,
+    pub duration_s: f64,
+    pub room_prefix: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Seeding {
+    pub published: u64,
+    pub duplicates: u64,
+    /// Refusals retried (with the same cid), by status.
+    pub retries: BTreeMap<String, u64>,
+    pub seconds: f64,
+    pub publishes_per_s: f64,
+    pub latency_us: LatencySummary,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Reading {
+    pub pages: u64,
+    pub messages: u64,
+    pub pages_per_s: f64,
+    pub messages_per_s: f64,
+    /// Failed page requests by HTTP status (`"transport"` when no answer came).
+    pub errors: BTreeMap<String, u64>,
+    pub walks_ok: u64,
+    /// Complete walks whose ids differ from the seeded ids.
+    pub walks_mismatched: u64,
+    /// Walks abandoned on an error.
+    pub walks_failed: u64,
+    /// Walks cut off by the end of the run (not checked).
+    pub walks_incomplete: u64,
+    pub walks_newest_first: u64,
+    pub walks_oldest_first: u64,
+    pub page_latency_us: LatencySummary,
+    pub mismatch_examples: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HistoryReport {
+    pub scenario: String,
+    pub command: String,
+    pub git_rev: String,
+    pub nproc: usize,
+    pub started_unix_ms: u64,
+    pub config: HistoryConfig,
+    pub seeding: Seeding,
+    pub reading: Reading,
+    pub bench_cpu_percent: Option<f64>,
+    pub bench_saturated: bool,
+    pub notes: Vec<String>,
+}
+
+impl HistoryReport {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    pub fn to_markdown(&self) -> String {
+        use std::fmt::Write as _;
+        let c = &self.config;
+        let s = &self.seeding;
+        let r = &self.reading;
+        let mut o = String::new();
+        let _ = writeln!(o, "## chat-bench history\n");
+        let _ = writeln!(o, "```\n{}\n```\n", self.command);
+        let _ = writeln!(
+            o,
+            "git `{}` · nproc {} · {} · {} rooms × {} messages of {} B, {} readers, limit {}, \
+             {} s of reading\n",
+            self.git_rev,
+            self.nproc,
+            c.url,
+            c.rooms,
+            c.messages_per_room,
+            c.body_bytes,
+            c.readers,
+            c.limit,
+            c.duration_s
+        );
+        let rows: Vec<(&str, String)> = vec![
+            (
+                "seeded (duplicates)",
+                format!("{} ({})", s.published, s.duplicates),
+            ),
+            (
+                "seeding",
+                format!("{:.1} s, {:.0} publishes/s", s.seconds, s.publishes_per_s),
+            ),
+            ("seed retries", map_or_none(&s.retries)),
+            ("pages", r.pages.to_string()),
+            ("pages/s", format!("{:.1}", r.pages_per_s)),
+            ("messages/s", format!("{:.0}", r.messages_per_s)),
+            ("errors by status", map_or_none(&r.errors)),
+            (
+                "walks ok / mismatched / failed / cut off",
+                format!(
+                    "{} / {} / {} / {}",
+                    r.walks_ok, r.walks_mismatched, r.walks_failed, r.walks_incomplete
+                ),
+            ),
+            (
+                "walks newest-first / oldest-first",
+                format!("{} / {}", r.walks_newest_first, r.walks_oldest_first),
+            ),
+            (
+                "bench CPU (% of one core)",
+                format!(
+                    "{}{}",
+                    self.bench_cpu_percent
+                        .map_or("n/a".into(), |p| format!("{p:.1}%")),
+                    if self.bench_saturated {
+                        " (load generator saturated)"
+                    } else {
+                        ""
+                    }
+                ),
+            ),
+        ];
+        let _ = writeln!(o, "| metric | value |\n|---|---|");
+        for (k, v) in rows {
+            let _ = writeln!(o, "| {k} | {v} |");
+        }
+        let _ = writeln!(
+            o,
+            "\n| latency | p50 | p90 | p99 | p99.9 | max | samples |\n|---|---|---|---|---|---|---|"
+        );
+        let _ = writeln!(o, "{}", latency_md("page", &r.page_latency_us));
+        let _ = writeln!(o, "{}", latency_md("seed publish", &s.latency_us));
+        for e in &r.mismatch_examples {
+            let _ = writeln!(o, "\n- mismatch: {e}");
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(o);
+            for n in &self.notes {
+                let _ = writeln!(o, "- {n}");
+            }
+        }
+        o
+    }
+}
+
+/// Seeds every room; returns each room's ids in ascending order.
+async fn seed(
+    args: &HistoryArgs,
+    creds: &str,
+    target: &Target,
+    rooms: &[String],
+    out: &mut Seeding,
+) -> anyhow::Result<Vec<Vec<u64>>> {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(args.seed_timeout);
+    let jobs: Arc<Vec<(usize, usize)>> = Arc::new(
+        (0..args.messages)
+            .flat_map(|i| (0..rooms.len()).map(move |r| (r, i)))
+            .collect(),
+    );
+    let next = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicBool::new(false));
+    let ids = Arc::new(Mutex::new(vec![
+        Vec::with_capacity(args.messages);
+        rooms.len()
+    ]));
+    let rooms = Arc::new(rooms.to_vec());
+    let mut tasks = Vec::new();
+    for _ in 0..args.seed_concurrency.min(jobs.len().max(1)) {
+        let (jobs, next, failed, ids, rooms) = (
+            jobs.clone(),
+            next.clone(),
+            failed.clone(),
+            ids.clone(),
+            rooms.clone(),
+        );
+        let mut http = HttpClient::for_target(target);
+        let creds = creds.to_owned();
+        let body = "s".repeat(args.size);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = new_histogram();
+            let mut retries: BTreeMap<String, u64> = BTreeMap::new();
+            let mut dups = 0u64;
+            loop {
+                let j = next.fetch_add(1, Relaxed) as usize;
+                let Some(&(r, i)) = jobs.get(j) else { break };
+                if failed.load(Relaxed) {
+                    break;
+                }
+                let path = format!("/v1/rooms/{}/messages?{creds}", rooms[r]);
+                let payload =
+                    serde_json::json!({"cid": format!("h-{i}"), "body": body}).to_string();
+                let mut backoff = Duration::from_millis(100);
+                let id = loop {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    if left.is_zero() {
+                        failed.store(true, Relaxed);
+                        return Err(anyhow::anyhow!("seeding did not finish in time"));
+                    }
+                    let t = Instant::now();
+                    match http
+                        .request("POST", &path, Some(payload.clone()), left)
+                        .await
+                    {
+                        Ok(a) if a.status == 201 || a.status == 200 => {
+                            lat.saturating_record(t.elapsed().as_micros().max(1) as u64);
+                            if a.status == 200 {
+                                dups += 1;
+                            }
+                            let v: serde_json::Value = serde_json::from_slice(&a.body)?;
+                            let id = v["id"]
+                                .as_str()
+                                .and_then(|s| s.parse::<u64>().ok())
+                                .ok_or_else(|| anyhow::anyhow!("publish answer without id"))?;
+                            break id;
+                        }
+                        Ok(a) if matches!(a.status, 421 | 429 | 502 | 503) => {
+                            *retries.entry(format!("HTTP {}", a.status)).or_default() += 1;
+                        }
+                        Ok(a) => {
+                            failed.store(true, Relaxed);
+                            return Err(anyhow::anyhow!(
+                                "publish to {} answered HTTP {}: {}",
+                                rooms[r],
+                                a.status,
+                                String::from_utf8_lossy(&a.body)
+                            ));
+                        }
+                        Err(_) => {
+                            *retries.entry("transport".into()).or_default() += 1;
+                        }
+                    }
+                    tokio::time::sleep(backoff.min(left)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                };
+                if let Ok(mut g) = ids.lock() {
+                    g[r].push(id);
+                }
+            }
+            Ok((lat, retries, dups))
+        }));
+    }
+    let mut lat = new_histogram();
+    let mut first_err = None;
+    for t in tasks {
+        match t.await {
+            Ok(Ok((h, retries, dups))) => {
+                let _ = lat.add(&h);
+                out.duplicates += dups;
+                for (k, v) in retries {
+                    *out.retries.entry(k).or_default() += v;
+                }
+            }
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(e) => {
+                first_err.get_or_insert(anyhow::anyhow!("seed task: {e}"));
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    out.seconds = started.elapsed().as_secs_f64();
+    out.published = lat.len();
+    out.publishes_per_s = if out.seconds > 0.0 {
+        out.published as f64 / out.seconds
+    } else {
+        0.0
+    };
+    out.latency_us = LatencySummary::from_histogram(&lat);
+    let mut ids = ids
+        .lock()
+        .map_err(|_| anyhow::anyhow!("seed ids lock poisoned"))?
+        .clone();
+    for v in &mut ids {
+        v.sort_unstable();
+        v.dedup();
+    }
+    Ok(ids)
+}
+
+#[derive(Default)]
+struct ReaderOut {
+    pages: u64,
+    messages: u64,
+    errors: BTreeMap<String, u64>,
+    ok: u64,
+    mismatched: u64,
+    failed: u64,
+    incomplete: u64,
+    newest_first: u64,
+    oldest_first: u64,
+    examples: Vec<String>,
+    lat: Option<Histogram<u64>>,
+}
+
+enum WalkEnd {
+    Done(Vec<u64>),
+    Failed,
+    Cut,
+}
+
+struct Walker<'a> {
+    http: HttpClient,
+    /// `user=U` or `token=JWT`.
+    creds: &'a str,
+    limit: u32,
+    timeout: Duration,
+    end: Instant,
+    out: ReaderOut,
+    lat: Histogram<u64>,
+}
+
+impl Walker<'_> {
+    async fn walk(&mut self, room: &str, dir: Direction) -> WalkEnd {
+        let mut ids: Vec<u64> = Vec::new();
+        let mut cursor: Option<u64> = None;
+        loop {
+            if Instant::now() >= self.end {
+                return WalkEnd::Cut;
+            }
+            let bound = match (dir, cursor) {
+                (Direction::NewestFirst, Some(c)) => format!("&before={c}"),
+                (Direction::OldestFirst, Some(c)) => format!("&after={c}"),
+                (Direction::OldestFirst, None) => "&after=0".to_owned(),
+                (Direction::NewestFirst, None) => String::new(),
+            };
+            let path = format!(
+                "/v1/rooms/{room}/messages?{}&limit={}{bound}",
+                self.creds, self.limit
+            );
+            let t = Instant::now();
+            let answer = self.http.request("GET", &path, None, self.timeout).await;
+            let page = match answer {
+                Ok(a) if a.status == 200 => match serde_json::from_slice::<HistoryPage>(&a.body) {
+                    Ok(p) => p,
+                    Err(_) => {
+                        *self.out.errors.entry("bad body".into()).or_default() += 1;
+                        return WalkEnd::Failed;
+                    }
+                },
+                Ok(a) => {
+                    *self
+                        .out
+                        .errors
+                        .entry(format!("HTTP {}", a.status))
+                        .or_default() += 1;
+                    return WalkEnd::Failed;
+                }
+                Err(_) => {
+                    *self.out.errors.entry("transport".into()).or_default() += 1;
+                    return WalkEnd::Failed;
+                }
+            };
+            self.lat
+                .saturating_record(t.elapsed().as_micros().max(1) as u64);
+            self.out.pages += 1;
+            self.out.messages += page.messages.len() as u64;
+            let more = page.has_more && !page.messages.is_empty();
+            let page_ids: Vec<u64> = page.messages.iter().map(|m| m.id).collect();
+            match dir {
+                Direction::OldestFirst => {
+                    cursor = page_ids.last().copied().or(cursor);
+                    ids.extend(page_ids);
+                }
+                Direction::NewestFirst => {
+                    cursor = page_ids.first().copied().or(cursor);
+                    // Pages come oldest first within the page; walk backwards.
+                    let mut older = page_ids;
+                    older.extend_from_slice(&ids);
+                    ids = older;
+                }
+            }
+            if !more {
+                return WalkEnd::Done(ids);
+            }
+        }
+    }
+}
+
+/// Runs the scenario.
+pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, BenchError> {
+    args.validate().map_err(BenchError::Config)?;
+    // One token for the run (its --jwt-ttl must cover the run).
+    let creds = Auth::from_args(&args.auth)
+        .and_then(|a| a.credentials(&args.user))
+        .map_err(BenchError::Config)?;
+    let target = Target::resolve(&args.url)
+        .await
+        .map_err(|e| BenchError::Config(format!("--url: {e:#}")))?;
+    let started_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let load = report::current_load_note();
+    let prefix = args.room_prefix();
+    let rooms: Vec<String> = (0..args.rooms).map(|r| format!("{prefix}-{r}")).collect();
+    let mut seeding = Seeding::default();
+    if !args.quiet && args.messages > 0 {
+        eprintln!(
+            "[history] seeding {} rooms × {} messages",
+            args.rooms, args.messages
+        );
+    }
+    let expected = seed(&args, &creds, &target, &rooms, &mut seeding)
+        .await
+        .map_err(|e| BenchError::Failed(e.context("seeding")))?;
+    let expected = Arc::new(expected);
+    if !args.quiet {
+        eprintln!("[history] reading for {} s", args.duration);
+    }
+
+    let cpu0 = report::self_cpu_seconds();
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs_f64(args.duration);
+    let rooms = Arc::new(rooms);
+    let mut tasks = Vec::new();
+    for k in 0..args.readers {
+        let (rooms, expected) = (rooms.clone(), expected.clone());
+        let http = HttpClient::for_target(&target);
+        let creds = creds.clone();
+        let (limit, timeout) = (args.limit, Duration::from_secs_f64(args.request_timeout));
+        tasks.push(tokio::spawn(async move {
+            let mut w = Walker {
+                http,
+                creds: &creds,
+                limit,
+                timeout,
+                end,
+                out: ReaderOut::default(),
+                lat: new_histogram(),
+            };
+            let mut n = k;
+            while Instant::now() < end {
+                let r = n % rooms.len();
+                // Readers start on different rooms and alternate directions.
+                let dir = if (n / rooms.len() + k) % 2 == 0 {
+                    Direction::NewestFirst
+                } else {
+                    Direction::OldestFirst
+                };
+                n += 1;
+                match w.walk(&rooms[r], dir).await {
+                    WalkEnd::Done(ids) => {
+                        match dir {
+                            Direction::NewestFirst => w.out.newest_first += 1,
+                            Direction::OldestFirst => w.out.oldest_first += 1,
+                        }
+                        match walk_mismatch(&ids, &expected[r]) {
+                            None => w.out.ok += 1,
+                            Some(e) => {
+                                w.out.mismatched += 1;
+                                if w.out.examples.len() < 5 {
+                                    w.out.examples.push(format!("{} ({dir:?}): {e}", rooms[r]));
+                                }
+                            }
+                        }
+                    }
+                    WalkEnd::Failed => {
+                        w.out.failed += 1;
+                        // Do not spin on a failing endpoint.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    WalkEnd::Cut => w.out.incomplete += 1,
+                }
+            }
+            w.out.lat = Some(w.lat);
+            w.out
+        }));
+    }
+    let mut reading = Reading::default();
+    let mut lat = new_histogram();
+    let hard = tokio::time::Instant::now()
+        + Duration::from_secs_f64(args.duration + args.request_timeout + 5.0);
+    for mut t in tasks {
+        let o = match tokio::time::timeout_at(hard, &mut t).await {
+            Ok(Ok(o)) => o,
+            _ => {
+                t.abort();
+                continue;
+            }
+        };
+        reading.pages += o.pages;
+        reading.messages += o.messages;
+        for (k, v) in o.errors {
+            *reading.errors.entry(k).or_default() += v;
+        }
+        reading.walks_ok += o.ok;
+        reading.walks_mismatched += o.mismatched;
+        reading.walks_failed += o.failed;
+        reading.walks_incomplete += o.incomplete;
+        reading.walks_newest_first += o.newest_first;
+        reading.walks_oldest_first += o.oldest_first;
+        reading.mismatch_examples.extend(o.examples);
+        if let Some(h) = o.lat {
+            let _ = lat.add(&h);
+        }
+    }
+    let cpu1 = report::self_cpu_seconds();
+    let wall = t0.elapsed().as_secs_f64();
+    reading.pages_per_s = reading.pages as f64 / wall;
+    reading.messages_per_s = reading.messages as f64 / wall;
+    reading.page_latency_us = LatencySummary::from_histogram(&lat);
+    reading.mismatch_examples.truncate(10);
+    let bench_cpu = match (cpu0, cpu1) {
+        (Some(a), Some(b)) if wall > 0.0 => Some((b - a) / wall * 100.0),
+        _ => None,
+    };
+    let nproc = report::nproc();
+    let bench_saturated = bench_cpu.is_some_and(|c| report::is_saturated(c, nproc));
+    let mut notes = vec![load];
+    if bench_saturated {
+        notes.push(format!(
+            "load generator saturated: the bench used {:.0}% of one core on {nproc} cores",
+            bench_cpu.unwrap_or_default()
+        ));
+    }
+    if args.messages == 0 {
+        notes.push(
+            "--messages 0: the rooms were never written; every walk must be one empty page".into(),
+        );
+    }
+    if reading.walks_ok + reading.walks_mismatched == 0 {
+        notes.push("no walk completed: raise --duration or lower --messages".into());
+    }
+    notes.push(
+        "page latency is measured by the client: request written to body read, through the \
+         --url (a router adds a hop)"
+            .into(),
+    );
+    Ok(HistoryReport {
+        scenario: "history".into(),
+        command,
+        git_rev: report::git_rev(),
+        nproc,
+        started_unix_ms,
+        config: HistoryConfig {
+            url: args.url.clone(),
+            rooms: args.rooms,
+            messages_per_room: args.messages,
+            body_bytes: args.size,
+            readers: args.readers,
+            limit: args.limit,
+            duration_s: args.duration,
+            room_prefix: prefix,
+        },
+        seeding,
+        reading,
+        bench_cpu_percent: bench_cpu,
+        bench_saturated,
+        notes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: HistoryArgs,
+    }
+
+    fn args(extra: &[&str]) -> HistoryArgs {
+        let mut v = vec!["t"];
+        v.extend_from_slice(extra);
+        T::try_parse_from(v).expect("parses").a
+    }
+
+    #[test]
+    fn bad_arguments_name_their_flag() {
+        assert_eq!(args(&[]).validate(), Ok(()));
+        assert_eq!(args(&["--messages", "0"]).validate(), Ok(()));
+        for (flags, needle) in [
+            (vec!["--rooms", "0"], "--rooms"),
+            (vec!["--messages", "2000000"], "--messages"),
+            (vec!["--size", "0"], "--size"),
+            (vec!["--seed-concurrency", "0"], "--seed-concurrency"),
+            (vec!["--readers", "0"], "--readers"),
+            (vec!["--limit", "0"], "--limit"),
+            (vec!["--limit", "1001"], "--limit"),
+            (vec!["--duration", "0"], "--duration"),
+            (vec!["--seed-timeout", "NaN"], "--seed-timeout"),
+            (vec!["--request-timeout", "0"], "--request-timeout"),
+            (vec!["--user", "a b"], "--user"),
+            (vec!["--room-prefix", "bad room"], "--room-prefix"),
+        ] {
+            let e = args(&flags).validate().expect_err(needle);
+            assert!(e.contains(needle), "{flags:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn walks_are_compared_exactly() {
+        assert_eq!(walk_mismatch(&[1, 2, 3], &[1, 2, 3]), None);
+        assert_eq!(walk_mismatch(&[], &[]), None);
+        let e = walk_mismatch(&[1, 3], &[1, 2, 3]).expect("short");
+        assert!(
+            e.contains("2 ids walked, 3 seeded") && e.contains("position 1"),
+            "{e}"
+        );
+        let e = walk_mismatch(&[1, 2, 3, 4], &[1, 2, 3]).expect("long");
+        assert!(e.contains("position 3"), "{e}");
+        assert!(walk_mismatch(&[2, 1], &[1, 2]).is_some());
+    }
+}

@@ -1,0 +1,162 @@
+//! `rebalance` against real processes: a router, three chat-nodes, the real Redis and CQL
+//! server. A node killed with SIGKILL, a fourth node joining, and no change at all: in each
+//! case the report must show nothing acked lost, no cid stored twice, no gap, and every
+//! disrupted client resumed.
+
+mod support;
+
+use chat_bench::rebalance::{RebalanceArgs, RebalanceReport};
+use clap::Parser;
+use support::*;
+
+/// Later flags override earlier ones, so a test can change a default of `args`.
+#[derive(Parser)]
+#[command(args_override_self = true)]
+struct Wrap {
+    #[command(flatten)]
+    args: RebalanceArgs,
+}
+
+const ROOMS: usize = 9;
+
+fn args(url: &str, room_prefix: &str, extra: &[&str]) -> RebalanceArgs {
+    let rooms = ROOMS.to_string();
+    let mut v = vec![
+        "chat-bench",
+        "--url",
+        url,
+        "--rooms",
+        &rooms,
+        "--members",
+        "3",
+        "--rate",
+        "4",
+        "--duration",
+        "8",
+        "--command-at",
+        "2",
+        "--drain",
+        "30",
+        "--quiet",
+        "--room-prefix",
+        room_prefix,
+    ];
+    v.extend_from_slice(extra);
+    Wrap::try_parse_from(v).expect("args").args
+}
+
+/// The guarantees every run must show, whatever happened to the cluster.
+fn assert_guarantees(r: &RebalanceReport) {
+    let md = r.to_markdown();
+    let k = &r.correctness;
+    assert_eq!(r.verdict, "PASS", "{md}");
+    assert!(r.history_error.is_none(), "{md}");
+    assert_eq!(k.acked_lost, 0, "{md}");
+    assert_eq!(k.stored_twice, 0, "{md}");
+    assert_eq!(k.gaps, 0, "{md}");
+    assert_eq!(r.stream.duplicates, 0, "{md}");
+    assert_eq!(r.sends.unanswered, 0, "{md}");
+    assert_eq!(r.sends.ack_id_changed, 0, "{md}");
+    assert!(r.sends.acked > 0, "{md}");
+    assert_eq!(k.acked_checked, r.sends.acked, "{md}");
+    assert!(r.disruption.all_resumed, "{md}");
+    assert!(r.drained, "{md}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_a_node_loses_nothing_acked_and_every_client_resumes() {
+    let c = TestCluster::start("kill9", 3).await;
+    // Rooms chosen so that node 2, the victim, owns at least one.
+    let prefix = prefix_with_a_room_on("rb-kill9", ROOMS, &[1, 2, 3], 2);
+    let on_victim = (0..ROOMS)
+        .filter(|r| owner_in_ring(&[1, 2, 3], &format!("{prefix}-{r}")) == 2)
+        .count() as u64;
+    assert_eq!(
+        c.owner(&format!("{prefix}-0")).await,
+        owner_in_ring(&[1, 2, 3], &format!("{prefix}-0")),
+        "the router's ring is the one the test computed"
+    );
+    let victim = c.nodes[&2].pid();
+    let cmd = format!("kill -9 {victim}");
+    let r = chat_bench::rebalance::run(
+        args(&c.url(), &prefix, &["--command", &cmd]),
+        "test kill9".into(),
+    )
+    .await
+    .expect("run");
+    let md = r.to_markdown();
+    assert_guarantees(&r);
+    let x = r.external_command.as_ref().expect("command ran");
+    assert_eq!(x.exit_code, Some(0), "{md}");
+    // Every member (3 per room) of the victim's rooms was cut off, and only those.
+    assert_eq!(r.disruption.clients_disconnected, on_victim * 3, "{md}");
+    assert_eq!(r.disruption.disconnections_before_command, 0, "{md}");
+    assert!(r.disruption.command_to_all_resumed_s.is_some(), "{md}");
+    assert!(r.disruption.resume_us.count > 0, "{md}");
+    println!("{md}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_node_joining_moves_rooms_and_loses_nothing_acked() {
+    let c = TestCluster::start("join", 3).await;
+    // Rooms chosen so that the fourth node takes at least one.
+    let prefix = prefix_with_a_room_on("rb-join", ROOMS, &[1, 2, 3, 4], 4);
+    let dir = std::env::temp_dir().join(unique("rb-join"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let pidfile = dir.join("node4.pid");
+    let log = dir.join("node4.log");
+    let argv: Vec<String> = c.node_argv(4).iter().map(|a| sh_quote(a)).collect();
+    let cmd = format!(
+        "{} >{} 2>&1 & echo $! >{}",
+        argv.join(" "),
+        sh_quote(&log.display().to_string()),
+        sh_quote(&pidfile.display().to_string())
+    );
+    let run = chat_bench::rebalance::run(
+        args(&c.url(), &prefix, &["--command", &cmd]),
+        "test join".into(),
+    )
+    .await;
+    // Kill the fourth node whatever happened.
+    let pid = std::fs::read_to_string(&pidfile).unwrap_or_default();
+    let pid = pid.trim();
+    if !pid.is_empty() {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", pid])
+            .status();
+    }
+    let r = run.expect("run");
+    let md = r.to_markdown();
+    assert!(!pid.is_empty(), "the command wrote the node's pid: {md}");
+    assert_guarantees(&r);
+    assert!(r.external_command.as_ref().is_some_and(|x| x.ok()), "{md}");
+    // The fourth node took at least one room: its clients were moved.
+    assert!(r.disruption.clients_disconnected >= 3, "{md}");
+    assert!(
+        r.disruption.closes.keys().any(|k| k.starts_with("4001")),
+        "moved clients were closed with room_moved: {md}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("{md}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_command_nothing_is_disrupted() {
+    let c = TestCluster::start("plain", 3).await;
+    let prefix = unique("rb-plain");
+    let r =
+        chat_bench::rebalance::run(args(&c.url(), &prefix, &["--duration", "4"]), "test".into())
+            .await
+            .expect("run");
+    let md = r.to_markdown();
+    assert_guarantees(&r);
+    assert!(r.external_command.is_none());
+    assert_eq!(r.disruption.clients_disconnected, 0, "{md}");
+    assert_eq!(r.disruption.disconnections, 0, "{md}");
+    assert!(r.disruption.closes.is_empty(), "{md}");
+    assert_eq!(r.sends.resends, 0, "{md}");
+    // 27 members × 4/s × 4 s, give or take a tick at either end.
+    assert!((400..=460).contains(&r.sends.sent), "{md}");
+    assert_eq!(r.sends.acked, r.sends.sent, "{md}");
+    assert_eq!(r.correctness.history_messages, r.sends.sent, "{md}");
+}
