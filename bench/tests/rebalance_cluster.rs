@@ -5,24 +5,14 @@
 
 mod support;
 
-use chat_bench::rebalance::{RebalanceArgs, RebalanceReport};
-use clap::Parser;
+use chat_bench::rebalance::RebalanceArgs;
 use support::*;
-
-/// Later flags override earlier ones, so a test can change a default of `args`.
-#[derive(Parser)]
-#[command(args_override_self = true)]
-struct Wrap {
-    #[command(flatten)]
-    args: RebalanceArgs,
-}
 
 const ROOMS: usize = 9;
 
 fn args(url: &str, room_prefix: &str, extra: &[&str]) -> RebalanceArgs {
     let rooms = ROOMS.to_string();
     let mut v = vec![
-        "chat-bench",
         "--url",
         url,
         "--rooms",
@@ -42,25 +32,7 @@ fn args(url: &str, room_prefix: &str, extra: &[&str]) -> RebalanceArgs {
         room_prefix,
     ];
     v.extend_from_slice(extra);
-    Wrap::try_parse_from(v).expect("args").args
-}
-
-/// The guarantees every run must show, whatever happened to the cluster.
-fn assert_guarantees(r: &RebalanceReport) {
-    let md = r.to_markdown();
-    let k = &r.correctness;
-    assert_eq!(r.verdict, "PASS", "{md}");
-    assert!(r.history_error.is_none(), "{md}");
-    assert_eq!(k.acked_lost, 0, "{md}");
-    assert_eq!(k.stored_twice, 0, "{md}");
-    assert_eq!(k.gaps, 0, "{md}");
-    assert_eq!(r.stream.duplicates, 0, "{md}");
-    assert_eq!(r.sends.unanswered, 0, "{md}");
-    assert_eq!(r.sends.ack_id_changed, 0, "{md}");
-    assert!(r.sends.acked > 0, "{md}");
-    assert_eq!(k.acked_checked, r.sends.acked, "{md}");
-    assert!(r.disruption.all_resumed, "{md}");
-    assert!(r.drained, "{md}");
+    rebalance_args(&v)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +57,7 @@ async fn kill9_of_a_node_loses_nothing_acked_and_every_client_resumes() {
     .await
     .expect("run");
     let md = r.to_markdown();
-    assert_guarantees(&r);
+    assert_rebalance_guarantees(&r);
     let x = r.external_command.as_ref().expect("command ran");
     assert_eq!(x.exit_code, Some(0), "{md}");
     // Every member (3 per room) of the victim's rooms was cut off, and only those.
@@ -128,7 +100,7 @@ async fn a_fourth_node_joining_moves_rooms_and_loses_nothing_acked() {
     let r = run.expect("run");
     let md = r.to_markdown();
     assert!(!pid.is_empty(), "the command wrote the node's pid: {md}");
-    assert_guarantees(&r);
+    assert_rebalance_guarantees(&r);
     assert!(r.external_command.as_ref().is_some_and(|x| x.ok()), "{md}");
     // The fourth node took at least one room: its clients were moved.
     assert!(r.disruption.clients_disconnected >= 3, "{md}");
@@ -149,7 +121,7 @@ async fn without_a_command_nothing_is_disrupted() {
             .await
             .expect("run");
     let md = r.to_markdown();
-    assert_guarantees(&r);
+    assert_rebalance_guarantees(&r);
     assert!(r.external_command.is_none());
     assert_eq!(r.disruption.clients_disconnected, 0, "{md}");
     assert_eq!(r.disruption.disconnections, 0, "{md}");

@@ -452,3 +452,38 @@ pub fn run_bench(args: &[&str]) -> (ExitStatus, serde_json::Value) {
     let report = serde_json::from_str(&text).expect("the report is JSON");
     (status, report)
 }
+
+/// `chat-bench rebalance` arguments as a planner types them (without the subcommand); a
+/// later flag overrides an earlier one, so callers can change a default.
+pub fn rebalance_args(argv: &[&str]) -> chat_bench::rebalance::RebalanceArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    #[command(args_override_self = true)]
+    struct Wrap {
+        #[command(flatten)]
+        args: chat_bench::rebalance::RebalanceArgs,
+    }
+    let mut v = vec!["chat-bench"];
+    v.extend_from_slice(argv);
+    Wrap::try_parse_from(v).expect("rebalance arguments").args
+}
+
+/// The guarantees every `rebalance` run must show, whatever happened to the cluster: nothing
+/// acked lost, no cid stored twice, no gap or duplicate in any member's stream, every send
+/// answered with its first id, every disrupted client resumed.
+pub fn assert_rebalance_guarantees(r: &chat_bench::rebalance::RebalanceReport) {
+    let md = r.to_markdown();
+    let k = &r.correctness;
+    assert_eq!(r.verdict, "PASS", "{md}");
+    assert!(r.history_error.is_none(), "{md}");
+    assert_eq!(k.acked_lost, 0, "{md}");
+    assert_eq!(k.stored_twice, 0, "{md}");
+    assert_eq!(k.gaps, 0, "{md}");
+    assert_eq!(r.stream.duplicates, 0, "{md}");
+    assert_eq!(r.sends.unanswered, 0, "{md}");
+    assert_eq!(r.sends.ack_id_changed, 0, "{md}");
+    assert!(r.sends.acked > 0, "{md}");
+    assert_eq!(k.acked_checked, r.sends.acked, "{md}");
+    assert!(r.disruption.all_resumed, "{md}");
+    assert!(r.drained, "{md}");
+}
