@@ -21,6 +21,7 @@ fn a_bad_config_exits_64_with_one_line() {
         vec!["--no-such-flag"],
         vec![],
         vec!["--jwt-public-key-file", "/nonexistent/key.pem"],
+        vec!["--insecure-dev-auth", "--listen-backlog", "0"],
     ] {
         let out = Command::new(BIN)
             .args(&args)
@@ -125,4 +126,26 @@ async fn rs256_tokens_are_verified_with_the_public_key() {
     assert_eq!(status, 401, "{body}");
     child.kill().expect("kill");
     let _ = child.wait();
+}
+
+/// The accept queue of a listening socket, as `ss` reports it (its `Send-Q` column).
+fn listen_backlog_of(port: u16) -> u32 {
+    let out = Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .expect("run ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("no listening socket on port {port} in `ss` output: {text:?}"))
+}
+
+#[tokio::test]
+async fn the_listen_backlog_flag_sizes_the_accept_queue() {
+    let (mut child, addr) = spawn_node(&["--insecure-dev-auth", "--listen-backlog", "123"]).await;
+    let backlog = listen_backlog_of(addr.port());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(backlog, 123);
 }

@@ -25,6 +25,13 @@ pub struct Config {
     /// Address for client WebSockets, the room API, health and metrics.
     #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:7000")]
     pub listen: SocketAddr,
+    /// Length of the listening socket's accept queue. Connections the process has not
+    /// accepted yet wait there; when it is full the kernel drops new SYNs and each client
+    /// retries after 1 s, then 3 s (a reconnect storm's latency tail). The kernel caps it
+    /// at net.core.somaxconn.
+    #[arg(long, env = "CHAT_LISTEN_BACKLOG", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=65535))]
+    pub listen_backlog: u32,
     /// Redis holding cluster membership (the nodes register there).
     #[arg(long, env = "CHAT_REDIS_URL", default_value = "redis://127.0.0.1:6390")]
     pub redis_url: String,

@@ -18,6 +18,7 @@ fn a_bad_config_exits_64_with_one_line() {
         vec!["--membership-ttl", "soon"],
         vec!["--redis-url", "http://127.0.0.1:6390"],
         vec!["--upstream-timeout", "0s"],
+        vec!["--listen-backlog", "70000"],
         vec!["--no-such-flag"],
     ] {
         let out = Command::new(BIN)
