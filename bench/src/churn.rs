@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use crate::auth::{Auth, AuthArgs};
 use crate::chart::{Chart, Panel, Series};
 use crate::client::{ConnectOptions, Target};
-use crate::connections::{latency_table, servers_table, validate_spread, Limits};
+use crate::connections::{servers_table, validate_spread, Limits};
 use crate::idle::{self, SendOutcome};
 use crate::report::{self, close_label, map_or_none, new_histogram, LatencySummary};
 use crate::servers::{self, ServerFigures, Watched};
@@ -483,8 +483,7 @@ impl ChurnReport {
 
     pub fn to_markdown(&self) -> String {
         let mut out = String::new();
-        out.push_str("## chat-bench churn\n\n");
-        out.push_str(&format!("```\n{}\n```\n\n", self.command));
+        report::title_md(&mut out, "churn", &self.command);
         out.push_str(&format!(
             "git `{}` · nproc {} · load average at start {} · {} slots, target {} reconnects/s \
              (mean lifetime {:.2} s) for {} s, {} rooms, {} · seed {} · {}\n\n",
@@ -529,31 +528,16 @@ impl ChurnReport {
             ),
             (
                 "server RSS kept after the storm",
-                self.rss_retained_bytes.map_or_else(
-                    || "n/a".to_owned(),
-                    |b| format!("{:.1} MiB", b as f64 / 1_048_576.0),
-                ),
+                report::opt_mib(self.rss_retained_bytes),
             ),
             (
                 "bench CPU (% of one core)",
-                format!(
-                    "{}{}",
-                    self.bench_cpu_percent
-                        .map_or_else(|| "n/a".to_owned(), |p| format!("{p:.1}%")),
-                    if self.bench_saturated {
-                        " (load generator saturated)"
-                    } else {
-                        ""
-                    }
-                ),
+                report::bench_cpu_cell(self.bench_cpu_percent, self.bench_saturated),
             ),
         ];
-        out.push_str("| metric | value |\n|---|---|\n");
-        for (k, v) in rows {
-            out.push_str(&format!("| {k} | {v} |\n"));
-        }
+        report::metric_table(&mut out, rows);
         out.push('\n');
-        latency_table(
+        report::latency_table_ms(
             &mut out,
             &[
                 ("connect (TCP + upgrade + joined)", &self.connect_latency_us),
@@ -562,12 +546,7 @@ impl ChurnReport {
         );
         out.push('\n');
         servers_table(&mut out, &self.servers, "at the end of the storm");
-        if !self.notes.is_empty() {
-            out.push('\n');
-            for n in &self.notes {
-                out.push_str(&format!("- {n}\n"));
-            }
-        }
+        report::notes_md(&mut out, &self.notes);
         out
     }
 

@@ -375,26 +375,6 @@ pub struct WorkerSummary {
     pub nofile: String,
 }
 
-pub(crate) fn latency_table(out: &mut String, rows: &[(&str, &LatencySummary)]) {
-    out.push_str("| latency (ms) | p50 | p90 | p99 | p99.9 | max | samples |\n|---|---|---|---|---|---|---|\n");
-    let ms = |us: u64| format!("{:.3}", us as f64 / 1000.0);
-    for (name, l) in rows {
-        if l.count == 0 {
-            out.push_str(&format!("| {name} | n/a | n/a | n/a | n/a | n/a | 0 |\n"));
-        } else {
-            out.push_str(&format!(
-                "| {name} | {} | {} | {} | {} | {} | {} |\n",
-                ms(l.p50),
-                ms(l.p90),
-                ms(l.p99),
-                ms(l.p999),
-                ms(l.max),
-                l.count
-            ));
-        }
-    }
-}
-
 pub(crate) fn servers_table(out: &mut String, servers: &[ServerFigures], loaded: &str) {
     out.push_str(&format!(
         "| server | RSS before | RSS {loaded} | RSS after close | connections gauge before / {loaded} / after | RSS growth per own connection | CPU (% of one core) |\n|---|---|---|---|---|---|---|\n"
@@ -404,16 +384,15 @@ pub(crate) fn servers_table(out: &mut String, servers: &[ServerFigures], loaded:
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} / {} / {} | {} | {} |\n",
             s.metrics_url,
-            servers::mib(s.rss_before),
-            servers::mib(s.rss_loaded),
-            servers::mib(s.rss_after),
+            report::opt_mib(s.rss_before),
+            report::opt_mib(s.rss_loaded),
+            report::opt_mib(s.rss_after),
             g(s.connections_before),
             g(s.connections_loaded),
             g(s.connections_after),
             s.rss_per_own_connection
                 .map_or_else(|| "n/a".to_owned(), |b| format!("{:.1} KiB", b / 1024.0)),
-            s.cpu_percent
-                .map_or_else(|| "n/a".to_owned(), |p| format!("{p:.1}%")),
+            report::opt_pct(s.cpu_percent),
         ));
         if let Some(e) = &s.error {
             out.push_str(&format!(
@@ -431,8 +410,7 @@ impl ConnectionsReport {
 
     pub fn to_markdown(&self) -> String {
         let mut out = String::new();
-        out.push_str("## chat-bench connections\n\n");
-        out.push_str(&format!("```\n{}\n```\n\n", self.command));
+        report::title_md(&mut out, "connections", &self.command);
         out.push_str(&format!(
             "git `{}` · nproc {} · load average at start {} · {} connections at {} /s, held {} s, \
              {} per room · {} process(es) · source addresses: {} · {}\n\n",
@@ -485,31 +463,16 @@ impl ConnectionsReport {
             ),
             (
                 "server RSS kept after close",
-                self.rss_retained_bytes.map_or_else(
-                    || "n/a".to_owned(),
-                    |b| format!("{:.1} MiB", b as f64 / 1_048_576.0),
-                ),
+                report::opt_mib(self.rss_retained_bytes),
             ),
             (
                 "bench CPU during the ramp (% of one core, all processes)",
-                format!(
-                    "{}{}",
-                    self.bench_ramp_cpu_percent
-                        .map_or_else(|| "n/a".to_owned(), |p| format!("{p:.1}%")),
-                    if self.bench_saturated {
-                        " (load generator saturated)"
-                    } else {
-                        ""
-                    }
-                ),
+                report::bench_cpu_cell(self.bench_ramp_cpu_percent, self.bench_saturated),
             ),
         ];
-        out.push_str("| metric | value |\n|---|---|\n");
-        for (k, v) in rows {
-            out.push_str(&format!("| {k} | {v} |\n"));
-        }
+        report::metric_table(&mut out, rows);
         out.push('\n');
-        latency_table(
+        report::latency_table_ms(
             &mut out,
             &[("connect (TCP + upgrade + joined)", &self.connect_latency_us)],
         );
@@ -529,12 +492,7 @@ impl ConnectionsReport {
                 w.nofile
             ));
         }
-        if !self.notes.is_empty() {
-            out.push('\n');
-            for n in &self.notes {
-                out.push_str(&format!("- {n}\n"));
-            }
-        }
+        report::notes_md(&mut out, &self.notes);
         out
     }
 }

@@ -26,7 +26,7 @@ use crate::auth::{Auth, AuthArgs};
 use crate::client::Target;
 use crate::fanout::{self, FanoutArgs, GroupResult, Groups};
 use crate::http::HttpClient;
-use crate::report::{self, latency_md, map_or_none, new_histogram, LatencySummary, Report};
+use crate::report::{self, map_or_none, new_histogram, LatencySummary, Report};
 use crate::BenchError;
 
 /// Options of `chat-bench cross-shard`.
@@ -256,18 +256,9 @@ impl CrossShardReport {
                 h.duplicates,
                 map_or_none(&h.errors)
             );
-            let _ = writeln!(
-                o,
-                "| latency | p50 | p90 | p99 | p99.9 | max | samples |\n|---|---|---|---|---|---|---|"
-            );
-            let _ = writeln!(o, "{}", latency_md("forwarded publish", &h.latency_us));
+            report::latency_table(&mut o, &[("forwarded publish", &h.latency_us)]);
         }
-        if !self.notes.is_empty() {
-            let _ = writeln!(o);
-        }
-        for n in &self.notes {
-            let _ = writeln!(o, "- {n}");
-        }
+        report::notes_md(&mut o, &self.notes);
         o
     }
 }

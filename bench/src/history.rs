@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::auth::{Auth, AuthArgs};
 use crate::client::Target;
 use crate::http::{HistoryPage, HttpClient};
-use crate::report::{self, latency_md, map_or_none, new_histogram, LatencySummary};
+use crate::report::{self, map_or_none, new_histogram, LatencySummary};
 use crate::BenchError;
 
 /// Options of `chat-bench history`.
@@ -228,8 +228,7 @@ impl HistoryReport {
         let s = &self.seeding;
         let r = &self.reading;
         let mut o = String::new();
-        let _ = writeln!(o, "## chat-bench history\n");
-        let _ = writeln!(o, "```\n{}\n```\n", self.command);
+        report::title_md(&mut o, "history", &self.command);
         let _ = writeln!(
             o,
             "git `{}` · nproc {} · {} · {} rooms × {} messages of {} B, {} readers, limit {}, \
@@ -271,37 +270,22 @@ impl HistoryReport {
             ),
             (
                 "bench CPU (% of one core)",
-                format!(
-                    "{}{}",
-                    self.bench_cpu_percent
-                        .map_or("n/a".into(), |p| format!("{p:.1}%")),
-                    if self.bench_saturated {
-                        " (load generator saturated)"
-                    } else {
-                        ""
-                    }
-                ),
+                report::bench_cpu_cell(self.bench_cpu_percent, self.bench_saturated),
             ),
         ];
-        let _ = writeln!(o, "| metric | value |\n|---|---|");
-        for (k, v) in rows {
-            let _ = writeln!(o, "| {k} | {v} |");
-        }
-        let _ = writeln!(
-            o,
-            "\n| latency | p50 | p90 | p99 | p99.9 | max | samples |\n|---|---|---|---|---|---|---|"
+        report::metric_table(&mut o, rows);
+        let _ = writeln!(o);
+        report::latency_table(
+            &mut o,
+            &[
+                ("page", &r.page_latency_us),
+                ("seed publish", &s.latency_us),
+            ],
         );
-        let _ = writeln!(o, "{}", latency_md("page", &r.page_latency_us));
-        let _ = writeln!(o, "{}", latency_md("seed publish", &s.latency_us));
         for e in &r.mismatch_examples {
             let _ = writeln!(o, "\n- mismatch: {e}");
         }
-        if !self.notes.is_empty() {
-            let _ = writeln!(o);
-            for n in &self.notes {
-                let _ = writeln!(o, "- {n}");
-            }
-        }
+        report::notes_md(&mut o, &self.notes);
         o
     }
 }

@@ -29,7 +29,7 @@ use crate::auth::{Auth, AuthArgs};
 use crate::client::{self, Incoming, Target, WsWrite};
 use crate::http::{self, HistoryEntry, HttpClient};
 use crate::payload::FrameView;
-use crate::report::{self, close_label, latency_md, map_or_none, new_histogram, LatencySummary};
+use crate::report::{self, close_label, map_or_none, new_histogram, LatencySummary};
 use crate::BenchError;
 
 /// Options of `chat-bench rebalance`.
@@ -1082,8 +1082,11 @@ impl RebalanceReport {
         let s = &self.sends;
         let k = &self.correctness;
         let mut o = String::new();
-        let _ = writeln!(o, "## chat-bench rebalance: {}\n", self.verdict);
-        let _ = writeln!(o, "```\n{}\n```\n", self.command);
+        report::title_md(
+            &mut o,
+            &format!("rebalance: {}", self.verdict),
+            &self.command,
+        );
         let _ = writeln!(
             o,
             "git `{}` · nproc {} · {} · {} rooms × {} members at {} msg/s each, {} B bodies, \
@@ -1182,52 +1185,32 @@ impl RebalanceReport {
             ("drained", self.drained.to_string()),
             (
                 "bench CPU (% of one core)",
-                format!(
-                    "{}{}",
-                    self.bench_cpu_percent
-                        .map_or("n/a".into(), |p| format!("{p:.1}%")),
-                    if self.bench_saturated {
-                        " (load generator saturated)"
-                    } else {
-                        ""
-                    }
-                ),
+                report::bench_cpu_cell(self.bench_cpu_percent, self.bench_saturated),
             ),
         ];
-        let _ = writeln!(o, "| metric | value |\n|---|---|");
-        for (k, v) in rows {
-            let _ = writeln!(o, "| {k} | {v} |");
-        }
-        let _ = writeln!(
-            o,
-            "\n| latency | p50 | p90 | p99 | p99.9 | max | samples |\n|---|---|---|---|---|---|---|"
+        report::metric_table(&mut o, rows);
+        let _ = writeln!(o);
+        report::latency_table(
+            &mut o,
+            &[
+                ("resume (loss → caught up)", &d.resume_us),
+                ("rejoin (loss → joined)", &d.rejoin_us),
+                ("ack (first send → ack)", &s.ack_latency_us),
+            ],
         );
-        for (name, l) in [
-            ("resume (loss → caught up)", &d.resume_us),
-            ("rejoin (loss → joined)", &d.rejoin_us),
-            ("ack (first send → ack)", &s.ack_latency_us),
-        ] {
-            let _ = writeln!(o, "{}", latency_md(name, l));
-        }
         if let Some(e) = &self.history_error {
             let _ = writeln!(o, "\n**History could not be verified:** {e}");
         }
-        if !k.examples.is_empty() {
-            let _ = writeln!(o, "\nExamples:");
-            for e in &k.examples {
-                let _ = writeln!(o, "- {e}");
-            }
-        }
-        if !self.warnings.is_empty() {
-            let _ = writeln!(o, "\nWarnings:");
-            for w in &self.warnings {
-                let _ = writeln!(o, "- {w}");
-            }
-        }
-        if !self.notes.is_empty() {
-            let _ = writeln!(o, "\nNotes:");
-            for n in &self.notes {
-                let _ = writeln!(o, "- {n}");
+        for (title, items) in [
+            ("Examples", &k.examples),
+            ("Warnings", &self.warnings),
+            ("Notes", &self.notes),
+        ] {
+            if !items.is_empty() {
+                let _ = writeln!(o, "\n{title}:");
+                for i in items {
+                    let _ = writeln!(o, "- {i}");
+                }
             }
         }
         o

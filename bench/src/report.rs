@@ -264,14 +264,31 @@ pub fn is_saturated(cpu_percent: f64, nproc: usize) -> bool {
     cpu_percent > SATURATION_SHARE * 100.0 * nproc.max(1) as f64
 }
 
-fn opt_pct(v: Option<f64>) -> String {
+/// `n/a`, or a percentage of one core: `12.3%`.
+pub fn opt_pct(v: Option<f64>) -> String {
     v.map_or_else(|| "n/a".to_owned(), |p| format!("{p:.1}%"))
 }
 
-fn opt_bytes(v: Option<u64>) -> String {
+/// `n/a`, or a byte count in MiB: `12.3 MiB`. Signed, so a difference (memory kept after a
+/// run) prints the same way as an absolute figure.
+pub fn opt_mib(v: Option<impl Into<i128>>) -> String {
     v.map_or_else(
         || "n/a".to_owned(),
-        |b| format!("{:.1} MiB", b as f64 / 1048576.0),
+        |b| format!("{:.1} MiB", b.into() as f64 / 1_048_576.0),
+    )
+}
+
+/// The bench CPU cell of every report: the percentage, flagged when the load generator was
+/// the bottleneck (see [`is_saturated`]).
+pub fn bench_cpu_cell(cpu_percent: Option<f64>, saturated: bool) -> String {
+    format!(
+        "{}{}",
+        opt_pct(cpu_percent),
+        if saturated {
+            " (load generator saturated)"
+        } else {
+            ""
+        }
     )
 }
 
@@ -286,18 +303,45 @@ pub fn map_or_none(m: &BTreeMap<String, u64>) -> String {
         .join(", ")
 }
 
+/// A report's title and the command line that produced it, each followed by a blank line.
+pub fn title_md(out: &mut String, title: &str, command: &str) {
+    let _ = writeln!(out, "## chat-bench {title}\n");
+    let _ = writeln!(out, "```\n{command}\n```\n");
+}
+
+/// A `| metric | value |` table.
+pub fn metric_table<K: std::fmt::Display, V: std::fmt::Display>(
+    out: &mut String,
+    rows: impl IntoIterator<Item = (K, V)>,
+) {
+    let _ = writeln!(out, "| metric | value |\n|---|---|");
+    for (k, v) in rows {
+        let _ = writeln!(out, "| {k} | {v} |");
+    }
+}
+
+/// The notes as a bulleted list after a blank line; nothing when there are none.
+pub fn notes_md(out: &mut String, notes: &[String]) {
+    if notes.is_empty() {
+        return;
+    }
+    let _ = writeln!(out);
+    for n in notes {
+        let _ = writeln!(out, "- {n}");
+    }
+}
+
 fn ms(us: u64) -> String {
     format!("{:.3}", us as f64 / 1000.0)
 }
 
-/// One Markdown row of a `| latency | p50 | p90 | p99 | p99.9 | max | samples |` table, in
-/// milliseconds; `n/a` without samples.
-pub fn latency_md(name: &str, l: &LatencySummary) -> String {
+/// `p50 | p90 | p99 | p99.9 | max | samples` in milliseconds; `n/a` without samples.
+fn latency_cells(l: &LatencySummary) -> String {
     if l.count == 0 {
-        format!("| {name} (ms) | n/a | n/a | n/a | n/a | n/a | 0 |")
+        "n/a | n/a | n/a | n/a | n/a | 0".to_owned()
     } else {
         format!(
-            "| {name} (ms) | {} | {} | {} | {} | {} | {} |",
+            "{} | {} | {} | {} | {} | {}",
             ms(l.p50),
             ms(l.p90),
             ms(l.p99),
@@ -308,8 +352,28 @@ pub fn latency_md(name: &str, l: &LatencySummary) -> String {
     }
 }
 
-fn latency_row(out: &mut String, name: &str, l: &LatencySummary) {
-    let _ = writeln!(out, "{}", latency_md(name, l));
+/// A `| latency | p50 | p90 | p99 | p99.9 | max | samples |` table (fanout, history,
+/// rebalance, cross-shard), each row named `<name> (ms)`.
+pub fn latency_table(out: &mut String, rows: &[(&str, &LatencySummary)]) {
+    let _ = writeln!(
+        out,
+        "| latency | p50 | p90 | p99 | p99.9 | max | samples |\n|---|---|---|---|---|---|---|"
+    );
+    for (name, l) in rows {
+        let _ = writeln!(out, "| {name} (ms) | {} |", latency_cells(l));
+    }
+}
+
+/// The same table with the unit in the header, `| latency (ms) | ...`, and rows named as
+/// given (connections, churn). Its reports were published with this layout, so it stays.
+pub fn latency_table_ms(out: &mut String, rows: &[(&str, &LatencySummary)]) {
+    let _ = writeln!(
+        out,
+        "| latency (ms) | p50 | p90 | p99 | p99.9 | max | samples |\n|---|---|---|---|---|---|---|"
+    );
+    for (name, l) in rows {
+        let _ = writeln!(out, "| {name} | {} |", latency_cells(l));
+    }
 }
 
 impl Report {
@@ -319,8 +383,7 @@ impl Report {
         let c = &self.config;
         let m = &self.messages;
         let mut out = String::new();
-        let _ = writeln!(out, "## chat-bench {}\n", self.scenario);
-        let _ = writeln!(out, "```\n{}\n```\n", self.command);
+        title_md(&mut out, &self.scenario, &self.command);
         let _ = writeln!(
             out,
             "git `{}` · nproc {} · {} rooms × {} members at {} msg/s each, {} B bodies, \
@@ -384,15 +447,7 @@ impl Report {
             ),
             (
                 "bench CPU (% of one core)",
-                format!(
-                    "{}{}",
-                    opt_pct(self.bench.cpu_percent),
-                    if self.bench_saturated {
-                        " (load generator saturated)"
-                    } else {
-                        ""
-                    }
-                ),
+                bench_cpu_cell(self.bench.cpu_percent, self.bench_saturated),
             ),
             (
                 "server CPU (% of one core)",
@@ -402,28 +457,22 @@ impl Report {
                 "server RSS before / after",
                 format!(
                     "{} / {}",
-                    opt_bytes(self.server.rss_bytes_before),
-                    opt_bytes(self.server.rss_bytes_after)
+                    opt_mib(self.server.rss_bytes_before),
+                    opt_mib(self.server.rss_bytes_after)
                 ),
             ),
         ];
-        let _ = writeln!(out, "| metric | value |\n|---|---|");
-        for (k, v) in rows {
-            let _ = writeln!(out, "| {k} | {v} |");
-        }
-        let _ = writeln!(
-            out,
-            "\n| latency | p50 | p90 | p99 | p99.9 | max | samples |\n|---|---|---|---|---|---|---|"
+        metric_table(&mut out, rows);
+        let _ = writeln!(out);
+        latency_table(
+            &mut out,
+            &[
+                ("end-to-end", &self.e2e_latency_us),
+                ("ack", &self.ack_latency_us),
+                ("connect", &self.connect_latency_us),
+            ],
         );
-        latency_row(&mut out, "end-to-end", &self.e2e_latency_us);
-        latency_row(&mut out, "ack", &self.ack_latency_us);
-        latency_row(&mut out, "connect", &self.connect_latency_us);
-        if !self.notes.is_empty() {
-            let _ = writeln!(out);
-            for n in &self.notes {
-                let _ = writeln!(out, "- {n}");
-            }
-        }
+        notes_md(&mut out, &self.notes);
         out
     }
 

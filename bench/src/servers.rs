@@ -179,13 +179,6 @@ pub fn rss_retained(servers: &[ServerFigures]) -> Option<i64> {
     (!servers.is_empty()).then_some(delta)
 }
 
-pub fn mib(b: Option<u64>) -> String {
-    b.map_or_else(
-        || "n/a".to_owned(),
-        |b| format!("{:.1} MiB", b as f64 / 1_048_576.0),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
