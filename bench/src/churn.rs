@@ -23,6 +23,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::args::seconds_ok;
 use crate::auth::{Auth, AuthArgs};
 use crate::chart::{Chart, Panel, Series};
 use crate::client::{ConnectOptions, Target};
@@ -107,7 +108,6 @@ pub struct ChurnArgs {
     pub quiet: bool,
 }
 
-const MAX_SECONDS: f64 = 86_400.0;
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Timeline buckets kept (one per second); longer runs keep the first hour.
 const MAX_BUCKETS: usize = 3600;
@@ -116,12 +116,7 @@ const RELEASE_WAIT: Duration = Duration::from_secs(15);
 
 impl ChurnArgs {
     fn room_prefix(&self) -> String {
-        self.room_prefix.clone().unwrap_or_else(|| {
-            let secs = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            format!("churn-{secs}")
-        })
+        crate::args::room_prefix(self.room_prefix.as_deref(), "churn")
     }
 
     fn sources(&self) -> Vec<IpAddr> {
@@ -152,8 +147,8 @@ impl ChurnArgs {
             ("ack-timeout", self.ack_timeout, true),
             ("settle", self.settle, false),
         ] {
-            let ok = v.is_finite() && v <= MAX_SECONDS && if positive { v > 0.0 } else { v >= 0.0 };
-            if !ok {
+            // churn's message has always been worded this way; kept unchanged.
+            if !seconds_ok(v, positive) {
                 return Err(format!("--{name} must be a number of seconds in range"));
             }
         }

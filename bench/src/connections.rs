@@ -25,6 +25,7 @@ use serde::Serialize;
 use tokio::io::AsyncBufReadExt as _;
 use tokio::sync::Semaphore;
 
+use crate::args::{seconds, MAX_SECONDS};
 use crate::auth::{Auth, AuthArgs};
 use crate::client::{ConnectOptions, Target};
 use crate::idle::{self, Live};
@@ -110,7 +111,6 @@ pub struct ConnectionsArgs {
 
 const MAX_CONNECTIONS: usize = 1_000_000;
 const MAX_RATE: f64 = 100_000.0;
-const MAX_SECONDS: f64 = 86_400.0;
 const MAX_PROCESSES: usize = 64;
 /// How long the server gets to echo our close frames.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -232,26 +232,9 @@ pub fn validate_spread(
     Ok(())
 }
 
-fn secs(name: &str, v: f64, positive: bool) -> Result<(), String> {
-    let ok = v.is_finite() && v <= MAX_SECONDS && if positive { v > 0.0 } else { v >= 0.0 };
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "--{name} must be {} and at most {MAX_SECONDS} seconds",
-            if positive { "positive" } else { "non-negative" }
-        ))
-    }
-}
-
 impl ConnectionsArgs {
     pub fn room_prefix(&self) -> String {
-        self.room_prefix.clone().unwrap_or_else(|| {
-            let secs = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            format!("conn-{secs}")
-        })
+        crate::args::room_prefix(self.room_prefix.as_deref(), "conn")
     }
 
     pub fn sources(&self) -> Vec<IpAddr> {
@@ -279,9 +262,9 @@ impl ConnectionsArgs {
         if self.connections as f64 / self.rate > MAX_SECONDS {
             return Err("--rate is too low: the ramp would take more than a day".into());
         }
-        secs("hold", self.hold, false)?;
-        secs("connect-timeout", self.connect_timeout, true)?;
-        secs("settle", self.settle, false)?;
+        seconds("hold", self.hold, false)?;
+        seconds("connect-timeout", self.connect_timeout, true)?;
+        seconds("settle", self.settle, false)?;
         if self.members == 0 {
             return Err("--members must be at least 1".into());
         }

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
@@ -85,12 +85,7 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl CrossShardArgs {
     fn room_prefix(&self) -> String {
-        self.room_prefix.clone().unwrap_or_else(|| {
-            let secs = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            format!("xshard-{secs}")
-        })
+        crate::args::room_prefix(self.room_prefix.as_deref(), "xshard")
     }
 
     /// The equivalent `fanout --bridge` arguments.

@@ -20,6 +20,7 @@ use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{interval_at, sleep_until, MissedTickBehavior};
 
+use crate::args::seconds;
 use crate::auth::{Auth, AuthArgs};
 use crate::chart::{Chart, Panel, Series};
 use crate::client::{self, ControlRx, Incoming, Reader, Target, WsWrite};
@@ -101,7 +102,6 @@ pub struct FanoutArgs {
 const MAX_CONNECTIONS: usize = 200_000;
 const MAX_RATE: f64 = 10_000.0;
 const MAX_SIZE: usize = 16 << 20;
-const MAX_SECONDS: f64 = 86_400.0;
 /// A send that leaves later than this after its scheduled time is counted as late.
 const LATE_THRESHOLD: Duration = Duration::from_millis(5);
 /// Gaps one receiver remembers (see `SeqTracker`).
@@ -118,32 +118,11 @@ const START_DELAY: Duration = Duration::from_millis(200);
 
 impl FanoutArgs {
     pub fn room_prefix(&self) -> String {
-        self.room_prefix.clone().unwrap_or_else(|| {
-            let secs = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            format!("bench-{secs}")
-        })
+        crate::args::room_prefix(self.room_prefix.as_deref(), "bench")
     }
 
     /// Checks every limit; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
-        let secs = |name: &str, v: f64, min_exclusive: bool| -> Result<(), String> {
-            let ok =
-                v.is_finite() && v <= MAX_SECONDS && if min_exclusive { v > 0.0 } else { v >= 0.0 };
-            if ok {
-                Ok(())
-            } else {
-                Err(format!(
-                    "--{name} must be {} and at most {MAX_SECONDS} seconds",
-                    if min_exclusive {
-                        "positive"
-                    } else {
-                        "non-negative"
-                    }
-                ))
-            }
-        };
         if self.rooms == 0 || self.members == 0 {
             return Err("--rooms and --members must be at least 1".into());
         }
@@ -163,10 +142,10 @@ impl FanoutArgs {
                 "--size must be between {BODY_HEADER_LEN} and {MAX_SIZE} bytes"
             ));
         }
-        secs("duration", self.duration, true)?;
-        secs("warmup", self.warmup, false)?;
-        secs("drain", self.drain, false)?;
-        secs("connect-timeout", self.connect_timeout, true)?;
+        seconds("duration", self.duration, true)?;
+        seconds("warmup", self.warmup, false)?;
+        seconds("drain", self.drain, false)?;
+        seconds("connect-timeout", self.connect_timeout, true)?;
         if self.rate * (self.warmup + self.duration) + 1.0 >= MAX_TRACKED_SEQ as f64 {
             return Err("--rate × (--warmup + --duration) is too large".into());
         }

@@ -18,6 +18,7 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::args::seconds;
 use crate::auth::{Auth, AuthArgs};
 use crate::client::Target;
 use crate::http::{HistoryPage, HttpClient};
@@ -79,29 +80,15 @@ pub struct HistoryArgs {
     pub auth: AuthArgs,
 }
 
-const MAX_SECONDS: f64 = 86_400.0;
-
 impl HistoryArgs {
     pub fn room_prefix(&self) -> String {
-        self.room_prefix.clone().unwrap_or_else(|| {
-            let secs = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            format!("history-{secs}")
-        })
+        crate::args::room_prefix(self.room_prefix.as_deref(), "history")
     }
 
     /// Checks every limit; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
-        let secs = |name: &str, v: f64| -> Result<(), String> {
-            if v.is_finite() && v > 0.0 && v <= MAX_SECONDS {
-                Ok(())
-            } else {
-                Err(format!(
-                    "--{name} must be positive and at most {MAX_SECONDS} seconds"
-                ))
-            }
-        };
+        // Every duration here must be positive.
+        let secs = |name: &str, v: f64| seconds(name, v, true);
         if !(1..=10_000).contains(&self.rooms) {
             return Err("--rooms must be between 1 and 10000".into());
         }

@@ -6,6 +6,7 @@
 //! what the cluster guarantees (delivery, order, isolation, acks) and how fast, and returns a
 //! [`report::Report`] that is printed as Markdown and optionally written as JSON.
 
+pub mod args;
 pub mod auth;
 pub mod baseline;
 pub mod chart;

@@ -25,6 +25,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::args::seconds;
 use crate::auth::{Auth, AuthArgs};
 use crate::client::{self, Incoming, Target, WsWrite};
 use crate::http::{self, HistoryEntry, HttpClient};
@@ -111,7 +112,6 @@ pub struct RebalanceArgs {
 const MAX_CONNECTIONS: usize = 10_000;
 /// The node's default per-connection send limit is 100/s.
 const MAX_RATE: f64 = 100.0;
-const MAX_SECONDS: f64 = 86_400.0;
 const MAX_BODY: usize = 4096;
 const CONNECT_CONCURRENCY: usize = 64;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -125,26 +125,11 @@ const HISTORY_LIMIT: u32 = 1000;
 
 impl RebalanceArgs {
     pub fn room_prefix(&self) -> String {
-        self.room_prefix.clone().unwrap_or_else(|| {
-            let secs = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            format!("rebalance-{secs}")
-        })
+        crate::args::room_prefix(self.room_prefix.as_deref(), "rebalance")
     }
 
     /// Checks every limit; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
-        let secs = |name: &str, v: f64, positive: bool| -> Result<(), String> {
-            if v.is_finite() && v <= MAX_SECONDS && (if positive { v > 0.0 } else { v >= 0.0 }) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "--{name} must be {} and at most {MAX_SECONDS} seconds",
-                    if positive { "positive" } else { "non-negative" }
-                ))
-            }
-        };
         if self.rooms == 0 {
             return Err("--rooms must be at least 1".into());
         }
@@ -165,14 +150,14 @@ impl RebalanceArgs {
         if !(1..=MAX_BODY).contains(&self.size) {
             return Err(format!("--size must be between 1 and {MAX_BODY} bytes"));
         }
-        secs("duration", self.duration, true)?;
-        secs("command-at", self.command_at, false)?;
-        secs("command-timeout", self.command_timeout, true)?;
-        secs("drain", self.drain, false)?;
-        secs("connect-timeout", self.connect_timeout, true)?;
-        secs("resend-after", self.resend_after, true)?;
-        secs("max-backoff", self.max_backoff, true)?;
-        secs("history-timeout", self.history_timeout, true)?;
+        seconds("duration", self.duration, true)?;
+        seconds("command-at", self.command_at, false)?;
+        seconds("command-timeout", self.command_timeout, true)?;
+        seconds("drain", self.drain, false)?;
+        seconds("connect-timeout", self.connect_timeout, true)?;
+        seconds("resend-after", self.resend_after, true)?;
+        seconds("max-backoff", self.max_backoff, true)?;
+        seconds("history-timeout", self.history_timeout, true)?;
         if let Some(c) = &self.command {
             if c.trim().is_empty() {
                 return Err("--command must not be empty".into());
