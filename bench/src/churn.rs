@@ -828,18 +828,8 @@ pub async fn run(args: ChurnArgs, command: String) -> Result<ChurnReport, BenchE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct T {
-        #[command(flatten)]
-        a: ChurnArgs,
-    }
-
     fn args(extra: &[&str]) -> ChurnArgs {
-        let mut v = vec!["t"];
-        v.extend_from_slice(extra);
-        T::try_parse_from(v).expect("parses").a
+        crate::args::parse(extra)
     }
 
     const LIMITS: Limits = Limits {

@@ -919,18 +919,8 @@ async fn worker_body(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct T {
-        #[command(flatten)]
-        a: ConnectionsArgs,
-    }
-
     fn args(extra: &[&str]) -> ConnectionsArgs {
-        let mut v = vec!["t"];
-        v.extend_from_slice(extra);
-        T::try_parse_from(v).expect("parses").a
+        crate::args::parse(extra)
     }
 
     const LIMITS: Limits = Limits {

@@ -443,17 +443,7 @@ mod tests {
 
     #[test]
     fn bad_arguments_name_their_flag() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct T {
-            #[command(flatten)]
-            a: CrossShardArgs,
-        }
-        let args = |extra: &[&str]| {
-            let mut v = vec!["t"];
-            v.extend_from_slice(extra);
-            T::try_parse_from(v).expect("parses").a
-        };
+        let args = crate::args::parse::<CrossShardArgs>;
         assert_eq!(args(&[]).validate(), Ok(()));
         for (flags, needle) in [
             (vec!["--members", "0"], "--members"),

@@ -1454,18 +1454,8 @@ pub fn chart(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct T {
-        #[command(flatten)]
-        a: FanoutArgs,
-    }
-
     fn args(extra: &[&str]) -> FanoutArgs {
-        let mut v = vec!["t"];
-        v.extend_from_slice(extra);
-        T::try_parse_from(v).expect("parses").a
+        crate::args::parse(extra)
     }
 
     #[test]

@@ -690,18 +690,8 @@ pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, Be
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct T {
-        #[command(flatten)]
-        a: HistoryArgs,
-    }
-
     fn args(extra: &[&str]) -> HistoryArgs {
-        let mut v = vec!["t"];
-        v.extend_from_slice(extra);
-        T::try_parse_from(v).expect("parses").a
+        crate::args::parse(extra)
     }
 
     #[test]

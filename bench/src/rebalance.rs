@@ -1657,18 +1657,8 @@ async fn progress(shared: Arc<Shared>, total: usize, mut stop: watch::Receiver<b
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct T {
-        #[command(flatten)]
-        a: RebalanceArgs,
-    }
-
     fn args(extra: &[&str]) -> RebalanceArgs {
-        let mut v = vec!["t"];
-        v.extend_from_slice(extra);
-        T::try_parse_from(v).expect("parses").a
+        crate::args::parse(extra)
     }
 
     #[test]
