@@ -2,16 +2,11 @@
 //! the bare broadcast server must be a lossless, ordered, isolated target for the same
 //! client code the node is measured with.
 
+mod support;
+
 use chat_bench::fanout::FanoutArgs;
-use clap::Parser;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-
-#[derive(Parser)]
-struct Wrap {
-    #[command(flatten)]
-    args: FanoutArgs,
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_against_baseline_loses_nothing() {
@@ -22,8 +17,7 @@ async fn fanout_against_baseline_loses_nothing() {
         let _ = stop_rx.await;
     }));
     let url = format!("ws://{addr}");
-    let args = Wrap::try_parse_from([
-        "chat-bench",
+    let args: FanoutArgs = support::parse_args(&[
         "--url",
         &url,
         "--rooms",
@@ -39,9 +33,7 @@ async fn fanout_against_baseline_loses_nothing() {
         "--drain",
         "2",
         "--quiet",
-    ])
-    .expect("args")
-    .args;
+    ]);
     let r = chat_bench::fanout::run(args, "test".into())
         .await
         .expect("run");

@@ -5,14 +5,7 @@
 mod support;
 
 use chat_bench::cross_shard::CrossShardArgs;
-use clap::Parser;
 use support::*;
-
-#[derive(Parser)]
-struct Wrap {
-    #[command(flatten)]
-    args: CrossShardArgs,
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_and_bridged_members_both_receive_everything() {
@@ -28,8 +21,7 @@ async fn local_and_bridged_members_both_receive_everything() {
             .collect();
         homes.contains(&room) && homes.iter().any(|h| *h != room)
     });
-    let args = Wrap::try_parse_from([
-        "chat-bench",
+    let args: CrossShardArgs = parse_args(&[
         "--url",
         &url,
         "--rooms",
@@ -51,9 +43,7 @@ async fn local_and_bridged_members_both_receive_everything() {
         "--quiet",
         "--room-prefix",
         &prefix,
-    ])
-    .expect("args")
-    .args;
+    ]);
     let r = chat_bench::cross_shard::run(args, "test".into())
         .await
         .expect("run");

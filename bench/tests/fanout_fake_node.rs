@@ -5,6 +5,8 @@
 //! The stand-in speaks just enough of protocol v1 (dev-auth query join, `send` → `message` to
 //! every member + `ack`, `/metrics`) to drive the bench; it is not a test of the real node.
 
+mod support;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,7 +15,6 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use chat_bench::fanout::FanoutArgs;
-use clap::Parser;
 use common::{ChatMessage, ClientFrame, ServerFrame};
 use fastwebsockets::{Frame, OpCode, Payload};
 use http_body_util::Full;
@@ -171,16 +172,9 @@ async fn start_fake(faults: Faults) -> SocketAddr {
     addr
 }
 
-#[derive(Parser)]
-struct Wrap {
-    #[command(flatten)]
-    args: FanoutArgs,
-}
-
 fn args(addr: SocketAddr) -> FanoutArgs {
     let url = format!("ws://{addr}");
-    Wrap::try_parse_from([
-        "chat-bench",
+    support::parse_args(&[
         "--url",
         &url,
         "--rooms",
@@ -199,8 +193,6 @@ fn args(addr: SocketAddr) -> FanoutArgs {
         "2",
         "--quiet",
     ])
-    .expect("args")
-    .args
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

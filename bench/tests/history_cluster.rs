@@ -6,20 +6,11 @@ mod support;
 
 use chat_bench::history::HistoryArgs;
 use chat_bench::BenchError;
-use clap::Parser;
 use support::*;
-
-#[derive(Parser)]
-#[command(args_override_self = true)]
-struct Wrap {
-    #[command(flatten)]
-    args: HistoryArgs,
-}
 
 fn args(url: &str, extra: &[&str]) -> HistoryArgs {
     let room_prefix = unique("hist");
     let mut v = vec![
-        "chat-bench",
         "--url",
         url,
         "--rooms",
@@ -37,7 +28,7 @@ fn args(url: &str, extra: &[&str]) -> HistoryArgs {
         &room_prefix,
     ];
     v.extend_from_slice(extra);
-    Wrap::try_parse_from(v).expect("args").args
+    parse_args(&v)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,7 +32,7 @@ fn args(url: &str, room_prefix: &str, extra: &[&str]) -> RebalanceArgs {
         room_prefix,
     ];
     v.extend_from_slice(extra);
-    rebalance_args(&v)
+    parse_args(&v)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,12 +38,7 @@ struct LocalCluster {
 impl LocalCluster {
     fn start() -> LocalCluster {
         let (node, _router) = server_bins();
-        let bin_dir = node.parent().expect("binary directory");
-        let profile = match bin_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev",
-            Some(other) => other,
-        };
-        let target_dir = bin_dir.parent().expect("target directory");
+        let (profile, target_dir) = build_profile(node.parent().expect("binary directory"));
         let dir = std::env::temp_dir().join(unique("rolling-restart"));
         std::fs::create_dir_all(&dir).expect("cluster dir");
         // Fail early and clearly when the servers are missing.
@@ -67,21 +61,12 @@ impl LocalCluster {
             .spawn()
             .expect("start deploy/local/cluster.sh");
         let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            for line in lines.by_ref() {
-                let Ok(line) = line else { break };
-                if line.starts_with("[cluster] ready") {
-                    let _ = tx.send(());
-                    break;
-                }
-            }
-            for _ in lines {}
-        });
         let cluster = LocalCluster { child, dir };
         // cluster.sh bounds each of its own waits (60 s per process); this covers them all.
-        if rx.recv_timeout(WAIT * 5).is_err() {
+        let ready = find_in_output(stdout, WAIT * 5, |line| {
+            line.starts_with("[cluster] ready").then_some(())
+        });
+        if ready.is_none() {
             panic!(
                 "deploy/local/cluster.sh did not print `[cluster] ready`; logs in {}",
                 cluster.dir.display()
@@ -123,7 +108,7 @@ async fn a_rolling_restart_under_load_loses_no_acked_message() {
     let url = format!("ws://127.0.0.1:{ROUTER_PORT}");
     let prefix = unique("rb-rolling");
     let r = chat_bench::rebalance::run(
-        rebalance_args(&[
+        parse_args(&[
             "--url",
             &url,
             "--rooms",

@@ -5,7 +5,8 @@
 //! readiness is polled with a deadline. Children are killed by Drop guards.
 //!
 //! Scenarios run against one node use a standalone node ([`spawn_standalone_node`]) and the
-//! real `chat-bench` binary ([`run_bench`]).
+//! real `chat-bench` binary ([`run_bench`]). Tests that call a scenario in-process parse its
+//! flags with [`parse_args`].
 //!
 //! Tests fail loudly when `CHAT_REDIS_URL` or `CHAT_CQL_NODES` is unset, never skip.
 #![allow(dead_code)]
@@ -69,11 +70,7 @@ pub fn server_bins() -> &'static (PathBuf, PathBuf) {
     BINS.get_or_init(|| {
         let bench = Path::new(env!("CARGO_BIN_EXE_chat-bench"));
         let dir = bench.parent().expect("the bench binary has a directory");
-        let profile = match dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev",
-            Some(other) => other,
-        };
-        let target_dir = dir.parent().expect("profile directory has a parent");
+        let (profile, target_dir) = build_profile(dir);
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .expect("workspace root");
@@ -96,6 +93,46 @@ pub fn server_bins() -> &'static (PathBuf, PathBuf) {
     })
 }
 
+/// The cargo profile and target directory that built the binaries in `bin_dir`
+/// (`target/debug` is the `dev` profile), so other binaries are built the same way.
+pub fn build_profile(bin_dir: &Path) -> (&str, &Path) {
+    let profile = match bin_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev",
+        Some(other) => other,
+    };
+    let target_dir = bin_dir.parent().expect("profile directory has a parent");
+    (profile, target_dir)
+}
+
+/// Reads a child's output line by line on a thread until `find` returns something, and
+/// hands that over; keeps draining afterwards so the child never blocks on a full pipe.
+/// `None` when the output ended, or `timeout` passed, first.
+pub fn find_in_output<T: Send + 'static>(
+    output: impl Read + Send + 'static,
+    timeout: Duration,
+    mut find: impl FnMut(&str) -> Option<T> + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(output).lines();
+        for line in lines.by_ref() {
+            let Ok(line) = line else { break };
+            if let Some(found) = find(&line) {
+                let _ = tx.send(found);
+                break;
+            }
+        }
+        for _ in lines {}
+    });
+    rx.recv_timeout(timeout).ok()
+}
+
+/// The bound address a server logs at startup (`fields.addr` of a JSON log line).
+pub fn logged_addr(line: &str) -> Option<SocketAddr> {
+    let v = serde_json::from_str::<serde_json::Value>(line).ok()?;
+    v["fields"]["addr"].as_str()?.parse().ok()
+}
+
 /// A child process, killed when dropped.
 pub struct Proc {
     pub child: Child,
@@ -111,25 +148,9 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
         let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            for line in lines.by_ref() {
-                let Ok(line) = line else { break };
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                    continue;
-                };
-                if let Some(addr) = v["fields"]["addr"].as_str().and_then(|a| a.parse().ok()) {
-                    let _ = tx.send(addr);
-                    break;
-                }
-            }
-            // Keep draining so the process never blocks on a full pipe.
-            for _ in lines {}
-        });
-        match rx.recv_timeout(WAIT) {
-            Ok(addr) => Proc { child, addr },
-            Err(_) => {
+        match find_in_output(stdout, WAIT, logged_addr) {
+            Some(addr) => Proc { child, addr },
+            None => {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!("{what} did not log its address within {WAIT:?}");
@@ -196,20 +217,11 @@ impl TestCluster {
 
     /// Waits until the router's ring has `n` nodes.
     pub async fn wait_ring_size(&self, n: usize) {
-        let addr = self.router.addr;
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(v) = get_json(addr, "/readyz").await {
-                if v["ring_size"].as_u64() == Some(n as u64) {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the router's ring never reached {n} nodes"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_json(self.router.addr, "/readyz", |v| {
+            v["ring_size"].as_u64() == Some(n as u64)
+        })
+        .await
+        .unwrap_or_else(|| panic!("the router's ring never reached {n} nodes"));
     }
 
     /// Owner node id of `room` in the router's ring.
@@ -266,9 +278,25 @@ pub async fn get_json(addr: SocketAddr, path: &str) -> Option<serde_json::Value>
 }
 
 pub async fn wait_http_ok(addr: SocketAddr, path: &str) {
+    wait_json(addr, path, |_| true)
+        .await
+        .unwrap_or_else(|| panic!("{addr}{path} never answered 200"));
+}
+
+/// Polls `path` until it answers 200 with JSON for which `ok` holds; `None` after `WAIT`.
+pub async fn wait_json(
+    addr: SocketAddr,
+    path: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> Option<()> {
     let deadline = Instant::now() + WAIT;
-    while get_json(addr, path).await.is_none() {
-        assert!(Instant::now() < deadline, "{addr}{path} never answered 200");
+    loop {
+        if get_json(addr, path).await.is_some_and(|v| ok(&v)) {
+            return Some(());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -364,31 +392,9 @@ pub fn spawn_standalone_node(auth: &[&str]) -> StandaloneNode {
         .spawn()
         .expect("spawn chat-node");
     let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        for line in lines.by_ref() {
-            let Ok(line) = line else { break };
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if let Some(addr) = v["fields"]["addr"]
-                .as_str()
-                .and_then(|a| a.parse::<SocketAddr>().ok())
-            {
-                let _ = tx.send(addr);
-                break;
-            }
-        }
-        // Keep draining the log so the node never blocks on a full pipe.
-        for _ in lines {}
-    });
-    let addr = match rx.recv_timeout(WAIT) {
-        Ok(a) => a,
-        Err(_) => {
-            let _ = child.kill();
-            panic!("chat-node did not log its address within {WAIT:?}");
-        }
+    let Some(addr) = find_in_output(stdout, WAIT, logged_addr) else {
+        let _ = child.kill();
+        panic!("chat-node did not log its address within {WAIT:?}");
     };
     let node = StandaloneNode { addr, child };
     let deadline = Instant::now() + WAIT;
@@ -453,19 +459,13 @@ pub fn run_bench(args: &[&str]) -> (ExitStatus, serde_json::Value) {
     (status, report)
 }
 
-/// `chat-bench rebalance` arguments as a planner types them (without the subcommand); a
+/// One scenario's arguments as a planner types them (without `chat-bench <scenario>`); a
 /// later flag overrides an earlier one, so callers can change a default.
-pub fn rebalance_args(argv: &[&str]) -> chat_bench::rebalance::RebalanceArgs {
-    use clap::Parser;
-    #[derive(Parser)]
-    #[command(args_override_self = true)]
-    struct Wrap {
-        #[command(flatten)]
-        args: chat_bench::rebalance::RebalanceArgs,
-    }
-    let mut v = vec!["chat-bench"];
-    v.extend_from_slice(argv);
-    Wrap::try_parse_from(v).expect("rebalance arguments").args
+pub fn parse_args<A: clap::Args + clap::FromArgMatches>(argv: &[&str]) -> A {
+    let matches = A::augment_args(clap::Command::new("chat-bench").args_override_self(true))
+        .try_get_matches_from(std::iter::once("chat-bench").chain(argv.iter().copied()))
+        .unwrap_or_else(|e| panic!("arguments {argv:?}: {e}"));
+    A::from_arg_matches(&matches).unwrap_or_else(|e| panic!("arguments {argv:?}: {e}"))
 }
 
 /// The guarantees every `rebalance` run must show, whatever happened to the cluster: nothing
