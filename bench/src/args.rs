@@ -39,6 +39,20 @@ pub fn room_prefix(given: Option<&str>, scenario: &str) -> String {
     )
 }
 
+/// `last_user`, the highest user id a `--user-prefix` produces, is a valid user id.
+pub fn check_user_prefix(last_user: String) -> Result<(), String> {
+    common::UserId::new(last_user)
+        .map(drop)
+        .map_err(|e| format!("--user-prefix gives invalid user ids: {e}"))
+}
+
+/// `last_room`, the highest room id a `--room-prefix` produces, is a valid room id.
+pub fn check_room_prefix(last_room: String) -> Result<(), String> {
+    common::RoomId::new(last_room)
+        .map(drop)
+        .map_err(|e| format!("--room-prefix gives invalid room ids: {e}"))
+}
+
 /// One scenario's flags parsed on their own, as `chat-bench <scenario> EXTRA...` would.
 #[cfg(test)]
 pub fn parse<A: clap::Args + clap::FromArgMatches>(extra: &[&str]) -> A {

@@ -181,10 +181,8 @@ impl ChurnArgs {
                     "lower --connections; churn runs in one process, so not",
                 )
         })?;
-        common::UserId::new(format!("{}-{}", self.user_prefix, self.connections))
-            .map_err(|e| format!("--user-prefix gives invalid user ids: {e}"))?;
-        common::RoomId::new(format!("{}-{}", self.room_prefix(), self.rooms))
-            .map_err(|e| format!("--room-prefix gives invalid room ids: {e}"))?;
+        crate::args::check_user_prefix(format!("{}-{}", self.user_prefix, self.connections))?;
+        crate::args::check_room_prefix(format!("{}-{}", self.room_prefix(), self.rooms))?;
         Auth::from_args(&self.auth)?;
         Ok(())
     }

@@ -279,10 +279,8 @@ impl ConnectionsArgs {
             &self.source_address_list,
             limits,
         )?;
-        common::UserId::new(format!("{}-{}", self.user_prefix, self.connections - 1))
-            .map_err(|e| format!("--user-prefix gives invalid user ids: {e}"))?;
-        common::RoomId::new(format!("{}-{}", self.room_prefix(), self.connections))
-            .map_err(|e| format!("--room-prefix gives invalid room ids: {e}"))?;
+        crate::args::check_user_prefix(format!("{}-{}", self.user_prefix, self.connections - 1))?;
+        crate::args::check_room_prefix(format!("{}-{}", self.room_prefix(), self.connections))?;
         for m in &self.metrics_urls {
             let ok = m
                 .parse::<hyper::Uri>()

@@ -158,11 +158,9 @@ impl FanoutArgs {
             self.rooms - 1,
             self.members - 1
         );
-        common::UserId::new(last_user)
-            .map_err(|e| format!("--user-prefix gives invalid user ids: {e}"))?;
+        crate::args::check_user_prefix(last_user)?;
         let last_room = format!("{}-{}", self.room_prefix(), self.rooms - 1);
-        common::RoomId::new(last_room)
-            .map_err(|e| format!("--room-prefix gives invalid room ids: {e}"))?;
+        crate::args::check_room_prefix(last_room)?;
         Auth::from_args(&self.auth)?;
         Ok(())
     }

@@ -113,8 +113,7 @@ impl HistoryArgs {
         common::UserId::new(self.user.clone())
             .map_err(|e| format!("--user is not a valid user id: {e}"))?;
         let last_room = format!("{}-{}", self.room_prefix(), self.rooms - 1);
-        common::RoomId::new(last_room)
-            .map_err(|e| format!("--room-prefix gives invalid room ids: {e}"))?;
+        crate::args::check_room_prefix(last_room)?;
         Ok(())
     }
 }
