@@ -27,12 +27,23 @@ pub struct Panel {
     pub series: Vec<Series>,
 }
 
+/// A moment (`to: None`, a dashed line) or a span (a shaded band) marked across every
+/// panel, e.g. when `rebalance --command` ran.
 #[derive(Debug, Clone)]
+pub struct Mark {
+    pub label: String,
+    pub from: f64,
+    pub to: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default)]
 pub struct Chart {
     pub title: String,
     pub subtitle: String,
     pub x_label: String,
     pub panels: Vec<Panel>,
+    /// Drawn behind the series; the x range is widened to show them.
+    pub marks: Vec<Mark>,
 }
 
 const WIDTH: f64 = 960.0;
@@ -111,6 +122,12 @@ impl Chart {
             .iter()
             .flat_map(|p| p.series.iter())
             .flat_map(|s| s.points.iter().map(|p| p.0))
+            .chain(
+                self.marks
+                    .iter()
+                    .flat_map(|m| [Some(m.from), m.to])
+                    .flatten(),
+            )
             .filter(|x| x.is_finite());
         let (mut x0, mut x1) = xs.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
         if x0 > x1 {
@@ -122,6 +139,7 @@ impl Chart {
         let plot_w = WIDTH - LEFT - RIGHT;
         for (i, panel) in self.panels.iter().enumerate() {
             let top = TOP + i as f64 * (PANEL_H + GAP);
+            self.marks(&mut out, top, (x0, x1), plot_w, i == 0);
             self.panel(
                 &mut out,
                 panel,
@@ -133,6 +151,39 @@ impl Chart {
         }
         out.push_str("</svg>\n");
         out
+    }
+
+    /// The marks on one panel; their labels on the first only.
+    fn marks(&self, out: &mut String, top: f64, (x0, x1): (f64, f64), plot_w: f64, label: bool) {
+        let sx = |x: f64| LEFT + (x - x0) / (x1 - x0) * plot_w;
+        for m in self.marks.iter().filter(|m| m.from.is_finite()) {
+            let a = sx(m.from);
+            match m.to.filter(|t| t.is_finite()) {
+                Some(to) => {
+                    let w = (sx(to) - a).max(1.0);
+                    let _ = writeln!(
+                        out,
+                        r##"<rect x="{a:.1}" y="{top:.1}" width="{w:.1}" height="{PANEL_H}" fill="#ffd54f" fill-opacity="0.3"/>"##
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        r##"<line x1="{a:.1}" y1="{top:.1}" x2="{a:.1}" y2="{:.1}" stroke="#b8860b" stroke-dasharray="4 3"/>"##,
+                        top + PANEL_H
+                    );
+                }
+            }
+            if label {
+                let _ = writeln!(
+                    out,
+                    r##"<text x="{:.1}" y="{:.1}" fill="#8a6d00">{}</text>"##,
+                    a + 3.0,
+                    top + 12.0,
+                    esc(&m.label)
+                );
+            }
+        }
     }
 
     fn panel(
@@ -280,6 +331,7 @@ mod tests {
                     }],
                 },
             ],
+            marks: Vec::new(),
         };
         let svg = c.to_svg();
         assert!(svg.starts_with("<svg "));
@@ -290,5 +342,45 @@ mod tests {
         for name in ["p50", "p99", "deliveries/s", "msg/s", "seconds"] {
             assert!(svg.contains(name), "{name}");
         }
+        assert!(!svg.contains("#ffd54f") && !svg.contains("stroke-dasharray"));
+    }
+
+    #[test]
+    fn marks_are_drawn_on_every_panel_and_widen_the_x_range() {
+        let panel = |name: &str| Panel {
+            y_label: name.into(),
+            series: vec![Series {
+                name: name.into(),
+                color: "#1f77b4",
+                points: vec![(0.0, 1.0), (10.0, 2.0)],
+            }],
+        };
+        let c = Chart {
+            title: "t".into(),
+            panels: vec![panel("a"), panel("b")],
+            marks: vec![
+                Mark {
+                    label: "command <kill -9>".into(),
+                    from: 2.0,
+                    to: Some(4.5),
+                },
+                Mark {
+                    label: "end".into(),
+                    from: 20.0,
+                    to: None,
+                },
+            ],
+            ..Default::default()
+        };
+        let svg = c.to_svg();
+        assert_eq!(svg.matches(r##"fill="#ffd54f""##).count(), 2);
+        assert_eq!(svg.matches("stroke-dasharray").count(), 2);
+        assert_eq!(svg.matches("command &lt;kill -9&gt;").count(), 1);
+        // The line at x = 20 is the right edge of the plot: the range reaches it.
+        let right = LEFT + (WIDTH - LEFT - RIGHT);
+        assert!(
+            svg.contains(&format!(r#"x1="{right:.1}" y1="{TOP:.1}""#)),
+            "{svg}"
+        );
     }
 }

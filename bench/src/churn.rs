@@ -560,6 +560,7 @@ impl ChurnReport {
                 self.urls.join(", ")
             ),
             x_label: "seconds since the start of the churn".into(),
+            marks: Vec::new(),
             panels: vec![
                 Panel {
                     y_label: "per second".into(),

@@ -1408,6 +1408,7 @@ pub fn chart(r: &Report) -> String {
             c.duration_s
         ),
         x_label: "seconds since the first send".into(),
+        marks: Vec::new(),
         panels: vec![
             Panel {
                 y_label: "end-to-end latency (ms)".into(),

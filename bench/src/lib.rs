@@ -24,6 +24,7 @@ pub mod rebalance;
 pub mod report;
 pub mod seed;
 pub mod servers;
+pub mod timeline;
 pub mod workers;
 
 use clap::{Parser, Subcommand};
