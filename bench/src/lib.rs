@@ -181,9 +181,14 @@ pub async fn run(cli: Cli, command: String) -> Result<(), BenchError> {
             write_reports(&report.to_markdown(), &report.to_json(), json, markdown)
         }
         Command::Rebalance(args) => {
-            let (json, markdown) = (args.json.clone(), args.markdown.clone());
+            let (json, markdown, chart) =
+                (args.json.clone(), args.markdown.clone(), args.chart.clone());
             let report = rebalance::run(args, command).await?;
             write_reports(&report.to_markdown(), &report.to_json(), json, markdown)?;
+            // Written before the verdict: a failed run's chart is the one to look at.
+            if let Some(path) = chart {
+                write_chart(&path, &report.chart())?;
+            }
             if report.pass() {
                 Ok(())
             } else {

@@ -27,10 +27,12 @@ use tokio::task::JoinHandle;
 
 use crate::args::seconds;
 use crate::auth::{Auth, AuthArgs};
+use crate::chart::{Chart, Mark, Panel, Series};
 use crate::client::{self, Incoming, Target, WsWrite};
 use crate::http::{self, HistoryEntry, HttpClient};
 use crate::payload::FrameView;
 use crate::report::{self, close_label, map_or_none, new_histogram, LatencySummary};
+use crate::timeline::Seconds;
 use crate::BenchError;
 
 /// Options of `chat-bench rebalance`.
@@ -101,6 +103,11 @@ pub struct RebalanceArgs {
     /// Also write the Markdown report to this file.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
+    /// Write the per-second timeline (acks/s and ack latency, members joined,
+    /// disconnections and resumes, with --command's run shaded) as an SVG chart to this
+    /// file. The JSON report carries the same numbers as `timeline`.
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
     /// No progress line on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -365,7 +372,12 @@ struct MemberOutcome {
     refusals: BTreeMap<String, u64>,
     sessions: u64,
     episodes: Vec<Episode>,
-    ack_us: Vec<u64>,
+    /// `(ns since base when the ack arrived, first send to ack in µs)` per acked send.
+    acks: Vec<(u64, u64)>,
+    /// Ns since base of each time the member became joined, and stopped being joined
+    /// while the bench was not finishing: the `members_joined` gauge of the timeline.
+    joined_ns: Vec<u64>,
+    left_ns: Vec<u64>,
     gave_up: Option<String>,
 }
 
@@ -482,6 +494,9 @@ impl Member {
                 resumed_ns: None,
             });
             self.open_episode = Some(self.out.episodes.len() - 1);
+        }
+        if self.joined {
+            self.out.left_ns.push(now);
         }
         self.joined = false;
         self.catch_up_to = None;
@@ -607,6 +622,9 @@ impl Member {
                     self.last_seen = self.last_seen.max(head);
                     self.p.shared.joined_once.fetch_add(1, Relaxed);
                 }
+                if !self.joined {
+                    self.out.joined_ns.push(self.p.shared.now_ns());
+                }
                 self.joined = true;
                 self.reached_joined = true;
                 if let Some(i) = self.open_episode {
@@ -662,9 +680,8 @@ impl Member {
                 self.p.live.max_acked.store(max, Relaxed);
                 if let Some(p) = self.pending.remove(&seq) {
                     if let Some(t) = p.first_sent_ns {
-                        self.out
-                            .ack_us
-                            .push(self.p.shared.now_ns().saturating_sub(t) / 1000);
+                        let now = self.p.shared.now_ns();
+                        self.out.acks.push((now, now.saturating_sub(t) / 1000));
                     }
                 }
                 None
@@ -1047,6 +1064,81 @@ pub struct RebalanceReport {
     pub bench_saturated: bool,
     pub warnings: Vec<String>,
     pub notes: Vec<String>,
+    /// Per second from the first scheduled send to the end of the drain: what a planner
+    /// reads the disruption's size and length from.
+    pub timeline: Vec<RebalancePoint>,
+}
+
+/// One second of a `rebalance` run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RebalancePoint {
+    /// Seconds since the first scheduled send, at the start of this second (the
+    /// command's `started_at_s` is on the same clock).
+    pub t_s: f64,
+    /// Sends acked in this second (the ack that settled a pending send).
+    pub acks: u64,
+    /// First send to ack of those acks, in µs (resends and disruption included).
+    pub ack_p50_us: u64,
+    pub ack_p99_us: u64,
+    pub ack_max_us: u64,
+    /// Members joined to their room at the end of this second.
+    pub members_joined: u64,
+    /// Disruptions that began in this second (a member lost its connection or a join was
+    /// refused), as counted in `disruption.disconnections`.
+    pub disconnections: u64,
+    /// Disruptions that ended in this second (the member rejoined and caught up).
+    pub resumes: u64,
+}
+
+// Per-second counts of the timeline.
+const ACKS: usize = 0;
+const JOINS: usize = 1;
+const LEAVES: usize = 2;
+const DISCONNECTS: usize = 3;
+const RESUMES: usize = 4;
+
+/// The timeline from what the members recorded, `start_ns..end_ns` (ns since base). Built
+/// after the run from timestamps the members keep anyway, so it costs the run nothing.
+fn timeline(outcomes: &[MemberOutcome], start_ns: u64, end_ns: u64) -> Vec<RebalancePoint> {
+    let sec = |ns: u64| (ns.saturating_sub(start_ns) / 1_000_000_000) as usize;
+    let mut s = Seconds::<5>::default();
+    for o in outcomes {
+        for &(at, us) in &o.acks {
+            s.count(sec(at), ACKS, 1);
+            s.latency(sec(at), us);
+        }
+        for &at in &o.joined_ns {
+            s.count(sec(at), JOINS, 1);
+        }
+        for &at in &o.left_ns {
+            s.count(sec(at), LEAVES, 1);
+        }
+        for e in &o.episodes {
+            s.count(sec(e.at_ns), DISCONNECTS, 1);
+            if let Some(r) = e.resumed_ns {
+                s.count(sec(r), RESUMES, 1);
+            }
+        }
+    }
+    let n = end_ns.saturating_sub(start_ns).div_ceil(1_000_000_000) as usize;
+    s.extend_to(n);
+    let joined = s.running(JOINS, LEAVES);
+    s.iter()
+        .take(n)
+        .map(|(i, x)| {
+            let l = x.latency();
+            RebalancePoint {
+                t_s: i as f64,
+                acks: x.counts[ACKS],
+                ack_p50_us: l.p50,
+                ack_p99_us: l.p99,
+                ack_max_us: l.max,
+                members_joined: joined[i].max(0) as u64,
+                disconnections: x.counts[DISCONNECTS],
+                resumes: x.counts[RESUMES],
+            }
+        })
+        .collect()
 }
 
 impl RebalanceReport {
@@ -1056,6 +1148,104 @@ impl RebalanceReport {
 
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The timeline as an SVG chart: ack latency, acks/s and members, with the command's
+    /// run shaded and the end of sending marked.
+    pub fn chart(&self) -> String {
+        let t = &self.timeline;
+        let pts = |f: fn(&RebalancePoint) -> f64| t.iter().map(|p| (p.t_s, f(p))).collect();
+        // Seconds without acks are gaps in the latency lines, not zeros.
+        let lat = |us: fn(&RebalancePoint) -> u64| {
+            t.iter()
+                .filter(|p| p.acks > 0)
+                .map(|p| (p.t_s, us(p) as f64 / 1000.0))
+                .collect()
+        };
+        let c = &self.config;
+        let mut marks = Vec::new();
+        if let Some(cmd) = &self.external_command {
+            marks.push(Mark {
+                label: "--command".into(),
+                from: cmd.started_at_s,
+                to: Some(cmd.started_at_s + cmd.duration_s),
+            });
+        }
+        marks.push(Mark {
+            label: "sending ends".into(),
+            from: c.duration_s,
+            to: None,
+        });
+        Chart {
+            title: format!(
+                "chat-bench rebalance: {} rooms × {} members × {} msg/s",
+                c.rooms, c.members, c.rate_per_member
+            ),
+            subtitle: format!(
+                "{} · git {} · {}",
+                c.url,
+                self.git_rev,
+                self.external_command
+                    .as_ref()
+                    .map_or("no --command".to_owned(), |x| format!(
+                        "--command at {} s: {}",
+                        x.started_at_s, x.command
+                    ))
+            ),
+            x_label: "seconds since the first scheduled send".into(),
+            panels: vec![
+                Panel {
+                    y_label: "ack latency (ms)".into(),
+                    series: vec![
+                        Series {
+                            name: "p50".into(),
+                            color: "#1f77b4",
+                            points: lat(|p| p.ack_p50_us),
+                        },
+                        Series {
+                            name: "p99".into(),
+                            color: "#ff7f0e",
+                            points: lat(|p| p.ack_p99_us),
+                        },
+                        Series {
+                            name: "max".into(),
+                            color: "#d62728",
+                            points: lat(|p| p.ack_max_us),
+                        },
+                    ],
+                },
+                Panel {
+                    y_label: "sends acked per second".into(),
+                    series: vec![Series {
+                        name: "acks/s".into(),
+                        color: "#2ca02c",
+                        points: pts(|p| p.acks as f64),
+                    }],
+                },
+                Panel {
+                    y_label: "members".into(),
+                    series: vec![
+                        Series {
+                            name: "joined".into(),
+                            color: "#9467bd",
+                            points: pts(|p| p.members_joined as f64),
+                        },
+                        Series {
+                            name: "disconnections/s".into(),
+                            color: "#d62728",
+                            points: pts(|p| p.disconnections as f64),
+                        },
+                        Series {
+                            name: "resumes/s".into(),
+                            color: "#17becf",
+                            points: pts(|p| p.resumes as f64),
+                        },
+                    ],
+                },
+            ],
+            marks,
+        }
+        .to_svg()
     }
 
     pub fn to_markdown(&self) -> String {
@@ -1389,6 +1579,7 @@ pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let finish_ns = shared.now_ns();
     shared.finishing.store(true, Relaxed);
     let _ = finish_tx.send(true);
     let mut outcomes = Vec::with_capacity(total);
@@ -1496,7 +1687,7 @@ pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport
         for (k, v) in &o.errors {
             *sends.errors.entry(k.clone()).or_default() += v;
         }
-        ack_us.extend_from_slice(&o.ack_us);
+        ack_us.extend(o.acks.iter().map(|a| a.1));
         stream.received += o.view.received.len() as u64;
         stream.duplicates += o.duplicates;
         stream.out_of_order += o.out_of_order;
@@ -1626,6 +1817,7 @@ pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport
         bench_saturated,
         warnings,
         notes,
+        timeline: timeline(&outcomes, ns(start), finish_ns),
     };
     r.verdict = if r.pass() { "PASS" } else { "FAIL" }.into();
     Ok(r)
@@ -1966,6 +2158,64 @@ mod tests {
         assert_eq!(json["correctness"]["acked_lost"], 0);
         assert_eq!(json["correctness"]["stored_twice"], 3);
         assert_eq!(json["sends"]["unanswered"], 1);
+    }
+
+    #[test]
+    fn timeline_buckets_acks_members_and_disruptions_by_second() {
+        const S: u64 = 1_000_000_000;
+        let start = 5 * S;
+        // Both joined before the start; b is lost at 2.5 s, rejoins at 3.2 s, resumes at
+        // 3.4 s; a's acks straddle the loss.
+        let a = MemberOutcome {
+            acks: vec![(start + S / 2, 1_000), (start + 3 * S, 9_000)],
+            joined_ns: vec![S],
+            ..Default::default()
+        };
+        let b = MemberOutcome {
+            acks: vec![(start + S / 3, 3_000)],
+            joined_ns: vec![2 * S, start + 3 * S + S / 5],
+            left_ns: vec![start + 2 * S + S / 2],
+            episodes: vec![Episode {
+                at_ns: start + 2 * S + S / 2,
+                rejoined_ns: Some(start + 3 * S + S / 5),
+                resumed_ns: Some(start + 3 * S + 2 * S / 5),
+            }],
+            ..Default::default()
+        };
+        // The drain ended 4.5 s after the start: five seconds, the last one partial.
+        let t = timeline(&[a, b], start, start + 4 * S + S / 2);
+        let col = |f: fn(&RebalancePoint) -> u64| t.iter().map(f).collect::<Vec<_>>();
+        assert_eq!(col(|p| p.t_s as u64), [0, 1, 2, 3, 4]);
+        assert_eq!(col(|p| p.acks), [2, 0, 0, 1, 0]);
+        assert_eq!(col(|p| p.members_joined), [2, 2, 1, 2, 2]);
+        assert_eq!(col(|p| p.disconnections), [0, 0, 1, 0, 0]);
+        assert_eq!(col(|p| p.resumes), [0, 0, 0, 1, 0]);
+        assert!((990..=1010).contains(&t[0].ack_p50_us), "{:?}", t[0]);
+        assert!((2_980..=3_020).contains(&t[0].ack_max_us), "{:?}", t[0]);
+        assert_eq!(t[1].ack_p99_us, 0);
+
+        let r = RebalanceReport {
+            timeline: t,
+            external_command: Some(CommandOutcome {
+                command: "kill -9 <pid>".into(),
+                started_at_s: 2.0,
+                duration_s: 0.5,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let svg = r.chart();
+        assert!(svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 7);
+        assert!(svg.contains("kill -9 &lt;pid&gt;") && svg.contains("--command"));
+        assert_eq!(
+            svg.matches(r##"fill="#ffd54f""##).count(),
+            3,
+            "one band per panel"
+        );
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+        assert_eq!(json["timeline"][2]["members_joined"], 1);
+        assert_eq!(json["timeline"][2]["disconnections"], 1);
     }
 
     fn m_frame(s: &str) -> Vec<u8> {

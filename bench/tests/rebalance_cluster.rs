@@ -65,6 +65,31 @@ async fn kill9_of_a_node_loses_nothing_acked_and_every_client_resumes() {
     assert_eq!(r.disruption.disconnections_before_command, 0, "{md}");
     assert!(r.disruption.command_to_all_resumed_s.is_some(), "{md}");
     assert!(r.disruption.resume_us.count > 0, "{md}");
+    // The timeline covers the run from the first send through the drain, starts with
+    // everyone joined, shows the victim's members gone after the kill, and adds up to the
+    // report's totals.
+    let t = &r.timeline;
+    let json = r.to_json();
+    let total = (ROOMS * 3) as u64;
+    assert!(t.len() >= 8, "the 8 s of sending at least: {json}");
+    assert_eq!(t[0].members_joined, total, "{json}");
+    assert!(
+        t.iter()
+            .any(|p| p.t_s + 1.0 > x.started_at_s && p.members_joined < total),
+        "no second after the kill shows members missing: {json}"
+    );
+    let sum = |f: fn(&chat_bench::rebalance::RebalancePoint) -> u64| t.iter().map(f).sum::<u64>();
+    assert_eq!(
+        sum(|p| p.disconnections),
+        r.disruption.disconnections,
+        "{json}"
+    );
+    assert_eq!(sum(|p| p.resumes), r.disruption.disconnections, "{json}");
+    assert!(sum(|p| p.acks) > 0, "{json}");
+    assert_eq!(t.last().map(|p| p.members_joined), Some(total), "{json}");
+    let svg = r.chart();
+    assert!(svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"));
+    assert!(svg.contains("--command") && svg.contains(&cmd), "{svg}");
     println!("{md}");
 }
 
