@@ -27,10 +27,12 @@ use tokio::sync::Semaphore;
 
 use crate::args::{seconds, MAX_SECONDS};
 use crate::auth::{Auth, AuthArgs};
+use crate::chart::{Chart, Panel, Series};
 use crate::client::{ConnectOptions, Target};
 use crate::idle::{self, Live};
 use crate::report::{self, map_or_none, new_histogram, LatencySummary};
 use crate::servers::{self, ServerFigures, Watched};
+use crate::timeline::{second_of, Seconds};
 use crate::workers::{self, WorkerEvent, WorkerPlan, WorkerResult};
 use crate::BenchError;
 
@@ -104,6 +106,10 @@ pub struct ConnectionsArgs {
     /// Also write the Markdown report to this file.
     #[arg(long, env = "CHAT_BENCH_MARKDOWN")]
     pub markdown: Option<PathBuf>,
+    /// Write connections open, connects/s and connect latency per second of the ramp and
+    /// hold as an SVG chart to this file. The JSON report carries them as `timeline`.
+    #[arg(long, env = "CHAT_BENCH_CHART")]
+    pub chart: Option<PathBuf>,
     /// No progress lines on stderr.
     #[arg(long, env = "CHAT_BENCH_QUIET")]
     pub quiet: bool,
@@ -343,6 +349,71 @@ pub struct ConnectionsReport {
     /// `report::listen_overflows`).
     pub listen_overflows_during_ramp: Option<u64>,
     pub notes: Vec<String>,
+    /// Per second from the start of the ramp to the end of the hold, all workers merged.
+    pub timeline: Vec<ConnectionsPoint>,
+}
+
+/// One second of a `connections` run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ConnectionsPoint {
+    /// Seconds since the ramp started, at the start of this second.
+    pub t_s: f64,
+    /// Connections joined by the end of this second. Closes by the server during the hold
+    /// are not timed (the workers see them at the close): they are in `server_closes`.
+    pub connections_open: u64,
+    /// Connections that got their `joined` in this second.
+    pub connects: u64,
+    /// Attempts that failed in this second.
+    pub failures: u64,
+    /// Connect latency (TCP connect to `joined`) of this second's connects, in µs.
+    pub connect_p50_us: u64,
+    pub connect_p99_us: u64,
+    pub connect_max_us: u64,
+}
+
+// Per-second counts a worker sends (see `WorkerResult::timeline`).
+const CONNECTS: usize = 0;
+const FAILURES: usize = 1;
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The worker's `Instant` for the parent's timeline origin (same machine, same clock), or
+/// its own start without one.
+fn timeline_origin(origin_unix_ms: Option<u64>, own_start: Instant) -> Instant {
+    origin_unix_ms
+        .and_then(|ms| {
+            let ago = Duration::from_millis(unix_ms().saturating_sub(ms));
+            Instant::now().checked_sub(ago)
+        })
+        .unwrap_or(own_start)
+}
+
+/// The workers' seconds merged, through `until` (the end of the hold).
+fn timeline(results: &[WorkerResult], until: Duration) -> Vec<ConnectionsPoint> {
+    let mut s = Seconds::<2>::default();
+    for w in results {
+        s.merge_wire(&w.timeline);
+    }
+    s.extend_to(until.as_secs_f64().ceil() as usize);
+    let open = s.running(CONNECTS, None);
+    s.iter()
+        .map(|(i, x)| {
+            let l = x.latency();
+            ConnectionsPoint {
+                t_s: i as f64,
+                connections_open: open[i].max(0) as u64,
+                connects: x.counts[CONNECTS],
+                failures: x.counts[FAILURES],
+                connect_p50_us: l.p50,
+                connect_p99_us: l.p99,
+                connect_max_us: l.max,
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -387,6 +458,81 @@ pub(crate) fn servers_table(out: &mut String, servers: &[ServerFigures], loaded:
 impl ConnectionsReport {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Connections open, connects/s and connect latency per second of the ramp and hold.
+    pub fn chart(&self) -> String {
+        let pts = |f: fn(&ConnectionsPoint) -> f64| -> Vec<(f64, f64)> {
+            self.timeline.iter().map(|p| (p.t_s, f(p))).collect()
+        };
+        // Seconds without connects are gaps in the latency lines, not zeros.
+        let lat = |us: fn(&ConnectionsPoint) -> u64| -> Vec<(f64, f64)> {
+            self.timeline
+                .iter()
+                .filter(|p| p.connects > 0)
+                .map(|p| (p.t_s, us(p) as f64 / 1000.0))
+                .collect()
+        };
+        Chart {
+            title: format!(
+                "chat-bench connections: {} at {}/s over {} processes, hold {} s",
+                self.target_connections, self.target_rate, self.processes, self.hold_s
+            ),
+            subtitle: format!(
+                "git {} · load average at start {} · {}",
+                self.git_rev,
+                self.load_average.as_deref().unwrap_or("n/a"),
+                self.urls.join(", ")
+            ),
+            x_label: "seconds since the start of the ramp".into(),
+            panels: vec![
+                Panel {
+                    y_label: "connections".into(),
+                    series: vec![Series {
+                        name: "open".into(),
+                        color: "#9467bd",
+                        points: pts(|p| p.connections_open as f64),
+                    }],
+                },
+                Panel {
+                    y_label: "per second".into(),
+                    series: vec![
+                        Series {
+                            name: "connects".into(),
+                            color: "#1f77b4",
+                            points: pts(|p| p.connects as f64),
+                        },
+                        Series {
+                            name: "failures".into(),
+                            color: "#d62728",
+                            points: pts(|p| p.failures as f64),
+                        },
+                    ],
+                },
+                Panel {
+                    y_label: "connect latency (ms)".into(),
+                    series: vec![
+                        Series {
+                            name: "p50".into(),
+                            color: "#2ca02c",
+                            points: lat(|p| p.connect_p50_us),
+                        },
+                        Series {
+                            name: "p99".into(),
+                            color: "#ff7f0e",
+                            points: lat(|p| p.connect_p99_us),
+                        },
+                        Series {
+                            name: "max".into(),
+                            color: "#8c564b",
+                            points: lat(|p| p.connect_max_us),
+                        },
+                    ],
+                },
+            ],
+            marks: Vec::new(),
+        }
+        .to_svg()
     }
 
     pub fn to_markdown(&self) -> String {
@@ -500,6 +646,7 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
     let max_hold_s = ramp_deadline.as_secs_f64() + args.hold + 60.0;
     let mut procs = Vec::with_capacity(args.processes);
     let started = Instant::now();
+    let origin_unix_ms = unix_ms();
     for w in 0..args.processes {
         let plan = WorkerPlan {
             worker: w,
@@ -515,6 +662,7 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
             connect_timeout_s: args.connect_timeout,
             max_hold_s,
             auth: args.auth.clone(),
+            timeline_origin_unix_ms: Some(origin_unix_ms),
         };
         let p = workers::spawn(&plan)
             .await
@@ -563,6 +711,7 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
         );
     }
     tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+    let hold_end = Instant::now();
     let loaded = watched.sample().await;
 
     // Close: every worker closes its connections and reports.
@@ -660,6 +809,7 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
         0.0
     };
     r.connect_latency_us = LatencySummary::from_histogram(&workers::merged_histogram(&results));
+    r.timeline = timeline(&results, hold_end.duration_since(started));
     r.bench_ramp_cpu_percent = ramp_cpu
         .filter(|_| r.ramp_s > 0.0 && !results.is_empty())
         .map(|c| c / r.ramp_s * 100.0);
@@ -786,6 +936,7 @@ async fn worker_body(
     let timeout = Duration::from_secs_f64(plan.connect_timeout_s);
     let t0 = tokio::time::Instant::now();
     let first = Instant::now();
+    let origin = timeline_origin(plan.timeline_origin_unix_ms, first);
     let last_joined_ns = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for &i in &mine {
@@ -807,16 +958,21 @@ async fn worker_body(
         let last = last_joined_ns.clone();
         tasks.spawn(async move {
             let _permit = permit;
-            let credentials = auth.credentials(&user)?;
-            let opts = ConnectOptions {
-                credentials,
-                source,
-                recv_buffer: None,
+            let attempt = async {
+                let credentials = auth.credentials(&user)?;
+                let opts = ConnectOptions {
+                    credentials,
+                    source,
+                    recv_buffer: None,
+                };
+                let j = idle::connect_joined(&target, &room, &opts, timeout).await?;
+                last.fetch_max(first.elapsed().as_nanos() as u64, Relaxed);
+                let us = j.connect_us;
+                Ok::<(u64, Live), String>((us, idle::hold(j)))
             };
-            let j = idle::connect_joined(&target, &room, &opts, timeout).await?;
-            last.fetch_max(first.elapsed().as_nanos() as u64, Relaxed);
-            let us = j.connect_us;
-            Ok::<(u64, Live), String>((us, idle::hold(j)))
+            // When it ended, for the timeline: tasks are collected only after the ramp.
+            let r = attempt.await;
+            (Instant::now(), r)
         });
     }
     let mut out = WorkerResult {
@@ -826,20 +982,26 @@ async fn worker_body(
         ..Default::default()
     };
     let mut hist = new_histogram();
+    let mut seconds = Seconds::<2>::default();
     let mut live = Vec::with_capacity(mine.len());
     // Every task ends within its connect timeout; the outer bound is a safety net.
     let drain_deadline = tokio::time::Instant::now() + timeout + Duration::from_secs(10);
     loop {
         match tokio::time::timeout_at(drain_deadline, tasks.join_next()).await {
-            Ok(Some(Ok(Ok((us, l))))) => {
+            Ok(Some(Ok((at, Ok((us, l)))))) => {
                 hist.saturating_record(us.max(1));
+                let i = second_of(origin, at);
+                seconds.count(i, CONNECTS, 1);
+                seconds.latency(i, us);
                 live.push(l);
             }
-            Ok(Some(Ok(Err(kind)))) => {
+            Ok(Some(Ok((at, Err(kind))))) => {
+                seconds.count(second_of(origin, at), FAILURES, 1);
                 out.failed += 1;
                 *out.failures.entry(kind).or_default() += 1;
             }
             Ok(Some(Err(e))) => {
+                seconds.count(second_of(origin, Instant::now()), FAILURES, 1);
                 out.failed += 1;
                 *out.failures
                     .entry(format!("connect task: {e}"))
@@ -910,6 +1072,7 @@ async fn worker_body(
         }
     }
     out.connect_us = workers::histogram_pairs(&hist);
+    out.timeline = seconds.to_wire();
     out.cpu_s = report::self_cpu_seconds();
     Ok(out)
 }
@@ -1048,5 +1211,50 @@ mod tests {
         }
         let json: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
         assert_eq!(json["failures"]["upgrade refused: HTTP 401"], 1);
+    }
+
+    #[test]
+    fn workers_timelines_merge_by_second_through_the_hold() {
+        // Two workers' seconds, as they arrive over the pipe.
+        let worker = |connects: &[(usize, u64)], failed_at: Option<usize>| {
+            let mut s = Seconds::<2>::default();
+            for &(i, us) in connects {
+                s.count(i, CONNECTS, 1);
+                s.latency(i, us);
+            }
+            if let Some(i) = failed_at {
+                s.count(i, FAILURES, 1);
+            }
+            let line = serde_json::to_string(&WorkerEvent::Done(WorkerResult {
+                timeline: s.to_wire(),
+                ..Default::default()
+            }))
+            .expect("ser");
+            match serde_json::from_str(&line).expect("de") {
+                WorkerEvent::Done(r) => r,
+                other => panic!("{other:?}"),
+            }
+        };
+        let a = worker(&[(0, 1_000), (0, 2_000), (1, 4_000)], None);
+        let b = worker(&[(0, 3_000), (2, 8_000)], Some(1));
+        // The hold ended 4.2 s after the start of the ramp.
+        let t = timeline(&[a, b], Duration::from_millis(4_200));
+        let col = |f: fn(&ConnectionsPoint) -> u64| t.iter().map(f).collect::<Vec<_>>();
+        assert_eq!(col(|p| p.connects), [3, 1, 1, 0, 0]);
+        assert_eq!(col(|p| p.failures), [0, 1, 0, 0, 0]);
+        assert_eq!(col(|p| p.connections_open), [3, 4, 5, 5, 5]);
+        assert!((1_990..=2_010).contains(&t[0].connect_p50_us), "{:?}", t[0]);
+        assert!((7_950..=8_050).contains(&t[2].connect_max_us), "{:?}", t[2]);
+        assert_eq!(t[4].connect_p99_us, 0);
+
+        let r = ConnectionsReport {
+            timeline: t,
+            ..Default::default()
+        };
+        let svg = r.chart();
+        assert!(svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 6);
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+        assert_eq!(json["timeline"][1]["connections_open"], 4);
     }
 }

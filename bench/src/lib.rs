@@ -140,10 +140,14 @@ pub async fn run(cli: Cli, command: String) -> Result<(), BenchError> {
         }
         Command::Baseline(args) => baseline::run(args).await,
         Command::Connections(args) => {
-            let (json, markdown) = (args.json.clone(), args.markdown.clone());
+            let (json, markdown, chart) =
+                (args.json.clone(), args.markdown.clone(), args.chart.clone());
             let allowed = args.max_connect_failures;
             let report = connections::run(args, command).await?;
             write_reports(&report.to_markdown(), &report.to_json(), json, markdown)?;
+            if let Some(path) = chart {
+                write_chart(&path, &report.chart())?;
+            }
             if report.failed > allowed {
                 return Err(BenchError::Failed(anyhow::anyhow!(
                     "{} of {} connections failed (allowed: {allowed}): {}",

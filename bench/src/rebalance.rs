@@ -1122,7 +1122,7 @@ fn timeline(outcomes: &[MemberOutcome], start_ns: u64, end_ns: u64) -> Vec<Rebal
     }
     let n = end_ns.saturating_sub(start_ns).div_ceil(1_000_000_000) as usize;
     s.extend_to(n);
-    let joined = s.running(JOINS, LEAVES);
+    let joined = s.running(JOINS, Some(LEAVES));
     s.iter()
         .take(n)
         .map(|(i, x)| {

@@ -151,15 +151,15 @@ impl<const K: usize> Seconds<K> {
         self.seconds.iter().enumerate()
     }
 
-    /// Running total of `up` minus `down` at the end of each second: a gauge (members
-    /// joined, connections open) from its transitions.
-    pub fn running(&self, up: usize, down: usize) -> Vec<i64> {
+    /// Running total of count `up` minus count `down` at the end of each second: a gauge
+    /// (members joined, connections open) from its transitions.
+    pub fn running(&self, up: usize, down: Option<usize>) -> Vec<i64> {
+        let count = |s: &Second<K>, k: usize| s.counts.get(k).copied().unwrap_or(0) as i64;
         let mut level = 0i64;
         self.seconds
             .iter()
             .map(|s| {
-                level += s.counts.get(up).copied().unwrap_or(0) as i64
-                    - s.counts.get(down).copied().unwrap_or(0) as i64;
+                level += count(s, up) - down.map_or(0, |d| count(s, d));
                 level
             })
             .collect()
@@ -323,7 +323,8 @@ mod tests {
             s.latency(1, us);
         }
         assert_eq!(s.len(), 3);
-        assert_eq!(s.running(0, 1), vec![5, 5, 3]);
+        assert_eq!(s.running(0, Some(1)), vec![5, 5, 3]);
+        assert_eq!(s.running(0, None), vec![5, 5, 6]);
         let l = s.iter().nth(1).map(|(_, x)| x.latency()).expect("second 1");
         assert_eq!(l.samples, 4);
         assert!((198..=202).contains(&l.p50), "{l:?}");
@@ -334,7 +335,7 @@ mod tests {
         );
         s.extend_to(6);
         assert_eq!(s.len(), 6);
-        assert_eq!(s.running(0, 1).last(), Some(&3));
+        assert_eq!(s.running(0, Some(1)).last(), Some(&3));
     }
 
     #[test]

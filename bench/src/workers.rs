@@ -10,7 +10,7 @@
 //! line on the worker's stdin, then `close` when the hold is over (EOF means the same: a
 //! worker never outlives its parent's interest); the worker writes [`WorkerEvent`] lines on
 //! stdout (`ramped`, then `done` with its counts and its connect-latency histogram as
-//! value/count pairs). Its stderr is the parent's, for progress and errors. The assignment
+//! value/count pairs, and its per-second timeline). Its stderr is the parent's, for progress and errors. The assignment
 //! of connections to workers and source addresses is a pure function of the global index,
 //! so every process agrees on it without talking.
 
@@ -25,6 +25,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use crate::auth::AuthArgs;
 use crate::report::new_histogram;
+use crate::timeline::WireSecond;
 
 /// The hidden subcommand a worker runs as.
 pub const WORKER_SUBCOMMAND: &str = "__worker";
@@ -109,6 +110,10 @@ pub struct WorkerPlan {
     /// Longest the worker keeps its connections open without hearing `close`.
     pub max_hold_s: f64,
     pub auth: AuthArgs,
+    /// Unix ms of second 0 of the run's timeline, so every worker's seconds line up with
+    /// the parent's; without it (an older parent) a worker counts from its own start.
+    #[serde(default)]
+    pub timeline_origin_unix_ms: Option<u64>,
 }
 
 /// What a worker counted.
@@ -135,6 +140,10 @@ pub struct WorkerResult {
     pub cpu_s: Option<f64>,
     /// The soft open-file limit it ran with, or why it could not raise it.
     pub nofile: String,
+    /// Per second since the plan's `timeline_origin_unix_ms`: connects (count 0), failed
+    /// attempts (count 1) and connect latency of the connects. Empty from an older worker.
+    #[serde(default)]
+    pub timeline: Vec<WireSecond>,
 }
 
 /// A line a worker writes on stdout.
@@ -314,6 +323,14 @@ mod tests {
             panic!("not done: {line}");
         };
         assert_eq!(back, pb);
+        let old: WorkerResult = serde_json::from_str(
+            r#"{"worker":0,"attempted":1,"joined":1,
+            "failed":0,"failures":{},"server_closes":{},"errors":{},"closed_cleanly":1,
+            "close_unanswered":0,"connect_us":[[5,1]],"ramp_s":0.1,"ramp_cpu_s":null,
+            "cpu_s":null,"nofile":"1024"}"#,
+        )
+        .expect("an older worker's done line");
+        assert!(old.timeline.is_empty());
         let merged = merged_histogram(&[pa, back]);
         let mut direct = a.clone();
         direct.add(&b).expect("add");
@@ -348,10 +365,18 @@ mod tests {
                 jwt_key: None,
                 jwt_ttl: 60,
             },
+            timeline_origin_unix_ms: Some(1_700_000_000_000),
         };
         let back: WorkerPlan =
             serde_json::from_str(&serde_json::to_string(&plan).expect("ser")).expect("de");
         assert_eq!(back, plan);
+        // An older parent's plan, without the timeline origin, still reads.
+        let mut old = serde_json::to_value(&plan).expect("ser");
+        old.as_object_mut()
+            .expect("object")
+            .remove("timeline_origin_unix_ms");
+        let back: WorkerPlan = serde_json::from_value(old).expect("de");
+        assert_eq!(back.timeline_origin_unix_ms, None);
         for ev in [
             WorkerEvent::Ramped {
                 worker: 1,

@@ -15,8 +15,12 @@ fn connections_over_two_processes_and_two_source_addresses() {
     let node = spawn_standalone_node(&["--insecure-dev-auth"]);
     let url = node.ws_url();
     let prefix = unique("conn");
+    let chart = std::env::temp_dir().join(format!("{prefix}.svg"));
+    let chart_arg = chart.to_str().expect("utf-8 temp path");
     let (status, r) = run_bench(&[
         "connections",
+        "--chart",
+        chart_arg,
         "--url",
         &url,
         "--connections",
@@ -65,6 +69,21 @@ fn connections_over_two_processes_and_two_source_addresses() {
         .unwrap_or_else(|| panic!("memory per connection missing: {r:#}"));
     assert!(per_conn > 0.0, "{r:#}");
     assert!(r["load_average"].is_string(), "{r:#}");
+    // The timeline, merged from both workers, covers the ramp and the hold: every connect
+    // is in it, and it ends with all 300 open.
+    let t = r["timeline"].as_array().expect("timeline");
+    assert!(t.len() >= 2, "ramp (0.5 s) and hold (1 s): {r:#}");
+    assert_eq!(
+        t.iter().map(|p| u(&p["connects"])).sum::<u64>(),
+        300,
+        "{r:#}"
+    );
+    assert_eq!(u(&t[t.len() - 1]["connections_open"]), 300, "{r:#}");
+    assert!(t.iter().any(|p| u(&p["connect_p99_us"]) > 0), "{r:#}");
+    let svg = std::fs::read_to_string(&chart).expect("--chart wrote the SVG");
+    let _ = std::fs::remove_file(&chart);
+    assert!(svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<polyline").count(), 6, "{svg}");
 }
 
 #[test]
