@@ -20,9 +20,11 @@ use serde::Serialize;
 
 use crate::args::seconds;
 use crate::auth::{Auth, AuthArgs};
+use crate::chart::{Chart, Panel, Series};
 use crate::client::Target;
 use crate::http::{HistoryPage, HttpClient};
 use crate::report::{self, map_or_none, new_histogram, LatencySummary};
+use crate::timeline::{Batch, Seconds, SharedSeconds};
 use crate::BenchError;
 
 /// Options of `chat-bench history`.
@@ -73,6 +75,10 @@ pub struct HistoryArgs {
     /// Also write the Markdown report to this file.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
+    /// Write pages/s and page latency per second of the reading as an SVG chart to this
+    /// file. The JSON report carries them as `timeline`.
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -201,9 +207,109 @@ pub struct HistoryReport {
     pub bench_cpu_percent: Option<f64>,
     pub bench_saturated: bool,
     pub notes: Vec<String>,
+    /// Per second of the reading phase, all readers together.
+    pub timeline: Vec<HistoryPoint>,
+}
+
+/// One second of the reading phase.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct HistoryPoint {
+    /// Seconds since reading started, at the start of this second.
+    pub t_s: f64,
+    /// Pages read (answered 200 with a history body) in this second.
+    pub pages: u64,
+    /// Page requests that failed in this second (any kind, see `reading.errors`).
+    pub errors: u64,
+    /// Latency of this second's pages, in µs.
+    pub page_p50_us: u64,
+    pub page_p99_us: u64,
+    pub page_max_us: u64,
+}
+
+// Per-second counts of the timeline.
+const PAGES: usize = 0;
+const ERRORS: usize = 1;
+
+fn timeline(s: &Seconds<2>) -> Vec<HistoryPoint> {
+    s.iter()
+        .map(|(i, x)| {
+            let l = x.latency();
+            HistoryPoint {
+                t_s: i as f64,
+                pages: x.counts[PAGES],
+                errors: x.counts[ERRORS],
+                page_p50_us: l.p50,
+                page_p99_us: l.p99,
+                page_max_us: l.max,
+            }
+        })
+        .collect()
 }
 
 impl HistoryReport {
+    /// Pages/s and page latency per second of the reading.
+    pub fn chart(&self) -> String {
+        let pts = |f: fn(&HistoryPoint) -> f64| -> Vec<(f64, f64)> {
+            self.timeline.iter().map(|p| (p.t_s, f(p))).collect()
+        };
+        // Seconds without pages are gaps in the latency lines, not zeros.
+        let lat = |us: fn(&HistoryPoint) -> u64| -> Vec<(f64, f64)> {
+            self.timeline
+                .iter()
+                .filter(|p| p.pages > 0)
+                .map(|p| (p.t_s, us(p) as f64 / 1000.0))
+                .collect()
+        };
+        let c = &self.config;
+        Chart {
+            title: format!(
+                "chat-bench history: {} readers, {} rooms × {} messages, limit {}",
+                c.readers, c.rooms, c.messages_per_room, c.limit
+            ),
+            subtitle: format!("{} · git {}", c.url, self.git_rev),
+            x_label: "seconds since reading started".into(),
+            panels: vec![
+                Panel {
+                    y_label: "page latency (ms)".into(),
+                    series: vec![
+                        Series {
+                            name: "p50".into(),
+                            color: "#1f77b4",
+                            points: lat(|p| p.page_p50_us),
+                        },
+                        Series {
+                            name: "p99".into(),
+                            color: "#ff7f0e",
+                            points: lat(|p| p.page_p99_us),
+                        },
+                        Series {
+                            name: "max".into(),
+                            color: "#d62728",
+                            points: lat(|p| p.page_max_us),
+                        },
+                    ],
+                },
+                Panel {
+                    y_label: "per second".into(),
+                    series: vec![
+                        Series {
+                            name: "pages".into(),
+                            color: "#2ca02c",
+                            points: pts(|p| p.pages as f64),
+                        },
+                        Series {
+                            name: "errors".into(),
+                            color: "#8c564b",
+                            points: pts(|p| p.errors as f64),
+                        },
+                    ],
+                },
+            ],
+            marks: Vec::new(),
+        }
+        .to_svg()
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
@@ -444,6 +550,8 @@ struct Walker<'a> {
     end: Instant,
     out: ReaderOut,
     lat: Histogram<u64>,
+    /// Pages and errors per second; flushes itself when the reader ends.
+    seconds: Batch<2>,
 }
 
 impl Walker<'_> {
@@ -466,10 +574,15 @@ impl Walker<'_> {
             );
             let t = Instant::now();
             let answer = self.http.request("GET", &path, None, self.timeout).await;
+            let done = Instant::now();
+            if !matches!(&answer, Ok(a) if a.status == 200) {
+                self.seconds.count(done, ERRORS, 1);
+            }
             let page = match answer {
                 Ok(a) if a.status == 200 => match serde_json::from_slice::<HistoryPage>(&a.body) {
                     Ok(p) => p,
                     Err(_) => {
+                        self.seconds.count(done, ERRORS, 1);
                         *self.out.errors.entry("bad body".into()).or_default() += 1;
                         return WalkEnd::Failed;
                     }
@@ -487,8 +600,10 @@ impl Walker<'_> {
                     return WalkEnd::Failed;
                 }
             };
-            self.lat
-                .saturating_record(t.elapsed().as_micros().max(1) as u64);
+            let us = done.duration_since(t).as_micros().max(1) as u64;
+            self.lat.saturating_record(us);
+            self.seconds.count(done, PAGES, 1);
+            self.seconds.latency(done, us);
             self.out.pages += 1;
             self.out.messages += page.messages.len() as u64;
             let more = page.has_more && !page.messages.is_empty();
@@ -548,12 +663,14 @@ pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, Be
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs_f64(args.duration);
     let rooms = Arc::new(rooms);
+    let seconds = SharedSeconds::<2>::new(t0);
     let mut tasks = Vec::new();
     for k in 0..args.readers {
         let (rooms, expected) = (rooms.clone(), expected.clone());
         let http = HttpClient::for_target(&target);
         let creds = creds.clone();
         let (limit, timeout) = (args.limit, Duration::from_secs_f64(args.request_timeout));
+        let seconds = Batch::new(seconds.clone());
         tasks.push(tokio::spawn(async move {
             let mut w = Walker {
                 http,
@@ -563,6 +680,7 @@ pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, Be
                 end,
                 out: ReaderOut::default(),
                 lat: new_histogram(),
+                seconds,
             };
             let mut n = k;
             while Instant::now() < end {
@@ -632,6 +750,8 @@ pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, Be
     }
     let cpu1 = report::self_cpu_seconds();
     let wall = t0.elapsed().as_secs_f64();
+    let mut per_second = seconds.snapshot();
+    per_second.extend_to(wall.ceil() as usize);
     reading.pages_per_s = reading.pages as f64 / wall;
     reading.messages_per_s = reading.messages as f64 / wall;
     reading.page_latency_us = LatencySummary::from_histogram(&lat);
@@ -683,6 +803,7 @@ pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, Be
         bench_cpu_percent: bench_cpu,
         bench_saturated,
         notes,
+        timeline: timeline(&per_second),
     })
 }
 
@@ -714,6 +835,40 @@ mod tests {
             let e = args(&flags).validate().expect_err(needle);
             assert!(e.contains(needle), "{flags:?}: {e}");
         }
+    }
+
+    #[test]
+    fn readers_seconds_become_the_timeline_and_chart() {
+        let t0 = Instant::now();
+        let shared = SharedSeconds::<2>::new(t0);
+        // Two readers, each with its own batch, as in a run.
+        for offset_ms in [0u64, 300] {
+            let mut b = Batch::new(shared.clone());
+            for (ms, us) in [(100, 1_000), (900, 3_000), (2_500, 20_000)] {
+                let at = t0 + Duration::from_millis(ms + offset_ms);
+                b.count(at, PAGES, 1);
+                b.latency(at, us);
+            }
+            b.count(t0 + Duration::from_millis(1_500), ERRORS, 1);
+        }
+        let mut s = shared.snapshot();
+        s.extend_to(4);
+        let t = timeline(&s);
+        let col = |f: fn(&HistoryPoint) -> u64| t.iter().map(f).collect::<Vec<_>>();
+        // Reader 2's page at 1.2 s falls in second 1.
+        assert_eq!(col(|p| p.pages), [3, 1, 2, 0]);
+        assert_eq!(col(|p| p.errors), [0, 2, 0, 0]);
+        assert!((2_980..=3_020).contains(&t[0].page_max_us), "{:?}", t[0]);
+        assert!((19_800..=20_200).contains(&t[2].page_p50_us), "{:?}", t[2]);
+        let r = HistoryReport {
+            timeline: t,
+            ..Default::default()
+        };
+        let svg = r.chart();
+        assert!(svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 5);
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+        assert_eq!(json["timeline"][2]["pages"], 2);
     }
 
     #[test]

@@ -180,9 +180,14 @@ pub async fn run(cli: Cli, command: String) -> Result<(), BenchError> {
             Ok(())
         }
         Command::History(args) => {
-            let (json, markdown) = (args.json.clone(), args.markdown.clone());
+            let (json, markdown, chart) =
+                (args.json.clone(), args.markdown.clone(), args.chart.clone());
             let report = history::run(args, command).await?;
-            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)
+            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)?;
+            if let Some(path) = chart {
+                write_chart(&path, &report.chart())?;
+            }
+            Ok(())
         }
         Command::Rebalance(args) => {
             let (json, markdown, chart) =

@@ -49,6 +49,18 @@ async fn seeded_histories_walk_back_exactly_both_ways() {
     // 230 messages at 50 a page: 5 pages per walk.
     assert!(g.pages >= 5 * g.walks_ok, "{md}");
     assert_eq!(g.page_latency_us.count, g.pages, "{md}");
+    // The timeline covers the 3 s of reading and holds every page.
+    let t = &r.timeline;
+    let json = r.to_json();
+    assert!(t.len() >= 3, "{json}");
+    assert_eq!(t.iter().map(|p| p.pages).sum::<u64>(), g.pages, "{json}");
+    assert_eq!(t.iter().map(|p| p.errors).sum::<u64>(), 0, "{json}");
+    assert!(
+        t.iter().all(|p| p.pages == 0 || p.page_p99_us > 0),
+        "{json}"
+    );
+    let svg = r.chart();
+    assert!(svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"));
     println!("{md}");
 }
 
