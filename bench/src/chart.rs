@@ -20,6 +20,51 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
+impl Series {
+    /// A line through per-second `points`: x from `x`, y from `y`.
+    pub fn of<P>(
+        name: &str,
+        color: &'static str,
+        points: &[P],
+        x: impl Fn(&P) -> f64,
+        y: impl Fn(&P) -> f64,
+    ) -> Series {
+        Series {
+            name: name.into(),
+            color,
+            points: points.iter().map(|p| (x(p), y(p))).collect(),
+        }
+    }
+}
+
+/// A latency panel of per-second points: `us` gives p50, p99 and max in µs, drawn in ms.
+/// Points where `sampled` is false are left out, so a second without samples is a gap in
+/// the lines, not a zero.
+pub fn latency_panel<P>(
+    y_label: &str,
+    points: &[P],
+    x: fn(&P) -> f64,
+    sampled: fn(&P) -> bool,
+    us: [fn(&P) -> u64; 3],
+) -> Panel {
+    let with: Vec<&P> = points.iter().filter(|p| sampled(p)).collect();
+    let names = ["p50", "p99", "max"];
+    let colors = ["#1f77b4", "#ff7f0e", "#d62728"];
+    Panel {
+        y_label: y_label.into(),
+        series: (0..3)
+            .map(|k| Series {
+                name: names[k].into(),
+                color: colors[k],
+                points: with
+                    .iter()
+                    .map(|p| (x(p), us[k](p) as f64 / 1000.0))
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
 /// One panel: a y axis shared by its series.
 #[derive(Debug, Clone)]
 pub struct Panel {

@@ -27,7 +27,7 @@ use tokio::sync::Semaphore;
 
 use crate::args::{seconds, MAX_SECONDS};
 use crate::auth::{Auth, AuthArgs};
-use crate::chart::{Chart, Panel, Series};
+use crate::chart::{latency_panel, Chart, Panel, Series};
 use crate::client::{ConnectOptions, Target};
 use crate::idle::{self, Live};
 use crate::report::{self, map_or_none, new_histogram, LatencySummary};
@@ -462,17 +462,8 @@ impl ConnectionsReport {
 
     /// Connections open, connects/s and connect latency per second of the ramp and hold.
     pub fn chart(&self) -> String {
-        let pts = |f: fn(&ConnectionsPoint) -> f64| -> Vec<(f64, f64)> {
-            self.timeline.iter().map(|p| (p.t_s, f(p))).collect()
-        };
-        // Seconds without connects are gaps in the latency lines, not zeros.
-        let lat = |us: fn(&ConnectionsPoint) -> u64| -> Vec<(f64, f64)> {
-            self.timeline
-                .iter()
-                .filter(|p| p.connects > 0)
-                .map(|p| (p.t_s, us(p) as f64 / 1000.0))
-                .collect()
-        };
+        let t = &self.timeline;
+        let at = |p: &ConnectionsPoint| p.t_s;
         Chart {
             title: format!(
                 "chat-bench connections: {} at {}/s over {} processes, hold {} s",
@@ -488,47 +479,28 @@ impl ConnectionsReport {
             panels: vec![
                 Panel {
                     y_label: "connections".into(),
-                    series: vec![Series {
-                        name: "open".into(),
-                        color: "#9467bd",
-                        points: pts(|p| p.connections_open as f64),
-                    }],
+                    series: vec![Series::of("open", "#9467bd", t, at, |p| {
+                        p.connections_open as f64
+                    })],
                 },
                 Panel {
                     y_label: "per second".into(),
                     series: vec![
-                        Series {
-                            name: "connects".into(),
-                            color: "#1f77b4",
-                            points: pts(|p| p.connects as f64),
-                        },
-                        Series {
-                            name: "failures".into(),
-                            color: "#d62728",
-                            points: pts(|p| p.failures as f64),
-                        },
+                        Series::of("connects", "#2ca02c", t, at, |p| p.connects as f64),
+                        Series::of("failures", "#8c564b", t, at, |p| p.failures as f64),
                     ],
                 },
-                Panel {
-                    y_label: "connect latency (ms)".into(),
-                    series: vec![
-                        Series {
-                            name: "p50".into(),
-                            color: "#2ca02c",
-                            points: lat(|p| p.connect_p50_us),
-                        },
-                        Series {
-                            name: "p99".into(),
-                            color: "#ff7f0e",
-                            points: lat(|p| p.connect_p99_us),
-                        },
-                        Series {
-                            name: "max".into(),
-                            color: "#8c564b",
-                            points: lat(|p| p.connect_max_us),
-                        },
+                latency_panel(
+                    "connect latency (ms)",
+                    t,
+                    at,
+                    |p| p.connects > 0,
+                    [
+                        |p| p.connect_p50_us,
+                        |p| p.connect_p99_us,
+                        |p| p.connect_max_us,
                     ],
-                },
+                ),
             ],
             marks: Vec::new(),
         }

@@ -22,7 +22,7 @@ use tokio::time::{interval_at, sleep_until, MissedTickBehavior};
 
 use crate::args::seconds;
 use crate::auth::{Auth, AuthArgs};
-use crate::chart::{Chart, Panel, Series};
+use crate::chart::{latency_panel, Chart, Panel, Series};
 use crate::client::{self, ControlRx, Incoming, Reader, Target, WsWrite};
 use crate::metrics_scrape::{self, ServerSample};
 use crate::payload::{
@@ -1381,18 +1381,8 @@ async fn timeline(
 
 /// The timeline as an SVG chart: latency on top, throughput below.
 pub fn chart(r: &Report) -> String {
-    let pts = |f: &dyn Fn(&TimelinePoint) -> f64| -> Vec<(f64, f64)> {
-        r.timeline.iter().map(|p| (p.t_s, f(p))).collect()
-    };
-    // Latency is measured inside the measured window only: seconds without samples are
-    // gaps, not zeros.
-    let lat = |us: fn(&TimelinePoint) -> u64| -> Vec<(f64, f64)> {
-        r.timeline
-            .iter()
-            .filter(|p| p.e2e_samples > 0)
-            .map(|p| (p.t_s, us(p) as f64 / 1000.0))
-            .collect()
-    };
+    let t = &r.timeline;
+    let at = |p: &TimelinePoint| p.t_s;
     let c = &r.config;
     Chart {
         title: format!(
@@ -1410,39 +1400,19 @@ pub fn chart(r: &Report) -> String {
         x_label: "seconds since the first send".into(),
         marks: Vec::new(),
         panels: vec![
-            Panel {
-                y_label: "end-to-end latency (ms)".into(),
-                series: vec![
-                    Series {
-                        name: "p50".into(),
-                        color: "#1f77b4",
-                        points: lat(|p| p.e2e_p50_us),
-                    },
-                    Series {
-                        name: "p99".into(),
-                        color: "#ff7f0e",
-                        points: lat(|p| p.e2e_p99_us),
-                    },
-                    Series {
-                        name: "max".into(),
-                        color: "#d62728",
-                        points: lat(|p| p.e2e_max_us),
-                    },
-                ],
-            },
+            // Latency is measured inside the measured window only.
+            latency_panel(
+                "end-to-end latency (ms)",
+                t,
+                at,
+                |p| p.e2e_samples > 0,
+                [|p| p.e2e_p50_us, |p| p.e2e_p99_us, |p| p.e2e_max_us],
+            ),
             Panel {
                 y_label: "messages per second".into(),
                 series: vec![
-                    Series {
-                        name: "deliveries/s".into(),
-                        color: "#2ca02c",
-                        points: pts(&|p| p.deliveries_per_s),
-                    },
-                    Series {
-                        name: "sends/s".into(),
-                        color: "#9467bd",
-                        points: pts(&|p| p.sends_per_s),
-                    },
+                    Series::of("deliveries/s", "#2ca02c", t, at, |p| p.deliveries_per_s),
+                    Series::of("sends/s", "#9467bd", t, at, |p| p.sends_per_s),
                 ],
             },
         ],

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::args::seconds;
 use crate::auth::{Auth, AuthArgs};
-use crate::chart::{Chart, Panel, Series};
+use crate::chart::{latency_panel, Chart, Panel, Series};
 use crate::client::Target;
 use crate::http::{HistoryPage, HttpClient};
 use crate::report::{self, map_or_none, new_histogram, LatencySummary};
@@ -249,17 +249,8 @@ fn timeline(s: &Seconds<2>) -> Vec<HistoryPoint> {
 impl HistoryReport {
     /// Pages/s and page latency per second of the reading.
     pub fn chart(&self) -> String {
-        let pts = |f: fn(&HistoryPoint) -> f64| -> Vec<(f64, f64)> {
-            self.timeline.iter().map(|p| (p.t_s, f(p))).collect()
-        };
-        // Seconds without pages are gaps in the latency lines, not zeros.
-        let lat = |us: fn(&HistoryPoint) -> u64| -> Vec<(f64, f64)> {
-            self.timeline
-                .iter()
-                .filter(|p| p.pages > 0)
-                .map(|p| (p.t_s, us(p) as f64 / 1000.0))
-                .collect()
-        };
+        let t = &self.timeline;
+        let at = |p: &HistoryPoint| p.t_s;
         let c = &self.config;
         Chart {
             title: format!(
@@ -269,39 +260,18 @@ impl HistoryReport {
             subtitle: format!("{} · git {}", c.url, self.git_rev),
             x_label: "seconds since reading started".into(),
             panels: vec![
-                Panel {
-                    y_label: "page latency (ms)".into(),
-                    series: vec![
-                        Series {
-                            name: "p50".into(),
-                            color: "#1f77b4",
-                            points: lat(|p| p.page_p50_us),
-                        },
-                        Series {
-                            name: "p99".into(),
-                            color: "#ff7f0e",
-                            points: lat(|p| p.page_p99_us),
-                        },
-                        Series {
-                            name: "max".into(),
-                            color: "#d62728",
-                            points: lat(|p| p.page_max_us),
-                        },
-                    ],
-                },
+                latency_panel(
+                    "page latency (ms)",
+                    t,
+                    at,
+                    |p| p.pages > 0,
+                    [|p| p.page_p50_us, |p| p.page_p99_us, |p| p.page_max_us],
+                ),
                 Panel {
                     y_label: "per second".into(),
                     series: vec![
-                        Series {
-                            name: "pages".into(),
-                            color: "#2ca02c",
-                            points: pts(|p| p.pages as f64),
-                        },
-                        Series {
-                            name: "errors".into(),
-                            color: "#8c564b",
-                            points: pts(|p| p.errors as f64),
-                        },
+                        Series::of("pages", "#2ca02c", t, at, |p| p.pages as f64),
+                        Series::of("errors", "#8c564b", t, at, |p| p.errors as f64),
                     ],
                 },
             ],

@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 
 use crate::args::seconds;
 use crate::auth::{Auth, AuthArgs};
-use crate::chart::{Chart, Mark, Panel, Series};
+use crate::chart::{latency_panel, Chart, Mark, Panel, Series};
 use crate::client::{self, Incoming, Target, WsWrite};
 use crate::http::{self, HistoryEntry, HttpClient};
 use crate::payload::FrameView;
@@ -1154,14 +1154,7 @@ impl RebalanceReport {
     /// run shaded and the end of sending marked.
     pub fn chart(&self) -> String {
         let t = &self.timeline;
-        let pts = |f: fn(&RebalancePoint) -> f64| t.iter().map(|p| (p.t_s, f(p))).collect();
-        // Seconds without acks are gaps in the latency lines, not zeros.
-        let lat = |us: fn(&RebalancePoint) -> u64| {
-            t.iter()
-                .filter(|p| p.acks > 0)
-                .map(|p| (p.t_s, us(p) as f64 / 1000.0))
-                .collect()
-        };
+        let at = |p: &RebalancePoint| p.t_s;
         let c = &self.config;
         let mut marks = Vec::new();
         if let Some(cmd) = &self.external_command {
@@ -1194,52 +1187,25 @@ impl RebalanceReport {
             ),
             x_label: "seconds since the first scheduled send".into(),
             panels: vec![
-                Panel {
-                    y_label: "ack latency (ms)".into(),
-                    series: vec![
-                        Series {
-                            name: "p50".into(),
-                            color: "#1f77b4",
-                            points: lat(|p| p.ack_p50_us),
-                        },
-                        Series {
-                            name: "p99".into(),
-                            color: "#ff7f0e",
-                            points: lat(|p| p.ack_p99_us),
-                        },
-                        Series {
-                            name: "max".into(),
-                            color: "#d62728",
-                            points: lat(|p| p.ack_max_us),
-                        },
-                    ],
-                },
+                latency_panel(
+                    "ack latency (ms)",
+                    t,
+                    at,
+                    |p| p.acks > 0,
+                    [|p| p.ack_p50_us, |p| p.ack_p99_us, |p| p.ack_max_us],
+                ),
                 Panel {
                     y_label: "sends acked per second".into(),
-                    series: vec![Series {
-                        name: "acks/s".into(),
-                        color: "#2ca02c",
-                        points: pts(|p| p.acks as f64),
-                    }],
+                    series: vec![Series::of("acks/s", "#2ca02c", t, at, |p| p.acks as f64)],
                 },
                 Panel {
                     y_label: "members".into(),
                     series: vec![
-                        Series {
-                            name: "joined".into(),
-                            color: "#9467bd",
-                            points: pts(|p| p.members_joined as f64),
-                        },
-                        Series {
-                            name: "disconnections/s".into(),
-                            color: "#d62728",
-                            points: pts(|p| p.disconnections as f64),
-                        },
-                        Series {
-                            name: "resumes/s".into(),
-                            color: "#17becf",
-                            points: pts(|p| p.resumes as f64),
-                        },
+                        Series::of("joined", "#9467bd", t, at, |p| p.members_joined as f64),
+                        Series::of("disconnections/s", "#d62728", t, at, |p| {
+                            p.disconnections as f64
+                        }),
+                        Series::of("resumes/s", "#17becf", t, at, |p| p.resumes as f64),
                     ],
                 },
             ],
