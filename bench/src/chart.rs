@@ -220,10 +220,16 @@ impl Chart {
                 }
             }
             if label {
+                // Right of the mark, or left of it in the plot's right half so the label
+                // stays clear of the legend.
+                let (x, anchor) = if a > LEFT + plot_w / 2.0 {
+                    (a - 3.0, "end")
+                } else {
+                    (a + 3.0, "start")
+                };
                 let _ = writeln!(
                     out,
-                    r##"<text x="{:.1}" y="{:.1}" fill="#8a6d00">{}</text>"##,
-                    a + 3.0,
+                    r##"<text x="{x:.1}" y="{:.1}" text-anchor="{anchor}" fill="#8a6d00">{}</text>"##,
                     top + 12.0,
                     esc(&m.label)
                 );
