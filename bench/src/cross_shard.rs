@@ -344,7 +344,7 @@ pub async fn run(args: CrossShardArgs, command: String) -> Result<CrossShardRepo
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut publishers = Vec::new();
     let mut posted_to = Vec::new();
-    let mut notes = vec![report::current_load_note()];
+    let mut notes: Vec<String> = Vec::new();
     for p in 0..args.http_publishers {
         let room = format!("{prefix}-http-{p}");
         let o = owner(&mut http, &room).await.map_err(fail)?;
