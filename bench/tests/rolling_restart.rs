@@ -14,7 +14,6 @@ mod support;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use support::*;
 
@@ -80,18 +79,11 @@ impl Drop for LocalCluster {
     fn drop(&mut self) {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_or_kill(&mut self.child, WAIT);
         // Whatever is left of the group (nothing, normally).
         let _ = Command::new("kill")
             .args(["-KILL", "--", &format!("-{pid}")])
             .status();
-        let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

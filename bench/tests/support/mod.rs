@@ -290,15 +290,40 @@ pub async fn wait_json(
     ok: impl Fn(&serde_json::Value) -> bool,
 ) -> Option<()> {
     let deadline = Instant::now() + WAIT;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
+        tick.tick().await;
         if get_json(addr, path).await.is_some_and(|v| ok(&v)) {
             return Some(());
         }
         if Instant::now() >= deadline {
             return None;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits for `child` to exit within `timeout`, woken by its exit (a thread blocks in
+/// `wait`), not by polling; past the deadline it is killed with SIGKILL. Returns its status
+/// and whether it had to be killed.
+pub fn wait_or_kill(child: &mut Child, timeout: Duration) -> (ExitStatus, bool) {
+    let pid = child.id().to_string();
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = s.spawn(move || {
+            let status = child.wait();
+            let _ = tx.send(());
+            status
+        });
+        let killed = rx.recv_timeout(timeout).is_err();
+        if killed {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        }
+        let status = waiter
+            .join()
+            .expect("waiter thread")
+            .expect("wait for the child");
+        (status, killed)
+    })
 }
 
 pub async fn target(url: &str) -> Target {
@@ -397,18 +422,17 @@ pub fn spawn_standalone_node(auth: &[&str]) -> StandaloneNode {
         panic!("chat-node did not log its address within {WAIT:?}");
     };
     let node = StandaloneNode { addr, child };
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if http_get(addr, "/readyz").is_some_and(|(status, _)| status == 200) {
-            return node;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "chat-node at {addr} not ready within {WAIT:?}: {:?}",
-            http_get(addr, "/readyz")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let ready = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime to poll readiness")
+        .block_on(wait_json(addr, "/readyz", |_| true));
+    assert!(
+        ready.is_some(),
+        "chat-node at {addr} not ready within {WAIT:?}: {:?}",
+        http_get(addr, "/readyz")
+    );
+    node
 }
 
 /// A plain HTTP/1.0 GET: status and body, or `None` if the server did not answer.
@@ -441,17 +465,12 @@ pub fn run_bench(args: &[&str]) -> (ExitStatus, serde_json::Value) {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn chat-bench");
-    let deadline = Instant::now() + WAIT * 2;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait chat-bench") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("chat-bench {args:?} did not finish within {:?}", WAIT * 2);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let (status, killed) = wait_or_kill(&mut child, WAIT * 2);
+    assert!(
+        !killed,
+        "chat-bench {args:?} did not finish within {:?}",
+        WAIT * 2
+    );
     let text = std::fs::read_to_string(&json)
         .unwrap_or_else(|e| panic!("chat-bench {args:?} ({status}) wrote no report: {e}"));
     let _ = std::fs::remove_dir_all(&dir);
