@@ -149,19 +149,38 @@ redis_ping() {
     fi
 }
 
-install_redis() {
-    command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 && return 0
-    log redis "redis-server not found: installing Debian's redis-server with apt-get"
-    command -v apt-get >/dev/null 2>&1 || die redis "apt-get not available; install redis-server yourself"
+# apt_install NAME PACKAGE...: installs Debian packages, every apt-get call bounded in time.
+apt_install() {
+    local name=$1
+    shift
+    command -v apt-get >/dev/null 2>&1 || die "$name" "apt-get not available; install $* yourself"
     local apt_opts=(-o DPkg::Lock::Timeout=120 -o Acquire::Retries=3)
     export DEBIAN_FRONTEND=noninteractive
     timeout "$APT_TIMEOUT" apt-get "${apt_opts[@]}" -qq update >&2 </dev/null 8>&- ||
-        die redis "apt-get update failed or took longer than ${APT_TIMEOUT}s"
+        die "$name" "apt-get update failed or took longer than ${APT_TIMEOUT}s"
     timeout "$APT_TIMEOUT" apt-get "${apt_opts[@]}" -qq install -y --no-install-recommends \
-        redis-server >&2 </dev/null 8>&- ||
-        die redis "apt-get install redis-server failed or took longer than ${APT_TIMEOUT}s"
+        "$@" >&2 </dev/null 8>&- ||
+        die "$name" "apt-get install $* failed or took longer than ${APT_TIMEOUT}s"
+}
+
+install_redis() {
+    command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 && return 0
+    log redis "redis-server not found: installing Debian's redis-server with apt-get"
+    apt_install redis redis-server
     command -v redis-server >/dev/null 2>&1 || die redis "redis-server still missing after apt-get"
     log redis "installed $(redis-server --version | head -n1)"
+}
+
+# Tools the cluster scripts and tests call next to the servers: curl (readiness waits in
+# cluster.sh and rolling-restart.sh) and ss from iproute2 (a test reads a listener's accept
+# queue).
+install_tools() {
+    local missing=()
+    command -v curl >/dev/null 2>&1 || missing+=(curl)
+    command -v ss >/dev/null 2>&1 || missing+=(iproute2)
+    ((${#missing[@]})) || return 0
+    log tools "installing ${missing[*]} with apt-get"
+    apt_install tools "${missing[@]}"
 }
 
 start_redis() {
@@ -539,6 +558,7 @@ case $cmd in
 start)
     mkdir -p "$STATE_DIR"
     t_start=$(now)
+    install_tools
     pids=() names=()
     for c in $comps; do
         start_"$c" &
