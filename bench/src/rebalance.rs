@@ -470,7 +470,15 @@ impl Member {
     }
 
     fn publish(&self) {
-        let settled = self.joined && self.catch_up_to.is_none() && self.open_episode.is_none();
+        // Settled also means every send due by the end of sending exists: until this
+        // member's first wake after the end, its last sends may not be scheduled yet, and
+        // the drain must not end before they are sent and answered.
+        let end = self.p.shared.end_ns.load(Relaxed);
+        let all_scheduled = end != u64::MAX && self.next_seq >= self.due_by(end);
+        let settled = self.joined
+            && self.catch_up_to.is_none()
+            && self.open_episode.is_none()
+            && all_scheduled;
         self.p.live.settled.store(settled, Relaxed);
         self.p
             .live
@@ -558,25 +566,31 @@ impl Member {
         true
     }
 
-    /// Creates the sends the schedule asks for by now (whether connected or not).
-    fn schedule(&mut self) {
+    /// How many sends this member's schedule asks for by `t` (ns since base), `t` capped at
+    /// the end of sending; 0 before sending starts.
+    fn due_by(&self, t: u64) -> u64 {
         let start = self.p.shared.start_ns.load(Relaxed);
         let end = self.p.shared.end_ns.load(Relaxed);
         if start == u64::MAX {
-            return;
+            return 0;
         }
-        let now = self.p.shared.now_ns().min(end);
+        let now = t.min(end);
         if now < start {
-            return;
+            return 0;
         }
         // Each member has its own phase within the period so sends are spread out.
         let members_phase = (self.p.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
             % self.p.shared.period_ns.max(1);
         let t = now - start;
         if t < members_phase {
-            return;
+            return 0;
         }
-        let due = (t - members_phase) / self.p.shared.period_ns.max(1) + 1;
+        (t - members_phase) / self.p.shared.period_ns.max(1) + 1
+    }
+
+    /// Creates the sends the schedule asks for by now (whether connected or not).
+    fn schedule(&mut self) {
+        let due = self.due_by(self.p.shared.now_ns());
         while self.next_seq < due {
             self.pending.insert(
                 self.next_seq,
