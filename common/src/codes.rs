@@ -52,6 +52,9 @@ pub enum ErrorCode {
     GoingAway,
     /// The router could not reach the room's owner, or knows no live node.
     NodeUnavailable,
+    /// The room is between owners: this node is waiting for the previous owner to let go,
+    /// or has lost its lease. Nothing was stored; retry shortly (with the same `cid`).
+    RoomUnavailable,
     /// The HTTP route does not exist.
     NotFound,
     /// The HTTP method is not allowed on this route.
@@ -61,7 +64,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::InvalidField,
@@ -76,6 +79,7 @@ impl ErrorCode {
         ErrorCode::RoomMoved,
         ErrorCode::GoingAway,
         ErrorCode::NodeUnavailable,
+        ErrorCode::RoomUnavailable,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::Internal,
@@ -98,6 +102,7 @@ impl ErrorCode {
             ErrorCode::RoomMoved => "room_moved",
             ErrorCode::GoingAway => "going_away",
             ErrorCode::NodeUnavailable => "node_unavailable",
+            ErrorCode::RoomUnavailable => "room_unavailable",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Internal => "internal",
@@ -109,7 +114,8 @@ impl ErrorCode {
             ErrorCode::RateLimited
             | ErrorCode::Overloaded
             | ErrorCode::StoreUnavailable
-            | ErrorCode::NodeUnavailable => Retry::RetryLater,
+            | ErrorCode::NodeUnavailable
+            | ErrorCode::RoomUnavailable => Retry::RetryLater,
             ErrorCode::RoomMoved | ErrorCode::GoingAway | ErrorCode::Internal => {
                 Retry::ReconnectAndResume
             }
@@ -136,7 +142,8 @@ impl ErrorCode {
             ErrorCode::Overloaded
             | ErrorCode::StoreUnavailable
             | ErrorCode::GoingAway
-            | ErrorCode::NodeUnavailable => 503,
+            | ErrorCode::NodeUnavailable
+            | ErrorCode::RoomUnavailable => 503,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod connection;
 pub mod http;
 pub mod outbound;
+pub mod ownership;
 pub mod reader;
 pub mod registry;
 pub mod room;
@@ -136,7 +137,12 @@ pub async fn run_with_store(
     let background = CancellationToken::new();
     telemetry::start(background.clone());
     let rooms_shutdown = CancellationToken::new();
-    let ctx = Arc::new(RoomCtx::new(config.clone(), store, rooms_shutdown.clone()));
+    let ctx = Arc::new(RoomCtx::new(
+        config.clone(),
+        store,
+        rooms_shutdown.clone(),
+        ownership::standalone(),
+    ));
     let local = listener.local_addr()?;
     let cluster = Arc::new(Cluster::start(&config, local, background.clone()).await?);
     let state = Arc::new(NodeState {

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::ownership::RoomOwnership;
 use crate::room::{self, RoomCmd};
 use crate::store::MessageStore;
 
@@ -23,6 +24,8 @@ pub struct RoomCtx {
     pub store: Arc<dyn MessageStore>,
     pub ids: IdGenerator,
     pub shutdown: CancellationToken,
+    /// Grants rooms to this node (the cluster's lease and ring, or standalone).
+    pub ownership: Arc<dyn RoomOwnership>,
     /// Room tasks and their store/replay tasks, so shutdown can wait for pending writes.
     pub tracker: TaskTracker,
     store_healthy: AtomicBool,
@@ -36,12 +39,14 @@ impl RoomCtx {
         config: Arc<Config>,
         store: Arc<dyn MessageStore>,
         shutdown: CancellationToken,
+        ownership: Arc<dyn RoomOwnership>,
     ) -> RoomCtx {
         RoomCtx {
             ids: IdGenerator::new(config.node_id),
             config,
             store,
             shutdown,
+            ownership,
             tracker: TaskTracker::new(),
             store_healthy: AtomicBool::new(true),
             draining: AtomicBool::new(false),

@@ -21,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ring::{NodeInfo, Ring};
 
+mod lease;
+pub use lease::Lease;
+
 #[derive(Debug, Clone)]
 pub struct MembershipConfig {
     pub redis_url: String,
