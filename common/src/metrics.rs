@@ -52,6 +52,20 @@ pub const CROSS_SHARD_SECONDS: &str = "chat_node_cross_shard_seconds";
 pub const BRIDGE_PROXIES: &str = "chat_node_bridge_proxies";
 /// Room memberships of this node's connections in rooms owned elsewhere (gauge).
 pub const BRIDGED_ROOMS: &str = "chat_node_bridged_rooms";
+/// Commands a room refused, or acks it withheld, because this node's lease was gone (the
+/// node was paused, cut off from Redis, or its registration vanished). Label `op`: `send`,
+/// `join`, `ack`, `persist`.
+pub const FENCED: &str = "chat_node_fenced_total";
+/// Times this node's lease lapsed; it then closes its rooms and registers anew.
+pub const LEASE_LOST: &str = "chat_node_lease_lost_total";
+/// Time a room waited before this node could serve it (the previous owner letting go).
+pub const ROOM_ACQUIRE_SECONDS: &str = "chat_node_room_acquire_seconds";
+/// Rooms this node could not take up. Label `reason`: `moved` (another node owns it now),
+/// `unavailable` (no lease, or the previous owner did not let go in time).
+pub const ROOM_ACQUIRE_REFUSED: &str = "chat_node_room_acquire_refused_total";
+/// 1 while every member has applied this node's current ring and no departed member's
+/// rooms are still waiting out its lease (gauge).
+pub const OWNERSHIP_SETTLED: &str = "chat_node_ownership_settled";
 
 // ---------------------------------------------------------------------------------------
 // chat-router. Labels: `route` is one of `ws`, `messages`, `room_api`, `owner`, `healthz`,
