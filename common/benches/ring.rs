@@ -12,6 +12,7 @@ fn nodes(n: u16) -> Vec<NodeInfo> {
             id,
             addr: format!("10.0.0.{id}:7001"),
             started_at_ms: 0,
+            incarnation: 0,
         })
         .collect()
 }

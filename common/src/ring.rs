@@ -26,6 +26,11 @@ pub struct NodeInfo {
     pub addr: String,
     /// Unix ms when the node process started.
     pub started_at_ms: u64,
+    /// The registration period this entry belongs to: a node that lost its lease registers
+    /// again under a new one, which changes the ring's version (not its owners). 0 for
+    /// entries from before incarnations existed.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 /// XXH3-64 with seed 0: a published algorithm, so owners never change with the toolchain.
@@ -90,6 +95,10 @@ impl Ring {
             digest.write(&n.id.to_le_bytes());
             digest.write(n.addr.as_bytes());
             digest.write(&[0]);
+            // Left out when absent, so rings of entries without one keep their versions.
+            if n.incarnation != 0 {
+                digest.write(&n.incarnation.to_le_bytes());
+            }
         }
         Ring {
             version: digest.finish(),
@@ -138,9 +147,10 @@ impl Ring {
         self.vnodes
     }
 
-    /// A digest of the membership (ids, addresses, vnode count): equal on every router and
-    /// node that sees the same members, different after any change. Start times are left
-    /// out so a restart at the same address keeps the version.
+    /// A digest of the membership (ids, addresses, incarnations, vnode count): equal on
+    /// every router and node that sees the same members, different after any change,
+    /// including a node registering again after it lost its lease. Owners depend on ids
+    /// only. Start times are left out.
     pub fn version(&self) -> u64 {
         self.version
     }
@@ -155,6 +165,7 @@ mod tests {
             id,
             addr: format!("10.0.0.{id}:7001"),
             started_at_ms: 0,
+            incarnation: 0,
         }
     }
 

@@ -68,9 +68,15 @@ pub struct Config {
     /// Prefix of this cluster's Redis keys and channels.
     #[arg(long, env = "CHAT_REDIS_PREFIX", default_value = "chat")]
     pub redis_prefix: String,
-    /// A member that stops refreshing its registration drops out after this long.
+    /// A member that stops refreshing its registration drops out after this long; it is
+    /// also the node's lease: a node that could not renew it for this long (minus a tenth)
+    /// stops serving every room until it registers again.
     #[arg(long, env = "CHAT_MEMBERSHIP_TTL", value_parser = parse_duration, default_value = "5s")]
     pub membership_ttl: Duration,
+    /// Longest a join or send waits for a room whose previous owner has not let go yet
+    /// (after a crash: about the TTL plus --store-timeout); then `room_unavailable`.
+    #[arg(long, env = "CHAT_ROOM_ACQUIRE_TIMEOUT", value_parser = parse_duration, default_value = "15s")]
+    pub room_acquire_timeout: Duration,
     /// Virtual nodes per node in the consistent-hash ring; the same on every node and router.
     #[arg(long, env = "CHAT_VNODES", default_value_t = common::ring::DEFAULT_VNODES)]
     pub vnodes: u32,
@@ -279,6 +285,9 @@ impl Config {
         if self.redis_url.is_some() {
             if self.membership_ttl < Duration::from_millis(300) {
                 return Err("--membership-ttl must be at least 300ms".into());
+            }
+            if self.room_acquire_timeout.is_zero() {
+                return Err("--room-acquire-timeout must be more than 0".into());
             }
             if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
                 return Err("--redis-prefix must be non-empty, without spaces".into());

@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::auth::Principal;
 use crate::bus::bridge::BridgeOp;
+use crate::cluster::Route;
 use crate::outbound::{ConnHandle, Out};
 use crate::reader::{FrameReader, Incoming, ReadError};
 use crate::registry::{RoomHandle, SendFailed};
@@ -329,20 +330,33 @@ impl ReaderState {
         if !self.may_join(&room) {
             return;
         }
-        if let Some(owner) = self.state.cluster.owner_elsewhere(&room) {
-            if self.state.bus.get().is_some() {
-                self.join_remote(room, since, owner.id);
+        match self.state.cluster.route(&room) {
+            Route::Local => {}
+            Route::Elsewhere(owner) => {
+                if self.state.bus.get().is_some() {
+                    self.join_remote(room, since, owner.id);
+                    return;
+                }
+                self.conn.send_frame(&ServerFrame::Error {
+                    code: ErrorCode::RoomMoved,
+                    message:
+                        "another node owns this room; join it through a connection to that node"
+                            .into(),
+                    cid: None,
+                    room: Some(room.to_string()),
+                    owner: Some(owner.addr),
+                });
                 return;
             }
-            self.conn.send_frame(&ServerFrame::Error {
-                code: ErrorCode::RoomMoved,
-                message: "another node owns this room; join it through a connection to that node"
-                    .into(),
-                cid: None,
-                room: Some(room.to_string()),
-                owner: Some(owner.addr),
-            });
-            return;
+            Route::Unavailable => {
+                self.error(
+                    ErrorCode::RoomUnavailable,
+                    "this node holds no lease for the room right now; join again shortly",
+                    None,
+                    Some(&room),
+                );
+                return;
+            }
         }
         let cmd = RoomCmd::Join {
             conn: self.conn.clone(),

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::auth::{bearer, Principal};
+use crate::cluster::Route;
 use crate::connection::{self, ConnGuard, Session};
 use crate::room::{Reply, RoomCmd, Source};
 use crate::store::{HistoryQuery, PageFrom};
@@ -186,6 +187,23 @@ fn readyz(state: &NodeState) -> Response<Body> {
     json(status, &body)
 }
 
+/// 503 `room_unavailable` with `Retry-After`: this node owns the room in its ring but holds
+/// no lease (it is fenced until it registers again), or the ring is empty.
+fn unavailable() -> Response<Body> {
+    let code = ErrorCode::RoomUnavailable;
+    let mut resp = json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &serde_json::json!({
+            "code": code,
+            "message": "this node holds no lease for the room right now; retry shortly with the same cid",
+            "retry": code.retry(),
+        }),
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    resp
+}
+
 /// 421 `room_moved` with the owner's address, for requests that reached a non-owner.
 fn moved(owner: &common::NodeInfo) -> Response<Body> {
     let code = ErrorCode::RoomMoved;
@@ -249,8 +267,10 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<NodeState>) -> Response<Body>
     if state.is_shutting_down() {
         return error(ErrorCode::GoingAway, "node is shutting down; reconnect");
     }
-    if let Some(owner) = state.cluster.owner_elsewhere(&room) {
-        return moved(&owner);
+    match state.cluster.route(&room) {
+        Route::Local => {}
+        Route::Elsewhere(owner) => return moved(&owner),
+        Route::Unavailable => return unavailable(),
     }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return bad(
@@ -421,7 +441,11 @@ async fn publish(req: Request<Incoming>, state: &Arc<NodeState>, room: RoomId) -
             "node is shutting down; retry with the same cid",
         );
     }
-    let owner_elsewhere = state.cluster.owner_elsewhere(&room);
+    let owner_elsewhere = match state.cluster.route(&room) {
+        Route::Local => None,
+        Route::Elsewhere(owner) => Some(owner),
+        Route::Unavailable => return unavailable(),
+    };
     if let (Some(owner), None) = (&owner_elsewhere, state.bus.get()) {
         return moved(owner);
     }

@@ -137,14 +137,14 @@ pub async fn run_with_store(
     let background = CancellationToken::new();
     telemetry::start(background.clone());
     let rooms_shutdown = CancellationToken::new();
+    let local = listener.local_addr()?;
+    let cluster = Arc::new(Cluster::start(&config, local, background.clone()).await?);
     let ctx = Arc::new(RoomCtx::new(
         config.clone(),
         store,
         rooms_shutdown.clone(),
-        ownership::standalone(),
+        cluster::ownership(&cluster),
     ));
-    let local = listener.local_addr()?;
-    let cluster = Arc::new(Cluster::start(&config, local, background.clone()).await?);
     let state = Arc::new(NodeState {
         config: config.clone(),
         cluster: cluster.clone(),
@@ -163,6 +163,7 @@ pub async fn run_with_store(
         background.clone(),
     ));
     cluster.spawn_handoffs(state.registry.clone(), background.clone());
+    cluster.spawn_lease_guard(state.registry.clone(), background.clone());
     if let Some(url) = &config.redis_url {
         let bus = bus::redis::Bus::start(
             url,
@@ -256,8 +257,9 @@ async fn shutdown_gracefully(
     metrics::gauge!(m::READY).set(0.0);
     // Leave the ring first so routers send new clients elsewhere, then let every room stop
     // accepting and flush what it accepted before any client is told to reconnect: a
-    // client that retries elsewhere then finds its acked messages in the store.
-    state.cluster.leave().await;
+    // client that retries elsewhere then finds its acked messages in the store. Only then
+    // are the new owners told they may start (the lease is held until the very end).
+    state.cluster.drain().await;
     for room in state.registry.room_ids() {
         state
             .registry
@@ -273,6 +275,15 @@ async fn shutdown_gracefully(
     let mut poll = tokio::time::interval(Duration::from_millis(20));
     while ctx.pending() > 0 && tokio::time::Instant::now() < deadline {
         poll.tick().await;
+    }
+    let flushed = ctx.pending() == 0;
+    if flushed {
+        state.cluster.handed_over().await;
+    } else {
+        tracing::warn!(
+            pending = ctx.pending(),
+            "grace period ended with store writes pending; the new owners will wait them out"
+        );
     }
     tracing::info!(?grace, "shutting down: closing clients");
     // Close clients at a capped rate so they do not all reconnect at the same instant.
@@ -302,6 +313,7 @@ async fn shutdown_gracefully(
     let _ = acceptor.await;
     http_tracker.close();
     let _ = tokio::time::timeout_at(deadline, http_tracker.wait()).await;
+    state.cluster.leave(flushed).await;
     // Rooms flush what they accepted, then exit once empty.
     ctx.shutdown.cancel();
     ctx.tracker.close();
@@ -315,8 +327,9 @@ async fn shutdown_gracefully(
     }
 }
 
-/// Ready to take traffic: the store answers, the node is not draining, and it is in its
-/// own ring view (a node that membership lost gets no traffic from routers anyway).
+/// Ready to take traffic: the store answers, the node is not draining, and it holds its
+/// lease and is in its own ring view (a node that membership lost gets no traffic from
+/// routers anyway).
 pub fn is_ready(ctx: &RoomCtx, cluster: &Cluster) -> bool {
     ctx.store_healthy() && !ctx.is_draining() && cluster.in_ring()
 }

@@ -209,6 +209,22 @@ impl Registry {
         }
     }
 
+    /// Sends to the room only if it has a live owner task here; returns what resolves when
+    /// that task has ended (its inbox closed).
+    pub async fn dispatch_existing_then_ended(
+        &self,
+        room: &RoomId,
+        cmd: RoomCmd,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let tx = self
+            .rooms
+            .lock()
+            .ok()
+            .and_then(|r| r.get(room).map(|e| e.tx.clone()))?;
+        let _ = tx.send(cmd).await;
+        Some(async move { tx.closed().await })
+    }
+
     /// Removes the room's entry if it still belongs to `generation` and `still_idle()` holds
     /// while the lock is held.
     pub(crate) fn remove_if(

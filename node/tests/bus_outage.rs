@@ -103,6 +103,7 @@ async fn a_redis_restart_fails_forwarded_sends_clearly_and_the_bus_recovers() {
                 id: i as u16 + 1,
                 addr: addr.to_string(),
                 started_at_ms: 0,
+                incarnation: 0,
             }),
         common::ring::DEFAULT_VNODES,
     );

@@ -555,6 +555,7 @@ async fn a_bridged_room_that_changes_owner_closes_with_4001_and_resumes() {
         id,
         addr: String::new(),
         started_at_ms: 0,
+        incarnation: 0,
     };
     let two = common::Ring::new([info(1), info(2)], common::ring::DEFAULT_VNODES);
     let three = common::Ring::new([info(1), info(2), info(3)], common::ring::DEFAULT_VNODES);

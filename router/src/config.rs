@@ -114,6 +114,8 @@ impl Config {
             prefix: self.redis_prefix.clone(),
             ttl: self.membership_ttl,
             vnodes: self.vnodes,
+            // Routers take over no rooms, so they never wait out a departure.
+            departure_wait: std::time::Duration::ZERO,
         }
     }
 

@@ -442,6 +442,7 @@ mod tests {
             id: 3,
             addr: "10.1.2.3:7001".into(),
             started_at_ms: 0,
+            incarnation: 0,
         }
     }
 

@@ -13,8 +13,6 @@ async fn websockets_through_the_router_reach_each_rooms_owner() {
     let prefix = unique("t-router");
     let n1 = spawn_node(101, &prefix).await;
     let n2 = spawn_node(102, &prefix).await;
-    let _r1 = register(&prefix, n1.info()).await;
-    let _r2 = register(&prefix, n2.info()).await;
     let router = TestRouter::start(TestRouter::config(&prefix)).await;
     router.wait_ring(2).await;
     let ring = expected_ring(&[n1.info(), n2.info()]);
@@ -90,7 +88,6 @@ async fn websockets_through_the_router_reach_each_rooms_owner() {
 async fn redirect_mode_sends_clients_to_the_owner() {
     let prefix = unique("t-router");
     let node = spawn_node(103, &prefix).await;
-    let _reg = register(&prefix, node.info()).await;
     let mut config = TestRouter::config(&prefix);
     config.redirect = true;
     let redirecting = TestRouter::start(config).await;
@@ -134,8 +131,6 @@ async fn publish_and_history_go_through_the_router_to_the_owner() {
     let prefix = unique("t-router");
     let n1 = spawn_node(104, &prefix).await;
     let n2 = spawn_node(105, &prefix).await;
-    let _r1 = register(&prefix, n1.info()).await;
-    let _r2 = register(&prefix, n2.info()).await;
     let mut config = TestRouter::config(&prefix);
     config.max_body_bytes = 1024;
     let router = TestRouter::start(config).await;
@@ -213,8 +208,7 @@ async fn publish_and_history_go_through_the_router_to_the_owner() {
 #[tokio::test]
 async fn shutdown_refuses_new_connections_and_cuts_splices_after_the_grace() {
     let prefix = unique("t-router");
-    let node = spawn_node(106, &prefix).await;
-    let _reg = register(&prefix, node.info()).await;
+    let _node = spawn_node(106, &prefix).await;
     let mut config = TestRouter::config(&prefix);
     config.shutdown_grace = Duration::from_millis(300);
     let router = TestRouter::start(config).await;

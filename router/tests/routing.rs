@@ -14,6 +14,7 @@ fn member(id: u16, addr: &str) -> NodeInfo {
         id,
         addr: addr.to_string(),
         started_at_ms: common::id::now_ms(),
+        incarnation: 0,
     }
 }
 
@@ -80,15 +81,17 @@ async fn owners_match_the_ring_and_two_routers_agree() {
             seen.len()
         }
     };
-    let spread = check(expected_ring(&members), 300).await;
+    // As registered: each with the incarnation its registration gave it.
+    let registered: Vec<NodeInfo> = regs.iter().map(|r| r.me().clone()).collect();
+    let spread = check(expected_ring(&registered), 300).await;
     assert_eq!(spread, 3, "300 rooms should land on all three nodes");
 
     // A member leaves: both routers follow, and still agree with the ring.
     let leaving = regs.pop().expect("member 3");
-    leaving.leave().await;
+    leaving.leave(true).await;
     a.wait_ring(2).await;
     b.wait_ring(2).await;
-    check(expected_ring(&members[..2]), 100).await;
+    check(expected_ring(&registered[..2]), 100).await;
     assert!(metric(a.addr, "chat_router_ring_changes_total").await >= 1.0);
 }
 
@@ -209,7 +212,7 @@ async fn an_empty_ring_answers_503_and_readyz_is_red_until_a_node_joins() {
     router.wait_ring(1).await;
     assert_eq!(http(addr, "GET", "/readyz", None).await.status, 200);
     assert_eq!(metric(addr, "chat_router_ready").await, 1.0);
-    reg.leave().await;
+    reg.leave(true).await;
     eventually("readyz red again after the last node left", || async move {
         http(addr, "GET", "/readyz", None).await.status == 503
     })

@@ -343,6 +343,7 @@ pub fn owner_in_ring(ids: &[u16], room: &str) -> u16 {
             id,
             addr: String::new(),
             started_at_ms: 0,
+            incarnation: 0,
         }),
         common::ring::DEFAULT_VNODES,
     );

@@ -29,6 +29,8 @@ struct State {
     until_ns: AtomicU64,
     /// The current registration period; 0 until the first registration.
     incarnation: AtomicU64,
+    /// Woken when a period begins or ends (extensions only move the end later).
+    changed: tokio::sync::Notify,
 }
 
 impl Lease {
@@ -38,6 +40,7 @@ impl Lease {
             base: Instant::now(),
             until_ns: AtomicU64::new(0),
             incarnation: AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
         }))
     }
 
@@ -93,6 +96,12 @@ impl Lease {
         self.0.until_ns.store(0, Ordering::Release);
         self.0.incarnation.store(incarnation, Ordering::Release);
         self.extend(incarnation, sent, ttl, margin);
+        self.0.changed.notify_waiters();
+    }
+
+    /// Resolves at the next [`Lease::begin`] or [`Lease::end`] after it is first polled.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.changed.notified()
     }
 
     /// Records a confirmed renewal of `incarnation` that was sent at `sent`. A renewal sent
@@ -116,6 +125,7 @@ impl Lease {
     /// Ends the lease now (a graceful leave, or a lapse noticed elsewhere).
     pub fn end(&self) {
         self.0.until_ns.store(0, Ordering::Release);
+        self.0.changed.notify_waiters();
     }
 
     fn nanos(&self, at: Instant) -> u64 {

@@ -423,15 +423,28 @@ pub(crate) async fn on_bridge_request(bus: &Arc<Bus>, state: &Arc<NodeState>, en
                 );
                 return;
             }
-            if let Some(owner) = state.cluster.owner_elsewhere(&room) {
-                refuse(
-                    &proxy,
-                    &room,
-                    ErrorCode::RoomMoved,
-                    "the room moved",
-                    Some(owner.addr),
-                );
-                return;
+            match state.cluster.route(&room) {
+                crate::cluster::Route::Local => {}
+                crate::cluster::Route::Elsewhere(owner) => {
+                    refuse(
+                        &proxy,
+                        &room,
+                        ErrorCode::RoomMoved,
+                        "the room moved",
+                        Some(owner.addr),
+                    );
+                    return;
+                }
+                crate::cluster::Route::Unavailable => {
+                    refuse(
+                        &proxy,
+                        &room,
+                        ErrorCode::RoomUnavailable,
+                        "the room's owner holds no lease right now; join again shortly",
+                        None,
+                    );
+                    return;
+                }
             }
             bus.bridges.proxy_rooms(from_node, conn, &room, true);
             state

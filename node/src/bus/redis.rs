@@ -366,8 +366,10 @@ async fn run_forwarded(
     if state.is_shutting_down() {
         return Err(ErrorCode::GoingAway);
     }
-    if state.cluster.owner_elsewhere(&room).is_some() {
-        return Err(ErrorCode::RoomMoved);
+    match state.cluster.route(&room) {
+        crate::cluster::Route::Local => {}
+        crate::cluster::Route::Elsewhere(_) => return Err(ErrorCode::RoomMoved),
+        crate::cluster::Route::Unavailable => return Err(ErrorCode::RoomUnavailable),
     }
     let (tx, rx) = oneshot::channel();
     let cmd = RoomCmd::Send {

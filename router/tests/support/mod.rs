@@ -75,6 +75,7 @@ pub fn membership(prefix: &str) -> MembershipConfig {
         prefix: prefix.to_string(),
         ttl: Duration::from_secs(2),
         vnodes: common::ring::DEFAULT_VNODES,
+        departure_wait: Duration::ZERO,
     }
 }
 
@@ -122,6 +123,7 @@ impl NodeProc {
             id: self.id,
             addr: self.addr.to_string(),
             started_at_ms: common::id::now_ms(),
+            incarnation: 0,
         }
     }
 
@@ -194,9 +196,8 @@ pub async fn spawn_node(id: u16, prefix: &str) -> NodeProc {
     proc
 }
 
-/// Registers a member the way a node does. Once chat-node registers itself (it is given
-/// the same prefix) this duplicates its registration with the same id and address, which
-/// membership accepts.
+/// Registers a member the way a node does, for tests of the router alone (no node process
+/// behind the member). Node processes register themselves under the prefix they are given.
 pub async fn register(prefix: &str, node: NodeInfo) -> Registration {
     common::membership::register(&membership(prefix), node)
         .await
