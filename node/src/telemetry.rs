@@ -51,6 +51,7 @@ fn metrics() -> &'static Metrics {
         let process = metrics_process::Collector::default();
         process.describe();
         describe();
+        describe_ownership();
         register_zeroes();
         Metrics { handle, process }
     })
@@ -181,6 +182,27 @@ fn describe() {
     );
 }
 
+fn describe_ownership() {
+    describe_counter!(
+        m::FENCED,
+        "Commands refused and acks withheld because the lease was gone, by op."
+    );
+    describe_counter!(m::LEASE_LOST, "Times this node's lease lapsed.");
+    describe_histogram!(
+        m::ROOM_ACQUIRE_SECONDS,
+        Unit::Seconds,
+        "Time a room waited for its previous owner to let go."
+    );
+    describe_counter!(
+        m::ROOM_ACQUIRE_REFUSED,
+        "Rooms this node could not take up, by reason."
+    );
+    describe_gauge!(
+        m::OWNERSHIP_SETTLED,
+        "1 while every member has applied this node's ring."
+    );
+}
+
 /// Creates, at zero, every series an alert or the dashboard reads that would otherwise only
 /// appear with its first event: `rate()` needs two samples, so an alert on the first
 /// store error of a fresh series would never fire, and a dashboard panel of a missing
@@ -198,9 +220,17 @@ fn register_zeroes() {
     ] {
         metrics::counter!(name).increment(0);
     }
-    for op in ["append", "read"] {
+    for op in ["append", "read", "fence"] {
         metrics::counter!(m::STORE_ERRORS, "op" => op).increment(0);
     }
+    for op in ["send", "join", "ack", "persist"] {
+        metrics::counter!(m::FENCED, "op" => op).increment(0);
+    }
+    for reason in ["moved", "unavailable"] {
+        metrics::counter!(m::ROOM_ACQUIRE_REFUSED, "reason" => reason).increment(0);
+    }
+    metrics::counter!(m::LEASE_LOST).increment(0);
+    metrics::gauge!(m::OWNERSHIP_SETTLED).increment(0.0);
     for kind in ["publish", "timeout", "decode", "gap"] {
         metrics::counter!(m::BUS_ERRORS, "kind" => kind).increment(0);
     }
@@ -217,6 +247,7 @@ fn register_zeroes() {
         m::ACK_SECONDS,
         m::STORE_WRITE_SECONDS,
         m::CROSS_SHARD_SECONDS,
+        m::ROOM_ACQUIRE_SECONDS,
     ] {
         // Registers the histogram; it renders with zero counts until the first sample.
         let _ = metrics::histogram!(name);

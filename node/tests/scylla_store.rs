@@ -1,6 +1,7 @@
 //! The CQL store against the real server: paging across bucket boundaries in both
 //! directions (including long runs of empty buckets), idempotent re-appends, coalesced
-//! reads, and the schema's refusal of a different bucket width.
+//! reads, the schema's refusal of a different bucket width, and the takeover fence that
+//! shadows an earlier owner's late write.
 
 mod support;
 
@@ -194,4 +195,100 @@ async fn a_different_bucket_width_is_refused() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("--cql-bucket"), "{err}");
+}
+
+/// A write an earlier owner still had on its way when the room changed hands (a process
+/// paused between its lease check and its write) carries a timestamp from before the new
+/// owner's fence, so it is invisible when it lands: to the store's reads and to a plain CQL
+/// `SELECT` alike. The new owner's own writes after the fence stay.
+#[tokio::test]
+async fn a_late_write_from_an_earlier_owner_is_shadowed_by_the_takeover_fence() {
+    let s = store().await;
+    let room = RoomId::new(format!("fence-{}", std::process::id())).expect("room");
+    let now = common::id::now_ms();
+    let head = msg(&room, now - 2_000, 0);
+    s.append(&room, std::slice::from_ref(&head))
+        .await
+        .expect("append the head");
+    // The earlier owner minted this and checked its lease before the takeover; the write
+    // itself only reaches the server afterwards, stamped with the time of the check.
+    let late = msg(&room, now - 1_000, 0);
+    let late_write_us = ((now - 1_000) * 1_000) as i64;
+
+    s.fence(&room, head.id, Duration::from_secs(600))
+        .await
+        .expect("fence the room");
+
+    let session = scylla::client::session_builder::SessionBuilder::new()
+        .known_nodes(cql_nodes())
+        .build()
+        .await
+        .expect("connect to the CQL server");
+    let ks = keyspace();
+    let bucket = |ms: u64| (ms - ms % MINUTE_MS) as i64;
+    session
+        .query_unpaged(
+            format!("INSERT INTO {ks}.messages (room, bucket, id, sender, cid, body, ts) VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP {late_write_us}"),
+            (
+                room.as_str(),
+                bucket(late.id.unix_ms()),
+                late.id.0 as i64,
+                late.from.as_str(),
+                late.cid.as_str(),
+                late.body.as_str(),
+                late.ts as i64,
+            ),
+        )
+        .await
+        .expect("the late write lands");
+    session
+        .query_unpaged(
+            format!("INSERT INTO {ks}.room_buckets (room, bucket) VALUES (?, ?)"),
+            (room.as_str(), bucket(late.id.unix_ms())),
+        )
+        .await
+        .expect("index its bucket");
+
+    let mine = msg(&room, now, 5);
+    s.append(&room, std::slice::from_ref(&mine))
+        .await
+        .expect("the new owner's write");
+
+    let read = s
+        .read(&room, q(None, None, 100, PageFrom::Oldest))
+        .await
+        .expect("read");
+    let ids: Vec<MessageId> = read.iter().map(|m| m.id).collect();
+    assert_eq!(
+        ids,
+        [head.id, mine.id],
+        "the late write is not in the history"
+    );
+
+    let mut raw = Vec::new();
+    for b in [
+        bucket(head.id.unix_ms()),
+        bucket(late.id.unix_ms()),
+        bucket(mine.id.unix_ms()),
+    ] {
+        let rows = session
+            .query_unpaged(
+                format!("SELECT id FROM {ks}.messages WHERE room = ? AND bucket = ?"),
+                (room.as_str(), b),
+            )
+            .await
+            .expect("select")
+            .into_rows_result()
+            .expect("rows");
+        for r in rows.rows::<(i64,)>().expect("typed rows") {
+            raw.push(r.expect("row").0);
+        }
+    }
+    raw.sort_unstable();
+    raw.dedup();
+    assert_eq!(
+        raw,
+        [head.id.0 as i64, mine.id.0 as i64],
+        "a plain SELECT does not see the late write either"
+    );
 }

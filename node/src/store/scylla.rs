@@ -9,12 +9,22 @@
 //! consistency, with a bound on batches in flight. Identical concurrent reads of one room
 //! share one query. The same CQL runs unchanged on ScyllaDB and Cassandra 5.
 //!
+//! Fencing: every message write carries a client-side timestamp from this process's
+//! clock, strictly increasing, and a node taking a room over deletes the id range above
+//! the room's head, for the buckets a late write could fall in, with a range tombstone at
+//! a newer timestamp. A write an earlier owner had on its way when its lease ended has an
+//! older timestamp, so it is shadowed whenever it lands, on ScyllaDB and Cassandra alike;
+//! what this node writes afterwards is newer and stays. The rule assumes node clocks agree
+//! within the time between the old owner's last write and the takeover (at least the
+//! store timeout), as NTP keeps them.
+//!
 //! Client-message-id dedupe needs no table of its own: rows carry `sender` and `cid`, and a
 //! room reloads the ids of its dedupe window from here when it starts on a node. The
 //! readiness probe is a one-row write into `meta` at the configured consistency, so
 //! readiness fails exactly when message writes would.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -36,6 +46,8 @@ const ROW_PAGE: usize = 1000;
 const BATCH_BYTES: usize = 40 * 1024;
 /// `(room, bucket)` pairs remembered as already indexed, before the set is reset.
 const KNOWN_BUCKETS_MAX: usize = 100_000;
+/// Most buckets one fence covers (the window is minutes; buckets are at least a minute).
+const FENCE_BUCKETS_MAX: i64 = 64;
 
 /// Connection and schema settings for [`ScyllaStore::connect`].
 #[derive(Debug, Clone)]
@@ -87,7 +99,10 @@ pub struct ScyllaStore {
     msgs_desc: PreparedStatement,
     msgs_asc: PreparedStatement,
     probe: PreparedStatement,
+    fence_range: PreparedStatement,
     consistency: Consistency,
+    /// The last write timestamp used (µs): writes are strictly increasing in this process.
+    last_write_ts: AtomicI64,
     inflight: Semaphore,
     known_buckets: Mutex<HashSet<(RoomId, i64)>>,
     reads: Mutex<HashMap<ReadKey, Vec<oneshot::Sender<ReadResult>>>>,
@@ -185,6 +200,12 @@ impl ScyllaStore {
             // Readiness must fail when writes would: probe with a write at the same
             // consistency, into the keyspace the messages go to.
             probe: prepare(format!("INSERT INTO {ks}.meta (key, value) VALUES ('probe', ?)"), true).await?,
+            fence_range: prepare(
+                format!("DELETE FROM {ks}.messages USING TIMESTAMP ? WHERE room = ? AND bucket = ? AND id > ?"),
+                true,
+            )
+            .await?,
+            last_write_ts: AtomicI64::new(0),
             session,
             bucket_ms,
             consistency: cfg.consistency,
@@ -195,8 +216,58 @@ impl ScyllaStore {
     }
 
     fn bucket_of(&self, id: MessageId) -> i64 {
-        let ms = id.unix_ms() as i64;
+        self.bucket_at(id.unix_ms() as i64)
+    }
+
+    fn bucket_at(&self, ms: i64) -> i64 {
         ms - ms.rem_euclid(self.bucket_ms)
+    }
+
+    /// A write timestamp (µs) newer than every earlier one of this process.
+    fn next_write_ts(&self) -> i64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64);
+        let mut last = self.last_write_ts.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last + 1);
+            match self.last_write_ts.compare_exchange_weak(
+                last,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return next,
+                Err(seen) => last = seen,
+            }
+        }
+    }
+
+    async fn fence_now(
+        &self,
+        room: &RoomId,
+        after: MessageId,
+        window: Duration,
+    ) -> Result<(), StoreError> {
+        let now = common::id::now_ms() as i64;
+        let window = i64::try_from(window.as_millis()).unwrap_or(i64::MAX / 4);
+        let lowest = MessageId::first_at(now.saturating_sub(window).max(0) as u64);
+        let from = self.bucket_of(after.max(lowest));
+        let to = self.bucket_at(now.saturating_add(window));
+        let first = from.max(to - (FENCE_BUCKETS_MAX - 1) * self.bucket_ms);
+        let ts = self.next_write_ts();
+        let mut bucket = first;
+        while bucket <= to {
+            self.session
+                .execute_unpaged(
+                    &self.fence_range,
+                    (ts, room.as_str(), bucket, after.0 as i64),
+                )
+                .await
+                .map_err(err)?;
+            bucket += self.bucket_ms;
+        }
+        Ok(())
     }
 
     async fn append_now(&self, room: &RoomId, batch: &[ChatMessage]) -> Result<(), StoreError> {
@@ -241,6 +312,8 @@ impl ScyllaStore {
         let mut cql = Batch::new(BatchType::Unlogged);
         cql.set_consistency(self.consistency);
         cql.set_is_idempotent(true);
+        // Newer than any fence this process wrote, older than any a later owner writes.
+        cql.set_timestamp(Some(self.next_write_ts()));
         let mut values = Vec::with_capacity(rows.len());
         for msg in rows {
             cql.append_statement(self.insert_msg.clone());
@@ -550,6 +623,15 @@ impl MessageStore for ScyllaStore {
         query: HistoryQuery,
     ) -> BoxFuture<'a, Result<Vec<ChatMessage>, StoreError>> {
         Box::pin(self.read_coalesced(room, query))
+    }
+
+    fn fence<'a>(
+        &'a self,
+        room: &'a RoomId,
+        after: MessageId,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.fence_now(room, after, window))
     }
 
     fn check(&self) -> BoxFuture<'_, Result<(), StoreError>> {
