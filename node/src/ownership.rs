@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::membership::{Lease, View};
-use common::{NodeInfo, Ring, RoomId};
+use common::{MessageId, NodeInfo, Ring, RoomId};
 use tokio::time::Instant;
 
 use crate::store::BoxFuture;
@@ -49,8 +49,17 @@ impl Grant {
         self.is_valid_at(Instant::now())
     }
 
+    /// The registration period that granted it: the Unix ms at which it began (1 for a
+    /// standalone node).
     pub fn incarnation(&self) -> u64 {
         self.incarnation
+    }
+
+    /// Whether `id` was minted by this node during the incarnation that granted this: then
+    /// this node wrote the room last, and no earlier owner's write can still be on its way
+    /// (it fenced the store when it took the room). Otherwise the room must be fenced.
+    pub fn minted_here(&self, id: MessageId, node: u16) -> bool {
+        id.node() == node && id.unix_ms() >= self.incarnation
     }
 }
 

@@ -57,10 +57,11 @@ pub trait MessageStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<ChatMessage>, StoreError>>;
 
     /// Fences `room` when this node takes it over from another: a write of an id above
-    /// `after`, minted within `window` of now, that an earlier owner still has on its way
-    /// (a process paused between its lease check and its write, a write its store call gave
-    /// up on) is invisible whenever it lands; this node's own writes from now on are not.
-    /// Only stores that several processes write need it; the embedded store has one writer.
+    /// `after` (the head it just read) that an earlier owner still has on its way (a
+    /// process paused between its lease check and its write, a write its store call gave up
+    /// on) is invisible whenever it lands; this node's own writes from now on are not. For
+    /// an empty room (`after` is 0) it covers ids minted within `window` of now. Only stores
+    /// that several processes write need it; the embedded store has one writer.
     fn fence<'a>(
         &'a self,
         _room: &'a RoomId,

@@ -251,21 +251,27 @@ impl ScyllaStore {
     ) -> Result<(), StoreError> {
         let now = common::id::now_ms() as i64;
         let window = i64::try_from(window.as_millis()).unwrap_or(i64::MAX / 4);
-        let lowest = MessageId::first_at(now.saturating_sub(window).max(0) as u64);
-        let from = self.bucket_of(after.max(lowest));
+        // Above the head, whatever its age (an earlier owner's late write was minted after
+        // it); for an empty room, what could have been minted within the window.
+        let from = if after.0 == 0 {
+            self.bucket_at(now.saturating_sub(window).max(0))
+        } else {
+            self.bucket_of(after)
+        };
         let to = self.bucket_at(now.saturating_add(window));
         let first = from.max(to - (FENCE_BUCKETS_MAX - 1) * self.bucket_ms);
         let ts = self.next_write_ts();
-        let mut bucket = first;
-        while bucket <= to {
-            self.session
-                .execute_unpaged(
-                    &self.fence_range,
-                    (ts, room.as_str(), bucket, after.0 as i64),
-                )
-                .await
-                .map_err(err)?;
-            bucket += self.bucket_ms;
+        let buckets = (0..)
+            .map(|i| first + i * self.bucket_ms)
+            .take_while(|b| *b <= to);
+        let deletes = buckets.map(|bucket| {
+            self.session.execute_unpaged(
+                &self.fence_range,
+                (ts, room.as_str(), bucket, after.0 as i64),
+            )
+        });
+        for r in futures_util::future::join_all(deletes).await {
+            r.map_err(err)?;
         }
         Ok(())
     }
