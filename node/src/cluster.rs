@@ -49,6 +49,8 @@ pub struct Cluster {
     /// sequence (flush, paced `going_away`), not through ring-change handoffs.
     leaving: AtomicBool,
     acquire_timeout: Duration,
+    /// Whether every member has applied the current ring (see `Tenure::settled`).
+    settled: AtomicBool,
     /// How long a handoff may take before the ring change is acknowledged anyway (the
     /// rooms bound their own flush at two store timeouts).
     handoff_timeout: Duration,
@@ -82,6 +84,7 @@ impl Cluster {
                 standalone: true,
                 leaving: AtomicBool::new(false),
                 acquire_timeout: config.room_acquire_timeout,
+                settled: AtomicBool::new(true),
                 handoff_timeout,
             });
         };
@@ -116,6 +119,7 @@ impl Cluster {
             standalone: false,
             leaving: AtomicBool::new(false),
             acquire_timeout: config.room_acquire_timeout,
+            settled: AtomicBool::new(false),
             handoff_timeout,
         })
     }
@@ -175,6 +179,11 @@ impl Cluster {
 
     pub fn has_lease(&self) -> bool {
         self.lease.is_valid()
+    }
+
+    /// Whether every member has applied this node's current ring.
+    pub fn settled(&self) -> bool {
+        self.standalone || self.settled.load(Ordering::Relaxed)
     }
 
     /// Shutdown, step one: out of the ring (routers send new clients elsewhere), while this

@@ -173,6 +173,12 @@ fn readyz(state: &NodeState) -> Response<Body> {
             "ring_size": ring.len(),
             "ring_version": ring.version().to_string(),
             "membership_ok": state.cluster.membership_ok(),
+            "lease": {
+                "held": state.cluster.has_lease(),
+                "incarnation": state.cluster.lease().incarnation(),
+                "remaining_ms": lease_remaining_ms(state.cluster.lease()),
+            },
+            "settled": state.cluster.settled(),
         },
         // The bus carries only cross-shard traffic: local rooms keep working without it, so
         // it is reported here but does not make the node unready.
@@ -185,6 +191,11 @@ fn readyz(state: &NodeState) -> Response<Body> {
         StatusCode::SERVICE_UNAVAILABLE
     };
     json(status, &body)
+}
+
+fn lease_remaining_ms(lease: &common::membership::Lease) -> Option<u64> {
+    let left = lease.remaining_at(tokio::time::Instant::now());
+    (left != Duration::MAX).then(|| left.as_millis() as u64)
 }
 
 /// 503 `room_unavailable` with `Retry-After`: this node owns the room in its ring but holds
