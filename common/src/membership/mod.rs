@@ -112,6 +112,11 @@ pub struct MemberRecord {
     /// not own in that ring. Absent for members that predate fencing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied: Option<u64>,
+    /// The incarnation of this node that this one replaces, which had stopped serving
+    /// every room before this one registered (its lease lapsed and the node fenced
+    /// itself): nobody needs to wait out its writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<u64>,
 }
 
 impl MemberRecord {
@@ -120,6 +125,7 @@ impl MemberRecord {
             node,
             state: MemberState::Active,
             applied: None,
+            replaces: None,
         }
     }
 }

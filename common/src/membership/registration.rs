@@ -271,6 +271,7 @@ async fn rejoin(
 ) -> Result<u64, MembershipError> {
     lease.end();
     let mut next = record.clone();
+    next.replaces = Some(record.node.incarnation);
     next.node.incarnation = next_incarnation();
     next.state = MemberState::Active;
     next.applied = None;

@@ -268,13 +268,15 @@ impl Tracker {
         for r in snap.records {
             present.insert(r.node.id, r);
         }
-        // Records that changed incarnation: the old one is gone. A node re-registers only
-        // after its old incarnation stopped serving, but a process that crashed and was
-        // restarted at once may still have writes landing: wait them out.
+        // Records that changed incarnation: the old one is gone. A node that fenced itself
+        // says which incarnation it replaces (it stopped serving before registering again);
+        // a process that crashed and was restarted at once may still have writes landing:
+        // wait them out.
         for (id, rec) in &present {
             if let Some(old) = self.seen.get(id) {
                 if old.record.node.incarnation != rec.node.incarnation
                     && old.record.state != MemberState::Left
+                    && rec.replaces != Some(old.record.node.incarnation)
                 {
                     let node = old.record.node.clone();
                     self.depart(node, now, false);
@@ -452,6 +454,7 @@ mod tests {
             },
             state,
             applied,
+            replaces: None,
         }
     }
 
@@ -577,5 +580,14 @@ mod tests {
             Instant::now(),
         );
         assert!(v3.departed.is_empty(), "pruned once safe");
+        // A node that fenced itself names the incarnation it replaces: nothing to wait for.
+        let mut again = rec(2, 22, MemberState::Active, None);
+        again.replaces = Some(21);
+        let v4 = t.apply(
+            snap(vec![rec(1, 10, MemberState::Active, None), again], "r1"),
+            Instant::now(),
+        );
+        assert!(v4.departed.is_empty());
+        assert_ne!(v4.ring.version(), v3.ring.version());
     }
 }
