@@ -195,7 +195,7 @@ fn readyz(state: &NodeState) -> Response<Body> {
 
 fn lease_remaining_ms(lease: &common::membership::Lease) -> Option<u64> {
     let left = lease.remaining_at(tokio::time::Instant::now());
-    (left != Duration::MAX).then(|| left.as_millis() as u64)
+    (left != Duration::MAX).then_some(left.as_millis() as u64)
 }
 
 /// 503 `room_unavailable` with `Retry-After`: this node owns the room in its ring but holds
