@@ -6,7 +6,7 @@
 //! accepted to the store, then close their members with `room_moved` (4001) so clients
 //! reconnect through a router to the new owner and resume with `since`. Without Redis the
 //! node is standalone and owns every room. This module decides ownership; rooms do the
-//! handing over (see `room.rs`).
+//! handing over (see `room/core.rs`).
 
 use std::sync::{Arc, Mutex};
 
