@@ -853,3 +853,5 @@ impl RoomCore {
     }
 }
 
+#[cfg(test)]
+pub(super) mod tests;

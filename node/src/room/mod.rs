@@ -491,3 +491,105 @@ fn spawn_replay(
     });
 }
 
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::core::tests::NoStore;
+    use super::*;
+    use crate::config::Config;
+    use crate::ownership::RoomOwnership;
+    use crate::store::BoxFuture;
+
+    struct Refusing(Refusal);
+
+    impl RoomOwnership for Refusing {
+        fn acquire<'a>(&'a self, _room: &'a RoomId) -> BoxFuture<'a, Result<Grant, Refusal>> {
+            let refusal = self.0.clone();
+            Box::pin(async move { Err(refusal) })
+        }
+
+        fn owner_elsewhere(&self, _room: &RoomId) -> Option<String> {
+            None
+        }
+    }
+
+    /// Queues a join and an HTTP send for a room this node may not serve; returns what each
+    /// got once the room task has ended.
+    async fn refused(refusal: Refusal) -> (ServerFrame, Result<Accepted, ErrorCode>) {
+        let ctx = Arc::new(RoomCtx::new(
+            Arc::new(Config::for_tests()),
+            Arc::new(NoStore),
+            CancellationToken::new(),
+            Arc::new(Refusing(refusal)),
+        ));
+        let registry = Registry::new(ctx.clone());
+        let room = RoomId::new("elsewhere").expect("room");
+        let (conn, mut out) = ConnHandle::new(
+            1,
+            UserId::new("alice").expect("user"),
+            8,
+            CancellationToken::new(),
+        );
+        let (tx, answer) = oneshot::channel();
+        let join = RoomCmd::Join {
+            conn: Arc::new(conn),
+            since: None,
+        };
+        let send = RoomCmd::Send {
+            from: UserId::new("bob").expect("user"),
+            cid: ClientMsgId::new("c1").expect("cid"),
+            body: "hello".into(),
+            reply: Reply::Http(tx),
+            source: Source::Http,
+        };
+        // Both are queued before the new room task first runs (current-thread runtime).
+        assert!(registry.handle(&room).try_send(join).is_ok());
+        assert!(registry.handle(&room).try_send(send).is_ok());
+        ctx.tracker.close();
+        tokio::time::timeout(Duration::from_secs(10), ctx.tracker.wait())
+            .await
+            .expect("the room task ends");
+        assert!(registry.is_empty(), "the room removed itself");
+        let frame = match out.try_recv() {
+            Ok(Out::Frame(b)) => serde_json::from_slice(&b).expect("a server frame"),
+            other => panic!("expected one frame, got {other:?}"),
+        };
+        (frame, answer.await.expect("answered"))
+    }
+
+    #[tokio::test]
+    async fn a_room_another_node_owns_is_refused_with_its_owner_and_never_loaded() {
+        let (frame, http) = refused(Refusal::Moved {
+            owner: Some("10.0.0.9:7001".into()),
+        })
+        .await;
+        match frame {
+            ServerFrame::Error { code, owner, .. } => {
+                assert_eq!(code, ErrorCode::RoomMoved);
+                assert_eq!(owner.as_deref(), Some("10.0.0.9:7001"));
+            }
+            other => panic!("expected room_moved, got {other:?}"),
+        }
+        assert_eq!(http, Err(ErrorCode::RoomMoved));
+    }
+
+    #[tokio::test]
+    async fn a_room_between_owners_is_refused_as_unavailable() {
+        let (frame, http) = refused(Refusal::Unavailable).await;
+        assert!(
+            matches!(
+                frame,
+                ServerFrame::Error {
+                    code: ErrorCode::RoomUnavailable,
+                    owner: None,
+                    ..
+                }
+            ),
+            "{frame:?}"
+        );
+        assert_eq!(http, Err(ErrorCode::RoomUnavailable));
+    }
+}
