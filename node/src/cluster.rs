@@ -10,7 +10,8 @@
 //! publish that it applied the ring, which is what lets the new owners start. When its
 //! lease lapses (a pause, a partition from Redis, a vanished key) every room is fenced at
 //! once by its grant, and the node registers a new incarnation once they have all ended.
-//! Without Redis the node is standalone and owns every room.
+//! Rooms do the handing over and the fencing themselves (see `room/core.rs`). Without
+//! Redis the node is standalone and owns every room.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

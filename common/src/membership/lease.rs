@@ -113,8 +113,10 @@ impl Lease {
         }
         let until = self.0.until_ns.load(Ordering::Acquire);
         let sent_ns = self.nanos(sent);
-        // The first renewal of a period (until == 0) starts it; later ones only while valid.
-        if until != 0 && sent_ns >= until {
+        // The first renewal of a period (until == 0) starts it; later ones only while the
+        // lease is still valid, both when they were sent and now that they are confirmed:
+        // once anyone may have seen it lapse, it stays lapsed.
+        if until != 0 && (sent_ns >= until || self.nanos(Instant::now()) >= until) {
             return false;
         }
         let new = sent_ns.saturating_add(ttl.saturating_sub(margin).as_nanos() as u64);
@@ -187,9 +189,8 @@ mod tests {
         assert!(!lease.is_valid());
         assert!(!lease.extend(1, Instant::now(), TTL, MARGIN));
         assert!(!lease.is_valid());
-        // A renewal that was sent in time but is confirmed only now still counts, and is
-        // already over.
-        assert!(!lease.extend(1, Instant::now() - TTL, TTL, MARGIN));
+        // Nor does one sent while it was valid but confirmed only after it had lapsed.
+        assert!(!lease.extend(1, Instant::now() - Duration::from_secs(1), TTL, MARGIN));
         // Only a new registration period gives a lease again.
         lease.begin(2, Instant::now(), TTL, MARGIN);
         assert!(lease.is_valid_for(2, Instant::now()));

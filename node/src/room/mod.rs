@@ -1,0 +1,612 @@
+//! One room's owner task and the types the rest of the node uses to talk to rooms.
+//!
+//! [`run`] is the driver of a room: it first asks the cluster for the room's [`Grant`]
+//! (`RoomOwnership::acquire`) and refuses everything queued if the room is not this node's
+//! to serve; only then does it load the room from the store (its head, recent window and the
+//! cids of the dedupe window) and hand it to [`core::RoomCore`], the state machine that
+//! decides everything else. The driver owns the I/O: it feeds the core commands, store
+//! results and wake-ups with the current time (taken per command, since a process pause can
+//! fall between two), performs the store writes and replays the core asks for in spawned
+//! tasks that report back on bounded channels, and removes the room from the registry when
+//! it is idle or done. It makes no decision about ordering, acks or the fence itself, except
+//! one: a write whose grant lapsed before it reached the store is not made.
+
+mod core;
+mod dedupe;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::id::now_ms;
+use common::{
+    metrics as m, ClientMsgId, CloseCode, ErrorCode, MessageId, RoomId, ServerFrame, UserId,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use self::core::{Action, Loaded, NotStored, RoomCore};
+use crate::outbound::{ConnHandle, Out};
+use crate::ownership::{Grant, Refusal};
+use crate::registry::{Registry, RoomCtx};
+use crate::store::{HistoryQuery, PageFrom, StoreError};
+
+/// Messages per store read when replaying to a joiner.
+const REPLAY_PAGE: usize = 500;
+/// Commands handled per wake-up before the task checks its other inputs.
+const COMMANDS_PER_WAKE: usize = 256;
+
+/// Where the outcome of a send goes.
+pub enum Reply {
+    /// A WebSocket sender: gets an `ack` or `error` frame on its outbound queue.
+    Conn(Arc<ConnHandle>),
+    /// An HTTP publish waiting for its answer.
+    Http(oneshot::Sender<Result<Accepted, ErrorCode>>),
+}
+
+/// A send the store has made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub id: MessageId,
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Source {
+    Ws,
+    Http,
+    /// Forwarded from another node over the bus.
+    Bus,
+}
+
+impl Source {
+    fn label(self) -> &'static str {
+        match self {
+            Source::Ws => "ws",
+            Source::Http => "http",
+            Source::Bus => "bus",
+        }
+    }
+}
+
+pub enum RoomCmd {
+    Join {
+        conn: Arc<ConnHandle>,
+        since: Option<MessageId>,
+    },
+    Leave {
+        conn_id: u64,
+        /// Answer with a `left` frame (an explicit leave, not a disconnect).
+        notify: bool,
+    },
+    Send {
+        from: UserId,
+        cid: ClientMsgId,
+        body: String,
+        reply: Reply,
+        source: Source,
+    },
+    /// A replay task finished reading the store for a joiner.
+    ReplayDone { conn_id: u64, ok: bool },
+    /// Stop accepting, flush what was accepted, then (with `close`) close every member with
+    /// that code and end. Sent on a ring change (`room_moved`) and on shutdown (no close:
+    /// the node closes connections itself once every room has flushed).
+    Handoff {
+        close: Option<CloseCode>,
+        /// Where the room went, for `room_moved` answers.
+        owner: Option<String>,
+    },
+}
+
+impl RoomCmd {
+    /// Answers a command the room could not take.
+    pub fn refuse(self, room: &RoomId, code: ErrorCode, message: &str) {
+        self.refuse_with_owner(room, code, message, None);
+    }
+
+    /// [`RoomCmd::refuse`] with the new owner's address for `room_moved`.
+    pub fn refuse_with_owner(
+        self,
+        room: &RoomId,
+        code: ErrorCode,
+        message: &str,
+        owner: Option<&str>,
+    ) {
+        match self {
+            RoomCmd::Join { conn, .. } => {
+                conn.send_frame(&ServerFrame::Error {
+                    code,
+                    message: message.into(),
+                    cid: None,
+                    room: Some(room.to_string()),
+                    owner: owner.map(str::to_owned),
+                });
+            }
+            RoomCmd::Send { reply, cid, .. } => {
+                reply.error_with_owner(room, &cid, code, message, owner)
+            }
+            RoomCmd::Leave { .. } | RoomCmd::ReplayDone { .. } | RoomCmd::Handoff { .. } => {}
+        }
+    }
+}
+
+impl Reply {
+    fn ack(self, room: &RoomId, cid: &ClientMsgId, accepted: Accepted) {
+        match self {
+            Reply::Conn(conn) => {
+                conn.send_frame(&ServerFrame::Ack {
+                    room: room.clone(),
+                    cid: cid.clone(),
+                    id: accepted.id,
+                    duplicate: accepted.duplicate,
+                });
+            }
+            Reply::Http(tx) => {
+                let _ = tx.send(Ok(accepted));
+            }
+        }
+    }
+
+    pub fn error(self, room: &RoomId, cid: &ClientMsgId, code: ErrorCode, message: &str) {
+        self.error_with_owner(room, cid, code, message, None);
+    }
+
+    pub fn error_with_owner(
+        self,
+        room: &RoomId,
+        cid: &ClientMsgId,
+        code: ErrorCode,
+        message: &str,
+        owner: Option<&str>,
+    ) {
+        match self {
+            Reply::Conn(conn) => {
+                conn.send_frame(&ServerFrame::Error {
+                    code,
+                    message: message.into(),
+                    cid: Some(cid.to_string()),
+                    room: Some(room.to_string()),
+                    owner: owner.map(str::to_owned),
+                });
+            }
+            Reply::Http(tx) => {
+                let _ = tx.send(Err(code));
+            }
+        }
+    }
+}
+
+/// A store write's result, on its way back to the room.
+struct Persisted {
+    batch: Vec<common::ChatMessage>,
+    result: Result<(), NotStored>,
+}
+
+/// Runs a room until it is idle (no members, nothing to persist) past the idle timeout, or
+/// handed over, or fenced.
+pub(crate) async fn run(
+    id: RoomId,
+    generation: u64,
+    registry: Arc<Registry>,
+    mut rx: mpsc::Receiver<RoomCmd>,
+    self_tx: mpsc::WeakSender<RoomCmd>,
+) {
+    let ctx = registry.ctx().clone();
+    let _active = crate::registry::ActiveRoomGuard::new();
+    // Ownership before anything else: a room that is not ours must not even be loaded, or
+    // its recent window and dedupe state could predate the real owner's writes.
+    let asked = Instant::now();
+    let acquired = ctx.ownership.acquire(&id).await;
+    metrics::histogram!(m::ROOM_ACQUIRE_SECONDS).record(asked.elapsed().as_secs_f64());
+    let grant = match acquired {
+        Ok(grant) => grant,
+        Err(refusal) => {
+            let (reason, code, message, owner) = match refusal {
+                Refusal::Moved { owner } => (
+                    "moved",
+                    ErrorCode::RoomMoved,
+                    "another node owns this room; reconnect through the router",
+                    owner,
+                ),
+                Refusal::Unavailable => (
+                    "unavailable",
+                    ErrorCode::RoomUnavailable,
+                    "the room is between owners; retry shortly (with the same cid)",
+                    None,
+                ),
+            };
+            metrics::counter!(m::ROOM_ACQUIRE_REFUSED, "reason" => reason).increment(1);
+            tracing::debug!(room = %id, reason, ?owner, "room not acquired");
+            registry.remove_if(&id, generation, || true);
+            rx.close();
+            while let Ok(cmd) = rx.try_recv() {
+                cmd.refuse_with_owner(&id, code, message, owner.as_deref());
+            }
+            return;
+        }
+    };
+    let loaded = match load(&id, &ctx, &grant).await {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            metrics::counter!(m::STORE_ERRORS, "op" => "read").increment(1);
+            tracing::warn!(room = %id, error = %e, "room activation failed");
+            registry.remove_if(&id, generation, || true);
+            rx.close();
+            while let Ok(cmd) = rx.try_recv() {
+                cmd.refuse(
+                    &id,
+                    ErrorCode::StoreUnavailable,
+                    "store unavailable; join again later",
+                );
+            }
+            return;
+        }
+    };
+    let mut core = RoomCore::new(id, ctx.clone(), grant.clone(), loaded, Instant::now());
+    let (persist_tx, mut persist_rx) = mpsc::channel::<Persisted>(1);
+    let mut idle_since: Option<Instant> = None;
+    // The core's next deadline (handoff flush, grant expiry); one timer, reset only when the
+    // deadline moves, so a busy room does not register a timer per wake-up.
+    let timer = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
+    loop {
+        while let Some(action) = core.poll_action(Instant::now()) {
+            match action {
+                Action::Persist(batch) => {
+                    spawn_persist(&ctx, core.id(), &grant, batch, persist_tx.clone())
+                }
+                Action::Replay { conn, since, upto } => {
+                    spawn_replay(&ctx, core.id(), conn, since, upto, self_tx.clone())
+                }
+            }
+        }
+        if core.is_ended() {
+            registry.remove_if(core.id(), generation, || true);
+            rx.close();
+            // What was queued meanwhile is answered by the core: `room_moved` (with the
+            // owner when known) or `going_away`.
+            while let Ok(cmd) = rx.try_recv() {
+                core.handle(cmd, Instant::now());
+            }
+            break;
+        }
+        let idle = core.is_idle();
+        if idle && idle_since.is_none() {
+            idle_since = Some(Instant::now());
+        } else if !idle {
+            idle_since = None;
+        }
+        let idle_deadline = idle_since.map(|t| {
+            if ctx.shutdown.is_cancelled() {
+                t
+            } else {
+                t + ctx.config.room_idle_timeout
+            }
+        });
+        let wake = core.poll_timeout();
+        if wake != armed {
+            if let Some(at) = wake {
+                timer.as_mut().reset(at);
+            }
+            armed = wake;
+        }
+        tokio::select! {
+            biased;
+            Some(p) = persist_rx.recv() => core.on_persisted(p.batch, p.result, Instant::now()),
+            cmd = rx.recv() => {
+                let Some(cmd) = cmd else { break };
+                step(&mut core, cmd);
+                for _ in 1..COMMANDS_PER_WAKE {
+                    match rx.try_recv() {
+                        Ok(cmd) => step(&mut core, cmd),
+                        Err(_) => break,
+                    }
+                }
+            }
+            () = &mut timer, if armed.is_some() => {
+                armed = None;
+                core.on_timeout(Instant::now());
+            }
+            _ = async { tokio::time::sleep_until(idle_deadline.unwrap_or_else(Instant::now)).await },
+                if idle_deadline.is_some() =>
+            {
+                // Exit only if nobody can have queued a command for us: checked under the
+                // registry lock, so a concurrent lookup either sees us gone or sees a
+                // non-empty inbox.
+                if registry.remove_if(core.id(), generation, || rx.is_empty()) {
+                    rx.close();
+                    let mut leftovers = Vec::new();
+                    while let Ok(cmd) = rx.try_recv() {
+                        leftovers.push(cmd);
+                    }
+                    for cmd in leftovers {
+                        registry.dispatch(core.id(), cmd).await;
+                    }
+                    break;
+                }
+                idle_since = None;
+            }
+            _ = ctx.shutdown.cancelled(), if idle_since.is_some() && !ctx.shutdown.is_cancelled() => {
+                // Re-evaluate the idle deadline with shutdown's zero timeout.
+            }
+        }
+    }
+    tracing::debug!(room = %core.id(), "room closed");
+}
+
+/// Hands one command to the core with the time it is handled at (not the time its batch of
+/// commands was taken from the inbox: a pause can fall between two of them).
+fn step(core: &mut RoomCore, cmd: RoomCmd) {
+    let now = Instant::now();
+    let accepted = core.accepted();
+    match cmd {
+        RoomCmd::ReplayDone { conn_id, ok } => core.on_replay_done(conn_id, ok, now),
+        cmd => core.handle(cmd, now),
+    }
+    if core.accepted() != accepted {
+        // From accepting the message to having enqueued it for every member.
+        metrics::histogram!(m::FANOUT_SECONDS).record(now.elapsed().as_secs_f64());
+    }
+}
+
+/// Reads what a room needs to start: its newest messages (head and recent window) and the
+/// client message ids of the dedupe window that those do not cover, so retries after an
+/// owner change or restart are still recognised. Unless this incarnation wrote the head,
+/// the room was someone else's (another node, or this node before a restart or a lapse):
+/// the store is fenced above the head first, so a write that owner still had on its way
+/// can never land behind what this node serves (see `MessageStore::fence`).
+async fn load(id: &RoomId, ctx: &Arc<RoomCtx>, grant: &Grant) -> Result<Loaded, StoreError> {
+    let cfg = &ctx.config;
+    let read = |q: HistoryQuery| async move {
+        match tokio::time::timeout(cfg.store_timeout, ctx.store.read(id, q)).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout),
+        }
+    };
+    let newest = read(HistoryQuery {
+        after: None,
+        before: None,
+        limit: cfg.recent_per_room,
+        from: PageFrom::Newest,
+    })
+    .await?;
+    let head = newest.last().map_or(MessageId(0), |m| m.id);
+    if !grant.minted_here(head, cfg.node_id) {
+        // An empty room's late writes were minted recently: within the dedupe window (a
+        // retry re-persists a failed message under its id) plus the writes' own timeouts.
+        let window = cfg.dedupe_window + cfg.store_timeout * 2 + Duration::from_secs(60);
+        match tokio::time::timeout(cfg.store_timeout, ctx.store.fence(id, head, window)).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout),
+        }
+        .inspect_err(|_| {
+            metrics::counter!(m::STORE_ERRORS, "op" => "fence").increment(1);
+        })?;
+    }
+    let window_start =
+        MessageId::first_at(now_ms().saturating_sub(cfg.dedupe_window.as_millis() as u64));
+    let mut older = Vec::new();
+    if let Some(first) = newest.first() {
+        if newest.len() >= cfg.recent_per_room && first.id > window_start {
+            older = read(HistoryQuery {
+                after: Some(MessageId(window_start.0.saturating_sub(1))),
+                before: Some(first.id),
+                limit: cfg.dedupe_max_per_room,
+                from: PageFrom::Newest,
+            })
+            .await?;
+        }
+    }
+    Ok(Loaded { newest, older })
+}
+
+/// Writes one batch (the core keeps one in flight, so batches grow under load) and reports
+/// back. The grant is checked again right before the write: time passes between the core
+/// asking and this task running, and a write after the lease lapsed could land after the
+/// next owner loaded the room.
+fn spawn_persist(
+    ctx: &Arc<RoomCtx>,
+    room: &RoomId,
+    grant: &Grant,
+    batch: Vec<common::ChatMessage>,
+    tx: mpsc::Sender<Persisted>,
+) {
+    let ctx = ctx.clone();
+    let room = room.clone();
+    let grant = grant.clone();
+    ctx.tracker.clone().spawn(async move {
+        let result = if !grant.is_valid() {
+            metrics::counter!(m::FENCED, "op" => "persist").increment(1);
+            tracing::info!(%room, messages = batch.len(), "grant lapsed before the write: not written");
+            Err(NotStored::Fenced)
+        } else {
+            let started = Instant::now();
+            let result = match tokio::time::timeout(
+                ctx.config.store_timeout,
+                ctx.store.append(&room, &batch),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::Timeout),
+            };
+            metrics::histogram!(m::STORE_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
+            if let Err(e) = &result {
+                metrics::counter!(m::STORE_ERRORS, "op" => "append").increment(1);
+                ctx.mark_store_failed();
+                tracing::warn!(%room, error = %e, messages = batch.len(), "store write failed");
+            }
+            result.map_err(|_| NotStored::Store)
+        };
+        let _ = tx.send(Persisted { batch, result }).await;
+    });
+}
+
+/// Serves a joiner the stored messages in `(since, upto]`, page by page, waiting on its
+/// queue (this one client may be slow; the room is not), then tells the room.
+fn spawn_replay(
+    ctx: &Arc<RoomCtx>,
+    room: &RoomId,
+    conn: Arc<ConnHandle>,
+    since: MessageId,
+    upto: MessageId,
+    done: mpsc::WeakSender<RoomCmd>,
+) {
+    let ctx = ctx.clone();
+    let room = room.clone();
+    ctx.tracker.clone().spawn(async move {
+        let mut after = since;
+        let mut replayed = 0u64;
+        let ok =
+            loop {
+                let q = HistoryQuery {
+                    after: Some(after),
+                    before: Some(MessageId(upto.0 + 1)),
+                    limit: REPLAY_PAGE,
+                    from: PageFrom::Oldest,
+                };
+                let page =
+                    match tokio::time::timeout(ctx.config.store_timeout, ctx.store.read(&room, q))
+                        .await
+                    {
+                        Ok(Ok(page)) => page,
+                        Ok(Err(e)) => {
+                            metrics::counter!(m::STORE_ERRORS, "op" => "read").increment(1);
+                            tracing::warn!(%room, error = %e, "replay read failed");
+                            break false;
+                        }
+                        Err(_) => {
+                            metrics::counter!(m::STORE_ERRORS, "op" => "read").increment(1);
+                            tracing::warn!(%room, "replay read timed out");
+                            break false;
+                        }
+                    };
+                let Some(last) = page.last() else { break true };
+                after = last.id;
+                let full = page.len() == REPLAY_PAGE;
+                replayed += page.len() as u64;
+                let frames = page
+                    .iter()
+                    .map(|msg| bytes::Bytes::from(ServerFrame::encode_message(msg)))
+                    .collect();
+                if !conn.deliver_wait(Out::Frames(frames)).await {
+                    return;
+                }
+                if !full {
+                    break true;
+                }
+            };
+        metrics::counter!(m::MESSAGES_REPLAYED).increment(replayed);
+        if let Some(tx) = done.upgrade() {
+            let _ = tx
+                .send(RoomCmd::ReplayDone {
+                    conn_id: conn.id,
+                    ok,
+                })
+                .await;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::core::tests::NoStore;
+    use super::*;
+    use crate::config::Config;
+    use crate::ownership::RoomOwnership;
+    use crate::store::BoxFuture;
+
+    struct Refusing(Refusal);
+
+    impl RoomOwnership for Refusing {
+        fn acquire<'a>(&'a self, _room: &'a RoomId) -> BoxFuture<'a, Result<Grant, Refusal>> {
+            let refusal = self.0.clone();
+            Box::pin(async move { Err(refusal) })
+        }
+
+        fn owner_elsewhere(&self, _room: &RoomId) -> Option<String> {
+            None
+        }
+    }
+
+    /// Queues a join and an HTTP send for a room this node may not serve; returns what each
+    /// got once the room task has ended.
+    async fn refused(refusal: Refusal) -> (ServerFrame, Result<Accepted, ErrorCode>) {
+        let ctx = Arc::new(RoomCtx::new(
+            Arc::new(Config::for_tests()),
+            Arc::new(NoStore),
+            CancellationToken::new(),
+            Arc::new(Refusing(refusal)),
+        ));
+        let registry = Registry::new(ctx.clone());
+        let room = RoomId::new("elsewhere").expect("room");
+        let (conn, mut out) = ConnHandle::new(
+            1,
+            UserId::new("alice").expect("user"),
+            8,
+            CancellationToken::new(),
+        );
+        let (tx, answer) = oneshot::channel();
+        let join = RoomCmd::Join {
+            conn: Arc::new(conn),
+            since: None,
+        };
+        let send = RoomCmd::Send {
+            from: UserId::new("bob").expect("user"),
+            cid: ClientMsgId::new("c1").expect("cid"),
+            body: "hello".into(),
+            reply: Reply::Http(tx),
+            source: Source::Http,
+        };
+        // Both are queued before the new room task first runs (current-thread runtime).
+        assert!(registry.handle(&room).try_send(join).is_ok());
+        assert!(registry.handle(&room).try_send(send).is_ok());
+        ctx.tracker.close();
+        tokio::time::timeout(Duration::from_secs(10), ctx.tracker.wait())
+            .await
+            .expect("the room task ends");
+        assert!(registry.is_empty(), "the room removed itself");
+        let frame = match out.try_recv() {
+            Ok(Out::Frame(b)) => serde_json::from_slice(&b).expect("a server frame"),
+            other => panic!("expected one frame, got {other:?}"),
+        };
+        (frame, answer.await.expect("answered"))
+    }
+
+    #[tokio::test]
+    async fn a_room_another_node_owns_is_refused_with_its_owner_and_never_loaded() {
+        let (frame, http) = refused(Refusal::Moved {
+            owner: Some("10.0.0.9:7001".into()),
+        })
+        .await;
+        match frame {
+            ServerFrame::Error { code, owner, .. } => {
+                assert_eq!(code, ErrorCode::RoomMoved);
+                assert_eq!(owner.as_deref(), Some("10.0.0.9:7001"));
+            }
+            other => panic!("expected room_moved, got {other:?}"),
+        }
+        assert_eq!(http, Err(ErrorCode::RoomMoved));
+    }
+
+    #[tokio::test]
+    async fn a_room_between_owners_is_refused_as_unavailable() {
+        let (frame, http) = refused(Refusal::Unavailable).await;
+        assert!(
+            matches!(
+                frame,
+                ServerFrame::Error {
+                    code: ErrorCode::RoomUnavailable,
+                    owner: None,
+                    ..
+                }
+            ),
+            "{frame:?}"
+        );
+        assert_eq!(http, Err(ErrorCode::RoomUnavailable));
+    }
+}
