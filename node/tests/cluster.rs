@@ -1,8 +1,11 @@
 //! The cluster with real processes: a router, three (then four) chat-node processes, the
 //! real Redis for membership and the real CQL server. Rooms spread over the nodes; routers
 //! agree on every owner; a node joining moves about a quarter of the rooms, and a node
-//! killed with SIGKILL loses its rooms to the others; in both cases clients reconnect
-//! through the router, resume with `since`, and no acked message is lost or stored twice.
+//! killed with SIGKILL loses its rooms to the others, and a node paused (SIGSTOP) past its
+//! lease is fenced when it runs again (SIGCONT): it stores nothing it had queued, its
+//! clients move to the real owner. In every case clients reconnect through the router,
+//! resume with `since`, and no acked message is lost or stored twice, and no client misses
+//! a stored message.
 
 mod support;
 
@@ -189,8 +192,13 @@ struct Member {
     acked: Vec<(String, MessageId)>,
     seen: Vec<MessageId>,
     reconnects: u32,
+    /// Reconnects because the connection went silent with a send waiting.
+    stalls: u32,
     /// When the last reconnect completed (joined again).
     resumed_at: Option<tokio::time::Instant>,
+    /// A connection that answers nothing for this long while a send waits is dead, as a
+    /// real client would decide: it reconnects through the router and resends.
+    dead_after: Duration,
 }
 
 impl Member {
@@ -211,10 +219,19 @@ impl Member {
             )
             .await
             {
-                Ok(mut client) => {
-                    client.expect_joined().await;
-                    return client;
-                }
+                Ok(mut client) => match client.frame_skip_presence().await {
+                    ServerFrame::Joined { .. } => return client,
+                    // The room changed hands between the upgrade and the join (the ring
+                    // moved, or the previous owner has not let go yet): reconnect.
+                    ServerFrame::Error { code, .. } => assert!(
+                        matches!(
+                            code,
+                            common::ErrorCode::RoomMoved | common::ErrorCode::RoomUnavailable
+                        ),
+                        "unexpected join refusal {code}"
+                    ),
+                    f => panic!("expected joined, got {f:?}"),
+                },
                 Err((status, body)) => {
                     assert!(
                         matches!(status, 421 | 502 | 503),
@@ -245,7 +262,7 @@ impl Member {
                 .send_text(&self.room, &cid, &format!("msg {}", self.next))
                 .await;
             let acked = loop {
-                match tokio::time::timeout(WAIT, client.ws.read_frame()).await {
+                match tokio::time::timeout(self.dead_after, client.ws.read_frame()).await {
                     Ok(Ok(frame)) if frame.opcode == fastwebsockets::OpCode::Text => {
                         match serde_json::from_slice::<ServerFrame>(&frame.payload).expect("frame")
                         {
@@ -257,7 +274,9 @@ impl Member {
                                 assert!(
                                     matches!(
                                         code,
-                                        common::ErrorCode::RoomMoved | common::ErrorCode::GoingAway
+                                        common::ErrorCode::RoomMoved
+                                            | common::ErrorCode::GoingAway
+                                            | common::ErrorCode::RoomUnavailable
                                     ),
                                     "unexpected error {code}"
                                 );
@@ -268,6 +287,10 @@ impl Member {
                     Ok(Ok(frame)) if frame.opcode == fastwebsockets::OpCode::Close => break None,
                     Ok(Ok(_)) => {}
                     Ok(Err(_)) => break None,
+                    Err(_) if self.dead_after < WAIT => {
+                        self.stalls += 1;
+                        break None;
+                    }
                     Err(_) => panic!("{}: no answer within the wait", self.room),
                 }
             };
@@ -293,6 +316,18 @@ async fn churn(
     rooms: &[String],
     change: impl FnOnce(&mut Cluster),
 ) -> Vec<Member> {
+    churn_for(c, rooms, WAIT, 8, change).await
+}
+
+/// [`churn`] with members that give up on a silent connection after `dead_after`, and
+/// `after` half-seconds of sending after the change.
+async fn churn_for(
+    c: &mut Cluster,
+    rooms: &[String],
+    dead_after: Duration,
+    after: u32,
+    change: impl FnOnce(&mut Cluster),
+) -> Vec<Member> {
     let stop = tokio_util::sync::CancellationToken::new();
     let router = c.router();
     let tasks: Vec<_> = rooms
@@ -304,7 +339,9 @@ async fn churn(
                 acked: Vec::new(),
                 seen: Vec::new(),
                 reconnects: 0,
+                stalls: 0,
                 resumed_at: None,
+                dead_after,
             };
             tokio::spawn(m.run(router, stop.clone()))
         })
@@ -315,7 +352,7 @@ async fn churn(
     let changed_at = tokio::time::Instant::now();
     change(c);
     // Keep sending for a while after the change so moved clients resume and carry on.
-    for _ in 0..8 {
+    for _ in 0..after {
         pace.tick().await;
     }
     stop.cancel();
@@ -335,25 +372,38 @@ async fn churn(
         );
     }
     for m in &members {
-        let (status, body) = http(
-            router,
-            "GET",
-            &format!("/v1/rooms/{}/messages?after=0&limit=1000&user=x", m.room),
-            None,
-        )
-        .await;
-        assert_eq!(status, 200, "{body}");
-        let stored: Vec<(String, MessageId)> = json(&body)["messages"]
-            .as_array()
-            .expect("messages")
-            .iter()
-            .map(|x| {
-                (
-                    x["cid"].as_str().expect("cid").to_string(),
-                    x["id"].as_str().expect("id").parse().expect("id"),
-                )
-            })
-            .collect();
+        // The whole history, a page at a time.
+        let mut stored: Vec<(String, MessageId)> = Vec::new();
+        loop {
+            let after = stored.last().map_or(0, |(_, id)| id.0);
+            let (status, body) = http(
+                router,
+                "GET",
+                &format!(
+                    "/v1/rooms/{}/messages?after={after}&limit=1000&user=x",
+                    m.room
+                ),
+                None,
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+            let page: Vec<(String, MessageId)> = json(&body)["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .map(|x| {
+                    (
+                        x["cid"].as_str().expect("cid").to_string(),
+                        x["id"].as_str().expect("id").parse().expect("id"),
+                    )
+                })
+                .collect();
+            let full = page.len() == 1000;
+            stored.extend(page);
+            if !full {
+                break;
+            }
+        }
         let cids: HashSet<&String> = stored.iter().map(|(c, _)| c).collect();
         assert_eq!(
             cids.len(),
@@ -452,6 +502,55 @@ async fn a_killed_node_loses_its_rooms_and_their_clients_recover() {
             assert!(m.reconnects >= 1, "{}: its client reconnected", m.room);
         }
     }
+}
+
+/// A node frozen with SIGSTOP for longer than its lease, while its clients keep sending:
+/// they notice the silent connection, reconnect through the router and resend to the
+/// interim owner. When the node runs again it finds its lease lapsed before it touches the
+/// sends it had queued: nothing of them is stored or acked, its remaining clients are
+/// closed with 4001, and it registers again under a new incarnation and takes its rooms
+/// back only after the interim owners handed them over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_is_fenced_and_its_queued_sends_are_never_stored() {
+    let mut c = Cluster::start("pause", 3, 1).await;
+    let rooms: Vec<String> = (0..30).map(|i| format!("pause-{i}")).collect();
+    let mut owners = HashMap::new();
+    for r in &rooms {
+        owners.insert(r.clone(), c.owner(c.router(), r).await);
+    }
+    let victim = 2u16;
+    let pid = c.nodes[&victim].child.id();
+    let members = churn_for(&mut c, &rooms, Duration::from_secs(2), 40, move |_| {
+        // The fault itself: the process is frozen for 4 s (the lease is 0.9 s).
+        std::thread::spawn(move || {
+            signal(pid, "STOP");
+            std::thread::sleep(Duration::from_secs(4));
+            signal(pid, "CONT");
+        });
+    })
+    .await;
+    c.wait_ring_size(3).await;
+    let stalled: u32 = members
+        .iter()
+        .filter(|m| owners[&m.room] == victim)
+        .map(|m| m.stalls)
+        .sum();
+    assert!(stalled >= 1, "clients of the paused node gave up on it");
+    let node = c.nodes[&victim].addr;
+    let lost = metric(node, "chat_node_lease_lost_total").await;
+    assert!(lost >= 1.0, "the paused node counted its lost lease");
+    let fenced = metric(node, "chat_node_fenced_total").await;
+    eprintln!(
+        "paused node: lease lost {lost}, fenced commands {fenced}, stalled clients {stalled}"
+    );
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} {pid}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
