@@ -155,5 +155,7 @@ async fn without_a_command_nothing_is_disrupted() {
     // 27 members × 4/s × 4 s, give or take a tick at either end.
     assert!((400..=460).contains(&r.sends.sent), "{md}");
     assert_eq!(r.sends.acked, r.sends.sent, "{md}");
-    assert_eq!(r.correctness.history_messages, r.sends.sent, "{md}");
+    assert_eq!(r.read_back.history_rows, r.sends.sent, "{md}");
+    assert_eq!(r.correctness.stored_messages, r.sends.sent, "{md}");
+    assert_eq!(r.disruption.stalled_reconnects, 0, "{md}");
 }
