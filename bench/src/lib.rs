@@ -74,9 +74,9 @@ pub enum Command {
     /// unacked sends with the same cid; also when a socket goes silent, --dead-after) while
     /// `--command` changes the cluster or the bench pauses a process (--pause-pid) or cuts
     /// the network (--cut-command) mid-run; then reads every room back (history API, and the
-    /// CQL store with --cql-nodes) and judges by the store. Exit status 1 when anything acked
-    /// is lost, stored twice, a member missed or got out of order or never stored, or the
-    /// store could not be read.
+    /// CQL store with --cql-nodes) and judges by the store. Exit status 1 when the store shows an acked
+    /// message lost, a cid stored twice, or a member's stream with a gap, out of order or
+    /// holding an id never stored, or when the store could not be read.
     Rebalance(rebalance::RebalanceArgs),
     /// The read path: seeds rooms over the HTTP API, then concurrent readers page through
     /// each room's history (newest-first with `before=`, oldest-first with `after=`) for a

@@ -166,8 +166,8 @@ pub struct RebalanceArgs {
     #[arg(long)]
     pub markdown: Option<PathBuf>,
     /// Write the per-second timeline (acks/s and ack latency, members joined,
-    /// disconnections and resumes, with --command's run shaded) as an SVG chart to this
-    /// file. The JSON report carries the same numbers as `timeline`.
+    /// disconnections, stalled reconnects and resumes, with --command's run and each fault
+    /// shaded) as an SVG chart to this file. The JSON report carries the same numbers as `timeline`.
     #[arg(long)]
     pub chart: Option<PathBuf>,
     /// No progress line on stderr.

@@ -116,6 +116,9 @@ pub struct Correctness {
     /// Ids members received that the store does not hold: (member, id) pairs. Must be 0.
     pub unknown_ids: u64,
     pub members_with_unknown_ids: u64,
+    /// Those ids, each once, ascending (at most one per stored message's worth of traffic:
+    /// every one was delivered by some node).
+    pub unknown_id_values: Vec<u64>,
     /// Stored messages after the last one a member received (not a gap: a member that was
     /// not caught up at the end; the drain reports those).
     pub unreceived_tail: u64,
@@ -184,6 +187,7 @@ pub fn account(judged_by: &str, store: &[Vec<StoredRow>], members: &[MemberView]
     }
     let empty_ids = HashMap::new();
     let empty_rows = Vec::new();
+    let mut unknown_values: HashSet<u64> = HashSet::new();
     for m in members {
         let stored = by_id.get(m.room).unwrap_or(&empty_ids);
         let rows = store.get(m.room).unwrap_or(&empty_rows);
@@ -209,6 +213,7 @@ pub fn account(judged_by: &str, store: &[Vec<StoredRow>], members: &[MemberView]
         for &id in &m.received {
             if !stored.contains_key(&id) {
                 unknown += 1;
+                unknown_values.insert(id);
                 example(&mut c.examples.unknown_ids, || {
                     format!("{}: received {id}, not in the store", m.user)
                 });
@@ -267,6 +272,8 @@ pub fn account(judged_by: &str, store: &[Vec<StoredRow>], members: &[MemberView]
             });
         }
     }
+    c.unknown_id_values = unknown_values.into_iter().collect();
+    c.unknown_id_values.sort_unstable();
     c
 }
 
@@ -429,6 +436,7 @@ mod tests {
         assert_eq!((c.gaps, c.members_with_gaps), (2, 1), "{c:?}");
         assert_eq!((c.out_of_order, c.members_out_of_order), (1, 1), "{c:?}");
         assert_eq!((c.unknown_ids, c.members_with_unknown_ids), (1, 1), "{c:?}");
+        assert_eq!(c.unknown_id_values, [99]);
         assert_eq!(c.unreceived_tail, 1, "{c:?}");
         assert_eq!(c.acked_checked, 5);
         assert!(!c.clean());
@@ -550,6 +558,7 @@ mod tests {
         ]];
         let h = account("history", &history, &members);
         assert_eq!((h.acked_lost, h.unknown_ids), (1, 2), "{h:?}");
+        assert_eq!(h.unknown_id_values, [300, 301]);
         let d = compare(&history, &store);
         assert_eq!((d.history_only, d.cql_only, d.differing), (0, 2, 0));
         assert!(d.any());
