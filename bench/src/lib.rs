@@ -71,9 +71,12 @@ pub enum Command {
     #[command(name = "__worker", hide = true)]
     Worker,
     /// Rooms × members through a router that resume (reconnect, rejoin with `since`, resend
-    /// unacked sends with the same cid) while `--command` changes the cluster mid-run; then
-    /// checks every acked message against the history API. Exit status 1 when any acked
-    /// message is missing (acked_lost > 0).
+    /// unacked sends with the same cid; also when a socket goes silent, --dead-after) while
+    /// `--command` changes the cluster or the bench pauses a process (--pause-pid) or cuts
+    /// the network (--cut-command) mid-run; then reads every room back (history API, and the
+    /// CQL store with --cql-nodes) and judges by the store. Exit status 1 when the store shows an acked
+    /// message lost, a cid stored twice, or a member's stream with a gap, out of order or
+    /// holding an id never stored, or when the store could not be read.
     Rebalance(rebalance::RebalanceArgs),
     /// The read path: seeds rooms over the HTTP API, then concurrent readers page through
     /// each room's history (newest-first with `before=`, oldest-first with `after=`) for a
@@ -202,13 +205,8 @@ pub async fn run(cli: Cli, command: String) -> Result<(), BenchError> {
                 Ok(())
             } else {
                 Err(BenchError::Failed(anyhow::anyhow!(
-                    "rebalance FAIL: acked_lost {}{}",
-                    report.correctness.acked_lost,
-                    report
-                        .history_error
-                        .as_ref()
-                        .map(|e| format!("; history not verified: {e}"))
-                        .unwrap_or_default()
+                    "{}",
+                    report.failure_line()
                 )))
             }
         }

@@ -33,7 +33,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(chat_bench::run(cli, command)) {
+    let result = runtime.block_on(chat_bench::run(cli, command));
+    // A run that ended early (e.g. `rebalance` interrupted) may leave a blocking task behind,
+    // such as a `--command` still running; do not wait for it past a moment.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("chat-bench: {e}");

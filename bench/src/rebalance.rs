@@ -1,20 +1,28 @@
 //! The `rebalance` scenario: rooms × members sending through a URL (normally a router)
-//! while the planner changes the cluster under them (`--command`: add a node, `kill -9` one,
-//! a rolling restart), and what that cost: who was disconnected, how long until everyone
-//! had resumed, and whether the guarantees held (nothing acked lost, one stored message per
-//! `cid`, no gap in any member's stream).
+//! while the cluster changes under them (`--command`: add a node, `kill -9` one, a rolling
+//! restart) or the bench injects faults itself (`--pause-pid`: SIGSTOP a process and
+//! SIGCONT it; `--cut-command` / `--heal-command`: a partition), and what that cost: who was
+//! disconnected, how long until everyone had resumed, and whether the guarantees held,
+//! judged from the store read back at the end.
 //!
-//! Clients behave as PROTOCOL.md asks: on 4001 / 4002 / 1001 / an abrupt end, or a refused
-//! upgrade (421, 502, 503), they reconnect with backoff and `since` = the last id they saw,
-//! and resend every unacked send with the same `cid`. Sends are generated on schedule
-//! whether or not the member is connected (a user keeps typing) and queue until it is.
+//! Clients behave as PROTOCOL.md asks and as a real client does: on 4001 / 4002 / 1001 / an
+//! abrupt end, a refused upgrade (421, 502, 503), or a socket that delivered nothing for
+//! `--dead-after` seconds while sends wait for their ack, they reconnect with backoff and
+//! `since` = the last id they saw, and resend every unacked send with the same `cid`. Sends
+//! are generated on schedule whether or not the member is connected (a user keeps typing)
+//! and queue until it is.
 //!
-//! This module owns the member state machine, the run's timeline and the final accounting.
-//! The accounting ([`account`]) is a pure function of what members saw and what the
-//! history API returned, so it is unit-tested with synthetic data. Every phase has a
-//! deadline; the only addresses used are `--url` and the planner's own command.
+//! This module owns the member state machine, the run's timeline and the report. The
+//! oracle ([`oracle`]) is a pure function of what members saw and what the store returned;
+//! [`store`] reads the rooms back; [`faults`] injects and always undoes the faults. Every
+//! phase has a deadline; the only addresses used are `--url`, `--cql-nodes` and the
+//! planner's own commands and pid.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+pub mod faults;
+pub mod oracle;
+pub mod store;
+
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::Arc;
@@ -29,22 +37,31 @@ use crate::args::seconds;
 use crate::auth::{Auth, AuthArgs};
 use crate::chart::{latency_panel, Chart, Mark, Panel, Series};
 use crate::client::{self, Incoming, Target, WsWrite};
-use crate::http::{self, HistoryEntry, HttpClient};
+use crate::http::HttpClient;
 use crate::payload::FrameView;
 use crate::report::{self, close_label, map_or_none, new_histogram, LatencySummary};
 use crate::timeline::Seconds;
 use crate::BenchError;
+use faults::{FaultAction, FaultPlan, FaultRecord, FaultRunner};
+pub use oracle::{account, compare, Correctness, Disagreement, MemberView, StoredRow};
 
 /// Options of `chat-bench rebalance`.
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "\
-Exit status: 0 when every acked message was found in the room's history (acked_lost = 0); \
-1 when acked_lost > 0 (the report says FAIL), when the history could not be read to \
-verify it, or when the members could not all connect at the start; 64 for bad arguments. \
-Warnings (reported, exit 0): stored_twice (a cid stored under two ids), gaps (a member \
-missed a stored message after its join point), duplicates, out_of_order, sends unanswered \
-at the end, clients that had not resumed by the end of the drain, a --command that failed \
-or timed out.")]
+Exit status: 0 when the store, read back after the drain, shows nothing wrong (the report \
+says PASS); 1 when it shows acked_lost (an acked cid not stored under its acked id), \
+stored_twice (a sender's cid stored under two ids), gaps (a stored message after a \
+member's join point, up to the last one it received, that it never received) or \
+out_of_order (a member received stored messages in another order than the store's); also 1 \
+when the store could not be read, \
+when the members could not all connect at the start, or when the run was interrupted \
+(SIGINT, SIGTERM: a paused process is continued and a cut healed first); 64 for bad \
+arguments. The store judged is CQL when --cql-nodes and --cql-keyspace are given, else the \
+history API at --url. Warnings (reported, exit 0): unknown_ids (a member received an id \
+the store does not hold: delivered by a node that crashed or was fenced before storing it, \
+never acked), the history API and CQL disagree, \
+duplicates received, sends unanswered at the end, clients that had not resumed by the end \
+of the drain or after a fault, a --command, cut or heal that failed or timed out.")]
 pub struct RebalanceArgs {
     /// WebSocket URL of a router (or node); history is read through the same host:port.
     #[arg(long, env = "CHAT_BENCH_URL", default_value = "ws://127.0.0.1:7000")]
@@ -72,9 +89,47 @@ pub struct RebalanceArgs {
     /// Seconds after sending starts at which --command runs.
     #[arg(long, default_value_t = 10.0)]
     pub command_at: f64,
-    /// Seconds --command may run before it is killed.
+    /// Seconds --command (and each --cut-command / --heal-command) may run before it is
+    /// killed.
     #[arg(long, default_value_t = 60.0)]
     pub command_timeout: f64,
+    /// A member whose socket delivered no frame for this many seconds while it has unacked
+    /// sends on it treats the connection as dead, as a real client does: drops it,
+    /// reconnects through --url with the usual backoff, rejoins with `since` = the last id
+    /// it saw and resends every unacked send with the same cid. 0 disables it.
+    #[arg(long, default_value_t = 10.0)]
+    pub dead_after: f64,
+    /// Fault: SIGSTOP this process at each fault time and SIGCONT it --pause-secs later
+    /// (e.g. a node's pid). It is always continued, also when the run fails or is
+    /// interrupted.
+    #[arg(long)]
+    pub pause_pid: Option<u32>,
+    /// Seconds each --pause-pid pause lasts.
+    #[arg(long)]
+    pub pause_secs: Option<f64>,
+    /// Fault: a partition. Run this with `sh -c` at each fault time (e.g. `ip link set
+    /// veth-x down`), and --heal-command --cut-secs later.
+    #[arg(long)]
+    pub cut_command: Option<String>,
+    /// Undoes --cut-command (e.g. `ip link set veth-x up`); always run after a cut, also
+    /// when the run fails or is interrupted.
+    #[arg(long)]
+    pub heal_command: Option<String>,
+    /// Seconds each cut lasts, from the start of --cut-command to the start of
+    /// --heal-command.
+    #[arg(long)]
+    pub cut_secs: Option<f64>,
+    /// Seconds after sending starts at which the first fault starts [default: --command-at].
+    #[arg(long)]
+    pub fault_at: Option<f64>,
+    /// Number of faults, each --fault-every after the previous one's start; all must end
+    /// within --duration.
+    #[arg(long, default_value_t = 1)]
+    pub fault_repeat: u32,
+    /// Seconds from one fault's start to the next one's (needed with --fault-repeat > 1;
+    /// longer than the fault).
+    #[arg(long)]
+    pub fault_every: Option<f64>,
     /// Longest wait, in seconds, after sending stops for every client to be resumed and
     /// caught up and every send acked.
     #[arg(long, default_value_t = 30.0)]
@@ -88,9 +143,18 @@ pub struct RebalanceArgs {
     /// Largest reconnect backoff in seconds (it starts at 0.1 s and doubles).
     #[arg(long, default_value_t = 2.0)]
     pub max_backoff: f64,
-    /// Seconds allowed for reading back every room's history at the end.
+    /// Seconds allowed for reading every room back at the end, from each source (the
+    /// history API, CQL).
     #[arg(long, default_value_t = 60.0)]
     pub history_timeout: f64,
+    /// CQL contact points (`host:port`, comma-separated) of the store the cluster writes
+    /// to: the rooms are also read back straight from it, and judged by it. Needs
+    /// --cql-keyspace.
+    #[arg(long, value_delimiter = ',')]
+    pub cql_nodes: Vec<String>,
+    /// The cluster's keyspace (the node's --cql-keyspace); read at QUORUM.
+    #[arg(long)]
+    pub cql_keyspace: Option<String>,
     /// Users are `<prefix>-<room>-<member>`.
     #[arg(long, default_value = "rb")]
     pub user_prefix: String,
@@ -104,8 +168,8 @@ pub struct RebalanceArgs {
     #[arg(long)]
     pub markdown: Option<PathBuf>,
     /// Write the per-second timeline (acks/s and ack latency, members joined,
-    /// disconnections and resumes, with --command's run shaded) as an SVG chart to this
-    /// file. The JSON report carries the same numbers as `timeline`.
+    /// disconnections, stalled reconnects and resumes, with --command's run and each fault
+    /// shaded) as an SVG chart to this file. The JSON report carries the same numbers as `timeline`.
     #[arg(long)]
     pub chart: Option<PathBuf>,
     /// No progress line on stderr.
@@ -127,8 +191,9 @@ const RETRY_LATER: Duration = Duration::from_millis(500);
 const WAKE: Duration = Duration::from_millis(50);
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 const OUTPUT_TAIL: usize = 4000;
-const MAX_EXAMPLES: usize = 10;
 const HISTORY_LIMIT: u32 = 1000;
+/// How a session dropped as dead (`--dead-after`) is labelled in `closes`.
+const STALLED: &str = "stalled";
 
 impl RebalanceArgs {
     pub fn room_prefix(&self) -> String {
@@ -176,6 +241,24 @@ impl RebalanceArgs {
                 ));
             }
         }
+        seconds("dead-after", self.dead_after, false)?;
+        self.check_faults()?;
+        match (self.cql_nodes.is_empty(), &self.cql_keyspace) {
+            (true, None) => {}
+            (false, None) => return Err("--cql-nodes needs --cql-keyspace".into()),
+            (true, Some(_)) => return Err("--cql-keyspace needs --cql-nodes".into()),
+            (false, Some(ks)) => {
+                if !store::valid_keyspace(ks) {
+                    return Err(format!(
+                        "--cql-keyspace {ks:?} is not a plain CQL identifier (a letter, then \
+                         letters, digits or _, at most 48)"
+                    ));
+                }
+                if let Some(n) = self.cql_nodes.iter().find(|n| !host_port(n)) {
+                    return Err(format!("--cql-nodes: {n:?} is not host:port"));
+                }
+            }
+        }
         let last_user = format!(
             "{}-{}-{}",
             self.user_prefix,
@@ -187,117 +270,114 @@ impl RebalanceArgs {
         crate::args::check_room_prefix(last_room)?;
         Ok(())
     }
-}
 
-// ---------------------------------------------------------------------------------------
-// Accounting: pure, unit-tested.
-
-/// What one member ended up with, as the accounting needs it.
-#[derive(Debug, Clone, Default)]
-pub struct MemberView {
-    pub room: usize,
-    pub user: String,
-    /// The room's head when the member first joined (0 for an empty room); `None` if it
-    /// never joined. Every stored message after it must reach the member.
-    pub join_point: Option<u64>,
-    /// Ids received (live or replayed), each once.
-    pub received: HashSet<u64>,
-    /// Acks: cid → id.
-    pub acked: BTreeMap<String, u64>,
-}
-
-/// The verdict on the guarantees.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Correctness {
-    /// Acked (cid → id) pairs whose id is not in the room's history under that cid. Must be 0.
-    pub acked_lost: u64,
-    /// Extra stored copies: a (user, cid) of this run stored under more than one id.
-    pub stored_twice: u64,
-    /// Stored messages after a member's join point that it never received (live or
-    /// replayed), summed over members.
-    pub gaps: u64,
-    /// Members with at least one gap.
-    pub members_with_gaps: u64,
-    /// Ids members received that the history does not hold (delivered, never stored: only
-    /// expected around a crash, and never acked).
-    pub delivered_not_stored: u64,
-    /// Messages read back over the HTTP API, all rooms.
-    pub history_messages: u64,
-    pub history_pages: u64,
-    /// Acked pairs checked.
-    pub acked_checked: u64,
-    /// Up to ten examples of each problem, for a human to follow up.
-    pub examples: Vec<String>,
-}
-
-/// Checks every member's acks and stream against its room's history (oldest first).
-pub fn account(histories: &[Vec<HistoryEntry>], members: &[MemberView]) -> Correctness {
-    let mut c = Correctness::default();
-    let example = |c: &mut Correctness, s: String| {
-        if c.examples.len() < MAX_EXAMPLES {
-            c.examples.push(s);
+    /// The fault flags: complete, consistent and fitting in --duration.
+    fn check_faults(&self) -> Result<(), String> {
+        let pause = self.pause_pid.is_some() || self.pause_secs.is_some();
+        let cut =
+            self.cut_command.is_some() || self.heal_command.is_some() || self.cut_secs.is_some();
+        if pause && cut {
+            return Err(
+                "--pause-pid and --cut-command cannot be combined: one kind of fault \
+                        per run"
+                    .into(),
+            );
         }
-    };
-    let users: HashSet<&str> = members.iter().map(|m| m.user.as_str()).collect();
-    let mut by_id: Vec<HashMap<u64, &HistoryEntry>> = Vec::with_capacity(histories.len());
-    for (room, h) in histories.iter().enumerate() {
-        c.history_messages += h.len() as u64;
-        by_id.push(h.iter().map(|e| (e.id, e)).collect());
-        let mut copies: HashMap<(&str, &str), u64> = HashMap::new();
-        for e in h.iter().filter(|e| users.contains(e.from.as_str())) {
-            *copies.entry((&e.from, &e.cid)).or_default() += 1;
-        }
-        for ((from, cid), n) in copies {
-            if n > 1 {
-                c.stored_twice += n - 1;
-                example(
-                    &mut c,
-                    format!("room {room}: {from}/{cid} stored {n} times"),
+        let length = if pause {
+            match (self.pause_pid, self.pause_secs) {
+                (Some(0), _) => return Err("--pause-pid must be a process id, not 0".into()),
+                (Some(_), Some(n)) => {
+                    seconds("pause-secs", n, true)?;
+                    n
+                }
+                (Some(_), None) => return Err("--pause-pid needs --pause-secs".into()),
+                (None, _) => return Err("--pause-secs needs --pause-pid".into()),
+            }
+        } else if cut {
+            let nonempty = |flag: &str, v: &Option<String>| match v {
+                Some(c) if c.trim().is_empty() => Err(format!("--{flag} must not be empty")),
+                Some(_) => Ok(()),
+                None => Err(format!(
+                    "--cut-command, --heal-command and --cut-secs go together: --{flag} is \
+                     missing"
+                )),
+            };
+            nonempty("cut-command", &self.cut_command)?;
+            nonempty("heal-command", &self.heal_command)?;
+            let Some(n) = self.cut_secs else {
+                return Err("--cut-command, --heal-command and --cut-secs go together: \
+                            --cut-secs is missing"
+                    .into());
+            };
+            seconds("cut-secs", n, true)?;
+            n
+        } else {
+            if self.fault_at.is_some() || self.fault_every.is_some() || self.fault_repeat != 1 {
+                return Err(
+                    "--fault-at, --fault-repeat and --fault-every need a fault: --pause-pid \
+                     or --cut-command"
+                        .into(),
                 );
             }
+            return Ok(());
+        };
+        let at = self.fault_at.unwrap_or(self.command_at);
+        seconds("fault-at", at, false)?;
+        if self.fault_repeat == 0 {
+            return Err("--fault-repeat must be at least 1".into());
         }
+        let every = match (self.fault_repeat, self.fault_every) {
+            (_, Some(e)) => {
+                seconds("fault-every", e, true)?;
+                if e <= length {
+                    return Err(format!(
+                        "--fault-every ({e} s) must be longer than each fault ({length} s)"
+                    ));
+                }
+                e
+            }
+            (1, None) => 0.0,
+            (_, None) => return Err("--fault-repeat above 1 needs --fault-every".into()),
+        };
+        let end = at + f64::from(self.fault_repeat - 1) * every + length;
+        if end > self.duration {
+            return Err(format!(
+                "--fault-repeat {} × --fault-every {every} s from --fault-at {at} s, each \
+                 lasting {length} s, ends at {end} s: after the end of sending (--duration {} s)",
+                self.fault_repeat, self.duration
+            ));
+        }
+        Ok(())
     }
-    let empty = HashMap::new();
-    for m in members {
-        let stored = by_id.get(m.room).unwrap_or(&empty);
-        for (cid, id) in &m.acked {
-            c.acked_checked += 1;
-            let ok = stored
-                .get(id)
-                .is_some_and(|e| e.cid == *cid && e.from == m.user);
-            if !ok {
-                c.acked_lost += 1;
-                example(
-                    &mut c,
-                    format!("{}: {cid} acked as {id}, not in the history", m.user),
-                );
-            }
-        }
-        for id in &m.received {
-            if !stored.contains_key(id) {
-                c.delivered_not_stored += 1;
-            }
-        }
-        if let Some(jp) = m.join_point {
-            let missing = histories
-                .get(m.room)
-                .map(|h| {
-                    h.iter()
-                        .filter(|e| e.id > jp && !m.received.contains(&e.id))
-                        .count() as u64
-                })
-                .unwrap_or(0);
-            if missing > 0 {
-                c.gaps += missing;
-                c.members_with_gaps += 1;
-                example(
-                    &mut c,
-                    format!("{}: missed {missing} stored messages", m.user),
-                );
-            }
-        }
+
+    /// The faults asked for (after [`validate`](Self::validate)).
+    pub fn fault_plan(&self) -> Option<FaultPlan> {
+        let (action, length) = match (&self.pause_pid, &self.cut_command, &self.heal_command) {
+            (Some(pid), _, _) => (FaultAction::Pause { pid: *pid }, self.pause_secs?),
+            (None, Some(cut), Some(heal)) => (
+                FaultAction::Cut {
+                    cut: cut.clone(),
+                    heal: heal.clone(),
+                },
+                self.cut_secs?,
+            ),
+            _ => return None,
+        };
+        Some(FaultPlan {
+            action,
+            first_at: Duration::from_secs_f64(self.fault_at.unwrap_or(self.command_at)),
+            every: Duration::from_secs_f64(self.fault_every.unwrap_or(0.0)),
+            repeat: self.fault_repeat,
+            length: Duration::from_secs_f64(length),
+            command_timeout: Duration::from_secs_f64(self.command_timeout),
+        })
     }
-    c
+}
+
+/// `host:port` with a port number.
+fn host_port(s: &str) -> bool {
+    s.rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -317,6 +397,7 @@ struct Shared {
     acked: AtomicU64,
     received: AtomicU64,
     disconnects: AtomicU64,
+    stalled: AtomicU64,
     connected: AtomicU64,
 }
 
@@ -326,14 +407,32 @@ impl Shared {
     }
 }
 
-/// A member's live state the coordinator polls to decide when the drain is complete.
-#[derive(Default)]
+/// A member's live state the coordinator polls to decide when the drain is complete and
+/// when the members have recovered from a fault.
 struct Live {
-    /// Joined and caught up, with no disruption open.
+    /// Joined and caught up, with no disruption open, and every send due by the end of
+    /// sending scheduled.
     settled: AtomicBool,
+    /// Joined and caught up, with no disruption open.
+    resumed: AtomicBool,
     pending: AtomicU64,
+    /// Ns since base when the oldest unanswered send was created; `u64::MAX` if none.
+    oldest_pending_ns: AtomicU64,
     last_seen: AtomicU64,
     max_acked: AtomicU64,
+}
+
+impl Default for Live {
+    fn default() -> Live {
+        Live {
+            settled: AtomicBool::new(false),
+            resumed: AtomicBool::new(false),
+            pending: AtomicU64::new(0),
+            oldest_pending_ns: AtomicU64::new(u64::MAX),
+            last_seen: AtomicU64::new(0),
+            max_acked: AtomicU64::new(0),
+        }
+    }
 }
 
 /// One disruption: from losing the connection (or a refused join) to being joined again
@@ -346,6 +445,8 @@ struct Episode {
 }
 
 struct Pending {
+    /// Ns since base when the schedule created it.
+    created_ns: u64,
     first_sent_ns: Option<u64>,
     /// When it was last written on the current session (None: not on this session).
     last_sent: Option<Instant>,
@@ -372,6 +473,8 @@ struct MemberOutcome {
     refusals: BTreeMap<String, u64>,
     sessions: u64,
     episodes: Vec<Episode>,
+    /// Ns since base of each connection dropped as dead (`--dead-after`).
+    stalled_ns: Vec<u64>,
     /// `(ns since base when the ack arrived, first send to ack in µs)` per acked send.
     acks: Vec<(u64, u64)>,
     /// Ns since base of each time the member became joined, and stopped being joined
@@ -394,6 +497,8 @@ struct MemberPlan {
     size: usize,
     connect_timeout: Duration,
     resend_after: Duration,
+    /// `--dead-after`; `None` when disabled.
+    dead_after: Option<Duration>,
     max_backoff: Duration,
     finish: watch::Receiver<bool>,
     stop: watch::Receiver<bool>,
@@ -401,6 +506,8 @@ struct MemberPlan {
 
 enum Ev {
     Frame(bytes::Bytes),
+    /// A ping, pong or other frame without data: the socket is alive.
+    Control,
     Closed(u16),
 }
 
@@ -409,7 +516,7 @@ async fn read_session(mut reader: client::Reader, tx: mpsc::Sender<Ev>) {
         let ev = match reader.next().await {
             Ok(Incoming::Data(b)) => Ev::Frame(b),
             Ok(Incoming::Close(code)) => Ev::Closed(code),
-            Ok(_) => continue,
+            Ok(_) => Ev::Control,
             Err(_) => Ev::Closed(1006),
         };
         let last = matches!(ev, Ev::Closed(_));
@@ -452,6 +559,11 @@ fn resume_needed(code: &str) -> bool {
 struct Member {
     p: MemberPlan,
     out: MemberOutcome,
+    /// Ids received, for `out.view.received` to hold each once.
+    seen: HashSet<u64>,
+    /// Since when the current session has had sends written on it waiting for an answer
+    /// with no frame arriving; `None` while nothing waits.
+    silent_since: Option<Instant>,
     pending: BTreeMap<u64, Pending>,
     next_seq: u64,
     last_seen: u64,
@@ -480,10 +592,19 @@ impl Member {
             && self.open_episode.is_none()
             && all_scheduled;
         self.p.live.settled.store(settled, Relaxed);
+        let resumed = self.joined && self.catch_up_to.is_none() && self.open_episode.is_none();
+        self.p.live.resumed.store(resumed, Relaxed);
         self.p
             .live
             .pending
             .store(self.pending.len() as u64, Relaxed);
+        // Sequence numbers are created in order, so the first pending is the oldest.
+        let oldest = self
+            .pending
+            .values()
+            .next()
+            .map_or(u64::MAX, |p| p.created_ns);
+        self.p.live.oldest_pending_ns.store(oldest, Relaxed);
         self.p.live.last_seen.store(self.last_seen, Relaxed);
     }
 
@@ -524,10 +645,41 @@ impl Member {
         }
     }
 
-    /// Sends every pending message that is due on this session.
-    async fn flush(&mut self, ws: &mut WsWrite) -> bool {
+    /// The label of a session dropped as dead.
+    fn stalled_label(&self) -> String {
+        format!(
+            "{STALLED} (no frame in {} s)",
+            self.p.dead_after.unwrap_or_default().as_secs_f64()
+        )
+    }
+
+    /// A frame (of any kind) arrived at `now`: sends still waiting on this session wait
+    /// from now on.
+    fn heard(&mut self, now: Instant) {
+        self.silent_since = self
+            .pending
+            .values()
+            .any(|p| p.last_sent.is_some())
+            .then_some(now);
+    }
+
+    /// The session counts as dead: sends written on it have waited `--dead-after` with no
+    /// frame arriving.
+    fn stalled(&self, now: Instant) -> bool {
+        match (self.p.dead_after, self.silent_since) {
+            (Some(d), Some(since)) => {
+                now.saturating_duration_since(since) >= d
+                    && self.pending.values().any(|p| p.last_sent.is_some())
+            }
+            _ => false,
+        }
+    }
+
+    /// Sends every pending message that is due on this session; `Err(label)` when the
+    /// session must be dropped (a write failed, or blocked for `--dead-after`).
+    async fn flush(&mut self, ws: &mut WsWrite) -> Result<(), String> {
         if !self.joined {
-            return true;
+            return Ok(());
         }
         let now = Instant::now();
         let now_ns = self.p.shared.now_ns();
@@ -550,9 +702,20 @@ impl Member {
                 "body": body(self.p.size, self.p.index, seq),
             });
             let mut bytes = frame.to_string().into_bytes();
-            if client::send_text(ws, &mut bytes).await.is_err() {
-                return false;
+            let write = client::send_text(ws, &mut bytes);
+            let written = match self.p.dead_after {
+                // A peer that stopped reading fills the socket's buffers and the write
+                // waits: that is a dead connection too.
+                Some(d) => match tokio::time::timeout(d, write).await {
+                    Ok(r) => r.is_ok(),
+                    Err(_) => return Err(self.stalled_label()),
+                },
+                None => write.await.is_ok(),
+            };
+            if !written {
+                return Err("write failed".into());
             }
+            self.silent_since.get_or_insert(now);
             self.out.attempts += 1;
             if let Some(p) = self.pending.get_mut(&seq) {
                 if p.first_sent_ns.is_none() {
@@ -563,7 +726,7 @@ impl Member {
                 p.first_sent_ns.get_or_insert(now_ns);
             }
         }
-        true
+        Ok(())
     }
 
     /// How many sends this member's schedule asks for by `t` (ns since base), `t` capped at
@@ -590,11 +753,13 @@ impl Member {
 
     /// Creates the sends the schedule asks for by now (whether connected or not).
     fn schedule(&mut self) {
-        let due = self.due_by(self.p.shared.now_ns());
+        let now = self.p.shared.now_ns();
+        let due = self.due_by(now);
         while self.next_seq < due {
             self.pending.insert(
                 self.next_seq,
                 Pending {
+                    created_ns: now,
                     first_sent_ns: None,
                     last_sent: None,
                     retry_at: None,
@@ -658,10 +823,13 @@ impl Member {
                 match id {
                     Some(id) if in_room => {
                         self.p.shared.received.fetch_add(1, Relaxed);
-                        if !self.out.view.received.insert(id) {
+                        if !self.seen.insert(id) {
                             self.out.duplicates += 1;
-                        } else if id <= self.last_seen {
-                            self.out.out_of_order += 1;
+                        } else {
+                            self.out.view.received.push(id);
+                            if id <= self.last_seen {
+                                self.out.out_of_order += 1;
+                            }
                         }
                         self.last_seen = self.last_seen.max(id);
                         self.maybe_caught_up();
@@ -756,6 +924,7 @@ impl Member {
             }
         };
         self.out.sessions += 1;
+        self.silent_since = None;
         let (reader, mut control) = client::reader(rd);
         let (tx, mut events) = mpsc::channel(1024);
         let read_task: JoinHandle<()> = tokio::spawn(read_session(reader, tx));
@@ -780,17 +949,27 @@ impl Member {
                 // queued before its control sender is dropped.
                 ev = events.recv() => match ev {
                     Some(Ev::Frame(b)) => {
-                        if let Some(reason) = self.on_frame(&b) {
+                        let reason = self.on_frame(&b);
+                        self.heard(Instant::now());
+                        if let Some(reason) = reason {
                             break SessionEnd::Lost(reason);
                         }
                     }
+                    Some(Ev::Control) => self.heard(Instant::now()),
                     Some(Ev::Closed(code)) => break SessionEnd::Lost(close_label(code)),
                     None => break SessionEnd::Lost(close_label(1006)),
                 },
                 c = control.recv() => match c {
                     Some(f) => {
-                        if ws.write_frame(f).await.is_err() {
-                            break SessionEnd::Lost("write failed".into());
+                        let write = ws.write_frame(f);
+                        let written = match self.p.dead_after {
+                            Some(d) => tokio::time::timeout(d, write).await.ok(),
+                            None => Some(write.await),
+                        };
+                        match written {
+                            Some(Ok(())) => {}
+                            Some(Err(_)) => break SessionEnd::Lost("write failed".into()),
+                            None => break SessionEnd::Lost(self.stalled_label()),
                         }
                     }
                     None => {
@@ -805,9 +984,12 @@ impl Member {
                     if !self.joined && tokio::time::Instant::now() > joined_by {
                         break SessionEnd::Lost("no joined frame".into());
                     }
+                    if self.stalled(Instant::now()) {
+                        break SessionEnd::Lost(self.stalled_label());
+                    }
                     self.schedule();
-                    if !self.flush(&mut ws).await {
-                        break SessionEnd::Lost("write failed".into());
+                    if let Err(label) = self.flush(&mut ws).await {
+                        break SessionEnd::Lost(label);
                     }
                 }
             }
@@ -818,10 +1000,16 @@ impl Member {
         // A close the bench asked for is not a disruption.
         if let SessionEnd::Lost(label) = &end {
             if !self.p.shared.finishing.load(Relaxed) {
+                let stalled = label.starts_with(STALLED);
+                if stalled {
+                    self.out.stalled_ns.push(self.p.shared.now_ns());
+                    self.p.shared.stalled.fetch_add(1, Relaxed);
+                }
                 let is_close = label.starts_with(|c: char| c.is_ascii_digit())
                     || label.starts_with("error")
                     || label == "no joined frame"
-                    || label == "write failed";
+                    || label == "write failed"
+                    || stalled;
                 self.disrupted(label.clone(), is_close);
             }
         }
@@ -979,6 +1167,18 @@ pub fn run_command(command: &str, timeout: Duration) -> CommandOutcome {
 // ---------------------------------------------------------------------------------------
 // The report.
 
+/// The faults asked for, as configured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FaultConfig {
+    /// `pause` or `cut`.
+    pub kind: String,
+    pub target: String,
+    pub first_at_s: f64,
+    pub every_s: f64,
+    pub repeat: u32,
+    pub length_s: f64,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RebalanceConfig {
     pub url: String,
@@ -990,6 +1190,11 @@ pub struct RebalanceConfig {
     pub command_at_s: f64,
     pub drain_s: f64,
     pub resend_after_s: f64,
+    /// `--dead-after`; 0 when disabled.
+    pub dead_after_s: f64,
+    pub faults: Option<FaultConfig>,
+    pub cql_nodes: Vec<String>,
+    pub cql_keyspace: Option<String>,
     pub room_prefix: String,
     pub user_prefix: String,
 }
@@ -1000,8 +1205,13 @@ pub struct Disruption {
     pub clients_disconnected: u64,
     /// Disruption episodes (a member's loss until it was resumed), all members.
     pub disconnections: u64,
-    /// Of those, before --command started (should be 0).
+    /// Of those, before --command or the first fault started (should be 0).
     pub disconnections_before_command: u64,
+    /// Connections members dropped as dead (`--dead-after`: no frame arrived while sends
+    /// waited for their ack), each followed by a reconnect.
+    pub stalled_reconnects: u64,
+    /// Members that dropped at least one connection as dead.
+    pub clients_stalled: u64,
     /// Episodes not resumed by the end of the drain.
     pub not_resumed: u64,
     /// Every disrupted client had resumed (rejoined and caught up) by the end of the drain.
@@ -1021,6 +1231,54 @@ pub struct Disruption {
     pub refusals: BTreeMap<String, u64>,
     /// Connections opened, all members (initial ones included).
     pub sessions: u64,
+}
+
+/// One injected fault and what it cost.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FaultReport {
+    /// 1 for the first.
+    pub number: u32,
+    /// `pause` or `cut`.
+    pub kind: String,
+    pub target: String,
+    /// Seconds after sending started at which it began (`kill -STOP`, the cut started).
+    pub started_at_s: f64,
+    /// When it ended: SIGCONT sent, or the heal command returned. `None` if never undone.
+    pub ended_at_s: Option<f64>,
+    /// Undone before its time because the run ended early.
+    pub early: bool,
+    /// Members with a disruption that began in this fault's window (from its start until
+    /// the next fault's start, or the end of the run).
+    pub clients_cut_off: u64,
+    pub disconnections: u64,
+    /// Connections dropped as dead in the window.
+    pub stalled_reconnects: u64,
+    /// Seconds from its end until every member was joined and caught up, had seen a
+    /// message at least as new as every ack given before that end, and had every send made
+    /// before that end answered. `None` when that did not happen before the next fault or
+    /// the end of the drain.
+    pub end_to_all_resumed_s: Option<f64>,
+    pub inject_error: Option<String>,
+    pub restore_error: Option<String>,
+    /// `cut` only: the cut and heal commands' outcomes.
+    pub cut: Option<CommandOutcome>,
+    pub heal: Option<CommandOutcome>,
+}
+
+/// Reading the rooms back at the end.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReadBack {
+    /// Rows and pages read through the history API at --url.
+    pub history_rows: u64,
+    pub history_pages: u64,
+    /// Why the history could not be read completely, if it could not.
+    pub history_error: Option<String>,
+    /// Rows and buckets read straight from the CQL store (with --cql-nodes).
+    pub cql_rows: Option<u64>,
+    pub cql_buckets: Option<u64>,
+    pub cql_error: Option<String>,
+    /// Where the history and CQL disagree; `None` unless both were read completely.
+    pub disagreement: Option<Disagreement>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -1046,10 +1304,12 @@ pub struct SendStats {
     pub ack_latency_us: LatencySummary,
 }
 
+/// The streams as members saw them on the wire (the store's verdict is `correctness`).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StreamStats {
     pub received: u64,
     pub duplicates: u64,
+    /// Ids that arrived not above the last id the member had seen (stored or not).
     pub out_of_order: u64,
     pub misrouted: u64,
 }
@@ -1062,16 +1322,17 @@ pub struct RebalanceReport {
     pub git_rev: String,
     pub nproc: usize,
     pub started_unix_ms: u64,
-    /// `PASS` when acked_lost is 0 and the history could be read, else `FAIL`.
+    /// `PASS` when the store judged was read and shows no failure, else `FAIL`.
     pub verdict: String,
     pub config: RebalanceConfig,
     pub external_command: Option<CommandOutcome>,
+    /// Each injected fault, in order.
+    pub faults: Vec<FaultReport>,
     pub disruption: Disruption,
     pub sends: SendStats,
     pub stream: StreamStats,
     pub correctness: Correctness,
-    /// Why the history could not be verified, if it could not.
-    pub history_error: Option<String>,
+    pub read_back: ReadBack,
     /// The drain ended with every client settled and every send answered.
     pub drained: bool,
     pub bench_cpu_percent: Option<f64>,
@@ -1087,7 +1348,7 @@ pub struct RebalanceReport {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RebalancePoint {
     /// Seconds since the first scheduled send, at the start of this second (the
-    /// command's `started_at_s` is on the same clock).
+    /// command's and faults' `started_at_s` are on the same clock).
     pub t_s: f64,
     /// Sends acked in this second (the ack that settled a pending send).
     pub acks: u64,
@@ -1100,6 +1361,8 @@ pub struct RebalancePoint {
     /// Disruptions that began in this second (a member lost its connection or a join was
     /// refused), as counted in `disruption.disconnections`.
     pub disconnections: u64,
+    /// Of the connections lost, those the member dropped as dead (`--dead-after`).
+    pub stalled_reconnects: u64,
     /// Disruptions that ended in this second (the member rejoined and caught up).
     pub resumes: u64,
 }
@@ -1110,12 +1373,13 @@ const JOINS: usize = 1;
 const LEAVES: usize = 2;
 const DISCONNECTS: usize = 3;
 const RESUMES: usize = 4;
+const STALLS: usize = 5;
 
 /// The timeline from what the members recorded, `start_ns..end_ns` (ns since base). Built
 /// after the run from timestamps the members keep anyway, so it costs the run nothing.
 fn timeline(outcomes: &[MemberOutcome], start_ns: u64, end_ns: u64) -> Vec<RebalancePoint> {
     let sec = |ns: u64| (ns.saturating_sub(start_ns) / 1_000_000_000) as usize;
-    let mut s = Seconds::<5>::default();
+    let mut s = Seconds::<6>::default();
     for o in outcomes {
         for &(at, us) in &o.acks {
             s.count(sec(at), ACKS, 1);
@@ -1126,6 +1390,9 @@ fn timeline(outcomes: &[MemberOutcome], start_ns: u64, end_ns: u64) -> Vec<Rebal
         }
         for &at in &o.left_ns {
             s.count(sec(at), LEAVES, 1);
+        }
+        for &at in &o.stalled_ns {
+            s.count(sec(at), STALLS, 1);
         }
         for e in &o.episodes {
             s.count(sec(e.at_ns), DISCONNECTS, 1);
@@ -1149,6 +1416,7 @@ fn timeline(outcomes: &[MemberOutcome], start_ns: u64, end_ns: u64) -> Vec<Rebal
                 ack_max_us: l.max,
                 members_joined: joined[i].max(0) as u64,
                 disconnections: x.counts[DISCONNECTS],
+                stalled_reconnects: x.counts[STALLS],
                 resumes: x.counts[RESUMES],
             }
         })
@@ -1156,8 +1424,38 @@ fn timeline(outcomes: &[MemberOutcome], start_ns: u64, end_ns: u64) -> Vec<Rebal
 }
 
 impl RebalanceReport {
+    /// The store that was judged could be read, and shows no failure.
     pub fn pass(&self) -> bool {
-        self.correctness.acked_lost == 0 && self.history_error.is_none()
+        self.correctness.clean() && self.store_error().is_none()
+    }
+
+    /// Why the store that was judged (CQL when asked for, else the history API) could not
+    /// be read completely.
+    pub fn store_error(&self) -> Option<&str> {
+        let rb = &self.read_back;
+        if self.config.cql_nodes.is_empty() {
+            rb.history_error.as_deref()
+        } else {
+            rb.cql_error.as_deref()
+        }
+    }
+
+    /// One line saying why the run failed, for stderr.
+    pub fn failure_line(&self) -> String {
+        let mut parts: Vec<String> = self
+            .correctness
+            .failures()
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        if let Some(e) = self.store_error() {
+            parts.push(format!(
+                "the store ({}) could not be read: {e}",
+                self.correctness.judged_by
+            ));
+        }
+        format!("rebalance FAIL: {}", parts.join(", "))
     }
 
     pub fn to_json(&self) -> String {
@@ -1165,7 +1463,7 @@ impl RebalanceReport {
     }
 
     /// The timeline as an SVG chart: ack latency, acks/s and members, with the command's
-    /// run shaded and the end of sending marked.
+    /// run and each fault shaded and the end of sending marked.
     pub fn chart(&self) -> String {
         let t = &self.timeline;
         let at = |p: &RebalancePoint| p.t_s;
@@ -1178,27 +1476,38 @@ impl RebalanceReport {
                 to: Some(cmd.started_at_s + cmd.duration_s),
             });
         }
+        for f in &self.faults {
+            let length = c.faults.as_ref().map_or(0.0, |x| x.length_s);
+            marks.push(Mark {
+                label: format!("{} {}", f.kind, f.number),
+                from: f.started_at_s,
+                to: Some(f.ended_at_s.unwrap_or(f.started_at_s + length)),
+            });
+        }
         marks.push(Mark {
             label: "sending ends".into(),
             from: c.duration_s,
             to: None,
         });
+        let mut changes = Vec::new();
+        if let Some(x) = &self.external_command {
+            changes.push(format!("--command at {} s: {}", x.started_at_s, x.command));
+        }
+        if let Some(f) = &c.faults {
+            changes.push(format!(
+                "{} × {} {} s ({}) from {} s",
+                f.repeat, f.kind, f.length_s, f.target, f.first_at_s
+            ));
+        }
+        if changes.is_empty() {
+            changes.push("no --command, no faults".into());
+        }
         Chart {
             title: format!(
                 "chat-bench rebalance: {} rooms × {} members × {} msg/s",
                 c.rooms, c.members, c.rate_per_member
             ),
-            subtitle: format!(
-                "{} · git {} · {}",
-                c.url,
-                self.git_rev,
-                self.external_command
-                    .as_ref()
-                    .map_or("no --command".to_owned(), |x| format!(
-                        "--command at {} s: {}",
-                        x.started_at_s, x.command
-                    ))
-            ),
+            subtitle: format!("{} · git {} · {}", c.url, self.git_rev, changes.join(" · ")),
             x_label: "seconds since the first scheduled send".into(),
             panels: vec![
                 latency_panel(
@@ -1219,6 +1528,9 @@ impl RebalanceReport {
                         Series::of("disconnections/s", "#d62728", t, at, |p| {
                             p.disconnections as f64
                         }),
+                        Series::of("stalled/s", "#ff7f0e", t, at, |p| {
+                            p.stalled_reconnects as f64
+                        }),
                         Series::of("resumes/s", "#17becf", t, at, |p| p.resumes as f64),
                     ],
                 },
@@ -1234,6 +1546,7 @@ impl RebalanceReport {
         let d = &self.disruption;
         let s = &self.sends;
         let k = &self.correctness;
+        let rb = &self.read_back;
         let mut o = String::new();
         report::title_md(
             &mut o,
@@ -1243,7 +1556,7 @@ impl RebalanceReport {
         let _ = writeln!(
             o,
             "git `{}` · nproc {} · {} · {} rooms × {} members at {} msg/s each, {} B bodies, \
-             {} s of sending, drain up to {} s\n",
+             {} s of sending, drain up to {} s, dead after {}\n",
             self.git_rev,
             self.nproc,
             c.url,
@@ -1252,7 +1565,12 @@ impl RebalanceReport {
             c.rate_per_member,
             c.body_bytes,
             c.duration_s,
-            c.drain_s
+            c.drain_s,
+            if c.dead_after_s > 0.0 {
+                format!("{} s of silence", c.dead_after_s)
+            } else {
+                "never (--dead-after 0)".into()
+            }
         );
         match &self.external_command {
             Some(x) => {
@@ -1273,35 +1591,127 @@ impl RebalanceReport {
                 }
                 let _ = writeln!(o);
             }
-            None => {
-                let _ = writeln!(o, "No command: a plain resume-capable run.\n");
+            None if c.faults.is_none() => {
+                let _ = writeln!(o, "No command, no faults: a plain resume-capable run.\n");
             }
+            None => {}
         }
         let opt_s = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.2} s"));
+        if let Some(f) = &c.faults {
+            let _ = writeln!(
+                o,
+                "Faults: {} × {} of {} s ({}), from {} s{}\n",
+                f.repeat,
+                f.kind,
+                f.length_s,
+                f.target,
+                f.first_at_s,
+                if f.repeat > 1 {
+                    format!(", every {} s", f.every_s)
+                } else {
+                    String::new()
+                }
+            );
+            let _ = writeln!(
+                o,
+                "| fault | started | ended | clients cut off | disconnections | stalled reconnects | end → all resumed | problems |"
+            );
+            let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
+            for x in &self.faults {
+                let mut problems: Vec<String> = Vec::new();
+                if let Some(e) = &x.inject_error {
+                    problems.push(format!("inject: {e}"));
+                }
+                if let Some(e) = &x.restore_error {
+                    problems.push(format!("undo: {e}"));
+                }
+                if x.early {
+                    problems.push("undone early".into());
+                }
+                let _ = writeln!(
+                    o,
+                    "| {} {} | {:.2} s | {} | {} | {} | {} | {} | {} |",
+                    x.kind,
+                    x.number,
+                    x.started_at_s,
+                    opt_s(x.ended_at_s),
+                    x.clients_cut_off,
+                    x.disconnections,
+                    x.stalled_reconnects,
+                    opt_s(x.end_to_all_resumed_s),
+                    if problems.is_empty() {
+                        "none".into()
+                    } else {
+                        problems.join("; ")
+                    }
+                );
+            }
+            let _ = writeln!(o);
+        }
+        let judged = match k.judged_by.as_str() {
+            "cql" => "the CQL store",
+            _ => "the history API",
+        };
+        let _ = writeln!(o, "Judged by {judged}, read back after the drain.\n");
+        let disagreement = match &rb.disagreement {
+            Some(x) => format!(
+                "{} only in the history, {} only in CQL, {} differing",
+                x.history_only, x.cql_only, x.differing
+            ),
+            None => "not compared".into(),
+        };
         let rows: Vec<(&str, String)> = vec![
             ("**acked_lost**", k.acked_lost.to_string()),
-            ("stored_twice", k.stored_twice.to_string()),
+            ("**stored_twice**", k.stored_twice.to_string()),
             (
-                "gaps (members with gaps)",
+                "**gaps** (members with gaps)",
                 format!("{} ({})", k.gaps, k.members_with_gaps),
             ),
-            ("duplicates received", self.stream.duplicates.to_string()),
-            ("out of order", self.stream.out_of_order.to_string()),
-            ("misrouted", self.stream.misrouted.to_string()),
-            ("delivered, not stored", k.delivered_not_stored.to_string()),
             (
-                "acked pairs checked / history messages (pages)",
-                format!(
-                    "{} / {} ({})",
-                    k.acked_checked, k.history_messages, k.history_pages
-                ),
+                "**out_of_order** (members)",
+                format!("{} ({})", k.out_of_order, k.members_out_of_order),
             ),
+            (
+                "**unknown_ids** (members)",
+                format!("{} ({})", k.unknown_ids, k.members_with_unknown_ids),
+            ),
+            (
+                "stored after a member's last received (tail)",
+                k.unreceived_tail.to_string(),
+            ),
+            ("ids in two rows", k.ids_reused.to_string()),
+            (
+                "acked pairs checked / stored messages judged",
+                format!("{} / {}", k.acked_checked, k.stored_messages),
+            ),
+            (
+                "history rows (pages)",
+                format!("{} ({})", rb.history_rows, rb.history_pages),
+            ),
+            (
+                "CQL rows (buckets)",
+                match (rb.cql_rows, rb.cql_buckets) {
+                    (Some(r), Some(b)) => format!("{r} ({b})"),
+                    _ => "not read".into(),
+                },
+            ),
+            ("history vs CQL", disagreement),
+            ("duplicates received", self.stream.duplicates.to_string()),
+            (
+                "wire order: ids not above the last seen",
+                self.stream.out_of_order.to_string(),
+            ),
+            ("misrouted", self.stream.misrouted.to_string()),
             (
                 "clients disconnected / episodes",
                 format!("{} / {}", d.clients_disconnected, d.disconnections),
             ),
             (
-                "episodes before the command",
+                "stalled reconnects (clients)",
+                format!("{} ({})", d.stalled_reconnects, d.clients_stalled),
+            ),
+            (
+                "episodes before the command or first fault",
                 d.disconnections_before_command.to_string(),
             ),
             (
@@ -1351,14 +1761,34 @@ impl RebalanceReport {
                 ("ack (first send → ack)", &s.ack_latency_us),
             ],
         );
-        if let Some(e) = &self.history_error {
-            let _ = writeln!(o, "\n**History could not be verified:** {e}");
+        if let Some(e) = self.store_error() {
+            let _ = writeln!(o, "\n**The store ({judged}) could not be read:** {e}");
         }
-        for (title, items) in [
-            ("Examples", &k.examples),
-            ("Warnings", &self.warnings),
-            ("Notes", &self.notes),
-        ] {
+        if !k.examples.is_empty() {
+            let _ = writeln!(o, "\nExamples:");
+            for (kind, items) in k.examples.kinds() {
+                for i in items {
+                    let _ = writeln!(o, "- {kind}: {i}");
+                }
+            }
+        }
+        if !k.gaps_by_member.is_empty() {
+            let _ = writeln!(o, "\nGaps by member (first {MEMBERS_LISTED}):");
+            for g in k.gaps_by_member.iter().take(MEMBERS_LISTED) {
+                let _ = writeln!(
+                    o,
+                    "- {} (room {}): {} missing, ids {}..={}",
+                    g.user, g.room, g.gaps, g.first_missing, g.last_missing
+                );
+            }
+        }
+        if let Some(x) = rb.disagreement.as_ref().filter(|x| x.any()) {
+            let _ = writeln!(o, "\nHistory vs CQL:");
+            for e in &x.examples {
+                let _ = writeln!(o, "- {e}");
+            }
+        }
+        for (title, items) in [("Warnings", &self.warnings), ("Notes", &self.notes)] {
             if !items.is_empty() {
                 let _ = writeln!(o, "\n{title}:");
                 for i in items {
@@ -1369,6 +1799,9 @@ impl RebalanceReport {
         o
     }
 }
+
+/// Members listed by name in the Markdown's gaps section (the JSON lists all).
+const MEMBERS_LISTED: usize = 10;
 
 fn summary(samples: impl IntoIterator<Item = u64>) -> LatencySummary {
     let mut h = new_histogram();
@@ -1381,11 +1814,128 @@ fn summary(samples: impl IntoIterator<Item = u64>) -> LatencySummary {
 // ---------------------------------------------------------------------------------------
 // The run.
 
-/// Runs the scenario. Bad arguments are `Config`; a run whose members could not connect at
-/// the start is `Failed`. The caller turns a report that does not [`pass`] into exit 1.
+/// Runs the scenario: [`load`], then [`judge`]. Bad arguments are `Config`; a run whose
+/// members could not connect at the start, or that was interrupted (SIGINT, SIGTERM), is
+/// `Failed`. An interrupted run undoes its open fault before it returns. The caller turns a
+/// report that does not [`pass`] into exit 1.
 ///
 /// [`pass`]: RebalanceReport::pass
 pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport, BenchError> {
+    let body = async {
+        let l = load(args, command).await?;
+        Ok(judge(l).await)
+    };
+    tokio::select! {
+        r = body => r,
+        sig = interrupted() => Err(BenchError::Failed(anyhow::anyhow!(
+            "interrupted by {sig}: run stopped, any open fault undone, no report"
+        ))),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM with the signal's name; never if they cannot be watched.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+/// When the members had recovered from one fault (see [`FaultReport::end_to_all_resumed_s`]).
+#[derive(Debug, Clone, Default)]
+struct Recovery {
+    /// Per room, the newest id acked when the fault ended.
+    acked_by_end: Vec<u64>,
+    recovered_ns: Option<u64>,
+    /// The next fault started first: not measured.
+    overtaken: bool,
+}
+
+/// Samples every ended fault's recovery from the members' live state.
+fn watch_recoveries(
+    recoveries: &mut Vec<Recovery>,
+    records: &[FaultRecord],
+    lives: &[Arc<Live>],
+    members: usize,
+    rooms: usize,
+    now_ns: u64,
+) {
+    for (i, rec) in records.iter().enumerate() {
+        let Some(end) = rec.restored_ns else { continue };
+        if recoveries.len() <= i {
+            let mut acked = vec![0u64; rooms];
+            for (j, l) in lives.iter().enumerate() {
+                let r = j / members;
+                acked[r] = acked[r].max(l.max_acked.load(Relaxed));
+            }
+            recoveries.push(Recovery {
+                acked_by_end: acked,
+                ..Default::default()
+            });
+        }
+        let w = &mut recoveries[i];
+        if w.recovered_ns.is_some() || w.overtaken {
+            continue;
+        }
+        if records.get(i + 1).is_some() {
+            w.overtaken = true;
+            continue;
+        }
+        let all = lives.iter().enumerate().all(|(j, l)| {
+            l.resumed.load(Relaxed)
+                && l.oldest_pending_ns.load(Relaxed) > end
+                && l.last_seen.load(Relaxed) >= w.acked_by_end[j / members]
+        });
+        if all {
+            w.recovered_ns = Some(now_ns);
+        }
+    }
+}
+
+/// What the load phase hands the oracle: what every member saw, and what happened.
+pub struct Load {
+    args: RebalanceArgs,
+    command: String,
+    auth: Arc<Auth>,
+    target: Arc<Target>,
+    room_prefix: String,
+    started_unix_ms: u64,
+    base_start_ns: u64,
+    finish_ns: u64,
+    outcomes: Vec<MemberOutcome>,
+    lost_tasks: usize,
+    command_outcome: Option<CommandOutcome>,
+    command_start_ns: Option<u64>,
+    fault_records: Vec<FaultRecord>,
+    recoveries: Vec<Recovery>,
+    drained: bool,
+    bench_cpu: Option<f64>,
+    notes: Vec<String>,
+}
+
+impl Load {
+    /// Every acked send: `(room, user, cid, id)`.
+    pub fn acks(&self) -> impl Iterator<Item = (String, &str, &str, u64)> + '_ {
+        self.outcomes.iter().flat_map(move |o| {
+            let room = format!("{}-{}", self.room_prefix, o.view.room);
+            o.view
+                .acked
+                .iter()
+                .map(move |(cid, id)| (room.clone(), o.view.user.as_str(), cid.as_str(), *id))
+        })
+    }
+}
+
+/// The load: members join, send on schedule through the command and the faults, and drain.
+/// Every fault is undone before it returns (or when it is dropped).
+pub async fn load(args: RebalanceArgs, command: String) -> Result<Load, BenchError> {
     args.validate().map_err(BenchError::Config)?;
     let auth = Arc::new(Auth::from_args(&args.auth).map_err(BenchError::Config)?);
     let target = Arc::new(
@@ -1393,6 +1943,16 @@ pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport
             .await
             .map_err(|e| BenchError::Config(format!("--url: {e:#}")))?,
     );
+    let plan = args.fault_plan();
+    if let Some(FaultAction::Pause { pid }) = plan.as_ref().map(|p| &p.action) {
+        if *pid == std::process::id() {
+            return Err(BenchError::Config(
+                "--pause-pid is the bench's own process".into(),
+            ));
+        }
+        faults::signal(*pid, "0")
+            .map_err(|e| BenchError::Config(format!("--pause-pid {pid}: {e}")))?;
+    }
     let started_unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -1417,11 +1977,13 @@ pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport
         acked: AtomicU64::new(0),
         received: AtomicU64::new(0),
         disconnects: AtomicU64::new(0),
+        stalled: AtomicU64::new(0),
         connected: AtomicU64::new(0),
     });
     let (finish_tx, finish_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    let dead_after = (args.dead_after > 0.0).then(|| Duration::from_secs_f64(args.dead_after));
     let mut lives = Vec::with_capacity(total);
     let mut tasks = Vec::with_capacity(total);
     for index in 0..total {
@@ -1442,11 +2004,14 @@ pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport
                 size: args.size,
                 connect_timeout: Duration::from_secs_f64(args.connect_timeout),
                 resend_after: Duration::from_secs_f64(args.resend_after),
+                dead_after,
                 max_backoff: Duration::from_secs_f64(args.max_backoff),
                 finish: finish_rx.clone(),
                 stop: stop_rx.clone(),
             },
             out: MemberOutcome::default(),
+            seen: HashSet::new(),
+            silent_since: None,
             pending: BTreeMap::new(),
             next_seq: 0,
             last_seen: 0,
@@ -1503,43 +2068,111 @@ pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport
     let cpu0 = report::self_cpu_seconds();
     let t0 = Instant::now();
 
-    let mut command_outcome = None;
-    let mut command_start_ns = None;
-    if let Some(cmd) = args.command.clone() {
+    // The command runs in its own task and the faults on their own thread, so the members'
+    // recovery from each fault is sampled while they run.
+    let mut command_task = args.command.clone().map(|cmd| {
         let at = start + Duration::from_secs_f64(args.command_at);
-        tokio::time::sleep_until(at.into()).await;
-        command_start_ns = Some(shared.now_ns());
-        if !args.quiet {
-            eprintln!("[rebalance] running: {cmd}");
-        }
         let timeout = Duration::from_secs_f64(args.command_timeout);
-        let started_at_s = at.duration_since(start).as_secs_f64();
-        let mut out = tokio::task::spawn_blocking(move || run_command(&cmd, timeout))
-            .await
-            .unwrap_or_else(|e| CommandOutcome {
-                error: Some(format!("command task: {e}")),
-                ..Default::default()
-            });
-        out.started_at_s = started_at_s;
-        if !args.quiet {
-            eprintln!(
-                "[rebalance] command ended: exit {:?}{} after {:.2} s",
-                out.exit_code,
-                if out.timed_out { " (timed out)" } else { "" },
-                out.duration_s
+        let (shared, quiet) = (shared.clone(), args.quiet);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            let start_ns = shared.now_ns();
+            if !quiet {
+                eprintln!("[rebalance] running: {cmd}");
+            }
+            let mut out = tokio::task::spawn_blocking(move || run_command(&cmd, timeout))
+                .await
+                .unwrap_or_else(|e| CommandOutcome {
+                    error: Some(format!("command task: {e}")),
+                    ..Default::default()
+                });
+            out.started_at_s = at.duration_since(start).as_secs_f64();
+            if !quiet {
+                eprintln!(
+                    "[rebalance] command ended: exit {:?}{} after {:.2} s",
+                    out.exit_code,
+                    if out.timed_out { " (timed out)" } else { "" },
+                    out.duration_s
+                );
+            }
+            (start_ns, out)
+        })
+    });
+    let fault_runner = match plan {
+        Some(p) => {
+            if !args.quiet {
+                eprintln!(
+                    "[rebalance] {} × {} of {:?} ({}) from {:?}",
+                    p.repeat,
+                    p.action.kind(),
+                    p.length,
+                    p.action.target(),
+                    p.first_at
+                );
+            }
+            Some(FaultRunner::start(p, shared.base, start).map_err(|e| {
+                BenchError::Failed(anyhow::anyhow!("starting the fault thread: {e}"))
+            })?)
+        }
+        None => None,
+    };
+    let mut recoveries = Vec::new();
+    let sample = |recoveries: &mut Vec<Recovery>| {
+        if let Some(f) = &fault_runner {
+            let now = shared.now_ns();
+            watch_recoveries(
+                recoveries,
+                &f.records(),
+                &lives,
+                args.members,
+                args.rooms,
+                now,
             );
         }
-        command_outcome = Some(out);
+    };
+    let mut tick = tokio::time::interval(WAKE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let sending_ends = tokio::time::sleep_until(end.into());
+    tokio::pin!(sending_ends);
+    loop {
+        tokio::select! {
+            _ = &mut sending_ends => break,
+            _ = tick.tick() => sample(&mut recoveries),
+        }
     }
-    tokio::time::sleep_until(end.into()).await;
     let cpu1 = report::self_cpu_seconds();
     let t1 = Instant::now();
+    // A command that outlived the sending window, or a heal still running, is waited for
+    // (each is bounded by --command-timeout) and gets the whole drain after it ends.
+    while !(command_task.as_ref().is_none_or(|t| t.is_finished())
+        && fault_runner.as_ref().is_none_or(|f| f.is_done()))
+    {
+        tick.tick().await;
+        sample(&mut recoveries);
+    }
+    let mut command_outcome = None;
+    let mut command_start_ns = None;
+    if let Some(t) = command_task.take() {
+        match t.await {
+            Ok((at, out)) => {
+                command_start_ns = Some(at);
+                command_outcome = Some(out);
+            }
+            Err(e) => {
+                command_outcome = Some(CommandOutcome {
+                    command: args.command.clone().unwrap_or_default(),
+                    error: Some(format!("command task: {e}")),
+                    ..Default::default()
+                })
+            }
+        }
+    }
 
     // Drain: every member joined, caught up to its room's newest acked id, nothing pending.
-    // A command that outlived the sending window gets the whole drain after it ends.
     let drain_deadline = Instant::now().max(end) + Duration::from_secs_f64(args.drain);
     let mut drained = false;
     loop {
+        sample(&mut recoveries);
         let mut max_acked = vec![0u64; args.rooms];
         for (i, l) in lives.iter().enumerate() {
             let r = i / args.members;
@@ -1557,8 +2190,11 @@ pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport
         if Instant::now() >= drain_deadline {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tick.tick().await;
     }
+    // The drain's last state is the last chance for a fault's recovery to be seen.
+    sample(&mut recoveries);
+    let fault_records = fault_runner.map(FaultRunner::finish).unwrap_or_default();
     let finish_ns = shared.now_ns();
     shared.finishing.store(true, Relaxed);
     let _ = finish_tx.send(true);
@@ -1583,36 +2219,102 @@ pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport
     }
     let _ = stop_tx.send(true);
     let _ = progress_stop.send(true);
+    let bench_cpu = match (cpu0, cpu1) {
+        (Some(a), Some(b)) => Some((b - a) / t1.duration_since(t0).as_secs_f64() * 100.0),
+        _ => None,
+    };
+    Ok(Load {
+        base_start_ns: ns(start),
+        args,
+        command,
+        auth,
+        target,
+        room_prefix,
+        started_unix_ms,
+        finish_ns,
+        outcomes,
+        lost_tasks,
+        command_outcome,
+        command_start_ns,
+        fault_records,
+        recoveries,
+        drained,
+        bench_cpu,
+        notes,
+    })
+}
 
-    // Read every room's history back through the same URL.
-    let mut history_error = None;
-    let mut histories = Vec::with_capacity(args.rooms);
-    let mut pages = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(args.history_timeout);
+/// The oracle's side: reads every room back (history API, and CQL when asked), judges what
+/// the members saw against it, and writes the report.
+pub async fn judge(load: Load) -> RebalanceReport {
+    let Load {
+        args,
+        command,
+        auth,
+        target,
+        room_prefix,
+        started_unix_ms,
+        base_start_ns,
+        finish_ns,
+        outcomes,
+        lost_tasks,
+        command_outcome,
+        command_start_ns,
+        fault_records,
+        recoveries,
+        drained,
+        bench_cpu,
+        mut notes,
+    } = load;
+    let rooms: Vec<String> = (0..args.rooms)
+        .map(|r| format!("{room_prefix}-{r}"))
+        .collect();
+    let timeout = Duration::from_secs_f64(args.history_timeout);
     let mut http = HttpClient::for_target(&target);
     let reader_user = format!("{}-reader", args.user_prefix);
-    let reader_creds = auth
-        .credentials(&reader_user)
-        .map_err(|e| BenchError::Failed(anyhow::anyhow!("signing a token: {e}")))?;
-    for r in 0..args.rooms {
-        let room = format!("{room_prefix}-{r}");
-        match http::read_history(&mut http, &room, &reader_creds, HISTORY_LIMIT, deadline).await {
-            Ok((h, p)) => {
-                histories.push(h);
-                pages += p;
-            }
-            Err(e) => {
-                history_error = Some(format!("{e:#}"));
-                histories.push(Vec::new());
-            }
+    let history = match auth.credentials(&reader_user) {
+        Ok(creds) => {
+            let deadline = tokio::time::Instant::now() + timeout;
+            store::read_history(&mut http, &rooms, &creds, HISTORY_LIMIT, deadline).await
         }
-    }
-
+        Err(e) => store::Reading {
+            rooms: vec![Vec::new(); rooms.len()],
+            error: Some(format!("signing a token: {e}")),
+            ..Default::default()
+        },
+    };
+    let cql = match &args.cql_keyspace {
+        Some(ks) if !args.cql_nodes.is_empty() => {
+            let deadline = tokio::time::Instant::now() + timeout;
+            Some(store::read_cql(&args.cql_nodes, ks, &rooms, deadline).await)
+        }
+        _ => None,
+    };
     let views: Vec<MemberView> = outcomes.iter().map(|o| o.view.clone()).collect();
-    let mut correctness = account(&histories, &views);
-    correctness.history_pages = pages;
+    let correctness = match &cql {
+        Some(c) => account("cql", &c.rooms, &views),
+        None => account("history", &history.rooms, &views),
+    };
+    let read_back = ReadBack {
+        history_rows: history.rows(),
+        history_pages: history.units,
+        history_error: history.error.clone(),
+        cql_rows: cql.as_ref().map(|c| c.rows()),
+        cql_buckets: cql.as_ref().map(|c| c.units),
+        cql_error: cql.as_ref().and_then(|c| c.error.clone()),
+        disagreement: match &cql {
+            Some(c) if c.error.is_none() && history.error.is_none() => {
+                Some(compare(&history.rooms, &c.rooms))
+            }
+            _ => None,
+        },
+    };
 
     // Disruption figures.
+    let first_change_ns = command_start_ns
+        .into_iter()
+        .chain(fault_records.first().map(|f| f.started_ns))
+        .min();
     let mut d = Disruption {
         all_resumed: true,
         ..Default::default()
@@ -1625,15 +2327,29 @@ pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport
     let mut stream = StreamStats::default();
     let mut ack_us = Vec::new();
     let mut first_attempts = 0;
+    // The fault whose window (its start until the next one's) holds `at`.
+    let fault_of = |at: u64| fault_records.iter().rposition(|f| f.started_ns <= at);
+    let mut per_fault = vec![(0u64, 0u64, 0u64); fault_records.len()];
     for o in &outcomes {
         if !o.episodes.is_empty() {
             d.clients_disconnected += 1;
         }
+        if !o.stalled_ns.is_empty() {
+            d.clients_stalled += 1;
+        }
+        d.stalled_reconnects += o.stalled_ns.len() as u64;
         d.sessions += o.sessions;
+        let mut cut_by: HashSet<usize> = HashSet::new();
         for e in &o.episodes {
             d.disconnections += 1;
-            if command_start_ns.is_none_or(|c| e.at_ns < c) && args.command.is_some() {
+            if (args.command.is_some() || !fault_records.is_empty())
+                && first_change_ns.is_none_or(|c| e.at_ns < c)
+            {
                 d.disconnections_before_command += 1;
+            }
+            if let Some(f) = fault_of(e.at_ns) {
+                per_fault[f].1 += 1;
+                cut_by.insert(f);
             }
             last_disconnect = last_disconnect.max(e.at_ns);
             if let Some(r) = e.rejoined_ns {
@@ -1648,6 +2364,14 @@ pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport
                     d.not_resumed += 1;
                     d.all_resumed = false;
                 }
+            }
+        }
+        for f in cut_by {
+            per_fault[f].0 += 1;
+        }
+        for &at in &o.stalled_ns {
+            if let Some(f) = fault_of(at) {
+                per_fault[f].2 += 1;
             }
         }
         for (k, v) in &o.closes {
@@ -1685,32 +2409,62 @@ pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport
             }
         }
     }
+    let secs = |ns: u64| ns.saturating_sub(base_start_ns) as f64 / 1e9;
+    let plan = args.fault_plan();
+    let faults: Vec<FaultReport> = fault_records
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let (cut_off, disconnections, stalled) = per_fault[i];
+            FaultReport {
+                number: f.index + 1,
+                kind: plan.as_ref().map_or("", |p| p.action.kind()).into(),
+                target: plan.as_ref().map(|p| p.action.target()).unwrap_or_default(),
+                started_at_s: secs(f.started_ns),
+                ended_at_s: f.restored_ns.map(secs),
+                early: f.early,
+                clients_cut_off: cut_off,
+                disconnections,
+                stalled_reconnects: stalled,
+                end_to_all_resumed_s: match (f.restored_ns, recoveries.get(i)) {
+                    (Some(end), Some(r)) => {
+                        r.recovered_ns.map(|t| t.saturating_sub(end) as f64 / 1e9)
+                    }
+                    _ => None,
+                },
+                inject_error: f.inject_error.clone(),
+                restore_error: f.restore_error.clone(),
+                cut: f.cut.clone(),
+                heal: f.heal.clone(),
+            }
+        })
+        .collect();
 
-    let bench_cpu = match (cpu0, cpu1) {
-        (Some(a), Some(b)) => Some((b - a) / t1.duration_since(t0).as_secs_f64() * 100.0),
-        _ => None,
-    };
     let nproc = report::nproc();
     let bench_saturated = bench_cpu.is_some_and(|c| report::is_saturated(c, nproc));
     let mut warnings = Vec::new();
     let k = &correctness;
-    if k.stored_twice > 0 {
+    for (kind, n) in k.failures() {
+        if n > 0 {
+            warnings.push(format!("FAIL: {kind} = {n} (see the examples)"));
+        }
+    }
+    if let Some(x) = read_back.disagreement.as_ref().filter(|x| x.any()) {
         warnings.push(format!(
-            "{} cids were stored more than once (see PROTOCOL.md \"Known limit during a ring change\")",
-            k.stored_twice
+            "the history API and the CQL store disagree: {} rows only in the history, {} \
+             only in CQL, {} differing",
+            x.history_only, x.cql_only, x.differing
         ));
     }
-    if k.gaps > 0 {
-        warnings.push(format!(
-            "{} stored messages never reached {} members (gaps)",
-            k.gaps, k.members_with_gaps
-        ));
+    if cql.is_some() {
+        if let Some(e) = &read_back.history_error {
+            warnings.push(format!(
+                "the history API could not be read (the run was judged by CQL): {e}"
+            ));
+        }
     }
-    if stream.duplicates > 0 || stream.out_of_order > 0 {
-        warnings.push(format!(
-            "members received {} duplicates and {} messages out of order",
-            stream.duplicates, stream.out_of_order
-        ));
+    if stream.duplicates > 0 {
+        warnings.push(format!("members received {} duplicates", stream.duplicates));
     }
     if sends.unanswered > 0 {
         warnings.push(format!(
@@ -1732,13 +2486,37 @@ pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport
     }
     if d.disconnections_before_command > 0 {
         warnings.push(format!(
-            "{} disconnections happened before the command ran",
+            "{} disconnections happened before the command or the first fault",
             d.disconnections_before_command
         ));
     }
     if let Some(c) = &command_outcome {
         if !c.ok() {
             warnings.push("the command failed or timed out (see its output tail)".into());
+        }
+    }
+    for f in &faults {
+        if let Some(e) = &f.inject_error {
+            warnings.push(format!("{} {}: injecting failed: {e}", f.kind, f.number));
+        }
+        if let Some(e) = &f.restore_error {
+            warnings.push(format!("{} {}: undoing failed: {e}", f.kind, f.number));
+        }
+        if f.end_to_all_resumed_s.is_none() {
+            warnings.push(format!(
+                "{} {}: the members had not all resumed and caught up before the next fault \
+                 or the end of the drain",
+                f.kind, f.number
+            ));
+        }
+    }
+    if let Some(p) = &plan {
+        if fault_records.len() < p.repeat as usize {
+            warnings.push(format!(
+                "only {} of {} faults ran",
+                fault_records.len(),
+                p.repeat
+            ));
         }
     }
     if !drained {
@@ -1758,12 +2536,11 @@ pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport
             "{lost_tasks} member tasks did not stop in time; their counts are missing"
         ));
     }
-    if k.delivered_not_stored > 0 {
+    if k.unreceived_tail > 0 {
         notes.push(format!(
-            "{} deliveries were of messages the history does not hold: delivered by a \
-             node before it stored them and then lost with it; never acked, and resent by \
-             their senders with the same cid",
-            k.delivered_not_stored
+            "{} stored messages came after the last message some member received (not \
+             gaps: those members had not caught up when the run ended)",
+            k.unreceived_tail
         ));
     }
     let mut r = RebalanceReport {
@@ -1783,24 +2560,36 @@ pub async fn run(args: RebalanceArgs, command: String) -> Result<RebalanceReport
             command_at_s: args.command_at,
             drain_s: args.drain,
             resend_after_s: args.resend_after,
+            dead_after_s: args.dead_after,
+            faults: plan.as_ref().map(|p| FaultConfig {
+                kind: p.action.kind().into(),
+                target: p.action.target(),
+                first_at_s: p.first_at.as_secs_f64(),
+                every_s: p.every.as_secs_f64(),
+                repeat: p.repeat,
+                length_s: p.length.as_secs_f64(),
+            }),
+            cql_nodes: args.cql_nodes.clone(),
+            cql_keyspace: args.cql_keyspace.clone(),
             room_prefix,
             user_prefix: args.user_prefix.clone(),
         },
         external_command: command_outcome,
+        faults,
         disruption: d,
         sends,
         stream,
         correctness,
-        history_error,
+        read_back,
         drained,
         bench_cpu_percent: bench_cpu,
         bench_saturated,
         warnings,
         notes,
-        timeline: timeline(&outcomes, ns(start), finish_ns),
+        timeline: timeline(&outcomes, base_start_ns, finish_ns),
     };
     r.verdict = if r.pass() { "PASS" } else { "FAIL" }.into();
-    Ok(r)
+    r
 }
 
 /// One progress line per second on stderr.
@@ -1813,13 +2602,14 @@ async fn progress(shared: Arc<Shared>, total: usize, mut stop: watch::Receiver<b
             _ = flag(&mut stop) => return,
         }
         eprintln!(
-            "[{:>7.1}s rebalance] connected {}/{total}  sent {}  acked {}  received {}  disruptions {}",
+            "[{:>7.1}s rebalance] connected {}/{total}  sent {}  acked {}  received {}  disruptions {}  stalled {}",
             shared.base.elapsed().as_secs_f64(),
             shared.connected.load(Relaxed),
             shared.sent.load(Relaxed),
             shared.acked.load(Relaxed),
             shared.received.load(Relaxed),
             shared.disconnects.load(Relaxed),
+            shared.stalled.load(Relaxed),
         );
     }
 }
@@ -1839,6 +2629,76 @@ mod tests {
             Ok(())
         );
         assert!(args(&[]).room_prefix().starts_with("rebalance-"));
+        assert_eq!(args(&[]).dead_after, 10.0);
+        assert_eq!(args(&[]).fault_plan(), None);
+        for ok in [
+            vec!["--pause-pid", "123", "--pause-secs", "5"],
+            vec![
+                "--pause-pid",
+                "123",
+                "--pause-secs",
+                "5",
+                "--fault-at",
+                "2",
+                "--fault-repeat",
+                "3",
+                "--fault-every",
+                "8",
+            ],
+            vec![
+                "--cut-command",
+                "down",
+                "--heal-command",
+                "up",
+                "--cut-secs",
+                "3",
+            ],
+            vec![
+                "--cql-nodes",
+                "127.0.0.1:9042,db:9042",
+                "--cql-keyspace",
+                "chat",
+            ],
+            vec!["--dead-after", "0"],
+        ] {
+            assert_eq!(args(&ok).validate(), Ok(()), "{ok:?}");
+        }
+        // The first fault defaults to --command-at; repeats follow --fault-every.
+        let p = args(&[
+            "--pause-pid",
+            "123",
+            "--pause-secs",
+            "5",
+            "--command-at",
+            "4",
+        ])
+        .fault_plan()
+        .expect("plan");
+        assert_eq!(p.action, FaultAction::Pause { pid: 123 });
+        assert_eq!((p.first_at, p.repeat), (Duration::from_secs(4), 1));
+        assert_eq!(p.length, Duration::from_secs(5));
+        let p = args(&[
+            "--cut-command",
+            "down",
+            "--heal-command",
+            "up",
+            "--cut-secs",
+            "2",
+            "--fault-at",
+            "1",
+            "--fault-repeat",
+            "3",
+            "--fault-every",
+            "9",
+        ])
+        .fault_plan()
+        .expect("plan");
+        assert_eq!(p.action.kind(), "cut");
+        assert_eq!(p.end(), Duration::from_secs(21));
+        assert_eq!(
+            args(&["--cql-nodes", "a:1,b:2", "--cql-keyspace", "k"]).cql_nodes,
+            ["a:1", "b:2"]
+        );
     }
 
     #[test]
@@ -1874,100 +2734,126 @@ mod tests {
             ),
             (vec!["--user-prefix", "a b"], "--user-prefix"),
             (vec!["--room-prefix", "r/1"], "--room-prefix"),
+            (vec!["--dead-after=-1"], "--dead-after"),
+            (vec!["--pause-pid", "12"], "--pause-secs"),
+            (vec!["--pause-secs", "3"], "--pause-pid"),
+            (vec!["--pause-pid", "0", "--pause-secs", "3"], "--pause-pid"),
+            (
+                vec!["--pause-pid", "12", "--pause-secs", "0"],
+                "--pause-secs",
+            ),
+            (
+                vec![
+                    "--pause-pid",
+                    "12",
+                    "--pause-secs",
+                    "3",
+                    "--cut-command",
+                    "x",
+                    "--heal-command",
+                    "y",
+                    "--cut-secs",
+                    "3",
+                ],
+                "--pause-pid and --cut-command",
+            ),
+            (
+                vec!["--cut-command", "x", "--cut-secs", "3"],
+                "--heal-command",
+            ),
+            (
+                vec!["--heal-command", "y", "--cut-secs", "3"],
+                "--cut-command",
+            ),
+            (
+                vec!["--cut-command", "x", "--heal-command", "y"],
+                "--cut-secs",
+            ),
+            (
+                vec![
+                    "--cut-command",
+                    " ",
+                    "--heal-command",
+                    "y",
+                    "--cut-secs",
+                    "1",
+                ],
+                "--cut-command",
+            ),
+            (vec!["--fault-at", "3"], "--fault-at"),
+            (vec!["--fault-repeat", "2"], "--fault-repeat"),
+            (vec!["--fault-every", "2"], "--fault-every"),
+            (
+                vec![
+                    "--pause-pid",
+                    "12",
+                    "--pause-secs",
+                    "3",
+                    "--fault-repeat",
+                    "0",
+                ],
+                "--fault-repeat",
+            ),
+            (
+                vec![
+                    "--pause-pid",
+                    "12",
+                    "--pause-secs",
+                    "3",
+                    "--fault-repeat",
+                    "2",
+                ],
+                "--fault-every",
+            ),
+            (
+                vec![
+                    "--pause-pid",
+                    "12",
+                    "--pause-secs",
+                    "3",
+                    "--fault-repeat",
+                    "2",
+                    "--fault-every",
+                    "3",
+                ],
+                "--fault-every",
+            ),
+            (
+                vec!["--pause-pid", "12", "--pause-secs", "3", "--fault-at=-1"],
+                "--fault-at",
+            ),
+            // 10 + 2 × 8 + 5 = 31 s > 30 s of sending.
+            (
+                vec![
+                    "--pause-pid",
+                    "12",
+                    "--pause-secs",
+                    "5",
+                    "--fault-repeat",
+                    "3",
+                    "--fault-every",
+                    "8",
+                ],
+                "--duration",
+            ),
+            (
+                vec!["--pause-pid", "12", "--pause-secs", "25", "--fault-at", "6"],
+                "--duration",
+            ),
+            (vec!["--cql-nodes", "127.0.0.1:9042"], "--cql-keyspace"),
+            (vec!["--cql-keyspace", "chat"], "--cql-nodes"),
+            (
+                vec!["--cql-nodes", "127.0.0.1", "--cql-keyspace", "chat"],
+                "--cql-nodes",
+            ),
+            (
+                vec!["--cql-nodes", "127.0.0.1:9042", "--cql-keyspace", "chat-x"],
+                "--cql-keyspace",
+            ),
         ] {
             let e = args(&flags).validate().expect_err(needle);
             assert!(e.contains(needle), "{flags:?}: {e}");
         }
-    }
-
-    fn entry(id: u64, from: &str, cid: &str) -> HistoryEntry {
-        HistoryEntry {
-            id,
-            from: from.into(),
-            cid: cid.into(),
-        }
-    }
-
-    fn member(
-        room: usize,
-        user: &str,
-        jp: Option<u64>,
-        rx: &[u64],
-        acks: &[(&str, u64)],
-    ) -> MemberView {
-        MemberView {
-            room,
-            user: user.into(),
-            join_point: jp,
-            received: rx.iter().copied().collect(),
-            acked: acks.iter().map(|(c, i)| (c.to_string(), *i)).collect(),
-        }
-    }
-
-    #[test]
-    fn clean_run_accounts_nothing() {
-        let h = vec![
-            vec![entry(10, "a", "m0-0"), entry(11, "b", "m1-0")],
-            vec![entry(20, "c", "m2-0")],
-        ];
-        let m = vec![
-            member(0, "a", Some(0), &[10, 11], &[("m0-0", 10)]),
-            member(0, "b", Some(0), &[10, 11], &[("m1-0", 11)]),
-            member(1, "c", Some(0), &[20], &[("m2-0", 20)]),
-        ];
-        let c = account(&h, &m);
-        assert_eq!(
-            (c.acked_lost, c.stored_twice, c.gaps, c.delivered_not_stored),
-            (0, 0, 0, 0),
-            "{c:?}"
-        );
-        assert_eq!(c.acked_checked, 3);
-        assert_eq!(c.history_messages, 3);
-        assert!(c.examples.is_empty());
-    }
-
-    #[test]
-    fn lost_acks_twice_stored_gaps_and_phantoms_are_counted() {
-        let h = vec![vec![
-            // Before b joined (its join point is 10): not a gap for b.
-            entry(9, "x", "old"),
-            entry(10, "a", "m0-0"),
-            // m0-1 stored twice (a retry after an owner change).
-            entry(12, "a", "m0-1"),
-            entry(13, "a", "m0-1"),
-            entry(14, "b", "m1-0"),
-            // Another user's cid that happens to repeat: not ours, not counted.
-            entry(15, "stranger", "z"),
-            entry(16, "stranger", "z"),
-        ]];
-        let m = vec![
-            // a: m0-2 acked as 17 but not stored; 99 delivered but never stored.
-            member(
-                0,
-                "a",
-                Some(0),
-                &[9, 10, 12, 13, 14, 15, 16, 99],
-                &[("m0-0", 10), ("m0-1", 12), ("m0-2", 17)],
-            ),
-            // b: joined at 10, missed 13 and 16.
-            member(0, "b", Some(10), &[12, 14, 15], &[("m1-0", 14)]),
-            // An ack whose id holds another cid counts as lost too.
-            member(0, "c", None, &[], &[("m2-0", 14)]),
-        ];
-        let c = account(&h, &m);
-        assert_eq!(c.acked_lost, 2, "{c:?}");
-        assert_eq!(c.stored_twice, 1, "{c:?}");
-        assert_eq!(c.gaps, 2, "{c:?}");
-        assert_eq!(c.members_with_gaps, 1);
-        assert_eq!(c.delivered_not_stored, 1);
-        assert_eq!(c.acked_checked, 5);
-        assert!(c.examples.iter().any(|e| e.contains("m0-2")), "{c:?}");
-    }
-
-    #[test]
-    fn a_member_of_a_missing_room_history_loses_its_acks() {
-        let c = account(&[], &[member(0, "a", Some(0), &[5], &[("m0-0", 5)])]);
-        assert_eq!((c.acked_lost, c.delivered_not_stored, c.gaps), (1, 1, 0));
     }
 
     #[test]
@@ -2004,6 +2890,7 @@ mod tests {
                     acked: AtomicU64::new(0),
                     received: AtomicU64::new(0),
                     disconnects: AtomicU64::new(0),
+                    stalled: AtomicU64::new(0),
                     connected: AtomicU64::new(0),
                 }),
                 live: Arc::new(Live::default()),
@@ -2017,11 +2904,14 @@ mod tests {
                 size: 8,
                 connect_timeout: Duration::from_secs(1),
                 resend_after: Duration::from_secs(5),
+                dead_after: Some(Duration::from_secs(10)),
                 max_backoff: Duration::from_secs(1),
                 finish,
                 stop,
             },
             out: MemberOutcome::default(),
+            seen: HashSet::new(),
+            silent_since: None,
             pending: BTreeMap::new(),
             next_seq: 0,
             last_seen: 0,
@@ -2036,6 +2926,7 @@ mod tests {
         m.pending.insert(
             seq,
             Pending {
+                created_ns: 1,
                 first_sent_ns: Some(1),
                 last_sent: Some(Instant::now()),
                 retry_at: None,
@@ -2111,7 +3002,11 @@ mod tests {
             r#"{"type":"message","room":"r-9","id":"104","from":"v","cid":"e","body":"x","ts":1}"#,
         ));
         assert_eq!((m.out.duplicates, m.out.misrouted), (1, 1));
-        assert_eq!(m.out.view.received.len(), 3);
+        assert_eq!(
+            m.out.view.received,
+            [101, 102, 103],
+            "each once, in arrival order"
+        );
         // The same cid acked under another id is flagged.
         m.on_frame(&f(
             r#"{"type":"ack","room":"r-0","cid":"m7-0","id":"999","duplicate":true}"#,
@@ -2120,23 +3015,58 @@ mod tests {
     }
 
     #[test]
-    fn only_lost_acks_or_an_unread_history_fail_the_run() {
+    fn every_store_failure_and_an_unread_store_fail_the_run() {
         let mut r = RebalanceReport::default();
-        r.correctness.stored_twice = 3;
-        r.correctness.gaps = 2;
         r.sends.unanswered = 1;
+        r.stream.duplicates = 2;
+        r.read_back.disagreement = Some(Disagreement {
+            cql_only: 1,
+            ..Default::default()
+        });
         assert!(r.pass(), "warnings do not fail a run");
-        r.correctness.acked_lost = 1;
-        assert!(!r.pass());
-        r.correctness.acked_lost = 0;
-        r.history_error = Some("HTTP 500".into());
-        assert!(!r.pass());
-        r.verdict = "FAIL".into();
-        let md = r.to_markdown();
-        assert!(md.contains("rebalance: FAIL") && md.contains("History could not be verified"));
-        let json: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
-        assert_eq!(json["correctness"]["acked_lost"], 0);
+        let mut u = r.clone();
+        u.correctness.unknown_ids = 3;
+        assert!(
+            u.pass(),
+            "ids delivered but never stored are reported, not failed"
+        );
+        for set in [
+            |c: &mut Correctness| c.acked_lost = 1,
+            |c: &mut Correctness| c.stored_twice = 1,
+            |c: &mut Correctness| c.gaps = 1,
+            |c: &mut Correctness| c.out_of_order = 1,
+        ] {
+            let mut x = r.clone();
+            set(&mut x.correctness);
+            assert!(!x.pass(), "{:?}", x.correctness);
+            assert!(x.failure_line().starts_with("rebalance FAIL: "));
+        }
+        // Judged by the history API: its failure fails the run, a CQL error is not read.
+        let mut h = r.clone();
+        h.read_back.history_error = Some("HTTP 500".into());
+        assert!(!h.pass());
+        h.correctness.judged_by = "history".into();
+        assert!(h
+            .failure_line()
+            .contains("the store (history) could not be read: HTTP 500"));
+        // Judged by CQL: its failure fails the run; the history's only warns.
+        let mut q = r.clone();
+        q.config.cql_nodes = vec!["127.0.0.1:9042".into()];
+        q.read_back.history_error = Some("HTTP 500".into());
+        assert!(q.pass());
+        q.read_back.cql_error = Some("timed out".into());
+        assert!(!q.pass());
+        q.verdict = "FAIL".into();
+        q.correctness.judged_by = "cql".into();
+        q.correctness.stored_twice = 3;
+        let md = q.to_markdown();
+        assert!(md.contains("rebalance: FAIL") && md.contains("could not be read:** timed out"));
+        assert!(md.contains("Judged by the CQL store"));
+        let json: serde_json::Value = serde_json::from_str(&q.to_json()).expect("json");
         assert_eq!(json["correctness"]["stored_twice"], 3);
+        assert_eq!(json["correctness"]["judged_by"], "cql");
+        assert_eq!(json["read_back"]["cql_error"], "timed out");
+        assert_eq!(json["read_back"]["disagreement"]["cql_only"], 1);
         assert_eq!(json["sends"]["unanswered"], 1);
     }
 
@@ -2186,7 +3116,7 @@ mod tests {
         };
         let svg = r.chart();
         assert!(svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"));
-        assert_eq!(svg.matches("<polyline").count(), 7);
+        assert_eq!(svg.matches("<polyline").count(), 8);
         assert!(svg.contains("kill -9 &lt;pid&gt;") && svg.contains("--command"));
         assert_eq!(
             svg.matches(r##"fill="#ffd54f""##).count(),
@@ -2200,6 +3130,163 @@ mod tests {
 
     fn m_frame(s: &str) -> Vec<u8> {
         s.as_bytes().to_vec()
+    }
+
+    /// A socket is dead once sends written on it have waited --dead-after with no frame;
+    /// any frame restarts the wait, and with nothing waiting silence is fine.
+    #[tokio::test]
+    async fn a_silent_socket_with_sends_waiting_is_dead_after_the_limit() {
+        let mut m = test_member(3).await;
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(!m.stalled(at(100)), "nothing written, nothing waits");
+        // A send written at t0 on this session.
+        pend(&mut m, 0);
+        m.silent_since = Some(t0);
+        assert!(!m.stalled(at(9)));
+        assert!(m.stalled(at(10)));
+        // A frame at 8 s (say another member's message): the wait starts again.
+        m.heard(at(8));
+        assert!(!m.stalled(at(17)) && m.stalled(at(18)));
+        // Its ack: nothing waits, so silence is not death.
+        m.pending.clear();
+        m.heard(at(9));
+        assert_eq!(m.silent_since, None);
+        assert!(!m.stalled(at(60)));
+        // Sends created while not joined (never written) do not count either.
+        m.pending.insert(
+            1,
+            Pending {
+                created_ns: 1,
+                first_sent_ns: None,
+                last_sent: None,
+                retry_at: None,
+            },
+        );
+        m.heard(at(9));
+        assert!(!m.stalled(at(60)));
+        // Disabled with --dead-after 0.
+        pend(&mut m, 2);
+        m.silent_since = Some(t0);
+        m.p.dead_after = None;
+        assert!(!m.stalled(at(1000)));
+        m.p.dead_after = Some(Duration::from_secs(10));
+        assert!(m.stalled(at(1000)));
+        assert_eq!(m.stalled_label(), "stalled (no frame in 10 s)");
+    }
+
+    #[test]
+    fn a_fault_counts_as_recovered_once_every_member_is_back_and_caught_up() {
+        // Two rooms of one member each.
+        let lives: Vec<Arc<Live>> = (0..2).map(|_| Arc::new(Live::default())).collect();
+        let set = |l: &Live, resumed: bool, oldest: u64, seen: u64, acked: u64| {
+            l.resumed.store(resumed, Relaxed);
+            l.oldest_pending_ns.store(oldest, Relaxed);
+            l.last_seen.store(seen, Relaxed);
+            l.max_acked.store(acked, Relaxed);
+        };
+        set(&lives[0], true, u64::MAX, 50, 50);
+        set(&lives[1], false, 900, 10, 70);
+        let ended = FaultRecord {
+            started_ns: 100,
+            restored_ns: Some(1_000),
+            ..Default::default()
+        };
+        let mut w = Vec::new();
+        let sample = |w: &mut Vec<Recovery>, now: u64, records: &[FaultRecord]| {
+            watch_recoveries(w, records, &lives, 1, 2, now);
+        };
+        // Still open: nothing to watch.
+        sample(&mut w, 500, &[FaultRecord::default()]);
+        assert!(w.is_empty());
+        sample(&mut w, 1_050, std::slice::from_ref(&ended));
+        assert_eq!(
+            w[0].acked_by_end,
+            [50, 70],
+            "the acks given by the fault's end"
+        );
+        assert_eq!(w[0].recovered_ns, None);
+        // Back, but a send made during the fault is unanswered and 70 not yet seen.
+        set(&lives[1], true, 900, 69, 80);
+        sample(&mut w, 1_100, std::slice::from_ref(&ended));
+        assert_eq!(w[0].recovered_ns, None);
+        // Caught up to 70; its oldest send is one made after the end.
+        set(&lives[1], true, 1_200, 70, 80);
+        sample(&mut w, 1_300, std::slice::from_ref(&ended));
+        assert_eq!(w[0].recovered_ns, Some(1_300));
+        sample(&mut w, 1_400, std::slice::from_ref(&ended));
+        assert_eq!(w[0].recovered_ns, Some(1_300), "kept");
+        // A fault overtaken by the next one before recovery is not measured.
+        let mut w = Vec::new();
+        set(&lives[1], false, 900, 10, 80);
+        let next = FaultRecord {
+            index: 1,
+            started_ns: 2_000,
+            ..Default::default()
+        };
+        sample(&mut w, 2_100, &[ended.clone(), next]);
+        assert!(w[0].overtaken && w[0].recovered_ns.is_none());
+    }
+
+    #[test]
+    fn each_fault_is_a_span_on_the_chart_and_a_row_of_the_report() {
+        let r = RebalanceReport {
+            config: RebalanceConfig {
+                duration_s: 30.0,
+                faults: Some(FaultConfig {
+                    kind: "pause".into(),
+                    target: "pid 42".into(),
+                    first_at_s: 5.0,
+                    every_s: 10.0,
+                    repeat: 2,
+                    length_s: 3.0,
+                }),
+                ..Default::default()
+            },
+            faults: vec![
+                FaultReport {
+                    number: 1,
+                    kind: "pause".into(),
+                    started_at_s: 5.0,
+                    ended_at_s: Some(8.0),
+                    clients_cut_off: 4,
+                    stalled_reconnects: 4,
+                    end_to_all_resumed_s: Some(1.5),
+                    ..Default::default()
+                },
+                FaultReport {
+                    number: 2,
+                    kind: "pause".into(),
+                    started_at_s: 15.0,
+                    ended_at_s: None,
+                    restore_error: Some("kill -CONT 42: no such process".into()),
+                    ..Default::default()
+                },
+            ],
+            timeline: vec![RebalancePoint::default(); 3],
+            ..Default::default()
+        };
+        let svg = r.chart();
+        assert!(svg.contains("pause 1") && svg.contains("pause 2"), "{svg}");
+        assert_eq!(
+            svg.matches(r##"fill="#ffd54f""##).count(),
+            6,
+            "two bands per panel"
+        );
+        let md = r.to_markdown();
+        assert!(
+            md.contains("Faults: 2 × pause of 3 s (pid 42), from 5 s, every 10 s"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| pause 1 | 5.00 s | 8.00 s | 4 | 0 | 4 | 1.50 s | none |"),
+            "{md}"
+        );
+        assert!(md.contains("undo: kill -CONT 42: no such process"), "{md}");
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+        assert_eq!(json["faults"][0]["end_to_all_resumed_s"], 1.5);
+        assert_eq!(json["faults"][1]["ended_at_s"], serde_json::Value::Null);
+        assert_eq!(json["config"]["faults"]["repeat"], 2);
     }
 
     #[test]
