@@ -7,7 +7,9 @@
 //! address block; the child processes; the TCP relays (in this process) that carry each
 //! node's Redis traffic across its backend link and its CQL traffic from its own loopback to
 //! the real server; the log files. Every one of them is removed on Drop, also while a test
-//! panics, and leftovers of crashed runs (names carrying a dead pid) are removed at start.
+//! panics (the logs are then kept and their place printed), and leftovers of crashed runs
+//! (names carrying a dead pid: namespaces and the nodes still in them, links, claims, log
+//! directories and the router recorded there) are removed at start.
 //! It must not touch anything it did not create: not the shared Redis or CQL server, not
 //! another process's namespaces, links or routes (only names and routes of dead pids are
 //! cleaned), not the root namespace's other routes; and it judges nothing about the product
@@ -66,6 +68,8 @@ const CLAIM_PROTO: &str = "213";
 const LOCK_FILE: &str = "/run/chat-netns-harness.lock";
 const NETNS_DIR: &str = "/run/netns";
 const NAME_PREFIX: &str = "cnh";
+/// In a cluster's log directory: `<router pid> <membership prefix>`.
+const ROUTER_RECORD: &str = "router.pid";
 /// Nodes per cluster: a `/24` holds 32 pairs of `/30`s.
 pub const MAX_NODES: u16 = 32;
 
@@ -294,7 +298,11 @@ impl NetnsCluster {
             .args(["--membership-ttl", ttl])
             .args(&opts.router_args);
         let (router, addr) = spawn_logged(cmd, "chat-router", &c.log_dir);
+        // The router lives in the root namespace, where no name marks it as ours: this
+        // record lets the next run stop it if this process dies without dropping `c`.
+        let record = format!("{} {}\n", router.id(), c.prefix);
         c.router = Some(router);
+        std::fs::write(c.log_dir.join(ROUTER_RECORD), record).expect("record the router's pid");
         c.router_addr = Some(addr);
         c.wait_ring_size(usize::from(opts.nodes)).await;
         c
@@ -653,6 +661,31 @@ fn pid_alive(pid: u32) -> bool {
 /// claims whose pid is dead. A live pid's things are never touched (if a pid was reused
 /// they stay until it is free again). Runs under the harness lock.
 fn clean_dead_leftovers() {
+    // Routers of dead runs, recorded in their log directories (`<tmp>/<stem>`); a pid is
+    // killed only if it still runs chat-router with that run's unique membership prefix.
+    for entry in std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let dead_run = owner_pid(&name).is_some_and(|p| !pid_alive(p));
+        if name.len() != NAME_PREFIX.len() + 8 || !dead_run {
+            continue;
+        }
+        let record = std::fs::read_to_string(entry.path().join(ROUTER_RECORD)).unwrap_or_default();
+        if let Some((pid, prefix)) = record.trim().split_once(' ') {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let ours = args.first().is_some_and(|a| a.ends_with(b"/chat-router"))
+                && args.contains(&prefix.as_bytes());
+            if ours {
+                eprintln!("netns harness: stopping chat-router {pid} left by a dead run");
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(entry.path());
+    }
     for netns in list_netns() {
         if owner_pid(&netns).is_some_and(|p| !pid_alive(p)) {
             eprintln!("netns harness: removing namespace {netns} left by a dead run");
