@@ -11,6 +11,8 @@
 //! Tests fail loudly when `CHAT_REDIS_URL` or `CHAT_CQL_NODES` is unset, never skip.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
