@@ -425,9 +425,16 @@ async fn subscribe(
     client: &redis::Client,
     cfg: &MembershipConfig,
 ) -> Option<redis::aio::PubSubStream> {
-    let mut pubsub = client.get_async_pubsub().await.ok()?;
-    pubsub.subscribe(cfg.channel()).await.ok()?;
-    Some(pubsub.into_on_message())
+    // Bounded: across a partition a connect can hang, and this loop also reconciles.
+    let limit = cfg.ttl.max(Duration::from_millis(500));
+    tokio::time::timeout(limit, async {
+        let mut pubsub = client.get_async_pubsub().await.ok()?;
+        pubsub.subscribe(cfg.channel()).await.ok()?;
+        Some(pubsub.into_on_message())
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 #[cfg(test)]

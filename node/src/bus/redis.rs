@@ -93,6 +93,9 @@ pub(crate) enum Envelope {
 
 type Waiters = Mutex<HashMap<u64, oneshot::Sender<Result<Accepted, ErrorCode>>>>;
 
+/// Longest a publish or a subscription may take before it counts as failed.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// This node's end of the bus.
 pub struct Bus {
     prefix: String,
@@ -162,13 +165,25 @@ impl Bus {
             .clone();
         // The connection manager reconnects after a failed command, so the first command
         // after a Redis restart fails on the dead socket: try once more. A repeated request
-        // is harmless (the owner dedupes by cid; a second reply finds no waiter).
-        let receivers: u64 = match cmd.query_async(&mut conn).await {
-            Ok(n) => n,
-            Err(e) if e.is_io_error() || e.is_connection_dropped() => {
-                cmd.query_async(&mut conn).await?
+        // is harmless (the owner dedupes by cid; a second reply finds no waiter). Bounded:
+        // across a partition a publish would otherwise wait for TCP to give up.
+        let attempt = async {
+            match cmd.query_async(&mut conn).await {
+                Ok(n) => Ok(n),
+                Err(e) if e.is_io_error() || e.is_connection_dropped() => {
+                    cmd.query_async(&mut conn).await
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => return Err(e),
+        };
+        let receivers: u64 = match tokio::time::timeout(PUBLISH_TIMEOUT, attempt).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "publish timed out",
+                )))
+            }
         };
         metrics::counter!(m::BUS_PUBLISHED).increment(1);
         Ok(receivers)
@@ -240,9 +255,18 @@ async fn subscribe(
     client: &redis::Client,
     channel: &str,
 ) -> redis::RedisResult<redis::aio::PubSubStream> {
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(channel).await?;
-    Ok(pubsub.into_on_message())
+    let attempt = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok(pubsub.into_on_message())
+    };
+    match tokio::time::timeout(PUBLISH_TIMEOUT, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "subscribe timed out",
+        ))),
+    }
 }
 
 async fn serve_inbox(
