@@ -1,0 +1,183 @@
+//! Network partitions, for real: a router and three chat-nodes, each node in its own network
+//! namespace (`support/netns.rs`), under `chat-bench rebalance` load judged by the CQL store.
+//!
+//! - A node cut off from Redis while its clients can still reach it: its lease lapses, it
+//!   fences its rooms (nothing it queued is stored, its clients are closed with 4001), the
+//!   others take its rooms once its writes are over, and when the link heals it registers
+//!   again and takes them back. Nothing acked is lost, nothing is stored twice, no member
+//!   misses a stored message.
+//! - Clients cut off from a node while Redis still reaches it: the node keeps its rooms and
+//!   its lease; its clients cannot reach it, retry through the router, and resume when the
+//!   link heals, with the same guarantees.
+
+mod support;
+
+use std::time::Duration;
+
+use chat_bench::rebalance::RebalanceArgs;
+use support::netns::{http_json, NetnsCluster, NetnsOptions};
+use support::*;
+
+const ROOMS: usize = 9;
+/// The whole scenario, start-up included.
+const WHOLE_RUN: Duration = Duration::from_secs(240);
+
+fn args(c: &NetnsCluster, room_prefix: &str, extra: &[&str]) -> RebalanceArgs {
+    let url = c.url();
+    let cql = cql_nodes();
+    let rooms = ROOMS.to_string();
+    let mut v = vec![
+        "--url",
+        &url,
+        "--rooms",
+        &rooms,
+        "--members",
+        "3",
+        "--rate",
+        "4",
+        "--duration",
+        "14",
+        "--fault-at",
+        "2",
+        "--dead-after",
+        "2",
+        "--drain",
+        "40",
+        "--quiet",
+        "--room-prefix",
+        room_prefix,
+        "--cql-nodes",
+        &cql,
+        "--cql-keyspace",
+        KEYSPACE,
+    ];
+    v.extend_from_slice(extra);
+    parse_args(&v)
+}
+
+async fn cluster(tag: &str) -> NetnsCluster {
+    let mut opts = NetnsOptions::new(tag, 3, KEYSPACE);
+    // The wait after a departed owner is the store timeout: short, so the test is.
+    opts.node_args = vec!["--store-timeout".into(), "2s".into()];
+    NetnsCluster::start(opts).await
+}
+
+async fn node_metric(c: &NetnsCluster, id: u16, name: &str) -> f64 {
+    let addr = c.node(id).addr;
+    let mut http = chat_bench::http::HttpClient::new(addr, addr.to_string());
+    let answer = http
+        .request("GET", "/metrics", None, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("metrics of node {id}: {e}"));
+    String::from_utf8_lossy(&answer.body)
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_redis_is_fenced_and_nothing_is_lost_or_stored_twice() {
+    tokio::time::timeout(WHOLE_RUN, async {
+        let c = cluster("redis-cut").await;
+        let victim = 2u16;
+        let prefix = prefix_with_a_room_on("part-redis", ROOMS, &[1, 2, 3], victim);
+        let (cut, heal) = (
+            c.cut_backend_command(victim),
+            c.heal_backend_command(victim),
+        );
+        let r = chat_bench::rebalance::run(
+            args(
+                &c,
+                &prefix,
+                &[
+                    "--cut-command",
+                    &cut,
+                    "--heal-command",
+                    &heal,
+                    "--cut-secs",
+                    "5",
+                ],
+            ),
+            "test partition: node cut off from redis".into(),
+        )
+        .await
+        .expect("run");
+        let md = r.to_markdown();
+        let [f] = r.faults.as_slice() else {
+            panic!("one fault: {md}")
+        };
+        assert!(
+            f.inject_error.is_none() && f.restore_error.is_none(),
+            "{md}"
+        );
+        assert!(
+            f.clients_cut_off > 0,
+            "the victim's clients were cut off: {md}"
+        );
+        assert!(f.end_to_all_resumed_s.is_some(), "{md}");
+        assert_guarantees_after_losing(&r, Some(victim));
+        // It noticed, and fenced itself, instead of serving on.
+        assert!(node_metric(&c, victim, "chat_node_lease_lost_total").await >= 1.0);
+        let ready = http_json(c.node(victim).addr, "/readyz", Duration::from_secs(5)).await;
+        assert!(
+            matches!(&ready, Some((200, _))),
+            "registered again after the heal: {ready:?}"
+        );
+        println!("{md}");
+    })
+    .await
+    .expect("the scenario finished in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_cut_off_from_a_node_resume_when_it_heals_and_nothing_moves() {
+    tokio::time::timeout(WHOLE_RUN, async {
+        let c = cluster("client-cut").await;
+        let victim = 2u16;
+        let prefix = prefix_with_a_room_on("part-clients", ROOMS, &[1, 2, 3], victim);
+        let (cut, heal) = (
+            c.cut_clients_command(victim),
+            c.heal_clients_command(victim),
+        );
+        let r = chat_bench::rebalance::run(
+            args(
+                &c,
+                &prefix,
+                &[
+                    "--cut-command",
+                    &cut,
+                    "--heal-command",
+                    &heal,
+                    "--cut-secs",
+                    "4",
+                ],
+            ),
+            "test partition: clients cut off from a node".into(),
+        )
+        .await
+        .expect("run");
+        let md = r.to_markdown();
+        let [f] = r.faults.as_slice() else {
+            panic!("one fault: {md}")
+        };
+        assert!(
+            f.inject_error.is_none() && f.restore_error.is_none(),
+            "{md}"
+        );
+        assert!(
+            f.clients_cut_off > 0,
+            "the victim's clients were cut off: {md}"
+        );
+        // The node kept its lease and its rooms: nothing it delivered went unstored.
+        assert_guarantees_after_losing(&r, None);
+        assert_eq!(
+            node_metric(&c, victim, "chat_node_lease_lost_total").await,
+            0.0,
+            "{md}"
+        );
+        println!("{md}");
+    })
+    .await
+    .expect("the scenario finished in time");
+}
