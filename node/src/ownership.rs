@@ -62,13 +62,6 @@ impl Grant {
         id.node() == node && id.unix_ms() >= self.incarnation
     }
 
-    /// When the grant ends unless a renewal extends the lease first; `None` when it never
-    /// ends (or there is no lease at all, which [`Grant::is_valid_at`] already says). A room
-    /// wakes at this instant so that a quiet room is fenced when its grant lapses, not only
-    /// at its next command.
-    pub fn expires_at(&self) -> Option<Instant> {
-        self.lease.expires_at()
-    }
 }
 
 /// Why a room cannot be served here now.

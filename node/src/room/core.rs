@@ -375,17 +375,15 @@ impl RoomCore {
         Some(Action::Persist(batch))
     }
 
-    /// When to call [`RoomCore::on_timeout`]: the handoff's flush deadline, and the grant's
-    /// expiry so that a quiet room is fenced (and its members told) when the lease lapses.
+    /// When to call [`RoomCore::on_timeout`]: the handoff's flush deadline. A quiet room
+    /// needs no timer for its grant: when the lease lapses the node's lease guard sends
+    /// every room a command (`cluster.rs`), and any entry point fences it. (A timer per
+    /// room at the lease's expiry would wake every quiet room once per renewal period.)
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         if self.ended || self.fence.is_some() {
             return None;
         }
-        let deadline = self.handoff.as_ref().and_then(|h| h.deadline);
-        match (deadline, self.grant.expires_at()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.handoff.as_ref().and_then(|h| h.deadline)
     }
 
     // ------------------------------------------------------------------------------------

@@ -746,26 +746,19 @@ async fn a_write_the_driver_withheld_fences_the_room_whatever_the_lease_says_now
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_quiet_room_is_fenced_when_its_lease_ends() {
+async fn a_quiet_room_is_fenced_by_the_first_command_after_its_lease_ends() {
     let ctx = ctx();
     let (lease, grant) = leased();
     let mut a = new_room(&ctx, "a", grant);
     let alice = Peer::new(1, "alice");
     alice.join(&mut a, None);
+    assert_eq!(a.poll_timeout(), None, "no timer per room for the lease");
     let expiry = lease.expires_at().expect("a lease that ends");
-    assert_eq!(
-        a.poll_timeout(),
-        Some(expiry),
-        "the driver wakes at the expiry"
-    );
-    // Woken early (a renewal moved the expiry, say): still valid, nothing happens.
-    a.on_timeout(Instant::now());
-    assert_eq!(alice.close_code(), None);
     tokio::time::advance(expiry - Instant::now()).await;
-    a.on_timeout(Instant::now());
+    // What the lease guard sends every room when the lease lapses.
+    a.handle(handoff(Some(CloseCode::RoomMoved), None), Instant::now());
     assert_eq!(alice.close_code(), Some(CloseCode::RoomMoved));
     assert!(a.is_ended());
-    assert_eq!(a.poll_timeout(), None);
 
     // A lease ended outright fences at the next entry point.
     let (lease, grant) = leased();
