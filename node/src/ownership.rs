@@ -61,7 +61,6 @@ impl Grant {
     pub fn minted_here(&self, id: MessageId, node: u16) -> bool {
         id.node() == node && id.unix_ms() >= self.incarnation
     }
-
 }
 
 /// Why a room cannot be served here now.
@@ -460,6 +459,24 @@ mod tests {
             t.decide(&room, &empty, 10, Instant::now()),
             Decision::NoOwner
         );
+    }
+
+    #[test]
+    fn only_a_head_this_incarnation_minted_spares_the_fence() {
+        let lease = Lease::new();
+        let started_ms = common::id::now_ms();
+        lease.begin(started_ms, Instant::now(), WAIT, Duration::from_secs(1));
+        let grant = Grant::new(lease);
+        let ids = common::IdGenerator::new(7);
+        let mine = ids.next();
+        assert!(grant.minted_here(mine, 7));
+        // Another node's id, or this node's from before this incarnation began (a previous
+        // process, or this one before its lease lapsed), needs the fence.
+        assert!(!grant.minted_here(common::IdGenerator::new(8).next(), 7));
+        assert!(!grant.minted_here(MessageId::first_at(started_ms - 1), 7));
+        assert!(!grant.minted_here(MessageId(0), 7), "an empty room");
+        // Standalone: every id of this node.
+        assert!(Grant::forever().minted_here(MessageId::first_at(1_704_067_200_001), 0));
     }
 
     #[tokio::test(start_paused = true)]
