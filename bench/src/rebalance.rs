@@ -535,6 +535,8 @@ enum SessionEnd {
 }
 
 /// Error codes after which a send is retried later with the same cid (PROTOCOL.md).
+/// `room_unavailable` comes with the cid of every send queued at a room that could not be
+/// acquired (between owners, or the node fenced): nothing was stored, resend.
 fn retry_later(code: &str) -> bool {
     matches!(
         code,
@@ -542,6 +544,7 @@ fn retry_later(code: &str) -> bool {
             | "overloaded"
             | "store_unavailable"
             | "room_moved"
+            | "room_unavailable"
             | "node_unavailable"
             | "going_away"
             | "internal"
@@ -549,10 +552,17 @@ fn retry_later(code: &str) -> bool {
 }
 
 /// Codes that, without a cid, mean the connection no longer serves the room: reconnect.
+/// `room_unavailable` is the upgrade's own join refused after the upgrade (PROTOCOL.md: "A
+/// join refused after the upgrade": close, reconnect, join again with the same `since`).
 fn resume_needed(code: &str) -> bool {
     matches!(
         code,
-        "room_moved" | "node_unavailable" | "going_away" | "store_unavailable" | "internal"
+        "room_moved"
+            | "room_unavailable"
+            | "node_unavailable"
+            | "going_away"
+            | "store_unavailable"
+            | "internal"
     )
 }
 
@@ -3292,8 +3302,10 @@ mod tests {
     #[test]
     fn cids_round_trip_and_codes_classify() {
         assert!(retry_later("room_moved") && retry_later("rate_limited"));
+        assert!(retry_later("room_unavailable"));
         assert!(!retry_later("bad_json") && !retry_later("not_joined"));
         assert!(resume_needed("room_moved") && !resume_needed("rate_limited"));
+        assert!(resume_needed("room_unavailable"));
         assert!(permanent_refusal("HTTP 401") && !permanent_refusal("HTTP 503"));
         assert_eq!(body(10, 3, 7), "rb 3 7 xxx");
         assert_eq!(body(3, 3, 7).len(), 3);
