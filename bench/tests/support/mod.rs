@@ -183,6 +183,8 @@ pub struct TestCluster {
     pub router: Proc,
     /// With [`ClusterOptions::logs`]: where each process's output goes.
     log_dir: Option<PathBuf>,
+    /// `--membership-ttl` of every process.
+    ttl: String,
 }
 
 /// How [`TestCluster::start_with`] starts its processes.
@@ -190,8 +192,11 @@ pub struct TestCluster {
 pub struct ClusterOptions {
     /// Extra flags for every node (e.g. `--store-timeout 2s`).
     pub node_args: Vec<String>,
+    /// `--membership-ttl` of the nodes and the router instead of [`TTL`].
+    pub ttl: Option<String>,
     /// Write each process's stdout and stderr to `<tmp>/<prefix>/<what>.log`, kept (and
-    /// their place printed) when the test panics, removed otherwise.
+    /// their place printed) when the test panics or `CHAT_TEST_KEEP_LOGS=1`, removed
+    /// otherwise.
     pub logs: bool,
 }
 
@@ -202,6 +207,7 @@ impl TestCluster {
 
     pub async fn start_with(tag: &str, nodes: u16, opts: ClusterOptions) -> TestCluster {
         let prefix = unique(&format!("t-bench-{tag}"));
+        let ttl = opts.ttl.clone().unwrap_or_else(|| TTL.to_owned());
         let log_dir = opts.logs.then(|| {
             let dir = std::env::temp_dir().join(&prefix);
             std::fs::create_dir_all(&dir).expect("create the cluster's log directory");
@@ -217,7 +223,7 @@ impl TestCluster {
         let mut started = BTreeMap::new();
         // One at a time: the first creates the schema alone.
         for id in 1..=nodes {
-            let mut argv = node_argv(&prefix, id);
+            let mut argv = node_argv(&prefix, id, &ttl);
             argv.extend(opts.node_args.iter().cloned());
             let mut cmd = Command::new(&argv[0]);
             cmd.args(&argv[1..]).env_remove("CHAT_LISTEN");
@@ -228,7 +234,7 @@ impl TestCluster {
         let mut cmd = Command::new(router_bin);
         cmd.args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .args(["--redis-url", &redis_url(), "--redis-prefix", &prefix])
-            .args(["--membership-ttl", TTL])
+            .args(["--membership-ttl", &ttl])
             .env_remove("CHAT_LISTEN");
         let router = spawn(cmd, "chat-router");
         let c = TestCluster {
@@ -236,6 +242,7 @@ impl TestCluster {
             nodes: started,
             router,
             log_dir,
+            ttl,
         };
         c.wait_ring_size(usize::from(nodes)).await;
         c
@@ -244,6 +251,13 @@ impl TestCluster {
     /// Where the processes log, with [`ClusterOptions::logs`].
     pub fn log_dir(&self) -> Option<&Path> {
         self.log_dir.as_deref()
+    }
+
+    /// What node `id` has logged so far, with [`ClusterOptions::logs`].
+    pub fn node_log(&self, id: u16) -> String {
+        let dir = self.log_dir.as_ref().expect("a cluster started with logs");
+        let path = dir.join(format!("chat-node-{id}.log"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     /// The sum of every sample of metric `name` on node `id`'s `/metrics`.
@@ -263,7 +277,7 @@ impl TestCluster {
 
     /// The argv of node `id` in this cluster, for a test that starts it from a shell.
     pub fn node_argv(&self, id: u16) -> Vec<String> {
-        node_argv(&self.prefix, id)
+        node_argv(&self.prefix, id, &self.ttl)
     }
 
     /// Waits until the router's ring has `n` nodes.
@@ -291,7 +305,8 @@ impl Drop for TestCluster {
         }
         self.router.kill9();
         if let Some(dir) = &self.log_dir {
-            if std::thread::panicking() {
+            let keep = std::env::var_os("CHAT_TEST_KEEP_LOGS").is_some_and(|v| v == "1");
+            if std::thread::panicking() || keep {
                 eprintln!(
                     "cluster {}: node and router logs kept in {}",
                     self.prefix,
@@ -315,7 +330,7 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-fn node_argv(prefix: &str, id: u16) -> Vec<String> {
+fn node_argv(prefix: &str, id: u16, ttl: &str) -> Vec<String> {
     let (node_bin, _) = server_bins();
     [
         node_bin.display().to_string(),
@@ -331,7 +346,7 @@ fn node_argv(prefix: &str, id: u16) -> Vec<String> {
         "--redis-prefix".into(),
         prefix.into(),
         "--membership-ttl".into(),
-        TTL.into(),
+        ttl.into(),
         "--cql-nodes".into(),
         cql_nodes(),
         "--cql-keyspace".into(),
@@ -341,7 +356,7 @@ fn node_argv(prefix: &str, id: u16) -> Vec<String> {
 }
 
 pub fn spawn_node(prefix: &str, id: u16) -> Proc {
-    let argv = node_argv(prefix, id);
+    let argv = node_argv(prefix, id, TTL);
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]).env_remove("CHAT_LISTEN");
     Proc::spawn(cmd, &format!("chat-node {id}"))
