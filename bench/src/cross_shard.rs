@@ -133,7 +133,17 @@ pub struct Owner {
     pub addr: String,
 }
 
-async fn owner(http: &mut HttpClient, room: &str) -> anyhow::Result<Owner> {
+/// What the router's `GET /v1/rooms/{room}/owner` answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    pub owner: Owner,
+    /// Nodes in that router's ring.
+    pub ring_size: u64,
+}
+
+/// Asks the router at `http` which node owns `room` (bounded in time); an error when the
+/// answer is not a 200 with a node id (e.g. `--url` is a node, not a router).
+pub async fn lookup(http: &mut HttpClient, room: &str) -> anyhow::Result<Lookup> {
     let a = http
         .request(
             "GET",
@@ -150,12 +160,19 @@ async fn owner(http: &mut HttpClient, room: &str) -> anyhow::Result<Owner> {
         );
     }
     let v: serde_json::Value = serde_json::from_slice(&a.body)?;
-    Ok(Owner {
-        id: v["node"]["id"]
-            .as_u64()
-            .ok_or_else(|| anyhow::anyhow!("owner of {room}: no node id"))?,
-        addr: v["node"]["addr"].as_str().unwrap_or_default().to_owned(),
+    Ok(Lookup {
+        owner: Owner {
+            id: v["node"]["id"]
+                .as_u64()
+                .ok_or_else(|| anyhow::anyhow!("owner of {room}: no node id"))?,
+            addr: v["node"]["addr"].as_str().unwrap_or_default().to_owned(),
+        },
+        ring_size: v["ring_size"].as_u64().unwrap_or(0),
     })
+}
+
+async fn owner(http: &mut HttpClient, room: &str) -> anyhow::Result<Owner> {
+    Ok(lookup(http, room).await?.owner)
 }
 
 /// Local (index 0) or bridged (index 1) for each connection, from the owners of the bench

@@ -18,6 +18,7 @@
 //! phase has a deadline; the only addresses used are `--url`, `--cql-nodes` and the
 //! planner's own commands and pid.
 
+pub mod bridged;
 pub mod faults;
 pub mod oracle;
 pub mod store;
@@ -42,6 +43,7 @@ use crate::payload::FrameView;
 use crate::report::{self, close_label, map_or_none, new_histogram, LatencySummary};
 use crate::timeline::Seconds;
 use crate::BenchError;
+use bridged::{join_refusal, HomeSearch, JoinRefusal, SharedJoin};
 use faults::{FaultAction, FaultPlan, FaultRecord, FaultRunner};
 pub use oracle::{account, compare, Correctness, Disagreement, MemberView, StoredRow};
 
@@ -155,6 +157,15 @@ pub struct RebalanceArgs {
     /// The cluster's keyspace (the node's --cql-keyspace); read at QUORUM.
     #[arg(long)]
     pub cql_keyspace: Option<String>,
+    /// Bridge every member: each connects with a home room of its own
+    /// (`<room>-home-<member>`, or a later candidate), owned by another node than its room
+    /// whenever the ring has more than one (chosen at the start from the router's
+    /// `/v1/rooms/{room}/owner`, so --url must be a router), joins its room over the socket
+    /// and sends there, so every frame of it crosses Redis. On every reconnect it connects
+    /// with its home room again and rejoins its room with `since`; a join refused with a
+    /// retry-later code is sent again after a backoff. Home rooms are not sent to.
+    #[arg(long)]
+    pub bridged: bool,
     /// Users are `<prefix>-<room>-<member>`.
     #[arg(long, default_value = "rb")]
     pub user_prefix: String,
@@ -267,6 +278,11 @@ impl RebalanceArgs {
         );
         crate::args::check_user_prefix(last_user)?;
         let last_room = format!("{}-{}", self.room_prefix(), self.rooms - 1);
+        if self.bridged {
+            let longest_home =
+                bridged::home_candidate(&last_room, self.members - 1, bridged::HOME_CANDIDATES - 1);
+            crate::args::check_room_prefix(longest_home)?;
+        }
         crate::args::check_room_prefix(last_room)?;
         Ok(())
     }
@@ -492,6 +508,9 @@ struct MemberPlan {
     index: usize,
     room: usize,
     room_name: String,
+    /// `--bridged`: the room this member connects with; `room_name` is then joined over
+    /// the socket.
+    home: Option<String>,
     user: String,
     auth: Arc<Auth>,
     size: usize,
@@ -535,6 +554,8 @@ enum SessionEnd {
 }
 
 /// Error codes after which a send is retried later with the same cid (PROTOCOL.md).
+/// `room_unavailable` comes with the cid of every send queued at a room that could not be
+/// acquired (between owners, or the node fenced): nothing was stored, resend.
 fn retry_later(code: &str) -> bool {
     matches!(
         code,
@@ -542,6 +563,7 @@ fn retry_later(code: &str) -> bool {
             | "overloaded"
             | "store_unavailable"
             | "room_moved"
+            | "room_unavailable"
             | "node_unavailable"
             | "going_away"
             | "internal"
@@ -549,10 +571,17 @@ fn retry_later(code: &str) -> bool {
 }
 
 /// Codes that, without a cid, mean the connection no longer serves the room: reconnect.
+/// `room_unavailable` is the upgrade's own join refused after the upgrade (PROTOCOL.md: "A
+/// join refused after the upgrade": close, reconnect, join again with the same `since`).
 fn resume_needed(code: &str) -> bool {
     matches!(
         code,
-        "room_moved" | "node_unavailable" | "going_away" | "store_unavailable" | "internal"
+        "room_moved"
+            | "room_unavailable"
+            | "node_unavailable"
+            | "going_away"
+            | "store_unavailable"
+            | "internal"
     )
 }
 
@@ -574,6 +603,8 @@ struct Member {
     reached_joined: bool,
     /// Index into `out.episodes` of the open disruption.
     open_episode: Option<usize>,
+    /// `--bridged`: the room's join over the socket, across sessions.
+    join: Option<SharedJoin>,
 }
 
 impl Member {
@@ -787,6 +818,9 @@ impl Member {
     /// Handles one frame; `Some(reason)` when the session must be dropped and resumed.
     fn on_view(&mut self, v: &FrameView<'_>, raw: &[u8]) -> Option<String> {
         let in_room = v.room == Some(self.p.room_name.as_str());
+        if v.room.is_some() && v.room == self.p.home.as_deref() {
+            return self.on_home(v);
+        }
         match v.kind {
             "joined" if in_room => {
                 let head = serde_json::from_slice::<common::ServerFrame>(raw)
@@ -808,6 +842,9 @@ impl Member {
                 self.reached_joined = true;
                 if let Some(i) = self.open_episode {
                     self.out.episodes[i].rejoined_ns = Some(self.p.shared.now_ns());
+                }
+                if let Some(j) = &mut self.join {
+                    j.joined();
                 }
                 self.catch_up_to = (head > self.last_seen).then_some(head);
                 // Everything not acked goes out again on this session, same cid.
@@ -882,12 +919,85 @@ impl Member {
                         }
                         None
                     }
+                    None if self.join.is_some() && in_room => self.join_refused(&code),
                     None if resume_needed(&code) => Some(format!("error {code}")),
                     None => None,
                 }
             }
             _ => None,
         }
+    }
+
+    /// A frame of the home room (`--bridged`): nothing to account, since nothing is sent
+    /// there; an error refusing it (its join after the upgrade) means reconnecting.
+    fn on_home(&mut self, v: &FrameView<'_>) -> Option<String> {
+        let code = v.code.filter(|_| v.kind == "error" && v.cid.is_none())?;
+        *self.out.errors.entry(code.to_owned()).or_default() += 1;
+        resume_needed(code).then(|| format!("error {code} (home room)"))
+    }
+
+    /// `--bridged`: the room's join was refused (or its replay failed, and the member is no
+    /// longer in the room). Joins again after a backoff, or reconnects, as the code says.
+    fn join_refused(&mut self, code: &str) -> Option<String> {
+        match join_refusal(code)? {
+            JoinRefusal::Reconnect => Some(format!("error {code}")),
+            JoinRefusal::JoinAgain => {
+                if let Some(j) = &mut self.join {
+                    j.refused(Instant::now());
+                }
+                self.disrupted(format!("join refused: {code}"), false);
+                None
+            }
+        }
+    }
+
+    /// The `/ws` query of a new session: the home room with `--bridged` (the room is joined
+    /// over the socket, with its own `since`), else the room with `since` = the last id seen
+    /// once joined before.
+    fn query(&self, creds: &str) -> String {
+        match &self.p.home {
+            Some(home) => format!("room={home}&{creds}"),
+            None if self.out.view.join_point.is_some() => {
+                format!("room={}&{creds}&since={}", self.p.room_name, self.last_seen)
+            }
+            None => format!("room={}&{creds}", self.p.room_name),
+        }
+    }
+
+    /// The `join` of the room over the socket (`--bridged`), with `since` = the last id
+    /// seen once joined before.
+    fn join_frame(&self) -> Vec<u8> {
+        let mut f = serde_json::json!({"type": "join", "room": self.p.room_name});
+        if self.out.view.join_point.is_some() {
+            f["since"] = self.last_seen.to_string().into();
+        }
+        f.to_string().into_bytes()
+    }
+
+    /// Writes the room's join if it is due (`--bridged`); `Err(label)` when the session must
+    /// be dropped.
+    async fn join_if_due(&mut self, ws: &mut WsWrite) -> Result<(), String> {
+        let now = Instant::now();
+        match &self.join {
+            Some(j) if j.due(now) => {}
+            _ => return Ok(()),
+        }
+        let mut frame = self.join_frame();
+        let write = client::send_text(ws, &mut frame);
+        let written = match self.p.dead_after {
+            Some(d) => match tokio::time::timeout(d, write).await {
+                Ok(r) => r.is_ok(),
+                Err(_) => return Err(self.stalled_label()),
+            },
+            None => write.await.is_ok(),
+        };
+        if !written {
+            return Err("write failed".into());
+        }
+        if let Some(j) = &mut self.join {
+            j.sent(now);
+        }
+        Ok(())
     }
 
     fn seq_of(&self, cid: &str) -> Option<u64> {
@@ -925,6 +1035,9 @@ impl Member {
         };
         self.out.sessions += 1;
         self.silent_since = None;
+        if let Some(j) = &mut self.join {
+            j.new_session();
+        }
         let (reader, mut control) = client::reader(rd);
         let (tx, mut events) = mpsc::channel(1024);
         let read_task: JoinHandle<()> = tokio::spawn(read_session(reader, tx));
@@ -934,6 +1047,7 @@ impl Member {
         let mut finish = self.p.finish.clone();
         let mut stop = self.p.stop.clone();
         let joined_by = tokio::time::Instant::now() + self.p.connect_timeout;
+        // With --bridged the room's join goes out on the first tick, which is at once.
         let end = loop {
             tokio::select! {
                 biased;
@@ -981,8 +1095,16 @@ impl Member {
                     }
                 },
                 _ = wake.tick() => {
-                    if !self.joined && tokio::time::Instant::now() > joined_by {
+                    // A bridged join is bounded per attempt: refusals re-send it.
+                    let unanswered = match &self.join {
+                        Some(j) => j.unanswered(Instant::now(), self.p.connect_timeout),
+                        None => !self.joined && tokio::time::Instant::now() > joined_by,
+                    };
+                    if unanswered {
                         break SessionEnd::Lost("no joined frame".into());
+                    }
+                    if let Err(label) = self.join_if_due(&mut ws).await {
+                        break SessionEnd::Lost(label);
                     }
                     if self.stalled(Instant::now()) {
                         break SessionEnd::Lost(self.stalled_label());
@@ -1020,17 +1142,11 @@ impl Member {
         let mut backoff = FIRST_BACKOFF;
         let mut stop = self.p.stop.clone();
         let mut finish = self.p.finish.clone();
-        // Deterministic jitter per member, so reconnects do not arrive in lockstep.
-        let jitter = 1.0 + (self.p.index % 10) as f64 / 20.0;
+        let jitter = member_jitter(self.p.index);
         loop {
             if *self.p.stop.borrow() || *self.p.finish.borrow() {
                 break;
             }
-            let since = if self.out.view.join_point.is_some() {
-                format!("&since={}", self.last_seen)
-            } else {
-                String::new()
-            };
             // Signed per attempt, so a resumed session never carries an expired token.
             let creds = match self.p.auth.credentials(&self.p.user) {
                 Ok(c) => c,
@@ -1039,7 +1155,7 @@ impl Member {
                     break;
                 }
             };
-            let query = format!("room={}&{creds}{since}", self.p.room_name);
+            let query = self.query(&creds);
             match self.session(query).await {
                 SessionEnd::Done => break,
                 SessionEnd::Lost(label) => {
@@ -1069,6 +1185,12 @@ impl Member {
         self.publish();
         self.out
     }
+}
+
+/// Deterministic jitter per member (a factor of 1 to 1.45 on every backoff), so reconnects
+/// and rejoins do not arrive in lockstep.
+fn member_jitter(index: usize) -> f64 {
+    1.0 + (index % 10) as f64 / 20.0
 }
 
 /// Refusals no retry fixes (bad user, auth, forbidden).
@@ -1195,6 +1317,9 @@ pub struct RebalanceConfig {
     pub faults: Option<FaultConfig>,
     pub cql_nodes: Vec<String>,
     pub cql_keyspace: Option<String>,
+    /// `--bridged`: members connect with home rooms of their own and join their room over
+    /// the socket.
+    pub bridged: bool,
     pub room_prefix: String,
     pub user_prefix: String,
 }
@@ -1328,6 +1453,8 @@ pub struct RebalanceReport {
     pub external_command: Option<CommandOutcome>,
     /// Each injected fault, in order.
     pub faults: Vec<FaultReport>,
+    /// `--bridged` only: how many members were bridged at the start.
+    pub bridged: Option<BridgedStats>,
     pub disruption: Disruption,
     pub sends: SendStats,
     pub stream: StreamStats,
@@ -1648,6 +1775,15 @@ impl RebalanceReport {
             }
             let _ = writeln!(o);
         }
+        if let Some(b) = &self.bridged {
+            let _ = writeln!(
+                o,
+                "Bridged: {} of {} members connect through a home room owned by another node \
+                 than their room's owner and join their room over the socket (ring of {} at \
+                 the start, {} owner lookups in {:.2} s).\n",
+                b.bridged, b.members, b.ring_size, b.owner_lookups, b.lookup_s
+            );
+        }
         let judged = match k.judged_by.as_str() {
             "cql" => "the CQL store",
             _ => "the history API",
@@ -1899,6 +2035,61 @@ fn watch_recoveries(
     }
 }
 
+/// The owner lookups of `--bridged` may take this long, plus 10 ms per member.
+const HOME_LOOKUP_BOUND: Duration = Duration::from_secs(30);
+
+/// `--bridged`: where the members' connections live, as the router said at the start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct BridgedStats {
+    pub members: u64,
+    /// Members whose home room is owned by another node than their room: every frame of
+    /// theirs in the room crosses Redis. All of them whenever the ring has two nodes or
+    /// more (see `bridged::HOME_CANDIDATES`).
+    pub bridged: u64,
+    /// Nodes in the router's ring at the start.
+    pub ring_size: u64,
+    /// Owner lookups made to choose the home rooms, and the seconds they took.
+    pub owner_lookups: u64,
+    pub lookup_s: f64,
+}
+
+/// Chooses every member's home room (by member index) from the router's owner lookups.
+async fn choose_homes(
+    target: &Target,
+    room_prefix: &str,
+    rooms: usize,
+    members: usize,
+) -> anyhow::Result<(Vec<String>, BridgedStats)> {
+    let started = Instant::now();
+    let mut http = HttpClient::for_target(target);
+    let mut stats = BridgedStats {
+        members: (rooms * members) as u64,
+        ..Default::default()
+    };
+    let mut homes = Vec::with_capacity(rooms * members);
+    for r in 0..rooms {
+        let room = format!("{room_prefix}-{r}");
+        let shared = crate::cross_shard::lookup(&mut http, &room).await?;
+        stats.owner_lookups += 1;
+        stats.ring_size = stats.ring_size.max(shared.ring_size);
+        for m in 0..members {
+            let mut search = HomeSearch::new(&room, m, shared.owner.id, shared.ring_size);
+            let home = loop {
+                let candidate = search.candidate();
+                let owner = crate::cross_shard::lookup(&mut http, &candidate).await?;
+                stats.owner_lookups += 1;
+                if let Some(home) = search.observe(owner.owner.id) {
+                    break home;
+                }
+            };
+            stats.bridged += u64::from(home.bridged);
+            homes.push(home.room);
+        }
+    }
+    stats.lookup_s = started.elapsed().as_secs_f64();
+    Ok((homes, stats))
+}
+
 /// What the load phase hands the oracle: what every member saw, and what happened.
 pub struct Load {
     args: RebalanceArgs,
@@ -1917,6 +2108,7 @@ pub struct Load {
     recoveries: Vec<Recovery>,
     drained: bool,
     bench_cpu: Option<f64>,
+    bridged: Option<BridgedStats>,
     notes: Vec<String>,
 }
 
@@ -1966,6 +2158,29 @@ pub async fn load(args: RebalanceArgs, command: String) -> Result<Load, BenchErr
         Ok(_) => {}
         Err(e) => notes.push(format!("cannot raise the open-file limit: {e}")),
     }
+    let mut bridged = None;
+    let mut homes = Vec::new();
+    if args.bridged {
+        let bound = HOME_LOOKUP_BOUND + Duration::from_millis(10 * total as u64);
+        let chosen = tokio::time::timeout(
+            bound,
+            choose_homes(&target, &room_prefix, args.rooms, args.members),
+        )
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("not done within {bound:?}")))
+        .map_err(|e| {
+            BenchError::Failed(e.context("choosing the home rooms (--bridged; is --url a router?)"))
+        })?;
+        if !args.quiet {
+            let b = &chosen.1;
+            eprintln!(
+                "[rebalance] --bridged: {} of {} members have their home room on another node                  (ring of {}; {} owner lookups in {:.2} s)",
+                b.bridged, b.members, b.ring_size, b.owner_lookups, b.lookup_s
+            );
+        }
+        homes = chosen.0;
+        bridged = Some(chosen.1);
+    }
     let shared = Arc::new(Shared {
         base: Instant::now(),
         start_ns: AtomicU64::new(u64::MAX),
@@ -1984,6 +2199,7 @@ pub async fn load(args: RebalanceArgs, command: String) -> Result<Load, BenchErr
     let (stop_tx, stop_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let dead_after = (args.dead_after > 0.0).then(|| Duration::from_secs_f64(args.dead_after));
+    let max_backoff = Duration::from_secs_f64(args.max_backoff);
     let mut lives = Vec::with_capacity(total);
     let mut tasks = Vec::with_capacity(total);
     for index in 0..total {
@@ -1999,13 +2215,14 @@ pub async fn load(args: RebalanceArgs, command: String) -> Result<Load, BenchErr
                 index,
                 room,
                 room_name: format!("{room_prefix}-{room}"),
+                home: homes.get(index).cloned(),
                 user: format!("{}-{room}-{member}", args.user_prefix),
                 auth: auth.clone(),
                 size: args.size,
                 connect_timeout: Duration::from_secs_f64(args.connect_timeout),
                 resend_after: Duration::from_secs_f64(args.resend_after),
                 dead_after,
-                max_backoff: Duration::from_secs_f64(args.max_backoff),
+                max_backoff,
                 finish: finish_rx.clone(),
                 stop: stop_rx.clone(),
             },
@@ -2019,6 +2236,9 @@ pub async fn load(args: RebalanceArgs, command: String) -> Result<Load, BenchErr
             joined: false,
             reached_joined: false,
             open_episode: None,
+            join: args
+                .bridged
+                .then(|| SharedJoin::new(FIRST_BACKOFF, max_backoff, member_jitter(index))),
         };
         tasks.push(tokio::spawn(m.run()));
     }
@@ -2240,6 +2460,7 @@ pub async fn load(args: RebalanceArgs, command: String) -> Result<Load, BenchErr
         recoveries,
         drained,
         bench_cpu,
+        bridged,
         notes,
     })
 }
@@ -2264,6 +2485,7 @@ pub async fn judge(load: Load) -> RebalanceReport {
         recoveries,
         drained,
         bench_cpu,
+        bridged,
         mut notes,
     } = load;
     let rooms: Vec<String> = (0..args.rooms)
@@ -2519,6 +2741,24 @@ pub async fn judge(load: Load) -> RebalanceReport {
             ));
         }
     }
+    if let Some(b) = &bridged {
+        if b.bridged < b.members {
+            let why = if b.ring_size <= 1 {
+                "the ring had one node at the start"
+            } else {
+                "no candidate home room was owned by another node"
+            };
+            warnings.push(format!(
+                "--bridged: only {} of {} members were bridged ({why})",
+                b.bridged, b.members
+            ));
+        }
+        notes.push(
+            "--bridged: home rooms were chosen from the router's ring at the start; a ring \
+             change during the run is not followed"
+                .into(),
+        );
+    }
     if !drained {
         warnings.push(format!(
             "the drain ended after {} s with clients not settled or sends unanswered",
@@ -2571,11 +2811,13 @@ pub async fn judge(load: Load) -> RebalanceReport {
             }),
             cql_nodes: args.cql_nodes.clone(),
             cql_keyspace: args.cql_keyspace.clone(),
+            bridged: args.bridged,
             room_prefix,
             user_prefix: args.user_prefix.clone(),
         },
         external_command: command_outcome,
         faults,
+        bridged,
         disruption: d,
         sends,
         stream,
@@ -2660,9 +2902,18 @@ mod tests {
                 "chat",
             ],
             vec!["--dead-after", "0"],
+            vec!["--bridged"],
         ] {
             assert_eq!(args(&ok).validate(), Ok(()), "{ok:?}");
         }
+        assert!(!args(&[]).bridged);
+        // Home rooms are longer than the rooms: a prefix that fits only without them.
+        let long = "p".repeat(118);
+        assert_eq!(args(&["--room-prefix", &long]).validate(), Ok(()));
+        let e = args(&["--room-prefix", &long, "--bridged"])
+            .validate()
+            .expect_err("home rooms too long");
+        assert!(e.contains("--room-prefix"), "{e}");
         // The first fault defaults to --command-at; repeats follow --fault-every.
         let p = args(&[
             "--pause-pid",
@@ -2899,6 +3150,7 @@ mod tests {
                 index,
                 room: 0,
                 room_name: "r-0".into(),
+                home: None,
                 user: "u".into(),
                 auth: Arc::new(Auth::Dev),
                 size: 8,
@@ -2919,7 +3171,20 @@ mod tests {
             joined: false,
             reached_joined: false,
             open_episode: None,
+            join: None,
         }
+    }
+
+    /// [`test_member`] with `--bridged`: home room `r-0-home-0`.
+    async fn bridged_member(index: usize) -> Member {
+        let mut m = test_member(index).await;
+        m.p.home = Some("r-0-home-0".into());
+        m.join = Some(SharedJoin::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            1.0,
+        ));
+        m
     }
 
     fn pend(m: &mut Member, seq: u64) {
@@ -3014,6 +3279,97 @@ mod tests {
         assert_eq!((m.out.ack_id_changed, m.out.ack_duplicates), (1, 1));
     }
 
+    /// `--bridged`: sessions connect with the home room and join the room over the socket
+    /// (with `since` once joined before); the home room's frames are ignored, a refusal of
+    /// its join reconnects; the room's join refused with a retry-later code goes out again
+    /// after a backoff on the same session, one that says reconnect drops the session.
+    #[tokio::test]
+    async fn a_bridged_member_rejoins_its_room_over_the_socket() {
+        let mut m = bridged_member(7).await;
+        let f = |s: &str| m_frame(s);
+        assert_eq!(m.query("user=u"), "room=r-0-home-0&user=u");
+        let join = |m: &Member| -> serde_json::Value {
+            serde_json::from_slice(&m.join_frame()).expect("json")
+        };
+        assert_eq!(join(&m), serde_json::json!({"type": "join", "room": "r-0"}));
+        assert!(m.join.as_ref().is_some_and(|j| j.due(Instant::now())));
+        m.join.as_mut().expect("bridged").sent(Instant::now());
+        // The home room's joined, presence and messages change nothing.
+        for frame in [
+            r#"{"type":"joined","room":"r-0-home-0"}"#,
+            r#"{"type":"presence","room":"r-0-home-0","user":"x","event":"join"}"#,
+            r#"{"type":"message","room":"r-0-home-0","id":"5","from":"x","cid":"c","body":"b","ts":1}"#,
+        ] {
+            assert!(m.on_frame(&f(frame)).is_none(), "{frame}");
+        }
+        assert!(!m.joined && m.out.view.received.is_empty());
+        assert_eq!(m.out.misrouted, 0, "the home room is not another room");
+        // The room's join refused while Redis is away: joined again later, same session.
+        assert!(m
+            .on_frame(&f(
+                r#"{"type":"error","code":"node_unavailable","message":"x","room":"r-0"}"#
+            ))
+            .is_none());
+        let j = m.join.as_ref().expect("bridged");
+        assert!(matches!(j.state(), bridged::JoinState::RetryAt(_)));
+        assert_eq!(
+            m.out.refusals.get("join refused: node_unavailable"),
+            Some(&1)
+        );
+        assert!(
+            m.out.episodes.is_empty(),
+            "not an episode before the first join"
+        );
+        m.join.as_mut().expect("bridged").sent(Instant::now());
+        m.on_frame(&f(r#"{"type":"joined","room":"r-0","head":"100"}"#));
+        assert!(m.joined && m.out.view.join_point == Some(100));
+        assert_eq!(
+            m.join.as_ref().map(|j| j.state()),
+            Some(bridged::JoinState::Joined)
+        );
+        m.on_frame(&f(
+            r#"{"type":"message","room":"r-0","id":"101","from":"u","cid":"m7-0","body":"x","ts":1}"#,
+        ));
+        // A reconnect: the home room again, and the room's join carries `since`.
+        assert_eq!(m.query("user=u"), "room=r-0-home-0&user=u");
+        assert_eq!(
+            join(&m),
+            serde_json::json!({"type": "join", "room": "r-0", "since": "101"})
+        );
+        // A replay that failed: no longer in the room, an episode, joined again later.
+        pend(&mut m, 0);
+        assert!(m
+            .on_frame(&f(
+                r#"{"type":"error","code":"store_unavailable","message":"x","room":"r-0"}"#
+            ))
+            .is_none());
+        assert!(!m.joined && m.out.episodes.len() == 1);
+        m.on_frame(&f(r#"{"type":"joined","room":"r-0","head":"101"}"#));
+        assert!(m.joined && m.out.episodes[0].resumed_ns.is_some());
+        assert!(
+            m.pending[&0].last_sent.is_none(),
+            "unacked sends go out again"
+        );
+        // room_moved for the room, or any refusal of the home room: reconnect.
+        for frame in [
+            r#"{"type":"error","code":"room_moved","message":"x","room":"r-0","owner":"a:1"}"#,
+            r#"{"type":"error","code":"room_unavailable","message":"x","room":"r-0-home-0"}"#,
+            r#"{"type":"error","code":"room_moved","message":"x","room":"r-0-home-0"}"#,
+        ] {
+            assert!(m.on_frame(&f(frame)).is_some(), "{frame}");
+        }
+        // A send's own error is the send's business, as without --bridged.
+        m.on_frame(&f(
+            r#"{"type":"error","code":"room_unavailable","message":"x","cid":"m7-0","room":"r-0"}"#,
+        ));
+        assert!(m.pending[&0].retry_at.is_some() && m.out.rejected == 0);
+        // Without --bridged the query carries the room and `since`.
+        let mut plain = test_member(1).await;
+        assert_eq!(plain.query("user=u"), "room=r-0&user=u");
+        plain.on_frame(&f(r#"{"type":"joined","room":"r-0","head":"9"}"#));
+        assert_eq!(plain.query("user=u"), "room=r-0&user=u&since=9");
+    }
+
     #[test]
     fn every_store_failure_and_an_unread_store_fail_the_run() {
         let mut r = RebalanceReport::default();
@@ -3059,8 +3415,19 @@ mod tests {
         q.verdict = "FAIL".into();
         q.correctness.judged_by = "cql".into();
         q.correctness.stored_twice = 3;
+        q.bridged = Some(BridgedStats {
+            members: 6,
+            bridged: 6,
+            ring_size: 3,
+            owner_lookups: 11,
+            lookup_s: 0.05,
+        });
         let md = q.to_markdown();
         assert!(md.contains("rebalance: FAIL") && md.contains("could not be read:** timed out"));
+        assert!(
+            md.contains("Bridged: 6 of 6 members connect through a home room"),
+            "{md}"
+        );
         assert!(md.contains("Judged by the CQL store"));
         let json: serde_json::Value = serde_json::from_str(&q.to_json()).expect("json");
         assert_eq!(json["correctness"]["stored_twice"], 3);
@@ -3068,6 +3435,8 @@ mod tests {
         assert_eq!(json["read_back"]["cql_error"], "timed out");
         assert_eq!(json["read_back"]["disagreement"]["cql_only"], 1);
         assert_eq!(json["sends"]["unanswered"], 1);
+        assert_eq!(json["bridged"]["bridged"], 6);
+        assert_eq!(json["bridged"]["ring_size"], 3);
     }
 
     #[test]
@@ -3292,8 +3661,10 @@ mod tests {
     #[test]
     fn cids_round_trip_and_codes_classify() {
         assert!(retry_later("room_moved") && retry_later("rate_limited"));
+        assert!(retry_later("room_unavailable"));
         assert!(!retry_later("bad_json") && !retry_later("not_joined"));
         assert!(resume_needed("room_moved") && !resume_needed("rate_limited"));
+        assert!(resume_needed("room_unavailable"));
         assert!(permanent_refusal("HTTP 401") && !permanent_refusal("HTTP 503"));
         assert_eq!(body(10, 3, 7), "rb 3 7 xxx");
         assert_eq!(body(3, 3, 7).len(), 3);

@@ -981,7 +981,7 @@ fn loopback_contact_points(nodes: &str) -> Vec<SocketAddr> {
 
 /// Spawns `cmd` with every `CHAT_*` variable removed (flags say everything), its stdout and
 /// stderr written to `<log_dir>/<what>.log`, and waits for the address it logs.
-fn spawn_logged(mut cmd: Command, what: &str, log_dir: &Path) -> (Child, SocketAddr) {
+pub fn spawn_logged(mut cmd: Command, what: &str, log_dir: &Path) -> (Child, SocketAddr) {
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("CHAT_") {
             cmd.env_remove(k);
