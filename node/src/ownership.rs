@@ -63,6 +63,12 @@ impl Grant {
     }
 }
 
+impl crate::store::WriteGuard for Grant {
+    fn may_write(&self) -> bool {
+        self.is_valid()
+    }
+}
+
 /// Why a room cannot be served here now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {

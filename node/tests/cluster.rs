@@ -219,18 +219,30 @@ impl Member {
             )
             .await
             {
-                Ok(mut client) => match client.frame_skip_presence().await {
-                    ServerFrame::Joined { .. } => return client,
-                    // The room changed hands between the upgrade and the join (the ring
-                    // moved, or the previous owner has not let go yet): reconnect.
-                    ServerFrame::Error { code, .. } => assert!(
-                        matches!(
-                            code,
-                            common::ErrorCode::RoomMoved | common::ErrorCode::RoomUnavailable
-                        ),
-                        "unexpected join refusal {code}"
-                    ),
-                    f => panic!("expected joined, got {f:?}"),
+                Ok(mut client) => loop {
+                    match client.next().await {
+                        Event::Frame(ServerFrame::Joined { .. }) => return client,
+                        Event::Frame(ServerFrame::Presence { .. }) => continue,
+                        // The room changed hands between the upgrade and the join (the ring
+                        // moved, or the previous owner has not let go yet): reconnect.
+                        Event::Frame(ServerFrame::Error { code, .. }) => {
+                            assert!(
+                                matches!(
+                                    code,
+                                    common::ErrorCode::RoomMoved
+                                        | common::ErrorCode::RoomUnavailable
+                                ),
+                                "unexpected join refusal {code}"
+                            );
+                            break;
+                        }
+                        // Moved again right after joining: reconnect.
+                        Event::Close(code) => {
+                            assert!(matches!(code, 4001 | 1001), "unexpected close {code}");
+                            break;
+                        }
+                        Event::Frame(f) => panic!("expected joined, got {f:?}"),
+                    }
                 },
                 Err((status, body)) => {
                     assert!(
@@ -256,7 +268,10 @@ impl Member {
         stop: tokio_util::sync::CancellationToken,
     ) -> Member {
         let mut client = self.connect(router).await;
+        // At most 50 sends a second, under the node's default rate limit (100/s).
+        let mut pace = tokio::time::interval(Duration::from_millis(20));
         while !stop.is_cancelled() {
+            pace.tick().await;
             let cid = format!("c{}", self.next);
             client
                 .send_text(&self.room, &cid, &format!("msg {}", self.next))
@@ -404,12 +419,29 @@ async fn churn_for(
                 break;
             }
         }
-        let cids: HashSet<&String> = stored.iter().map(|(c, _)| c).collect();
-        assert_eq!(
-            cids.len(),
-            stored.len(),
-            "{}: a cid was stored twice",
-            m.room
+        let mut by_cid: HashMap<&String, Vec<MessageId>> = HashMap::new();
+        for (cid, id) in &stored {
+            by_cid.entry(cid).or_default().push(*id);
+        }
+        let twice: Vec<String> = by_cid
+            .iter()
+            .filter(|(_, ids)| ids.len() > 1)
+            .map(|(cid, ids)| {
+                let ids: Vec<String> = ids
+                    .iter()
+                    .map(|id| format!("{id} (node {}, at {} ms)", id.node(), id.unix_ms()))
+                    .collect();
+                format!("{cid}: {}", ids.join(", "))
+            })
+            .collect();
+        assert!(
+            twice.is_empty(),
+            "{}: cids stored twice: {twice:?}; acked: {:?}",
+            m.room,
+            m.acked
+                .iter()
+                .filter(|(c, _)| by_cid.get(c).is_some_and(|ids| ids.len() > 1))
+                .collect::<Vec<_>>()
         );
         let stored_map: HashMap<&String, MessageId> =
             stored.iter().map(|(c, id)| (c, *id)).collect();
@@ -489,7 +521,9 @@ async fn a_killed_node_loses_its_rooms_and_their_clients_recover() {
         owners.insert(r.clone(), c.owner(c.router(), r).await);
     }
     let victim = 2u16;
-    let members = churn(&mut c, &rooms, move |c| {
+    // Its rooms are served again once membership dropped it and its writes are over (TTL
+    // plus the store timeout): keep sending long enough after that.
+    let members = churn_for(&mut c, &rooms, WAIT, 16, move |c| {
         if let Some(p) = c.nodes.get_mut(&victim) {
             p.kill9();
         }

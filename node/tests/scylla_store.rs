@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_node::store::scylla::{ScyllaConfig, ScyllaStore};
-use chat_node::store::{HistoryQuery, MessageStore, PageFrom};
+use chat_node::store::{HistoryQuery, MessageStore, PageFrom, Unguarded};
 use common::{ChatMessage, ClientMsgId, MessageId, RoomId, UserId};
 use scylla::statement::Consistency;
 use support::*;
@@ -80,9 +80,15 @@ async fn pages_walk_across_buckets_both_ways_without_gaps() {
     let room = RoomId::new(format!("paging-{}", std::process::id())).expect("room");
     let all = spread(&room);
     // Appended in three batches, one of them spanning several buckets.
-    s.append(&room, &all[..10]).await.expect("append");
-    s.append(&room, &all[10..30]).await.expect("append");
-    s.append(&room, &all[30..]).await.expect("append");
+    s.append(&room, &all[..10], &Unguarded)
+        .await
+        .expect("append");
+    s.append(&room, &all[10..30], &Unguarded)
+        .await
+        .expect("append");
+    s.append(&room, &all[30..], &Unguarded)
+        .await
+        .expect("append");
     let ids: Vec<MessageId> = all.iter().map(|m| m.id).collect();
 
     // Newest first: pages of 4 walking back with `before`.
@@ -147,8 +153,10 @@ async fn re_appending_a_batch_stores_each_message_once() {
     let room = RoomId::new(format!("idem-{}", std::process::id())).expect("room");
     let now = common::id::now_ms();
     let batch: Vec<_> = (0..5).map(|i| msg(&room, now, i)).collect();
-    s.append(&room, &batch).await.expect("append");
-    s.append(&room, &batch[1..3]).await.expect("retry");
+    s.append(&room, &batch, &Unguarded).await.expect("append");
+    s.append(&room, &batch[1..3], &Unguarded)
+        .await
+        .expect("retry");
     let got = s
         .read(&room, q(None, None, 100, PageFrom::Newest))
         .await
@@ -162,7 +170,7 @@ async fn identical_concurrent_reads_are_answered_together() {
     let room = RoomId::new(format!("coalesce-{}", std::process::id())).expect("room");
     let now = common::id::now_ms();
     let batch: Vec<_> = (0..50).map(|i| msg(&room, now, i)).collect();
-    s.append(&room, &batch).await.expect("append");
+    s.append(&room, &batch, &Unguarded).await.expect("append");
     let before = chat_node::telemetry::render();
     let coalesced = |text: &str| -> f64 {
         text.lines()
@@ -207,7 +215,7 @@ async fn a_late_write_from_an_earlier_owner_is_shadowed_by_the_takeover_fence() 
     let room = RoomId::new(format!("fence-{}", std::process::id())).expect("room");
     let now = common::id::now_ms();
     let head = msg(&room, now - 2_000, 0);
-    s.append(&room, std::slice::from_ref(&head))
+    s.append(&room, std::slice::from_ref(&head), &Unguarded)
         .await
         .expect("append the head");
     // The earlier owner minted this and checked its lease before the takeover; the write
@@ -250,7 +258,7 @@ async fn a_late_write_from_an_earlier_owner_is_shadowed_by_the_takeover_fence() 
         .expect("index its bucket");
 
     let mine = msg(&room, now, 5);
-    s.append(&room, std::slice::from_ref(&mine))
+    s.append(&room, std::slice::from_ref(&mine), &Unguarded)
         .await
         .expect("the new owner's write");
 
@@ -291,4 +299,29 @@ async fn a_late_write_from_an_earlier_owner_is_shadowed_by_the_takeover_fence() 
         [head.id.0 as i64, mine.id.0 as i64],
         "a plain SELECT does not see the late write either"
     );
+}
+
+/// A writer whose guard says no (its lease lapsed after the batch was stamped) sends
+/// nothing: the answer is `Fenced` and the room's history is unchanged.
+#[tokio::test]
+async fn a_write_its_guard_refuses_is_not_sent() {
+    struct No;
+    impl chat_node::store::WriteGuard for No {
+        fn may_write(&self) -> bool {
+            false
+        }
+    }
+    let s = store().await;
+    let room = RoomId::new(format!("guarded-{}", std::process::id())).expect("room");
+    let m = msg(&room, common::id::now_ms(), 0);
+    let r = s.append(&room, std::slice::from_ref(&m), &No).await;
+    assert!(
+        matches!(r, Err(chat_node::store::StoreError::Fenced)),
+        "{r:?}"
+    );
+    let read = s
+        .read(&room, q(None, None, 10, PageFrom::Oldest))
+        .await
+        .expect("read");
+    assert!(read.is_empty(), "{read:?}");
 }

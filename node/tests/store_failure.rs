@@ -33,10 +33,11 @@ impl MessageStore for Switchable {
         &'a self,
         room: &'a RoomId,
         batch: &'a [ChatMessage],
+        guard: &'a dyn chat_node::store::WriteGuard,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             self.fail()?;
-            self.inner.append(room, batch).await
+            self.inner.append(room, batch, guard).await
         })
     }
 

@@ -423,7 +423,7 @@ fn spawn_persist(
             let started = Instant::now();
             let result = match tokio::time::timeout(
                 ctx.config.store_timeout,
-                ctx.store.append(&room, &batch),
+                ctx.store.append(&room, &batch, &grant),
             )
             .await
             {
@@ -431,12 +431,20 @@ fn spawn_persist(
                 Err(_) => Err(StoreError::Timeout),
             };
             metrics::histogram!(m::STORE_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
-            if let Err(e) = &result {
+            if let Err(e @ (StoreError::Unavailable(_) | StoreError::Timeout)) = &result {
                 metrics::counter!(m::STORE_ERRORS, "op" => "append").increment(1);
                 ctx.mark_store_failed();
                 tracing::warn!(%room, error = %e, messages = batch.len(), "store write failed");
             }
-            result.map_err(|_| NotStored::Store)
+            match result {
+                Ok(()) => Ok(()),
+                // Lapsed between the stamp and the send: nothing more was sent.
+                Err(StoreError::Fenced) => {
+                    metrics::counter!(m::FENCED, "op" => "persist").increment(1);
+                    Err(NotStored::Fenced)
+                }
+                Err(_) => Err(NotStored::Store),
+            }
         };
         let _ = tx.send(Persisted { batch, result }).await;
     });

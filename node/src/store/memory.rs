@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use common::{ChatMessage, RoomId};
 
-use super::{BoxFuture, HistoryQuery, MessageStore, PageFrom, StoreError};
+use super::{BoxFuture, HistoryQuery, MessageStore, PageFrom, StoreError, WriteGuard};
 
 pub struct MemoryStore {
     per_room: usize,
@@ -76,8 +76,14 @@ impl MessageStore for MemoryStore {
         &'a self,
         room: &'a RoomId,
         batch: &'a [ChatMessage],
+        guard: &'a dyn WriteGuard,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move { self.append_now(room, batch) })
+        Box::pin(async move {
+            if !guard.may_write() {
+                return Err(StoreError::Fenced);
+            }
+            self.append_now(room, batch)
+        })
     }
 
     fn read<'a>(

@@ -22,6 +22,26 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store timed out")]
     Timeout,
+    /// The writer's [`WriteGuard`] said no: nothing was written.
+    #[error("the writer may no longer write this room")]
+    Fenced,
+}
+
+/// What a writer checks right before a write leaves the process, *after* the store has
+/// stamped it with its timestamp: a pause that falls between the stamp and the check is
+/// caught by the check, and a pause after the check leaves a write stamped before the
+/// writer's lease ended, which a later owner's fence shadows (see [`MessageStore::fence`]).
+pub trait WriteGuard: Send + Sync {
+    fn may_write(&self) -> bool;
+}
+
+/// For writers that own what they write unconditionally (tests, tools).
+pub struct Unguarded;
+
+impl WriteGuard for Unguarded {
+    fn may_write(&self) -> bool {
+        true
+    }
 }
 
 /// Which messages to read. Bounds are exclusive.
@@ -43,10 +63,14 @@ pub enum PageFrom {
 
 pub trait MessageStore: Send + Sync + 'static {
     /// Makes a batch of one room's messages durable. Retrying a batch (same ids) is safe.
+    /// `guard` is asked, after each write is stamped and before it is sent, whether the
+    /// writer may still write; when it may not, nothing more is sent and the answer is
+    /// [`StoreError::Fenced`] (what was sent before may have landed).
     fn append<'a>(
         &'a self,
         room: &'a RoomId,
         batch: &'a [ChatMessage],
+        guard: &'a dyn WriteGuard,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Reads one page of a room's history, oldest first.

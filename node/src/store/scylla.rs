@@ -36,7 +36,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
 use tokio::sync::{oneshot, Semaphore};
 
-use super::{BoxFuture, HistoryQuery, MessageStore, PageFrom, StoreError};
+use super::{BoxFuture, HistoryQuery, MessageStore, PageFrom, StoreError, WriteGuard};
 
 /// Buckets fetched from the index per query while walking history.
 const BUCKET_PAGE: i32 = 16;
@@ -276,7 +276,12 @@ impl ScyllaStore {
         Ok(())
     }
 
-    async fn append_now(&self, room: &RoomId, batch: &[ChatMessage]) -> Result<(), StoreError> {
+    async fn append_now(
+        &self,
+        room: &RoomId,
+        batch: &[ChatMessage],
+        guard: &dyn WriteGuard,
+    ) -> Result<(), StoreError> {
         let _permit = self.inflight.acquire().await.map_err(err)?;
         // One unlogged batch per partition: rows of one (room, bucket) are applied together
         // by the replica that owns them.
@@ -302,7 +307,8 @@ impl ScyllaStore {
                     bytes += rows[end].body.len() + 64;
                     end += 1;
                 }
-                self.write_batch(room, *bucket, &rows[start..end]).await?;
+                self.write_batch(room, *bucket, &rows[start..end], guard)
+                    .await?;
                 start = end;
             }
         }
@@ -314,6 +320,7 @@ impl ScyllaStore {
         room: &RoomId,
         bucket: i64,
         rows: &[&ChatMessage],
+        guard: &dyn WriteGuard,
     ) -> Result<(), StoreError> {
         let mut cql = Batch::new(BatchType::Unlogged);
         cql.set_consistency(self.consistency);
@@ -332,6 +339,12 @@ impl ScyllaStore {
                 msg.body.as_str(),
                 msg.ts as i64,
             ));
+        }
+        // Stamped, then checked, with nothing in between that could wait: a pause before
+        // the check is caught by it, and after it the write carries a timestamp from while
+        // the writer still owned the room, older than any fence written since.
+        if !guard.may_write() {
+            return Err(StoreError::Fenced);
         }
         self.session.batch(&cql, values).await.map_err(err)?;
         Ok(())
@@ -619,8 +632,9 @@ impl MessageStore for ScyllaStore {
         &'a self,
         room: &'a RoomId,
         batch: &'a [ChatMessage],
+        guard: &'a dyn WriteGuard,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.append_now(room, batch))
+        Box::pin(self.append_now(room, batch, guard))
     }
 
     fn read<'a>(

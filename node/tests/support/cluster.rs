@@ -143,6 +143,9 @@ impl Cluster {
         ])
         .args(["--node-id", &id.to_string(), "--redis-url", &redis_url()])
         .args(["--redis-prefix", &self.prefix, "--membership-ttl", TTL])
+        // A crashed owner's rooms are taken over a store timeout after its key is gone:
+        // short, so the tests of crashes are.
+        .args(["--store-timeout", "2s"])
         // Slow shutdown pacing (one client per 100 ms), so a test can tell the paced
         // `going_away` closes from anything faster.
         .args(["--shutdown-close-rate", "10"])

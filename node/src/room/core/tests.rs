@@ -28,6 +28,7 @@ impl MessageStore for NoStore {
         &'a self,
         _room: &'a RoomId,
         _batch: &'a [ChatMessage],
+        _guard: &'a dyn crate::store::WriteGuard,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         panic!("the room core wrote to the store")
     }
