@@ -9,6 +9,9 @@
 //! - Clients cut off from a node while Redis still reaches it: the node keeps its rooms and
 //!   its lease; its clients cannot reach it, retry through the router, and resume when the
 //!   link heals, with the same guarantees.
+//!
+//! `CHAT_FAULT_REPEAT=N` repeats each partition N times in one run (one every 15 s), for
+//! measured samples; the reports are printed (`-- --nocapture`).
 
 mod support;
 
@@ -22,10 +25,21 @@ const ROOMS: usize = 9;
 /// The whole scenario, start-up included.
 const WHOLE_RUN: Duration = Duration::from_secs(240);
 
+/// Partitions per run: 1, or `CHAT_FAULT_REPEAT`.
+fn repeat() -> u32 {
+    std::env::var("CHAT_FAULT_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
 fn args(c: &NetnsCluster, room_prefix: &str, extra: &[&str]) -> RebalanceArgs {
     let url = c.url();
     let cql = cql_nodes();
     let rooms = ROOMS.to_string();
+    let n = repeat();
+    let (repeat, duration) = (n.to_string(), (14 + (n - 1) * 15).to_string());
     let mut v = vec![
         "--url",
         &url,
@@ -36,9 +50,13 @@ fn args(c: &NetnsCluster, room_prefix: &str, extra: &[&str]) -> RebalanceArgs {
         "--rate",
         "4",
         "--duration",
-        "14",
+        &duration,
         "--fault-at",
         "2",
+        "--fault-repeat",
+        &repeat,
+        "--fault-every",
+        "15",
         "--dead-after",
         "2",
         "--drain",
@@ -104,18 +122,18 @@ async fn a_node_cut_off_from_redis_is_fenced_and_nothing_is_lost_or_stored_twice
         .await
         .expect("run");
         let md = r.to_markdown();
-        let [f] = r.faults.as_slice() else {
-            panic!("one fault: {md}")
-        };
-        assert!(
-            f.inject_error.is_none() && f.restore_error.is_none(),
-            "{md}"
-        );
-        assert!(
-            f.clients_cut_off > 0,
-            "the victim's clients were cut off: {md}"
-        );
-        assert!(f.end_to_all_resumed_s.is_some(), "{md}");
+        assert_eq!(r.faults.len() as u32, repeat(), "{md}");
+        for f in &r.faults {
+            assert!(
+                f.inject_error.is_none() && f.restore_error.is_none(),
+                "{md}"
+            );
+            assert!(
+                f.clients_cut_off > 0,
+                "the victim's clients were cut off: {md}"
+            );
+            assert!(f.end_to_all_resumed_s.is_some(), "{md}");
+        }
         assert_guarantees_after_losing(&r, Some(victim));
         // It noticed, and fenced itself, instead of serving on.
         assert!(node_metric(&c, victim, "chat_node_lease_lost_total").await >= 1.0);
@@ -158,17 +176,17 @@ async fn clients_cut_off_from_a_node_resume_when_it_heals_and_nothing_moves() {
         .await
         .expect("run");
         let md = r.to_markdown();
-        let [f] = r.faults.as_slice() else {
-            panic!("one fault: {md}")
-        };
-        assert!(
-            f.inject_error.is_none() && f.restore_error.is_none(),
-            "{md}"
-        );
-        assert!(
-            f.clients_cut_off > 0,
-            "the victim's clients were cut off: {md}"
-        );
+        assert_eq!(r.faults.len() as u32, repeat(), "{md}");
+        for f in &r.faults {
+            assert!(
+                f.inject_error.is_none() && f.restore_error.is_none(),
+                "{md}"
+            );
+            assert!(
+                f.clients_cut_off > 0,
+                "the victim's clients were cut off: {md}"
+            );
+        }
         // The node kept its lease and its rooms: nothing it delivered went unstored.
         assert_guarantees_after_losing(&r, None);
         assert_eq!(
