@@ -94,46 +94,55 @@ async fn node_metric(c: &NetnsCluster, id: u16, name: &str) -> f64 {
         .sum()
 }
 
+/// Runs the load through `repeat()` cuts of node `victim`'s link named by `cut`/`heal`, each
+/// `secs` long, and checks what every partition must show: each cut and heal ran, and the
+/// victim's clients were cut off and all resumed.
+async fn partitioned(
+    c: &NetnsCluster,
+    what: &str,
+    victim: u16,
+    (cut, heal): (String, String),
+    secs: &str,
+) -> chat_bench::rebalance::RebalanceReport {
+    let prefix = prefix_with_a_room_on(&what.replace(' ', "-"), ROOMS, &[1, 2, 3], victim);
+    let extra = [
+        "--cut-command",
+        &cut,
+        "--heal-command",
+        &heal,
+        "--cut-secs",
+        secs,
+    ];
+    let r = chat_bench::rebalance::run(args(c, &prefix, &extra), format!("test {what}"))
+        .await
+        .expect("run");
+    let md = r.to_markdown();
+    assert_eq!(r.faults.len() as u32, repeat(), "{md}");
+    for f in &r.faults {
+        assert!(
+            f.inject_error.is_none() && f.restore_error.is_none(),
+            "{md}"
+        );
+        assert!(
+            f.clients_cut_off > 0,
+            "the victim's clients were cut off: {md}"
+        );
+        assert!(f.end_to_all_resumed_s.is_some(), "{md}");
+    }
+    println!("{md}");
+    r
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_redis_is_fenced_and_nothing_is_lost_or_stored_twice() {
     tokio::time::timeout(WHOLE_RUN, async {
         let c = cluster("redis-cut").await;
         let victim = 2u16;
-        let prefix = prefix_with_a_room_on("part-redis", ROOMS, &[1, 2, 3], victim);
-        let (cut, heal) = (
+        let links = (
             c.cut_backend_command(victim),
             c.heal_backend_command(victim),
         );
-        let r = chat_bench::rebalance::run(
-            args(
-                &c,
-                &prefix,
-                &[
-                    "--cut-command",
-                    &cut,
-                    "--heal-command",
-                    &heal,
-                    "--cut-secs",
-                    "5",
-                ],
-            ),
-            "test partition: node cut off from redis".into(),
-        )
-        .await
-        .expect("run");
-        let md = r.to_markdown();
-        assert_eq!(r.faults.len() as u32, repeat(), "{md}");
-        for f in &r.faults {
-            assert!(
-                f.inject_error.is_none() && f.restore_error.is_none(),
-                "{md}"
-            );
-            assert!(
-                f.clients_cut_off > 0,
-                "the victim's clients were cut off: {md}"
-            );
-            assert!(f.end_to_all_resumed_s.is_some(), "{md}");
-        }
+        let r = partitioned(&c, "node cut off from redis", victim, links, "5").await;
         assert_guarantees_after_losing(&r, Some(victim));
         // It noticed, and fenced itself, instead of serving on.
         assert!(node_metric(&c, victim, "chat_node_lease_lost_total").await >= 1.0);
@@ -142,7 +151,6 @@ async fn a_node_cut_off_from_redis_is_fenced_and_nothing_is_lost_or_stored_twice
             matches!(&ready, Some((200, _))),
             "registered again after the heal: {ready:?}"
         );
-        println!("{md}");
     })
     .await
     .expect("the scenario finished in time");
@@ -153,48 +161,19 @@ async fn clients_cut_off_from_a_node_resume_when_it_heals_and_nothing_moves() {
     tokio::time::timeout(WHOLE_RUN, async {
         let c = cluster("client-cut").await;
         let victim = 2u16;
-        let prefix = prefix_with_a_room_on("part-clients", ROOMS, &[1, 2, 3], victim);
-        let (cut, heal) = (
+        let links = (
             c.cut_clients_command(victim),
             c.heal_clients_command(victim),
         );
-        let r = chat_bench::rebalance::run(
-            args(
-                &c,
-                &prefix,
-                &[
-                    "--cut-command",
-                    &cut,
-                    "--heal-command",
-                    &heal,
-                    "--cut-secs",
-                    "4",
-                ],
-            ),
-            "test partition: clients cut off from a node".into(),
-        )
-        .await
-        .expect("run");
-        let md = r.to_markdown();
-        assert_eq!(r.faults.len() as u32, repeat(), "{md}");
-        for f in &r.faults {
-            assert!(
-                f.inject_error.is_none() && f.restore_error.is_none(),
-                "{md}"
-            );
-            assert!(
-                f.clients_cut_off > 0,
-                "the victim's clients were cut off: {md}"
-            );
-        }
+        let r = partitioned(&c, "clients cut off from a node", victim, links, "4").await;
         // The node kept its lease and its rooms: nothing it delivered went unstored.
         assert_guarantees_after_losing(&r, None);
         assert_eq!(
             node_metric(&c, victim, "chat_node_lease_lost_total").await,
             0.0,
-            "{md}"
+            "{}",
+            r.to_markdown()
         );
-        println!("{md}");
     })
     .await
     .expect("the scenario finished in time");
