@@ -93,10 +93,14 @@ async fn claim(
     conn: &mut ConnectionManager,
     record: &MemberRecord,
 ) -> Result<bool, MembershipError> {
-    let existing: Option<String> = redis::cmd("GET")
-        .arg(cfg.node_key(record.node.id))
-        .query_async(conn)
-        .await?;
+    let limit = cfg.renew_every().max(Duration::from_millis(200));
+    let mut get = redis::cmd("GET");
+    get.arg(cfg.node_key(record.node.id));
+    let existing: Option<String> = match tokio::time::timeout(limit, get.query_async(conn)).await {
+        Ok(r) => r?,
+        // Across a partition a reply can take as long as TCP does to give up.
+        Err(_) => return Err(MembershipError::Timeout(limit)),
+    };
     let Some(other) = existing.and_then(|v| serde_json::from_str::<MemberRecord>(&v).ok()) else {
         return Ok(false);
     };
@@ -189,10 +193,13 @@ async fn writer(
                     } else {
                         // Writes may still be landing: look like a crash to the others,
                         // who then wait out the departure before taking the rooms.
-                        let _ = redis::cmd("DEL")
-                            .arg(cfg.node_key(id))
-                            .query_async::<()>(&mut conn)
-                            .await;
+                        let mut del = redis::cmd("DEL");
+                        del.arg(cfg.node_key(id));
+                        let _ = tokio::time::timeout(
+                            cfg.renew_every(),
+                            del.query_async::<()>(&mut conn),
+                        )
+                        .await;
                     }
                     announce(&cfg, &mut conn, &format!("leave:{id}")).await;
                 }
