@@ -37,12 +37,16 @@ pub const HTTP_REQUESTS: &str = "chat_node_http_requests_total";
 pub const READY: &str = "chat_node_ready";
 /// 1 while this node's bus inbox subscription is live (gauge).
 pub const BUS_UP: &str = "chat_node_bus_up";
-/// Messages this node published on the bus (requests and replies).
+/// PUBLISH commands this node sent on the bus (requests, replies and link batches).
 pub const BUS_PUBLISHED: &str = "chat_node_bus_published_total";
+/// Payload bytes of those PUBLISH commands.
+pub const BUS_PUBLISHED_BYTES: &str = "chat_node_bus_published_bytes_total";
+/// Items per link batch: how much one PUBLISH carries to a peer node (histogram).
+pub const BUS_BATCH_ITEMS: &str = "chat_node_bus_batch_items";
 /// Messages this node received on its bus inbox.
 pub const BUS_RECEIVED: &str = "chat_node_bus_received_total";
 /// Bus failures. Label `kind`: `publish`, `timeout` (no reply in time), `decode`, `gap`
-/// (a bridged connection missed a numbered batch and was closed to resume).
+/// (a peer's link batch was lost; what was bridged with it is reset).
 pub const BUS_ERRORS: &str = "chat_node_bus_errors_total";
 /// Times the bus subscription was restored after Redis went away.
 pub const BUS_RECONNECTS: &str = "chat_node_bus_reconnects_total";
@@ -52,6 +56,10 @@ pub const CROSS_SHARD_SECONDS: &str = "chat_node_cross_shard_seconds";
 pub const BRIDGE_PROXIES: &str = "chat_node_bridge_proxies";
 /// Room memberships of this node's connections in rooms owned elsewhere (gauge).
 pub const BRIDGED_ROOMS: &str = "chat_node_bridged_rooms";
+/// Resets of what is bridged with a peer node (its members here dropped, connections
+/// bridged to it closed with 4002). Label `reason`: `gap`, `overflow`, `publish`,
+/// `unheard`, `unsubscribed`, `peer` (the peer asked), `restarted`.
+pub const BRIDGE_RESETS: &str = "chat_node_bridge_resets_total";
 /// Commands a room refused, or acks it withheld, because this node's lease was gone (the
 /// node was paused, cut off from Redis, or its registration vanished). Label `op`: `send`,
 /// `join`, `ack`, `persist`.

@@ -7,7 +7,7 @@
 //! writer then sends the close frame with the recorded code. Rooms are told about the
 //! departure so membership never outlives the socket.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,6 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::auth::Principal;
-use crate::bus::bridge::BridgeOp;
 use crate::cluster::Route;
 use crate::outbound::{ConnHandle, Out};
 use crate::reader::{FrameReader, Incoming, ReadError};
@@ -130,7 +129,7 @@ pub async fn serve(
             bucket: TokenBucket::new(state.config.send_rate, state.config.send_burst),
             rate_strikes: 0,
             remote: HashMap::new(),
-            bridge: None,
+            bridged_owners: HashSet::new(),
         };
         r.join(session.room, session.since);
         let reason = r.read_loop(reader).await;
@@ -147,6 +146,12 @@ pub async fn serve(
                     },
                 )
                 .await;
+        }
+        if !r.bridged_owners.is_empty() {
+            if let Some(bus) = state.bus.get() {
+                bus.bridges
+                    .conn_ended(bus, &state, conn_id, &r.bridged_owners);
+            }
         }
         state.unregister_conn(conn_id);
         let label = match (reason, conn.close_code()) {
@@ -172,8 +177,8 @@ struct ReaderState {
     rate_strikes: u32,
     /// Rooms joined on other nodes through the bus, with their owner.
     remote: HashMap<RoomId, u16>,
-    /// Bridge operations for the bus, sent in order by one task (created on first use).
-    bridge: Option<tokio::sync::mpsc::Sender<BridgeOp>>,
+    /// Every node this connection joined a room through (each is told when it ends).
+    bridged_owners: HashSet<u16>,
 }
 
 impl ReaderState {
@@ -243,14 +248,9 @@ impl ReaderState {
             Ok(ClientFrame::Join { room, since }) => self.join(room, since),
             Ok(ClientFrame::Leave { room }) => {
                 if let Some(owner) = self.remote.remove(&room) {
-                    self.bridge_op(
-                        BridgeOp::Leave {
-                            owner,
-                            room: room.clone(),
-                        },
-                        None,
-                        &room,
-                    );
+                    if let Some(bus) = self.state.bus.get() {
+                        bus.bridges.leave(bus, &self.state, &self.conn, owner, room);
+                    }
                     return;
                 }
                 if self.joined.remove(&room).is_none() {
@@ -275,17 +275,10 @@ impl ReaderState {
                     if !self.take_send_token(&room, &cid) {
                         return;
                     }
-                    let cid_text = cid.to_string();
-                    self.bridge_op(
-                        BridgeOp::Send {
-                            owner,
-                            room: room.clone(),
-                            cid,
-                            body,
-                        },
-                        Some(&cid_text),
-                        &room,
-                    );
+                    if let Some(bus) = self.state.bus.get() {
+                        bus.bridges
+                            .send(bus, &self.state, &self.conn, owner, room, cid, body);
+                    }
                     return;
                 }
                 let Some(handle) = self.joined.get(&room).cloned() else {
@@ -430,46 +423,16 @@ impl ReaderState {
 
     /// Joins a room owned by another node through the bus (see `bus/bridge.rs`).
     fn join_remote(&mut self, room: RoomId, since: Option<MessageId>, owner: u16) {
-        if self.bridge_op(
-            BridgeOp::Join {
-                owner,
-                room: room.clone(),
-                since,
-            },
-            None,
-            &room,
-        ) {
+        let Some(bus) = self.state.bus.get() else {
+            return;
+        };
+        self.bridged_owners.insert(owner);
+        if bus
+            .bridges
+            .join(bus, &self.state, &self.conn, owner, room.clone(), since)
+        {
             self.remote.insert(room, owner);
         }
-    }
-
-    /// Queues a bridge operation; false (and an error frame) when the bus is unavailable.
-    fn bridge_op(&mut self, op: BridgeOp, cid: Option<&str>, room: &RoomId) -> bool {
-        let Some(bus) = self.state.bus.get() else {
-            return false;
-        };
-        if !bus.is_up() {
-            self.error(
-                ErrorCode::NodeUnavailable,
-                "the bus to the room's owner is down; retry later",
-                cid,
-                Some(room),
-            );
-            return false;
-        }
-        let tx = self
-            .bridge
-            .get_or_insert_with(|| crate::bus::bridge::start_ops(bus.clone(), self.conn.clone()));
-        if tx.try_send(op).is_err() {
-            self.error(
-                ErrorCode::Overloaded,
-                "too many bridged operations in flight; retry later",
-                cid,
-                Some(room),
-            );
-            return false;
-        }
-        true
     }
 
     fn error(&self, code: ErrorCode, message: &str, cid: Option<&str>, room: Option<&RoomId>) {

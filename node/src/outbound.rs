@@ -4,14 +4,23 @@
 //! the connection with a code. Rooms only ever `try_send`: a full queue means the client is
 //! not reading fast enough, so it is closed with [`CloseCode::SlowConsumer`] instead of
 //! slowing the room. This module does no I/O; the writer in `connection.rs` drains the queue.
+//!
+//! A member bridged from another node has a *remote* handle: what the room gives it goes
+//! into the link to that node (`bus/link.rs`) tagged with the connection, and the real
+//! connection's bounded queue is on that node. Rooms do not broadcast to remote members one
+//! by one: they send each frame once per link ([`ConnHandle::link`]), and tell the other
+//! node which of its members follow the room's stream ([`ConnHandle::follow`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use common::{metrics as m, CloseCode, ServerFrame, UserId};
+use common::{metrics as m, CloseCode, RoomId, ServerFrame, UserId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::bus::link::Link;
+use crate::bus::wire::Item;
 
 /// One item of a connection's outbound queue.
 #[derive(Debug)]
@@ -25,11 +34,20 @@ pub enum Out {
     Pong(Bytes),
 }
 
+enum Sink {
+    /// A connection of this node: its writer task drains the queue.
+    Local {
+        tx: mpsc::Sender<Out>,
+        capacity: usize,
+    },
+    /// Connection `conn` of the node at the other end of `link`.
+    Remote { link: Arc<Link>, conn: u64 },
+}
+
 pub struct ConnHandle {
     pub id: u64,
     pub user: UserId,
-    tx: mpsc::Sender<Out>,
-    capacity: usize,
+    sink: Sink,
     cancel: CancellationToken,
     close_code: OnceLock<CloseCode>,
     slow_counted: AtomicBool,
@@ -55,8 +73,7 @@ impl ConnHandle {
         let h = ConnHandle {
             id,
             user,
-            tx,
-            capacity,
+            sink: Sink::Local { tx, capacity },
             cancel,
             close_code: OnceLock::new(),
             slow_counted: AtomicBool::new(false),
@@ -64,16 +81,74 @@ impl ConnHandle {
         (h, rx)
     }
 
+    /// The handle of connection `conn` of the node at the other end of `link`, known here
+    /// as `id` (unique among this node's connections).
+    pub(crate) fn remote(
+        id: u64,
+        user: UserId,
+        link: Arc<Link>,
+        conn: u64,
+        cancel: CancellationToken,
+    ) -> ConnHandle {
+        ConnHandle {
+            id,
+            user,
+            sink: Sink::Remote { link, conn },
+            cancel,
+            close_code: OnceLock::new(),
+            slow_counted: AtomicBool::new(false),
+        }
+    }
+
     /// Enqueues without waiting. A full queue closes the connection as a slow consumer.
     /// Returns false when the item was not enqueued (full or already closed).
     pub fn deliver(&self, out: Out) -> bool {
-        match self.tx.try_send(out) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close_slow();
-                false
+        match &self.sink {
+            Sink::Local { tx, .. } => match tx.try_send(out) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.close_slow();
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            },
+            // A link that cannot take it breaks, and its reset drops this member.
+            Sink::Remote { link, conn } => {
+                !self.is_closed()
+                    && link.push(Item::To {
+                        conn: *conn,
+                        frames: out,
+                    })
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// The link a remote member's room frames go through (`None` for a local connection).
+    pub(crate) fn link(&self) -> Option<&Arc<Link>> {
+        match &self.sink {
+            Sink::Local { .. } => None,
+            Sink::Remote { link, .. } => Some(link),
+        }
+    }
+
+    /// The room's broadcasts reach this member from now on through its node's copy of the
+    /// room stream (a remote member only; a local one gets them from [`ConnHandle::deliver`]).
+    pub(crate) fn follow(&self, room: &RoomId) {
+        if let Sink::Remote { link, conn } = &self.sink {
+            link.push(Item::Follow {
+                conn: *conn,
+                room: room.clone(),
+            });
+        }
+    }
+
+    /// The opposite of [`ConnHandle::follow`]: the member left, or waits for a replay.
+    pub(crate) fn unfollow(&self, room: &RoomId) {
+        if let Sink::Remote { link, conn } = &self.sink {
+            link.push(Item::Unfollow {
+                conn: *conn,
+                room: room.clone(),
+            });
         }
     }
 
@@ -85,9 +160,15 @@ impl ConnHandle {
     /// Enqueues, waiting for room: only for paths that may wait on this one client, such as
     /// a replay. Returns false if the connection closed first.
     pub async fn deliver_wait(&self, out: Out) -> bool {
-        tokio::select! {
-            _ = self.cancel.cancelled() => false,
-            r = self.tx.send(out) => r.is_ok(),
+        match &self.sink {
+            Sink::Local { tx, .. } => tokio::select! {
+                _ = self.cancel.cancelled() => false,
+                r = tx.send(out) => r.is_ok(),
+            },
+            Sink::Remote { link, conn } => tokio::select! {
+                _ = self.cancel.cancelled() => false,
+                ok = link.push_wait(Item::To { conn: *conn, frames: out }) => ok,
+            },
         }
     }
 
@@ -100,8 +181,14 @@ impl ConnHandle {
 
     /// Asks the writer to close the connection with `code`. The first code set wins.
     pub fn close(&self, code: CloseCode) {
-        let _ = self.close_code.set(code);
+        let first = self.close_code.set(code).is_ok();
         self.cancel.cancel();
+        if let (true, Sink::Remote { link, conn }) = (first, &self.sink) {
+            link.push(Item::Close {
+                conn: *conn,
+                code: code.code(),
+            });
+        }
     }
 
     /// Ends the connection without a close frame (the peer is already gone).
@@ -123,7 +210,10 @@ impl ConnHandle {
 
     /// How full the outbound queue is, 0.0 to 1.0.
     pub fn fill_ratio(&self) -> f64 {
-        1.0 - self.tx.capacity() as f64 / self.capacity as f64
+        match &self.sink {
+            Sink::Local { tx, capacity } => 1.0 - tx.capacity() as f64 / *capacity as f64,
+            Sink::Remote { link, .. } => link.fill_ratio(),
+        }
     }
 }
 

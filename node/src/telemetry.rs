@@ -22,6 +22,7 @@ const SECONDS_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 const RATIO_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 0.75, 0.9, 1.0];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0, 1024.0];
 
 struct Metrics {
     handle: PrometheusHandle,
@@ -34,8 +35,9 @@ fn metrics() -> &'static Metrics {
     METRICS.get_or_init(|| {
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_ratio".into()), RATIO_BUCKETS))
             .and_then(|b| {
-                b.set_buckets_for_metric(Matcher::Suffix("_ratio".into()), RATIO_BUCKETS)
+                b.set_buckets_for_metric(Matcher::Full(m::BUS_BATCH_ITEMS.into()), BATCH_BUCKETS)
             });
         let recorder = match builder {
             Ok(b) => b.build_recorder(),
@@ -164,7 +166,20 @@ fn describe() {
     describe_gauge!(m::BUS_UP, "1 while the bus inbox subscription is live.");
     describe_counter!(
         m::BUS_PUBLISHED,
-        "Bus messages published (requests and replies)."
+        "PUBLISH commands sent on the bus (requests, replies, link batches)."
+    );
+    describe_counter!(
+        m::BUS_PUBLISHED_BYTES,
+        Unit::Bytes,
+        "Payload bytes of the bus PUBLISH commands."
+    );
+    describe_histogram!(
+        m::BUS_BATCH_ITEMS,
+        "Items per link batch published to a peer node."
+    );
+    describe_counter!(
+        m::BRIDGE_RESETS,
+        "Resets of what is bridged with a peer node, by reason."
     );
     describe_counter!(
         m::BUS_RECEIVED,
@@ -217,8 +232,21 @@ fn register_zeroes() {
         m::MESSAGES_REPLAYED,
         m::STORE_READS_COALESCED,
         m::BUS_RECONNECTS,
+        m::BUS_PUBLISHED,
+        m::BUS_PUBLISHED_BYTES,
     ] {
         metrics::counter!(name).increment(0);
+    }
+    for reason in [
+        "gap",
+        "overflow",
+        "publish",
+        "unheard",
+        "unsubscribed",
+        "peer",
+        "restarted",
+    ] {
+        metrics::counter!(m::BRIDGE_RESETS, "reason" => reason).increment(0);
     }
     for op in ["append", "read", "fence"] {
         metrics::counter!(m::STORE_ERRORS, "op" => op).increment(0);

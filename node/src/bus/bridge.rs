@@ -1,156 +1,434 @@
 //! Bridged rooms: a WebSocket connection on one node joined to rooms owned by others.
 //!
 //! The owner keeps its room exactly as it is and adds the remote connection as an ordinary
-//! member through a *proxy* [`ConnHandle`]: ordering, `since` replay and its seam, presence,
-//! acks, dedupe and the slow-consumer bound therefore hold unchanged. The proxy's queue is
-//! drained by a task that publishes the frames to the requesting node's inbox as numbered
-//! `deliver` batches; that node feeds them into the real connection's queue. Pub/sub is
-//! at-most-once, so a missing number, a lost bus link or a moved room closes the real
-//! connection with a reconnect-and-resume code (4002 `bridge_interrupted` or 4001), and
-//! the client rejoins with `since`: nothing is lost silently. Rooms without remote members
-//! have no proxies and cause no Redis traffic.
+//! member with a *remote* [`ConnHandle`]: ordering, `since` replay and its seam, presence,
+//! acks, dedupe and the fence hold unchanged. What differs is how broadcasts leave: the room
+//! sends each frame once per node through that node's link (`link.rs`), not once per
+//! member, and tells the node which of its connections *follow* the room's stream. Frames
+//! for one member (its `joined`, replay, acks, errors) go through the same ordered link,
+//! tagged with the connection, so a member is followed only after its replay and the seam
+//! stays exact. The requesting node fans each room frame out to its followers' own bounded
+//! queues, the same shared bytes and the same slow-consumer close (4000) as a local room.
+//!
+//! Links are numbered per (sender, epoch): a missing batch, a lost bus subscription or a
+//! link that overflowed resets everything bridged between the two nodes (members dropped on
+//! the owner, connections closed with 4002 `bridge_interrupted` on the requester) and the
+//! clients rejoin with `since`: nothing is lost silently. A room's ring change closes its
+//! bridged connections with 4001, as it does local ones. Rooms without remote members cause
+//! no Redis traffic.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use common::{
-    metrics as m, ClientMsgId, CloseCode, ErrorCode, MessageId, RoomId, ServerFrame, UserId,
-};
-use tokio::sync::mpsc;
+use common::{metrics as m, CloseCode, ErrorCode, MessageId, RoomId, ServerFrame, UserId};
 use tokio_util::sync::CancellationToken;
 
-use super::redis::{Bus, Envelope};
+use super::link::Link;
+use super::redis::Bus;
+use super::wire::{Batch, Item};
 use crate::outbound::{ConnHandle, Out};
 use crate::room::{Reply, RoomCmd, Source};
 use crate::NodeState;
 
-/// Frames per `deliver` message, at most.
-const DELIVER_BATCH: usize = 256;
-/// Bridge operations a connection may have queued for the bus.
-const OPS_QUEUE: usize = 256;
-
+/// Owner side: a remote connection bridged into this node's rooms.
 struct Proxy {
     handle: Arc<ConnHandle>,
     rooms: HashSet<RoomId>,
 }
 
+/// Requester side: a local connection with rooms on other nodes.
 struct Bridged {
     conn: Arc<ConnHandle>,
-    /// The next `deliver` number expected from each owner node.
-    next_seq: HashMap<u16, u64>,
-    /// Remote rooms of this connection and their owners.
-    rooms: HashMap<RoomId, u16>,
+    /// Its remote rooms, with their owner and where the join went in the owner's link
+    /// (`Link::push_counted`).
+    rooms: HashMap<RoomId, (u16, u64)>,
+}
+
+/// What this node knows of one peer's link to it.
+#[derive(Default)]
+struct Peer {
+    epoch: u64,
+    next_seq: u64,
+    /// This node's connections that follow each of the peer's rooms.
+    follows: HashMap<RoomId, HashMap<u64, Arc<ConnHandle>>>,
+}
+
+#[derive(Default)]
+struct Requester {
+    conns: HashMap<u64, Bridged>,
+    peers: HashMap<u16, Peer>,
+}
+
+impl Requester {
+    /// Forgets a connection everywhere; returns it if it was bridged.
+    fn remove(&mut self, conn: u64) -> Option<Bridged> {
+        let b = self.conns.remove(&conn)?;
+        metrics::gauge!(m::BRIDGED_ROOMS).decrement(b.rooms.len() as f64);
+        for (room, (owner, _)) in &b.rooms {
+            self.unfollow(*owner, room, conn);
+        }
+        Some(b)
+    }
+
+    fn unfollow(&mut self, owner: u16, room: &RoomId, conn: u64) {
+        if let Some(peer) = self.peers.get_mut(&owner) {
+            if let Some(f) = peer.follows.get_mut(room) {
+                f.remove(&conn);
+                if f.is_empty() {
+                    peer.follows.remove(room);
+                }
+            }
+        }
+    }
+
+    /// Removes the connections that `pick` selects; returns their handles.
+    fn remove_where(&mut self, pick: impl Fn(&Bridged) -> bool) -> Vec<Arc<ConnHandle>> {
+        let ids: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, b)| pick(b))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.remove(id))
+            .map(|b| b.conn)
+            .collect()
+    }
 }
 
 #[derive(Default)]
 pub struct Bridges {
+    links: Mutex<HashMap<u16, Arc<Link>>>,
     /// Owner side: proxies of remote connections, by (node, connection).
     proxies: Mutex<HashMap<(u16, u64), Proxy>>,
-    /// Requester side: local connections with rooms on other nodes.
-    local: Mutex<HashMap<u64, Bridged>>,
-}
-
-/// What a connection asks of the bus, in order (one task per connection sends them).
-pub enum BridgeOp {
-    Join {
-        owner: u16,
-        room: RoomId,
-        since: Option<MessageId>,
-    },
-    Send {
-        owner: u16,
-        room: RoomId,
-        cid: ClientMsgId,
-        body: String,
-    },
-    Leave {
-        owner: u16,
-        room: RoomId,
-    },
-}
-
-/// Takes a removed connection's rooms off the bridged-rooms gauge.
-fn untracked(b: &Bridged) {
-    metrics::gauge!(m::BRIDGED_ROOMS).decrement(b.rooms.len() as f64);
+    requester: Mutex<Requester>,
 }
 
 fn proxy_id(node: u16, conn: u64) -> u64 {
     (1 << 63) | (u64::from(node) << 40) | (conn & ((1 << 40) - 1))
 }
 
+/// How a batch stands against what came before from the same peer.
+enum Verdict {
+    InSequence,
+    /// A duplicate of one already taken (a reset published again after a timeout).
+    Stale,
+    /// One or more batches were lost.
+    Gap,
+    /// A new incarnation of the peer (`known`: we had heard from an earlier one).
+    Restarted {
+        known: bool,
+    },
+}
+
+/// A copy of `out` for one more member (frames are shared bytes).
+fn dup(out: &Out) -> Out {
+    match out {
+        Out::Frame(b) => Out::Frame(b.clone()),
+        Out::Frames(v) => Out::Frames(v.clone()),
+        Out::Pong(b) => Out::Pong(b.clone()),
+    }
+}
+
 impl Bridges {
-    /// Requester side: records that `conn` joined `room` on `owner`.
-    fn track(&self, conn: &Arc<ConnHandle>, room: RoomId, owner: u16) {
-        if let Ok(mut local) = self.local.lock() {
-            let b = local.entry(conn.id).or_insert_with(|| Bridged {
+    /// The link to `peer`, started on first use.
+    fn link(&self, bus: &Arc<Bus>, state: &Arc<NodeState>, peer: u16) -> Option<Arc<Link>> {
+        let mut links = self.links.lock().ok()?;
+        Some(
+            links
+                .entry(peer)
+                .or_insert_with(|| {
+                    Link::start(
+                        peer,
+                        Arc::downgrade(bus),
+                        Arc::downgrade(state),
+                        bus.stop_token(),
+                    )
+                })
+                .clone(),
+        )
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Requester side: what this node's connections ask of other nodes.
+    // ------------------------------------------------------------------------------------
+
+    /// Joins `conn` to `room` on `owner`. False (and an error frame) when the link to the
+    /// owner cannot take it.
+    pub fn join(
+        &self,
+        bus: &Arc<Bus>,
+        state: &Arc<NodeState>,
+        conn: &Arc<ConnHandle>,
+        owner: u16,
+        room: RoomId,
+        since: Option<MessageId>,
+    ) -> bool {
+        // Tracked before it is queued, so the owner's answer always finds it; its place in
+        // the link is known once queued (until then no reset counts it as taken).
+        self.set_join(conn, owner, &room, u64::MAX);
+        let item = Item::Join {
+            conn: conn.id,
+            room: room.clone(),
+            user: conn.user.clone(),
+            since,
+        };
+        let placed = bus
+            .is_up()
+            .then(|| self.link(bus, state, owner))
+            .flatten()
+            .and_then(|link| link.push_counted(item));
+        match placed {
+            Some(at) => {
+                self.set_join(conn, owner, &room, at);
+                true
+            }
+            None => {
+                self.untrack(conn.id, &room);
+                unreachable_owner(conn, None, &room);
+                false
+            }
+        }
+    }
+
+    fn set_join(&self, conn: &Arc<ConnHandle>, owner: u16, room: &RoomId, at: u64) {
+        if let Ok(mut r) = self.requester.lock() {
+            let b = r.conns.entry(conn.id).or_insert_with(|| Bridged {
                 conn: conn.clone(),
-                next_seq: HashMap::new(),
                 rooms: HashMap::new(),
             });
-            b.next_seq.entry(owner).or_insert(1);
-            if b.rooms.insert(room, owner).is_none() {
+            if b.rooms.insert(room.clone(), (owner, at)).is_none() {
                 metrics::gauge!(m::BRIDGED_ROOMS).increment(1.0);
             }
         }
     }
 
-    fn untrack(&self, conn: u64, room: &RoomId) {
-        if let Ok(mut local) = self.local.lock() {
-            if let Some(b) = local.get_mut(&conn) {
-                if b.rooms.remove(room).is_some() {
-                    metrics::gauge!(m::BRIDGED_ROOMS).decrement(1.0);
-                }
+    /// A `send` from a bridged connection, answered (ack or error) by the owner.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send(
+        &self,
+        bus: &Arc<Bus>,
+        state: &Arc<NodeState>,
+        conn: &Arc<ConnHandle>,
+        owner: u16,
+        room: RoomId,
+        cid: common::ClientMsgId,
+        body: String,
+    ) -> bool {
+        let cid_text = cid.to_string();
+        let item = Item::Send {
+            conn: conn.id,
+            user: conn.user.clone(),
+            room: room.clone(),
+            cid,
+            body,
+        };
+        self.push(bus, state, owner, item, conn, Some(&cid_text), &room)
+    }
+
+    /// The connection left a remote room: it stops getting the room's frames at once.
+    pub fn leave(
+        &self,
+        bus: &Arc<Bus>,
+        state: &Arc<NodeState>,
+        conn: &Arc<ConnHandle>,
+        owner: u16,
+        room: RoomId,
+    ) {
+        self.untrack(conn.id, &room);
+        let item = Item::Leave {
+            conn: conn.id,
+            room: room.clone(),
+        };
+        self.push(bus, state, owner, item, conn, None, &room);
+    }
+
+    /// The connection ended: every owner it joined through forgets it.
+    pub fn conn_ended(
+        &self,
+        bus: &Arc<Bus>,
+        state: &Arc<NodeState>,
+        conn: u64,
+        owners: &HashSet<u16>,
+    ) {
+        if let Ok(mut r) = self.requester.lock() {
+            r.remove(conn);
+        }
+        for &owner in owners {
+            if let Some(link) = self.link(bus, state, owner) {
+                // A link that cannot take it resets, which forgets the connection too.
+                link.push(Item::Gone { conn });
             }
         }
     }
 
-    /// Requester side: the connection ended; returns the owners to tell.
-    fn forget_conn(&self, conn: u64) -> Vec<u16> {
-        let b = self.local.lock().ok().and_then(|mut l| l.remove(&conn));
-        b.map(|b| {
-            untracked(&b);
-            b.next_seq.into_keys().collect()
-        })
-        .unwrap_or_default()
+    fn untrack(&self, conn: u64, room: &RoomId) {
+        if let Ok(mut r) = self.requester.lock() {
+            let owner = r.conns.get_mut(&conn).and_then(|b| b.rooms.remove(room));
+            if let Some((owner, _)) = owner {
+                metrics::gauge!(m::BRIDGED_ROOMS).decrement(1.0);
+                r.unfollow(owner, room, conn);
+            }
+        }
     }
 
-    /// Requester side: a `deliver` or `closed` from an owner.
-    pub(crate) fn on_owner_message(&self, env: Envelope) {
-        let Ok(mut local) = self.local.lock() else {
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &self,
+        bus: &Arc<Bus>,
+        state: &Arc<NodeState>,
+        owner: u16,
+        item: Item,
+        conn: &ConnHandle,
+        cid: Option<&str>,
+        room: &RoomId,
+    ) -> bool {
+        let ok = bus.is_up()
+            && self
+                .link(bus, state, owner)
+                .is_some_and(|link| link.push(item));
+        if !ok {
+            unreachable_owner(conn, cid, room);
+        }
+        ok
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Both sides: a batch from a peer's link.
+    // ------------------------------------------------------------------------------------
+
+    /// Takes one batch from `batch.from`'s link, in order. A batch out of sequence means one
+    /// was lost: everything bridged with that peer is reset, and the batch dropped.
+    pub(crate) async fn on_batch(&self, bus: &Arc<Bus>, state: &Arc<NodeState>, batch: Batch) {
+        let from = batch.from;
+        if from == bus.me() {
+            return;
+        }
+        // A batch that starts with a reset is the peer starting over with us: taken whatever
+        // its number (it forgets the batches in between anyway), unless it is an old one.
+        let resync = matches!(batch.items.first(), Some(Item::Reset { .. }));
+        let verdict = self.requester.lock().ok().map(|mut r| {
+            let peer = r.peers.entry(from).or_default();
+            let known = peer.epoch != 0;
+            let fresh = peer.epoch != batch.epoch;
+            let verdict = if fresh {
+                if batch.seq == 1 || resync {
+                    Verdict::Restarted { known }
+                } else {
+                    Verdict::Gap
+                }
+            } else if batch.seq == peer.next_seq || (resync && batch.seq > peer.next_seq) {
+                Verdict::InSequence
+            } else if batch.seq < peer.next_seq {
+                Verdict::Stale
+            } else {
+                Verdict::Gap
+            };
+            if !matches!(verdict, Verdict::Stale) {
+                peer.epoch = batch.epoch;
+                peer.next_seq = batch.seq + 1;
+            }
+            verdict
+        });
+        match verdict {
+            None | Some(Verdict::Stale) => return,
+            Some(Verdict::Gap) => {
+                metrics::counter!(m::BUS_ERRORS, "kind" => "gap").increment(1);
+                tracing::debug!(
+                    from,
+                    seq = batch.seq,
+                    "link gap; resetting what is bridged with the peer"
+                );
+                self.reset_peer(state, from, "gap", None);
+                if let Some(link) = self.link(bus, state, from) {
+                    link.push(self.reset_item(from));
+                }
+                return;
+            }
+            Some(Verdict::Restarted { known: true }) => {
+                self.reset_peer(state, from, "restarted", None)
+            }
+            Some(Verdict::Restarted { known: false } | Verdict::InSequence) => {}
+        }
+        for item in batch.items {
+            match item {
+                Item::Room { .. }
+                | Item::To { .. }
+                | Item::Follow { .. }
+                | Item::Unfollow { .. }
+                | Item::Close { .. } => self.on_owner_item(from, item),
+                Item::Reset { epoch, upto } => {
+                    // Our joins the peer had taken when it reset are gone there; later
+                    // ones stand. Joins from an earlier incarnation of ours are not ours.
+                    let upto = if epoch == bus.epoch() {
+                        self.link(bus, state, from)
+                            .and_then(|link| link.covered_by(upto))
+                    } else {
+                        Some(0)
+                    };
+                    self.reset_peer(state, from, "peer", upto)
+                }
+                request => self.on_request(bus, state, from, request).await,
+            }
+        }
+    }
+
+    /// Requester side: frames and follow changes from the owner `from`.
+    fn on_owner_item(&self, from: u16, item: Item) {
+        let Ok(mut r) = self.requester.lock() else {
             return;
         };
-        match env {
-            Envelope::Deliver {
-                from_node,
-                conn,
-                seq,
-                frames,
-            } => {
-                let Some(b) = local.get_mut(&conn) else {
+        match item {
+            Item::Room { room, frames } => {
+                let Some(follows) = r
+                    .peers
+                    .get_mut(&from)
+                    .and_then(|p| p.follows.get_mut(&room))
+                else {
                     return;
                 };
-                let expected = b.next_seq.entry(from_node).or_insert(1);
-                if seq != *expected {
-                    metrics::counter!(m::BUS_ERRORS, "kind" => "gap").increment(1);
-                    tracing::debug!(conn, from_node, seq, expected = *expected, "bridge gap");
-                    b.conn.close(CloseCode::BridgeInterrupted);
-                    if let Some(b) = local.remove(&conn) {
-                        untracked(&b);
+                let mut delivered = 0u64;
+                // A follower that cannot take it was closed as slow by `deliver`; its
+                // connection's end tells the owner.
+                follows.retain(|_, conn| {
+                    let ok = conn.deliver(dup(&frames));
+                    delivered += u64::from(ok);
+                    ok
+                });
+                if follows.is_empty() {
+                    if let Some(p) = r.peers.get_mut(&from) {
+                        p.follows.remove(&room);
                     }
-                    return;
                 }
-                *expected += 1;
-                let frames = frames.into_iter().map(Bytes::from).collect();
-                if !b.conn.deliver(Out::Frames(frames)) {
-                    if let Some(b) = local.remove(&conn) {
-                        untracked(&b);
-                    }
+                metrics::counter!(m::MESSAGES_DELIVERED).increment(delivered);
+            }
+            Item::To { conn, frames } => {
+                if let Some(b) = r.conns.get(&conn) {
+                    b.conn.deliver(frames);
                 }
             }
-            Envelope::Closed { conn, code, .. } => {
-                if let Some(b) = local.remove(&conn) {
-                    untracked(&b);
+            Item::Follow { conn, room } => {
+                // Only if the connection still has the room on that owner: a `leave` or a
+                // move may have overtaken the owner's answer.
+                let Some(handle) = r
+                    .conns
+                    .get(&conn)
+                    .filter(|b| b.rooms.get(&room).map(|(o, _)| *o) == Some(from))
+                    .map(|b| b.conn.clone())
+                else {
+                    return;
+                };
+                r.peers
+                    .entry(from)
+                    .or_default()
+                    .follows
+                    .entry(room)
+                    .or_default()
+                    .insert(conn, handle);
+            }
+            Item::Unfollow { conn, room } => r.unfollow(from, &room, conn),
+            Item::Close { conn, code } => {
+                if let Some(b) = r.remove(conn) {
                     b.conn
                         .close(CloseCode::from_code(code).unwrap_or(CloseCode::BridgeInterrupted));
                 }
@@ -159,45 +437,114 @@ impl Bridges {
         }
     }
 
-    /// Requester side: the bus link dropped; bridged connections may have missed frames.
-    pub(crate) fn interrupt_all(&self) {
-        let all: Vec<Bridged> = self
-            .local
+    /// Forgets everything bridged with `peer`: its members in this node's rooms are dropped,
+    /// and this node's connections bridged to its rooms (those whose join is at or before
+    /// `upto` in the link; all with `None`) are closed with 4002 so their clients resume
+    /// with `since`.
+    pub(crate) fn reset_peer(
+        &self,
+        state: &Arc<NodeState>,
+        peer: u16,
+        reason: &'static str,
+        upto: Option<u64>,
+    ) {
+        metrics::counter!(m::BRIDGE_RESETS, "reason" => reason).increment(1);
+        let closed = self
+            .requester
             .lock()
-            .map(|mut l| l.drain().map(|(_, b)| b).collect())
+            .map(|mut r| {
+                r.remove_where(|b| {
+                    b.rooms
+                        .values()
+                        .any(|&(o, at)| o == peer && upto.is_none_or(|t| at <= t))
+                })
+            })
             .unwrap_or_default();
-        for b in all {
-            untracked(&b);
-            if !b.rooms.is_empty() {
-                b.conn.close(CloseCode::BridgeInterrupted);
-            }
+        let dropped: Vec<u64> = self
+            .proxies
+            .lock()
+            .map(|p| {
+                p.keys()
+                    .filter(|(node, _)| *node == peer)
+                    .map(|(_, c)| *c)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !closed.is_empty() || !dropped.is_empty() {
+            tracing::info!(
+                peer,
+                reason,
+                closed = closed.len(),
+                dropped = dropped.len(),
+                "bridge reset: connections bridged with the peer resume with since"
+            );
+        }
+        for conn in closed {
+            conn.close(CloseCode::BridgeInterrupted);
+        }
+        for conn in dropped {
+            self.drop_proxy(state, peer, conn);
+        }
+    }
+
+    /// The reset to send `peer`: how far into its link this node had read.
+    pub(crate) fn reset_item(&self, peer: u16) -> Item {
+        let (epoch, upto) = self
+            .requester
+            .lock()
+            .ok()
+            .and_then(|r| {
+                r.peers
+                    .get(&peer)
+                    .map(|p| (p.epoch, p.next_seq.saturating_sub(1)))
+            })
+            .unwrap_or((0, 0));
+        Item::Reset { epoch, upto }
+    }
+
+    /// The bus subscription dropped: anything from any peer may be lost. Resets every peer
+    /// and tells each.
+    pub(crate) fn interrupt_all(&self, state: &Arc<NodeState>) {
+        let mut peers: HashSet<u16> = self
+            .requester
+            .lock()
+            .map(|r| {
+                r.conns
+                    .values()
+                    .flat_map(|b| b.rooms.values().map(|(o, _)| *o))
+                    .chain(r.peers.keys().copied())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Ok(p) = self.proxies.lock() {
+            peers.extend(p.keys().map(|(node, _)| *node));
+        }
+        let links: Vec<Arc<Link>> = self
+            .links
+            .lock()
+            .map(|l| l.values().cloned().collect())
+            .unwrap_or_default();
+        for peer in peers {
+            self.reset_peer(state, peer, "unsubscribed", None);
+        }
+        for link in links {
+            link.push(self.reset_item(link.peer()));
         }
     }
 
     /// Requester side: closes connections whose remote rooms changed owner; owner side:
     /// drops proxies of nodes that left the ring.
-    fn on_ring_change(&self, state: &NodeState) {
+    fn on_ring_change(&self, state: &Arc<NodeState>) {
         let ring = state.cluster.ring().current();
-        let moved: Vec<Arc<ConnHandle>> = self
-            .local
+        let moved = self
+            .requester
             .lock()
-            .map(|mut l| {
-                let ids: Vec<u64> = l
-                    .iter()
-                    .filter(|(_, b)| {
-                        b.rooms
-                            .iter()
-                            .any(|(room, owner)| ring.owner_id(room.as_str()) != Some(*owner))
-                    })
-                    .map(|(id, _)| *id)
-                    .collect();
-                ids.iter()
-                    .filter_map(|id| l.remove(id))
-                    .map(|b| {
-                        untracked(&b);
-                        b.conn
-                    })
-                    .collect()
+            .map(|mut r| {
+                r.remove_where(|b| {
+                    b.rooms
+                        .iter()
+                        .any(|(room, (owner, _))| ring.owner_id(room.as_str()) != Some(*owner))
+                })
             })
             .unwrap_or_default();
         for conn in moved {
@@ -218,7 +565,11 @@ impl Bridges {
         }
     }
 
-    /// Owner side: the proxy of (node, conn), created (with its writer) on first use.
+    // ------------------------------------------------------------------------------------
+    // Owner side: requests from other nodes' connections.
+    // ------------------------------------------------------------------------------------
+
+    /// The proxy of (node, conn), created on first use.
     fn proxy(
         &self,
         bus: &Arc<Bus>,
@@ -226,47 +577,34 @@ impl Bridges {
         node: u16,
         conn: u64,
         user: &UserId,
-    ) -> Arc<ConnHandle> {
-        let Ok(mut proxies) = self.proxies.lock() else {
-            // A poisoned lock only follows a panic elsewhere; answer through a dead handle.
-            let (h, _) = ConnHandle::new(
-                proxy_id(node, conn),
-                user.clone(),
-                1,
-                CancellationToken::new(),
-            );
-            h.cancel_silently();
-            return Arc::new(h);
-        };
+    ) -> Option<Arc<ConnHandle>> {
+        let link = self.link(bus, state, node)?;
+        let mut proxies = self.proxies.lock().ok()?;
         if let Some(p) = proxies.get(&(node, conn)) {
             if !p.handle.is_closed() {
-                return p.handle.clone();
+                return Some(p.handle.clone());
             }
         }
-        let (handle, rx) = ConnHandle::new(
+        let handle = Arc::new(ConnHandle::remote(
             proxy_id(node, conn),
             user.clone(),
-            state.config.outbound_queue,
-            CancellationToken::new(),
-        );
-        let handle = Arc::new(handle);
-        metrics::gauge!(m::BRIDGE_PROXIES).increment(1.0);
-        proxies.insert(
-            (node, conn),
-            Proxy {
-                handle: handle.clone(),
-                rooms: HashSet::new(),
-            },
-        );
-        tokio::spawn(proxy_writer(
-            bus.clone(),
-            Arc::downgrade(state),
-            node,
+            link,
             conn,
-            handle.clone(),
-            rx,
+            CancellationToken::new(),
         ));
-        handle
+        if proxies
+            .insert(
+                (node, conn),
+                Proxy {
+                    handle: handle.clone(),
+                    rooms: HashSet::new(),
+                },
+            )
+            .is_none()
+        {
+            metrics::gauge!(m::BRIDGE_PROXIES).increment(1.0);
+        }
+        Some(handle)
     }
 
     fn proxy_rooms(&self, node: u16, conn: u64, room: &RoomId, joined: bool) {
@@ -281,7 +619,7 @@ impl Bridges {
         }
     }
 
-    /// Owner side: removes a proxy and its memberships.
+    /// Removes a proxy and its memberships.
     fn drop_proxy(&self, state: &NodeState, node: u16, conn: u64) {
         let proxy = self
             .proxies
@@ -308,8 +646,8 @@ impl Bridges {
         }
     }
 
-    /// Owner side, on shutdown: closes every proxy with `code`; their writers tell the
-    /// requesting nodes, which close the real connections the same way.
+    /// Owner side, on shutdown: closes every proxy with `code`; the requesting nodes close
+    /// the real connections the same way.
     pub fn close_all_proxies(&self, code: CloseCode) {
         let handles: Vec<Arc<ConnHandle>> = self
             .proxies
@@ -321,191 +659,134 @@ impl Bridges {
         }
     }
 
+    /// Items still queued on every link (shutdown waits for them to be published).
+    pub fn queued(&self) -> usize {
+        self.links
+            .lock()
+            .map(|l| l.values().map(|l| l.queued()).sum())
+            .unwrap_or(0)
+    }
+
     /// Bridged memberships now (remote connections on this node, local ones elsewhere).
     pub fn counts(&self) -> (usize, usize) {
         let proxies = self.proxies.lock().map(|p| p.len()).unwrap_or(0);
-        let local = self.local.lock().map(|l| l.len()).unwrap_or(0);
+        let local = self.requester.lock().map(|r| r.conns.len()).unwrap_or(0);
         (proxies, local)
     }
-}
 
-/// Publishes a proxy's frames to the requesting node, in order and numbered.
-async fn proxy_writer(
-    bus: Arc<Bus>,
-    state: std::sync::Weak<NodeState>,
-    node: u16,
-    conn: u64,
-    handle: Arc<ConnHandle>,
-    mut rx: mpsc::Receiver<Out>,
-) {
-    let mut seq = 0u64;
-    loop {
-        let first = tokio::select! {
-            biased;
-            _ = handle.cancelled() => break,
-            out = rx.recv() => match out { Some(o) => o, None => break },
-        };
-        let mut frames = Vec::new();
-        push(&mut frames, first);
-        while frames.len() < DELIVER_BATCH {
-            match rx.try_recv() {
-                Ok(o) => push(&mut frames, o),
-                Err(_) => break,
-            }
-        }
-        if frames.is_empty() {
-            continue;
-        }
-        seq += 1;
-        let env = Envelope::Deliver {
-            from_node: bus.me(),
-            conn,
-            seq,
-            frames,
-        };
-        match bus.publish(node, &env).await {
-            Ok(0) | Err(_) => {
-                // The requester is gone, or Redis is: close with 4002 so that, if the
-                // requester can still be reached, its client resumes rather than waits.
-                metrics::counter!(m::BUS_ERRORS, "kind" => "publish").increment(1);
-                handle.close(CloseCode::BridgeInterrupted);
-                break;
-            }
-            Ok(_) => {}
-        }
-    }
-    drop(rx);
-    if let Some(code) = handle.close_code() {
-        let env = Envelope::Closed {
-            from_node: bus.me(),
-            conn,
-            code: code.code(),
-        };
-        let _ = bus.publish(node, &env).await;
-    }
-    if let Some(state) = state.upgrade() {
-        bus.bridges.drop_proxy(&state, node, conn);
-    }
-}
-
-fn push(frames: &mut Vec<String>, out: Out) {
-    let mut one = |b: Bytes| {
-        if let Ok(s) = String::from_utf8(b.to_vec()) {
-            frames.push(s);
-        }
-    };
-    match out {
-        Out::Frame(b) => one(b),
-        Out::Frames(v) => v.into_iter().for_each(one),
-        // Pings and pongs are the real connection's business, on its own node.
-        Out::Pong(_) => {}
-    }
-}
-
-/// Owner side: a bridge request from another node.
-pub(crate) async fn on_bridge_request(bus: &Arc<Bus>, state: &Arc<NodeState>, env: Envelope) {
-    match env {
-        Envelope::Join {
-            from_node,
-            conn,
-            room,
-            user,
-            since,
-        } => {
-            let proxy = bus.bridges.proxy(bus, state, from_node, conn, &user);
-            if state.is_shutting_down() {
-                refuse(
-                    &proxy,
-                    &room,
-                    ErrorCode::GoingAway,
-                    "the node is shutting down",
-                    None,
-                );
-                return;
-            }
-            match state.cluster.route(&room) {
-                crate::cluster::Route::Local => {}
-                crate::cluster::Route::Elsewhere(owner) => {
-                    refuse(
-                        &proxy,
-                        &room,
-                        ErrorCode::RoomMoved,
-                        "the room moved",
-                        Some(owner.addr),
-                    );
+    /// A request from connection `conn` of node `from`.
+    async fn on_request(&self, bus: &Arc<Bus>, state: &Arc<NodeState>, from: u16, item: Item) {
+        match item {
+            Item::Join {
+                conn,
+                room,
+                user,
+                since,
+            } => {
+                let Some(proxy) = self.proxy(bus, state, from, conn, &user) else {
                     return;
-                }
-                crate::cluster::Route::Unavailable => {
+                };
+                if state.is_shutting_down() {
                     refuse(
                         &proxy,
                         &room,
-                        ErrorCode::RoomUnavailable,
-                        "the room's owner holds no lease right now; join again shortly",
+                        ErrorCode::GoingAway,
+                        "the node is shutting down",
                         None,
                     );
                     return;
                 }
-            }
-            bus.bridges.proxy_rooms(from_node, conn, &room, true);
-            state
-                .registry
-                .dispatch(&room, RoomCmd::Join { conn: proxy, since })
-                .await;
-        }
-        Envelope::BridgedSend {
-            from_node,
-            conn,
-            user,
-            room,
-            cid,
-            body,
-        } => {
-            // Without a proxy (its join failed or was never seen) the proxy is created now,
-            // so the room's `not_joined` answer reaches the sender instead of silence.
-            let proxy = bus.bridges.proxy(bus, state, from_node, conn, &user);
-            let cmd = RoomCmd::Send {
-                from: proxy.user.clone(),
-                cid,
-                body,
-                reply: Reply::Conn(proxy.clone()),
-                source: Source::Bus,
-            };
-            if let Err(cmd) = state.registry.try_dispatch(&room, cmd) {
-                cmd.refuse(
-                    &room,
-                    ErrorCode::Overloaded,
-                    "room is overloaded; retry later with the same cid",
-                );
-            }
-        }
-        Envelope::Leave {
-            from_node,
-            conn,
-            room,
-        } => {
-            let proxy = bus
-                .bridges
-                .proxies
-                .lock()
-                .ok()
-                .and_then(|p| p.get(&(from_node, conn)).map(|p| p.handle.id));
-            if let Some(conn_id) = proxy {
-                bus.bridges.proxy_rooms(from_node, conn, &room, false);
+                match state.cluster.route(&room) {
+                    crate::cluster::Route::Local => {}
+                    crate::cluster::Route::Elsewhere(owner) => {
+                        refuse(
+                            &proxy,
+                            &room,
+                            ErrorCode::RoomMoved,
+                            "the room moved",
+                            Some(owner.addr),
+                        );
+                        return;
+                    }
+                    crate::cluster::Route::Unavailable => {
+                        refuse(
+                            &proxy,
+                            &room,
+                            ErrorCode::RoomUnavailable,
+                            "the room's owner holds no lease right now; join again shortly",
+                            None,
+                        );
+                        return;
+                    }
+                }
+                self.proxy_rooms(from, conn, &room, true);
                 state
                     .registry
-                    .dispatch_existing(
-                        &room,
-                        RoomCmd::Leave {
-                            conn_id,
-                            notify: true,
-                        },
-                    )
+                    .dispatch(&room, RoomCmd::Join { conn: proxy, since })
                     .await;
             }
+            Item::Send {
+                conn,
+                user,
+                room,
+                cid,
+                body,
+            } => {
+                // Without a proxy (its join failed or was never seen) the proxy is created
+                // now, so the room's `not_joined` answer reaches the sender, not silence.
+                let Some(proxy) = self.proxy(bus, state, from, conn, &user) else {
+                    return;
+                };
+                let cmd = RoomCmd::Send {
+                    from: proxy.user.clone(),
+                    cid,
+                    body,
+                    reply: Reply::Conn(proxy.clone()),
+                    source: Source::Bus,
+                };
+                if let Err(cmd) = state.registry.try_dispatch(&room, cmd) {
+                    cmd.refuse(
+                        &room,
+                        ErrorCode::Overloaded,
+                        "room is overloaded; retry later with the same cid",
+                    );
+                }
+            }
+            Item::Leave { conn, room } => {
+                let proxy = self
+                    .proxies
+                    .lock()
+                    .ok()
+                    .and_then(|p| p.get(&(from, conn)).map(|p| p.handle.id));
+                if let Some(conn_id) = proxy {
+                    self.proxy_rooms(from, conn, &room, false);
+                    state
+                        .registry
+                        .dispatch_existing(
+                            &room,
+                            RoomCmd::Leave {
+                                conn_id,
+                                notify: true,
+                            },
+                        )
+                        .await;
+                }
+            }
+            Item::Gone { conn } => self.drop_proxy(state, from, conn),
+            _ => {}
         }
-        Envelope::Gone { from_node, conn } => bus.bridges.drop_proxy(state, from_node, conn),
-        _ => {}
     }
+}
+
+fn unreachable_owner(conn: &ConnHandle, cid: Option<&str>, room: &RoomId) {
+    metrics::counter!(m::BUS_ERRORS, "kind" => "publish").increment(1);
+    conn.send_frame(&ServerFrame::Error {
+        code: ErrorCode::NodeUnavailable,
+        message: "the room's owner could not be reached through the bus; retry later".into(),
+        cid: cid.map(str::to_owned),
+        room: Some(room.to_string()),
+        owner: None,
+    });
 }
 
 fn refuse(
@@ -522,93 +803,6 @@ fn refuse(
         room: Some(room.to_string()),
         owner,
     });
-}
-
-/// Requester side: starts the task that sends one connection's bridge operations in order,
-/// and tells every owner when the connection ends (`token` cancelled).
-pub fn start_ops(bus: Arc<Bus>, conn: Arc<ConnHandle>) -> mpsc::Sender<BridgeOp> {
-    let (tx, mut rx) = mpsc::channel::<BridgeOp>(OPS_QUEUE);
-    tokio::spawn(async move {
-        let me = bus.me();
-        // Owners this connection ever joined through: each is told `gone` at the end, even
-        // if the bridge record was already removed (gap, moved room, lost bus link).
-        let mut owners: HashSet<u16> = HashSet::new();
-        loop {
-            let op = tokio::select! {
-                biased;
-                op = rx.recv() => match op { Some(op) => op, None => break },
-                _ = conn.cancelled() => break,
-            };
-            let (owner, env, cid_room) = match op {
-                BridgeOp::Join { owner, room, since } => {
-                    owners.insert(owner);
-                    bus.bridges.track(&conn, room.clone(), owner);
-                    let env = Envelope::Join {
-                        from_node: me,
-                        conn: conn.id,
-                        room: room.clone(),
-                        user: conn.user.clone(),
-                        since,
-                    };
-                    (owner, env, (None, room))
-                }
-                BridgeOp::Send {
-                    owner,
-                    room,
-                    cid,
-                    body,
-                } => {
-                    let env = Envelope::BridgedSend {
-                        from_node: me,
-                        conn: conn.id,
-                        user: conn.user.clone(),
-                        room: room.clone(),
-                        cid: cid.clone(),
-                        body,
-                    };
-                    (owner, env, (Some(cid), room))
-                }
-                BridgeOp::Leave { owner, room } => {
-                    bus.bridges.untrack(conn.id, &room);
-                    let env = Envelope::Leave {
-                        from_node: me,
-                        conn: conn.id,
-                        room: room.clone(),
-                    };
-                    (owner, env, (None, room))
-                }
-            };
-            let ok = matches!(bus.publish(owner, &env).await, Ok(n) if n > 0);
-            if !ok {
-                metrics::counter!(m::BUS_ERRORS, "kind" => "publish").increment(1);
-                let (cid, room) = cid_room;
-                conn.send_frame(&ServerFrame::Error {
-                    code: ErrorCode::NodeUnavailable,
-                    message: "the room's owner could not be reached through the bus; retry later"
-                        .into(),
-                    cid: cid.map(|c| c.to_string()),
-                    room: Some(room.to_string()),
-                    owner: None,
-                });
-                if matches!(env, Envelope::Join { .. }) {
-                    bus.bridges.untrack(conn.id, &room);
-                }
-            }
-        }
-        owners.extend(bus.bridges.forget_conn(conn.id));
-        for owner in owners {
-            let _ = bus
-                .publish(
-                    owner,
-                    &Envelope::Gone {
-                        from_node: me,
-                        conn: conn.id,
-                    },
-                )
-                .await;
-        }
-    });
-    tx
 }
 
 /// Keeps bridges consistent with the ring: see [`Bridges::on_ring_change`].

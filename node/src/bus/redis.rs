@@ -12,6 +12,11 @@
 //! `node_unavailable` ("retry with the same cid"), and the retry is deduplicated by the
 //! owner's cid window, so a lost reply never yields two stored messages. A request published
 //! to an inbox nobody subscribes to (Redis returns 0 receivers) fails at once.
+//!
+//! The same inbox carries the binary batches of other nodes' links (`link.rs`, `wire.rs`),
+//! told apart by their first byte. One channel per node, used alone, so the names need no
+//! hash tags under Redis Cluster's sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE` on the same
+//! names).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,46 +44,6 @@ pub(crate) enum Envelope {
         cid: ClientMsgId,
         body: String,
     },
-    /// Bridge (requester → owner): join `room` for connection `conn` of `from_node`.
-    Join {
-        from_node: u16,
-        conn: u64,
-        room: RoomId,
-        user: UserId,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        since: Option<MessageId>,
-    },
-    /// Bridge (requester → owner): a `send` from a bridged connection.
-    BridgedSend {
-        from_node: u16,
-        conn: u64,
-        user: UserId,
-        room: RoomId,
-        cid: ClientMsgId,
-        body: String,
-    },
-    /// Bridge (requester → owner): the connection left `room`.
-    Leave {
-        from_node: u16,
-        conn: u64,
-        room: RoomId,
-    },
-    /// Bridge (requester → owner): the connection is gone; drop its proxy.
-    Gone { from_node: u16, conn: u64 },
-    /// Bridge (owner → requester): frames for a bridged connection, numbered per owner so a
-    /// lost message is noticed.
-    Deliver {
-        from_node: u16,
-        conn: u64,
-        seq: u64,
-        frames: Vec<String>,
-    },
-    /// Bridge (owner → requester): the owner closed the connection's proxy with `code`.
-    Closed {
-        from_node: u16,
-        conn: u64,
-        code: u16,
-    },
     /// The answer to request `req`.
     Reply {
         req: u64,
@@ -104,6 +69,9 @@ pub struct Bus {
     next_req: AtomicU64,
     waiting: Waiters,
     up: AtomicBool,
+    /// This process's incarnation on the links (a restarted node starts new ones).
+    epoch: u64,
+    stop: CancellationToken,
     /// Both ends of bridged connections (see `bridge.rs`).
     pub(crate) bridges: super::bridge::Bridges,
 }
@@ -130,6 +98,8 @@ impl Bus {
             next_req: AtomicU64::new(1),
             waiting: Mutex::new(HashMap::new()),
             up: AtomicBool::new(false),
+            epoch: new_epoch(),
+            stop: stop.clone(),
             bridges: super::bridge::Bridges::default(),
         });
         let first = subscribe(&client, &Bus::inbox(prefix, me)).await?;
@@ -152,12 +122,29 @@ impl Bus {
         self.me
     }
 
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub(crate) fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
     pub(crate) async fn publish(
         &self,
         node: u16,
         env: &Envelope,
     ) -> Result<u64, redis::RedisError> {
-        let payload = serde_json::to_string(env).unwrap_or_default();
+        let payload = serde_json::to_vec(env).unwrap_or_default();
+        self.publish_raw(node, &payload).await
+    }
+
+    /// Publishes `payload` to `node`'s inbox; returns how many subscribers got it.
+    pub(crate) async fn publish_raw(
+        &self,
+        node: u16,
+        payload: &[u8],
+    ) -> Result<u64, redis::RedisError> {
         let mut conn = self.publisher.clone();
         let cmd = redis::cmd("PUBLISH")
             .arg(Bus::inbox(&self.prefix, node))
@@ -186,6 +173,7 @@ impl Bus {
             }
         };
         metrics::counter!(m::BUS_PUBLISHED).increment(1);
+        metrics::counter!(m::BUS_PUBLISHED_BYTES).increment(payload.len() as u64);
         Ok(receivers)
     }
 
@@ -251,6 +239,15 @@ impl Bus {
     }
 }
 
+/// A nonzero number unlikely to repeat across restarts of the same node id.
+fn new_epoch() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(common::id::now_ms());
+    h.write_u32(std::process::id());
+    h.finish() | 1
+}
+
 async fn subscribe(
     client: &redis::Client,
     channel: &str,
@@ -286,11 +283,19 @@ async fn serve_inbox(
             };
             let Some(msg) = msg else { break };
             metrics::counter!(m::BUS_RECEIVED).increment(1);
-            let payload: String = match msg.get_payload() {
-                Ok(p) => p,
-                Err(_) => continue,
-            };
-            match serde_json::from_str::<Envelope>(&payload) {
+            let payload = msg.get_payload_bytes();
+            if payload.first() == Some(&super::wire::MAGIC) {
+                let Some(state) = state.upgrade() else { return };
+                match super::wire::decode(bytes::Bytes::copy_from_slice(payload)) {
+                    Ok(batch) => bus.bridges.on_batch(&bus, &state, batch).await,
+                    Err(e) => {
+                        metrics::counter!(m::BUS_ERRORS, "kind" => "decode").increment(1);
+                        tracing::warn!(error = %e, "undecodable link batch");
+                    }
+                }
+                continue;
+            }
+            match serde_json::from_slice::<Envelope>(payload) {
                 Ok(Envelope::Reply {
                     req,
                     id,
@@ -336,18 +341,6 @@ async fn serve_inbox(
                         }
                     });
                 }
-                Ok(env @ (Envelope::Deliver { .. } | Envelope::Closed { .. })) => {
-                    bus.bridges.on_owner_message(env);
-                }
-                Ok(
-                    env @ (Envelope::Join { .. }
-                    | Envelope::BridgedSend { .. }
-                    | Envelope::Leave { .. }
-                    | Envelope::Gone { .. }),
-                ) => {
-                    let Some(state) = state.upgrade() else { return };
-                    super::bridge::on_bridge_request(&bus, &state, env).await;
-                }
                 Err(e) => {
                     metrics::counter!(m::BUS_ERRORS, "kind" => "decode").increment(1);
                     tracing::warn!(error = %e, "undecodable bus message");
@@ -357,7 +350,9 @@ async fn serve_inbox(
         // The subscription ended: Redis went away. Bridged connections may have missed
         // frames: close them so their clients resume with `since`. Resubscribe with backoff.
         bus.set_up(false);
-        bus.bridges.interrupt_all();
+        if let Some(state) = state.upgrade() {
+            bus.bridges.interrupt_all(&state);
+        }
         tracing::warn!("bus subscription lost; reconnecting");
         loop {
             tokio::select! {

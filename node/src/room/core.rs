@@ -35,6 +35,8 @@ use tokio::time::Instant;
 
 use super::dedupe::{self, State};
 use super::{Reply, RoomCmd, Source};
+use crate::bus::link::Link;
+use crate::bus::wire::Item;
 use crate::outbound::{ConnHandle, Out};
 use crate::ownership::Grant;
 use crate::registry::RoomCtx;
@@ -561,6 +563,10 @@ impl RoomCore {
             return;
         }
         let rejoin = self.members.remove(&conn.id).is_some();
+        if rejoin {
+            // A bridged member's node stops feeding it the stream until it is live again.
+            conn.unfollow(&self.id);
+        }
         let head = (self.head.0 != 0).then_some(self.head);
         if !conn.send_frame(&ServerFrame::Joined {
             room: self.id.clone(),
@@ -607,6 +613,9 @@ impl RoomCore {
                 MemberState::CatchingUp(buffered)
             }
         };
+        if matches!(state, MemberState::Live) {
+            conn.follow(&self.id);
+        }
         self.members.insert(conn.id, Member { conn, state });
     }
 
@@ -620,7 +629,11 @@ impl RoomCore {
             return;
         };
         let delivered = if ok {
-            buffer.is_empty() || member.conn.deliver(Out::Frames(buffer))
+            let delivered = buffer.is_empty() || member.conn.deliver(Out::Frames(buffer));
+            if delivered {
+                member.conn.follow(&self.id);
+            }
+            delivered
         } else {
             member.conn.send_frame(&ServerFrame::Error {
                 code: ErrorCode::StoreUnavailable,
@@ -640,6 +653,7 @@ impl RoomCore {
         let Some(member) = self.members.remove(&conn_id) else {
             return;
         };
+        member.conn.unfollow(&self.id);
         if notify {
             member.conn.send_frame(&ServerFrame::Left {
                 room: self.id.clone(),
@@ -691,9 +705,18 @@ impl RoomCore {
         self.broadcasts += 1;
         let sample = self.broadcasts % 16 == 0;
         let mut max_fill = 0.0f64;
+        // Members bridged from other nodes get the frame once per node, through its link;
+        // a room spans few nodes, so a short list beats a set.
+        let mut links: Vec<Arc<Link>> = Vec::new();
         for (id, member) in &mut self.members {
             match &mut member.state {
                 MemberState::Live => {
+                    if let Some(link) = member.conn.link() {
+                        if !links.iter().any(|l| l.peer() == link.peer()) {
+                            links.push(link.clone());
+                        }
+                        continue;
+                    }
                     if sample {
                         max_fill = max_fill.max(member.conn.fill_ratio());
                     }
@@ -713,6 +736,13 @@ impl RoomCore {
                     }
                 }
             }
+        }
+        // A link that cannot take it breaks; its reset drops the node's members here.
+        for link in links {
+            link.push(Item::Room {
+                room: self.id.clone(),
+                frames: Out::Frame(bytes.clone()),
+            });
         }
         metrics::counter!(m::MESSAGES_DELIVERED).increment(delivered);
         if sample && !self.members.is_empty() {
