@@ -121,6 +121,13 @@ enum Verdict {
     },
 }
 
+fn append(run: &mut Vec<bytes::Bytes>, out: Out) {
+    match out {
+        Out::Frame(b) | Out::Pong(b) => run.push(b),
+        Out::Frames(v) => run.extend(v),
+    }
+}
+
 /// A copy of `out` for one more member (frames are shared bytes).
 fn dup(out: &Out) -> Out {
     match out {
@@ -350,7 +357,32 @@ impl Bridges {
             }
             Some(Verdict::Restarted { known: false } | Verdict::InSequence) => {}
         }
-        for item in batch.items {
+        let mut items = batch.items.into_iter().peekable();
+        while let Some(item) = items.next() {
+            // Consecutive frames of one room reach each follower as one queue entry, as a
+            // batch of commands does in a local room: a batch must not overflow a queue
+            // that the same frames one by one would not.
+            let item = match item {
+                Item::Room { room, frames } => {
+                    let mut run: Vec<bytes::Bytes> = Vec::new();
+                    let mut frames = Some(frames);
+                    while let Some(Item::Room { room: next, .. }) = items.peek() {
+                        if *next != room {
+                            break;
+                        }
+                        let Some(Item::Room { frames: more, .. }) = items.next() else {
+                            break;
+                        };
+                        if let Some(first) = frames.take() {
+                            append(&mut run, first);
+                        }
+                        append(&mut run, more);
+                    }
+                    let frames = frames.unwrap_or(Out::Frames(run));
+                    Item::Room { room, frames }
+                }
+                other => other,
+            };
             match item {
                 Item::Room { .. }
                 | Item::To { .. }
@@ -770,6 +802,14 @@ impl Bridges {
                             },
                         )
                         .await;
+                    // A proxy in no room is forgotten (its handle stays open for the `left`
+                    // on its way); a later request creates it again.
+                    if let Ok(mut p) = self.proxies.lock() {
+                        if p.get(&(from, conn)).is_some_and(|p| p.rooms.is_empty()) {
+                            p.remove(&(from, conn));
+                            metrics::gauge!(m::BRIDGE_PROXIES).decrement(1.0);
+                        }
+                    }
                 }
             }
             Item::Gone { conn } => self.drop_proxy(state, from, conn),

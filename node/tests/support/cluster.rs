@@ -102,15 +102,23 @@ pub struct Cluster {
     pub prefix: String,
     pub nodes: BTreeMap<u16, Proc>,
     pub routers: Vec<Proc>,
+    /// Flags every node gets besides the harness's own.
+    node_args: Vec<String>,
 }
 
 impl Cluster {
     pub async fn start(tag: &str, nodes: u16, routers: usize) -> Cluster {
+        Cluster::start_with(tag, nodes, routers, &[]).await
+    }
+
+    /// [`Cluster::start`] with extra flags for every node.
+    pub async fn start_with(tag: &str, nodes: u16, routers: usize, node_args: &[&str]) -> Cluster {
         fresh_keyspace().await;
         let mut c = Cluster {
             prefix: format!("t-cluster-{tag}-{}", std::process::id()),
             nodes: BTreeMap::new(),
             routers: Vec::new(),
+            node_args: node_args.iter().map(|a| a.to_string()).collect(),
         };
         for id in 1..=nodes {
             c.add_node(id);
@@ -154,7 +162,8 @@ impl Cluster {
             &cql_nodes().join(","),
             "--cql-keyspace",
             &keyspace(),
-        ]);
+        ])
+        .args(&self.node_args);
         self.nodes.insert(id, Proc::spawn(cmd));
     }
 
@@ -172,6 +181,17 @@ impl Cluster {
             })
             .await;
         }
+    }
+
+    /// A room named `<prefix>-<i>` owned by node `id`.
+    pub async fn room_on(&self, prefix: &str, id: u16) -> String {
+        for i in 0..500 {
+            let room = format!("{prefix}-{i}");
+            if self.owner(self.router(), &room).await == id {
+                return room;
+            }
+        }
+        panic!("no room of {prefix}-* on node {id}");
     }
 
     pub async fn owner(&self, router: SocketAddr, room: &str) -> u16 {

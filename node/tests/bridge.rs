@@ -1,0 +1,320 @@
+//! Bridged rooms cost per node, not per member, and stay exact per member: real chat-node
+//! processes, a router, the real Redis and CQL server. Members connect to node 1 with a
+//! home room there and join a room that node 2 owns; node 2 sends each frame once to node
+//! 1, which fans it out. Judged by what every member received against what a member on the
+//! owner received, and by the nodes' bus counters.
+
+mod support;
+
+use std::time::Duration;
+
+use common::{ClientFrame, MessageId, RoomId};
+use support::cluster::*;
+use support::*;
+
+/// Connects to node 1 with a home room there and joins `room` (owned elsewhere) over the
+/// socket, with `since`.
+async fn bridged(
+    c: &Cluster,
+    home: &str,
+    room: &str,
+    user: &str,
+    since: Option<MessageId>,
+) -> Client {
+    let mut m = Client::connect(c.nodes[&1].addr, &format!("/ws?room={home}&user={user}"))
+        .await
+        .expect("connect");
+    m.expect_joined().await;
+    m.send(&ClientFrame::Join {
+        room: RoomId::new(room).expect("room"),
+        since,
+    })
+    .await;
+    m.expect_joined().await;
+    m
+}
+
+/// Posts `n` messages to `room` on its owner, one after another; returns their ids.
+async fn post(owner: std::net::SocketAddr, room: &str, tag: &str, n: usize) -> Vec<MessageId> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let body = format!(r#"{{"cid":"{tag}{i}","body":"{tag} {i}"}}"#);
+        let (status, answer) = http(
+            owner,
+            "POST",
+            &format!("/v1/rooms/{room}/messages?user=poster"),
+            Some(&body),
+        )
+        .await;
+        assert_eq!(status, 201, "{answer}");
+        ids.push(
+            json(&answer)["id"]
+                .as_str()
+                .expect("id")
+                .parse()
+                .expect("id"),
+        );
+    }
+    ids
+}
+
+/// Reads messages of `room` until `n` have arrived; fails on a duplicate or a step back.
+async fn read_ids(m: &mut Client, room: &str, n: usize) -> Vec<MessageId> {
+    let mut ids: Vec<MessageId> = Vec::with_capacity(n);
+    while ids.len() < n {
+        let msg = m.message().await;
+        if msg.room.as_str() != room {
+            continue;
+        }
+        if let Some(last) = ids.last() {
+            assert!(
+                msg.id > *last,
+                "in order, no duplicate: {} after {last}",
+                msg.id
+            );
+        }
+        ids.push(msg.id);
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_bridged_members_on_one_node_cost_one_publish_per_frame() {
+    let c = Cluster::start_with("fifty", 2, 1, &["--presence", "false"]).await;
+    let home = c.room_on("fifty-home", 1).await;
+    let room = c.room_on("fifty-room", 2).await;
+    let mut members = Vec::new();
+    for i in 0..50 {
+        members.push(bridged(&c, &home, &room, &format!("m{i}"), None).await);
+    }
+    let owner = c.nodes[&2].addr;
+    eventually("50 proxies on the owner", || async move {
+        metric(owner, "chat_node_bridge_proxies").await == 50.0
+    })
+    .await;
+    let published = metric(owner, "chat_node_bus_published_total").await;
+    let received = metric(c.nodes[&1].addr, "chat_node_bus_received_total").await;
+    let readers: Vec<_> = members
+        .into_iter()
+        .map(|mut m| {
+            let room = room.clone();
+            tokio::spawn(async move { read_ids(&mut m, &room, 40).await })
+        })
+        .collect();
+    // One at a time (each waits for its 201), so no batching can hide a publish per member.
+    let sent = post(owner, &room, "f", 40).await;
+    for r in readers {
+        assert_eq!(
+            r.await.expect("reader"),
+            sent,
+            "every member got every message, in order"
+        );
+    }
+    let published = metric(owner, "chat_node_bus_published_total").await - published;
+    let received = metric(c.nodes[&1].addr, "chat_node_bus_received_total").await - received;
+    // 40 frames, one publish each (the per-member design published 2,000); a heartbeat may
+    // fall in the window.
+    assert!(
+        published <= 41.0,
+        "{published} publishes for 40 frames to 50 members"
+    );
+    assert!(
+        received <= 41.0,
+        "{received} bus messages on the members' node"
+    );
+    assert!(published >= 1.0);
+    assert_eq!(
+        metric(c.nodes[&1].addr, "chat_node_bridge_resets_total").await,
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridged_members_joining_with_since_mid_stream_see_no_gap_and_no_duplicate() {
+    // A small recent window, so most joins are served from the store while live frames
+    // wait for the member on the owner: the seam is the owner's, through the stream.
+    let c = Cluster::start_with("seam", 2, 1, &["--recent-per-room", "20"]).await;
+    let home = c.room_on("seam-home", 1).await;
+    let room = c.room_on("seam-room", 2).await;
+    let owner = c.nodes[&2].addr;
+    let mut reference = Client::connect(owner, &format!("/ws?room={room}&user=ref"))
+        .await
+        .expect("ref");
+    reference.expect_joined().await;
+    let before = post(owner, &room, "a", 60).await;
+    let poster = {
+        let room = room.clone();
+        tokio::spawn(async move { post(owner, &room, "b", 240).await })
+    };
+    // Join while messages flow, each from a different point: deep in the store, at the
+    // window's edge, inside it, and at the newest id seen.
+    let mut joiners = Vec::new();
+    for (i, since) in [before[0], before[30], before[45], before[59]]
+        .into_iter()
+        .enumerate()
+    {
+        joiners.push((
+            since,
+            bridged(&c, &home, &room, &format!("j{i}"), Some(since)).await,
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = poster.await.expect("poster");
+    let all: Vec<MessageId> = before.iter().chain(after.iter()).copied().collect();
+    assert_eq!(read_ids(&mut reference, &room, all.len()).await, all);
+    for (since, mut j) in joiners {
+        let expected: Vec<MessageId> = all.iter().copied().filter(|id| *id > since).collect();
+        let got = read_ids(&mut j, &room, expected.len()).await;
+        assert_eq!(
+            got, expected,
+            "joined after {since}: every later message once, in order"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_bridged_member_is_closed_without_hurting_its_neighbours() {
+    let c = Cluster::start_with(
+        "slow",
+        2,
+        1,
+        &[
+            "--outbound-queue",
+            "64",
+            "--send-rate",
+            "100000",
+            "--send-burst",
+            "100000",
+            "--presence",
+            "false",
+        ],
+    )
+    .await;
+    let home = c.room_on("slow-home", 1).await;
+    let room = c.room_on("slow-room", 2).await;
+    let requester = c.nodes[&1].addr;
+    // A small receive buffer, and it never reads.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let stream = socket.connect(requester).await.expect("connect");
+    let mut slow = Client::connect_stream(stream, requester, &format!("/ws?room={home}&user=slow"))
+        .await
+        .expect("slow");
+    slow.expect_joined().await;
+    slow.send(&ClientFrame::Join {
+        room: RoomId::new(room.clone()).expect("room"),
+        since: None,
+    })
+    .await;
+    slow.expect_joined().await;
+    let mut fast = Vec::new();
+    for i in 0..2 {
+        fast.push(bridged(&c, &home, &room, &format!("fast{i}"), None).await);
+    }
+    let owner = c.nodes[&2].addr;
+    let mut local = Client::connect(owner, &format!("/ws?room={room}&user=local"))
+        .await
+        .expect("local");
+    local.expect_joined().await;
+    fast.push(local);
+    let total = 1500;
+    let body = "x".repeat(3000);
+    let publishers: Vec<_> = (0..4)
+        .map(|p| {
+            let (body, room) = (body.clone(), room.clone());
+            tokio::spawn(async move {
+                for i in (p..total).step_by(4) {
+                    let payload = format!(r#"{{"cid":"m{i}","body":"{body}"}}"#);
+                    let path = format!("/v1/rooms/{room}/messages?user=sender");
+                    let (status, answer) = http(owner, "POST", &path, Some(&payload)).await;
+                    assert_eq!(status, 201, "{answer}");
+                }
+            })
+        })
+        .collect();
+    let readers: Vec<_> = fast
+        .into_iter()
+        .map(|mut m| {
+            let room = room.clone();
+            tokio::spawn(async move { read_ids(&mut m, &room, total).await.len() })
+        })
+        .collect();
+    for p in publishers {
+        p.await.expect("every publish acked");
+    }
+    for r in readers {
+        assert_eq!(r.await.expect("reader"), total);
+    }
+    eventually("the slow member closed on its own node", || async move {
+        metric(requester, "chat_node_slow_consumer_disconnects_total").await >= 1.0
+    })
+    .await;
+    assert_eq!(
+        slow.closed().await,
+        4000,
+        "the slow-consumer close code reaches it"
+    );
+    // Its neighbours were never at risk: the link between the nodes was not reset.
+    assert_eq!(
+        metric(requester, "chat_node_bridge_resets_total").await,
+        0.0
+    );
+    assert_eq!(metric(owner, "chat_node_bridge_resets_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interest_ends_when_the_last_member_leaves_and_when_its_node_exits() {
+    let mut c = Cluster::start_with("interest", 2, 1, &["--presence", "false"]).await;
+    let home = c.room_on("interest-home", 1).await;
+    let room = c.room_on("interest-room", 2).await;
+    let owner = c.nodes[&2].addr;
+    let target = RoomId::new(room.clone()).expect("room");
+    let mut members = Vec::new();
+    for i in 0..5 {
+        members.push(bridged(&c, &home, &room, &format!("m{i}"), None).await);
+    }
+    post(owner, &room, "x", 3).await;
+    for m in &mut members {
+        read_ids(m, &room, 3).await;
+        m.send(&ClientFrame::Leave {
+            room: target.clone(),
+        })
+        .await;
+        assert!(matches!(
+            m.frame_skip_presence().await,
+            common::ServerFrame::Left { .. }
+        ));
+    }
+    eventually("no proxies left on the owner", || async move {
+        metric(owner, "chat_node_bridge_proxies").await == 0.0
+    })
+    .await;
+    let published = metric(owner, "chat_node_bus_published_total").await;
+    post(owner, &room, "y", 20).await;
+    let published = metric(owner, "chat_node_bus_published_total").await - published;
+    assert!(
+        published <= 1.0,
+        "{published} publishes for a room with no remote members"
+    );
+
+    // Members again, then their node exits: the owner forgets them when it leaves the ring.
+    for i in 0..5 {
+        members.push(bridged(&c, &home, &room, &format!("n{i}"), None).await);
+    }
+    eventually("proxies again", || async move {
+        metric(owner, "chat_node_bridge_proxies").await == 5.0
+    })
+    .await;
+    c.nodes.get_mut(&1).expect("node 1").kill9();
+    eventually("proxies of the departed node dropped", || async move {
+        metric(owner, "chat_node_bridge_proxies").await == 0.0
+    })
+    .await;
+    let published = metric(owner, "chat_node_bus_published_total").await;
+    post(owner, &room, "z", 20).await;
+    let published = metric(owner, "chat_node_bus_published_total").await - published;
+    assert!(
+        published <= 1.0,
+        "{published} publishes after the members' node exited"
+    );
+}
