@@ -582,12 +582,20 @@ async fn node_bus(target: &Target) -> Result<NodeBus, String> {
     let text = metrics_scrape::fetch(target, SAMPLE_TIMEOUT)
         .await
         .map_err(|e| format!("{e:#}"))?;
-    let get = |name: &str| {
-        metrics_scrape::metric_sum(&text, name).ok_or_else(|| format!("/metrics has no {name}"))
-    };
+    node_bus_from_text(&text)
+}
+
+fn node_bus_from_text(text: &str) -> Result<NodeBus, String> {
+    // The exporter lists a counter only once it has counted something: a node that never
+    // used the bus (a cluster of one) has none, which is 0. A /metrics without any node
+    // metric is not a node's.
+    if !text.lines().any(|l| l.starts_with("chat_node_")) {
+        return Err("/metrics has no chat_node_* metric: not a chat node".into());
+    }
+    let get = |name: &str| metrics_scrape::metric_sum(text, name).unwrap_or(0.0);
     Ok(NodeBus {
-        published: get(m::BUS_PUBLISHED)?,
-        received: get(m::BUS_RECEIVED)?,
+        published: get(m::BUS_PUBLISHED),
+        received: get(m::BUS_RECEIVED),
     })
 }
 
@@ -1010,6 +1018,20 @@ cmdstat_broken:usec=1\r\n";
         assert_eq!(i.calls.get("info"), Some(&7));
         assert_eq!(i.calls.get("broken"), None);
         assert_eq!(RedisInfo::parse(""), RedisInfo::default());
+    }
+
+    #[test]
+    fn bus_counters_not_yet_counted_are_zero() {
+        let text = "# TYPE chat_node_connections gauge\nchat_node_connections 3\n\
+                    chat_node_bus_received_total 12\n";
+        assert_eq!(
+            node_bus_from_text(text),
+            Ok(NodeBus {
+                published: 0.0,
+                received: 12.0
+            })
+        );
+        assert!(node_bus_from_text("process_cpu_seconds_total 1\n").is_err());
     }
 
     #[test]
