@@ -24,8 +24,10 @@ use tokio::sync::watch;
 
 use crate::auth::{Auth, AuthArgs};
 use crate::client::Target;
+use crate::cluster_cost::ClusterCostArgs;
 use crate::fanout::{self, FanoutArgs, GroupResult, Groups};
 use crate::http::HttpClient;
+pub use crate::owner::{lookup, Lookup, Owner};
 use crate::report::{self, map_or_none, new_histogram, LatencySummary, Report};
 use crate::BenchError;
 
@@ -79,9 +81,9 @@ pub struct CrossShardArgs {
     pub chart: Option<PathBuf>,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub cost: ClusterCostArgs,
 }
-
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl CrossShardArgs {
     fn room_prefix(&self) -> String {
@@ -110,6 +112,7 @@ impl CrossShardArgs {
             quiet: self.quiet,
             chart: self.chart.clone(),
             auth: self.auth.clone(),
+            cost: self.cost.clone(),
         }
     }
 
@@ -124,51 +127,6 @@ impl CrossShardArgs {
         }
         Ok(())
     }
-}
-
-/// Where the router says a room lives.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Owner {
-    pub id: u64,
-    pub addr: String,
-}
-
-/// What the router's `GET /v1/rooms/{room}/owner` answered.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lookup {
-    pub owner: Owner,
-    /// Nodes in that router's ring.
-    pub ring_size: u64,
-}
-
-/// Asks the router at `http` which node owns `room` (bounded in time); an error when the
-/// answer is not a 200 with a node id (e.g. `--url` is a node, not a router).
-pub async fn lookup(http: &mut HttpClient, room: &str) -> anyhow::Result<Lookup> {
-    let a = http
-        .request(
-            "GET",
-            &format!("/v1/rooms/{room}/owner"),
-            None,
-            LOOKUP_TIMEOUT,
-        )
-        .await?;
-    if a.status != 200 {
-        anyhow::bail!(
-            "owner of {room}: HTTP {} {} (is --url a router?)",
-            a.status,
-            String::from_utf8_lossy(&a.body)
-        );
-    }
-    let v: serde_json::Value = serde_json::from_slice(&a.body)?;
-    Ok(Lookup {
-        owner: Owner {
-            id: v["node"]["id"]
-                .as_u64()
-                .ok_or_else(|| anyhow::anyhow!("owner of {room}: no node id"))?,
-            addr: v["node"]["addr"].as_str().unwrap_or_default().to_owned(),
-        },
-        ring_size: v["ring_size"].as_u64().unwrap_or(0),
-    })
 }
 
 async fn owner(http: &mut HttpClient, room: &str) -> anyhow::Result<Owner> {

@@ -24,6 +24,7 @@ use crate::args::seconds;
 use crate::auth::{Auth, AuthArgs};
 use crate::chart::{latency_panel, Chart, Panel, Series};
 use crate::client::{self, ControlRx, Incoming, Reader, Target, WsWrite};
+use crate::cluster_cost::{ClusterCost, ClusterCostArgs, ClusterSample, Probe};
 use crate::metrics_scrape::{self, ServerSample};
 use crate::payload::{
     decode_body, parse_cid, FrameView, OwnedView, SendFrameEncoder, BODY_HEADER_LEN, MAX_SENDER,
@@ -97,6 +98,10 @@ pub struct FanoutArgs {
     pub chart: Option<PathBuf>,
     #[command(flatten)]
     pub auth: AuthArgs,
+    /// What the run costs the whole cluster (Redis, the nodes' bus, server CPU); reported
+    /// with --bridge or when any of these is given.
+    #[command(flatten)]
+    pub cost: ClusterCostArgs,
 }
 
 const MAX_CONNECTIONS: usize = 200_000;
@@ -162,7 +167,13 @@ impl FanoutArgs {
         let last_room = format!("{}-{}", self.room_prefix(), self.rooms - 1);
         crate::args::check_room_prefix(last_room)?;
         Auth::from_args(&self.auth)?;
+        self.cost.validate()?;
         Ok(())
+    }
+
+    /// Whether the report carries the cluster's cost.
+    fn wants_cost(&self) -> bool {
+        self.bridge || self.cost.requested()
     }
 }
 
@@ -893,6 +904,17 @@ pub async fn run_grouped(
             .await
             .map_err(|e| BenchError::Config(format!("--url: {e:#}")))?,
     );
+    // Which nodes, Redis and processes the cost accounting samples: settled before any
+    // connection, so its owner lookups stay out of the measured window.
+    let probe = if args.wants_cost() {
+        Some(
+            Probe::prepare(&args.cost, &target)
+                .await
+                .map_err(BenchError::Config)?,
+        )
+    } else {
+        None
+    };
     let started_unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -1063,12 +1085,18 @@ pub async fn run_grouped(
     sleep_until(measure_start.into()).await;
     let cpu0 = report::self_cpu_seconds();
     let t0 = Instant::now();
-    let (srv0, srv0_err) = metrics_scrape::sample(&target, SCRAPE_TIMEOUT).await;
+    let ((srv0, srv0_err), cluster0) = tokio::join!(
+        metrics_scrape::sample(&target, SCRAPE_TIMEOUT),
+        cluster_sample(probe.as_ref())
+    );
     let s0 = Instant::now();
     sleep_until(send_end.into()).await;
     let cpu1 = report::self_cpu_seconds();
     let t1 = Instant::now();
-    let (srv1, srv1_err) = metrics_scrape::sample(&target, SCRAPE_TIMEOUT).await;
+    let ((srv1, srv1_err), cluster1) = tokio::join!(
+        metrics_scrape::sample(&target, SCRAPE_TIMEOUT),
+        cluster_sample(probe.as_ref())
+    );
     let s1 = Instant::now();
 
     // Drain: until everything expected arrived and every send was answered, or the limit.
@@ -1212,6 +1240,12 @@ pub async fn run_grouped(
     r.server.rss_bytes_before = rss(&srv0);
     r.server.rss_bytes_after = rss(&srv1);
 
+    if let (Some(probe), Some(a), Some(b)) = (&probe, &cluster0, &cluster1) {
+        let mut cost = ClusterCost::between(a, b, r.messages.acks, r.messages.delivered);
+        cost.notes.splice(0..0, probe.notes.iter().cloned());
+        r.cluster_cost = Some(cost);
+    }
+
     let notes = &mut r.notes;
     notes.push(report::load_note(r.load_average.as_deref(), r.nproc));
     notes.extend(fd_note);
@@ -1308,6 +1342,13 @@ pub async fn run_grouped(
         None => Vec::new(),
     };
     Ok((r, group_results))
+}
+
+async fn cluster_sample(probe: Option<&Probe>) -> Option<ClusterSample> {
+    match probe {
+        Some(p) => Some(ClusterSample::take(p).await),
+        None => None,
+    }
 }
 
 /// One timeline point per second from the first send until the close: the e2e latency of

@@ -39,33 +39,47 @@ impl ServerSample {
 
 /// The value of the first sample named exactly `name` (any labels), if present and numeric.
 pub fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let line = line.trim_start();
-        let rest = line.strip_prefix(name)?;
-        let rest = if let Some(labelled) = rest.strip_prefix('{') {
-            // Label values are quoted and may contain '}'; skip to the closing brace outside
-            // quotes.
-            let mut in_quotes = false;
-            let mut escaped = false;
-            let end = labelled.char_indices().find_map(|(i, c)| {
-                match (in_quotes, escaped, c) {
-                    (true, true, _) => escaped = false,
-                    (true, false, '\\') => escaped = true,
-                    (_, false, '"') => in_quotes = !in_quotes,
-                    (false, _, '}') => return Some(i),
-                    _ => {}
-                }
-                None
-            })?;
-            &labelled[end + 1..]
-        } else if rest.starts_with(char::is_whitespace) {
-            rest
-        } else {
-            // A longer name that merely starts with `name`.
-            return None;
-        };
-        rest.split_whitespace().next()?.parse().ok()
-    })
+    samples(text, name).next()
+}
+
+/// The sum of every numeric sample named exactly `name` (all label sets), or `None` when
+/// there is none: a counter split by labels, counted whole.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    samples(text, name).fold(None, |acc, v| Some(acc.unwrap_or(0.0) + v))
+}
+
+/// The values of the samples named exactly `name` (any labels), in order.
+fn samples<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = f64> + 'a {
+    text.lines()
+        .filter_map(move |line| sample_value(line, name))
+}
+
+fn sample_value(line: &str, name: &str) -> Option<f64> {
+    let line = line.trim_start();
+    let rest = line.strip_prefix(name)?;
+    let rest = if let Some(labelled) = rest.strip_prefix('{') {
+        // Label values are quoted and may contain '}'; skip to the closing brace outside
+        // quotes.
+        let mut in_quotes = false;
+        let mut escaped = false;
+        let end = labelled.char_indices().find_map(|(i, c)| {
+            match (in_quotes, escaped, c) {
+                (true, true, _) => escaped = false,
+                (true, false, '\\') => escaped = true,
+                (_, false, '"') => in_quotes = !in_quotes,
+                (false, _, '}') => return Some(i),
+                _ => {}
+            }
+            None
+        })?;
+        &labelled[end + 1..]
+    } else if rest.starts_with(char::is_whitespace) {
+        rest
+    } else {
+        // A longer name that merely starts with `name`.
+        return None;
+    };
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// Fetches `http://<target>/metrics` within `timeout`.
@@ -140,6 +154,20 @@ chat_node_bad_input_total{kind=\"bad_json\"} NaN
             metric_value("process_cpu_seconds_total oops", CPU_SECONDS),
             None
         );
+    }
+
+    #[test]
+    fn sums_every_label_set() {
+        let text = "\
+# TYPE chat_node_bus_errors_total counter
+chat_node_bus_errors_total{kind=\"publish\"} 3
+chat_node_bus_errors_total_other 100
+chat_node_bus_errors_total{kind=\"decode\"} 4.5
+chat_node_bus_published_total 7
+";
+        assert_eq!(metric_sum(text, "chat_node_bus_errors_total"), Some(7.5));
+        assert_eq!(metric_sum(text, "chat_node_bus_published_total"), Some(7.0));
+        assert_eq!(metric_sum(text, "chat_node_bus_received_total"), None);
     }
 
     #[test]

@@ -252,6 +252,10 @@ pub struct Report {
     /// measure the load generator as much as the server.
     pub bench_saturated: bool,
     pub server: ServerStats,
+    /// What the measured window cost the whole cluster (`--bridge` or any of the cluster
+    /// cost options): Redis, the nodes' bus, every server process's CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_cost: Option<crate::cluster_cost::ClusterCost>,
     pub notes: Vec<String>,
     /// Per-second sends, deliveries and e2e latency from the first send to the close.
     pub timeline: Vec<TimelinePoint>,
@@ -472,6 +476,9 @@ impl Report {
                 ("connect", &self.connect_latency_us),
             ],
         );
+        if let Some(c) = &self.cluster_cost {
+            c.to_markdown(&mut out);
+        }
         notes_md(&mut out, &self.notes);
         out
     }
@@ -491,23 +498,87 @@ pub fn close_label(code: u16) -> String {
     }
 }
 
+/// The fields of `/proc/<pid>/stat` the bench reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcStat {
+    /// The command name (field 2), without its parentheses.
+    pub comm: String,
+    /// User and system CPU time, in clock ticks (fields 14 and 15).
+    pub utime: u64,
+    pub stime: u64,
+    /// When the process started, in clock ticks after boot (field 22): a pid whose
+    /// `starttime` changed between two reads is another process.
+    pub starttime: u64,
+}
+
+impl ProcStat {
+    pub fn parse(stat: &str) -> Option<ProcStat> {
+        // The command name is in parentheses and may itself contain spaces or ')': it runs
+        // from the first '(' to the last ')'.
+        let open = stat.find('(')?;
+        let close = stat.rfind(')')?;
+        let comm = stat.get(open + 1..close)?.to_owned();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // `fields` starts at field 3 (state).
+        let field = |n: usize| -> Option<u64> { fields.get(n - 3)?.parse().ok() };
+        Some(ProcStat {
+            comm,
+            utime: field(14)?,
+            stime: field(15)?,
+            starttime: field(22)?,
+        })
+    }
+
+    pub fn cpu_ticks(&self) -> u64 {
+        self.utime + self.stime
+    }
+}
+
 /// `utime + stime` in clock ticks from the contents of `/proc/<pid>/stat`.
 pub fn parse_proc_stat(stat: &str) -> Option<u64> {
-    // The command name (field 2) is in parentheses and may itself contain spaces or ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    ProcStat::parse(stat).map(|p| p.cpu_ticks())
+}
+
+/// The kernel's clock ticks per second for `/proc` times (`sysconf(_SC_CLK_TCK)`), read from
+/// this process's auxiliary vector (`AT_CLKTCK`) without `unsafe`; 100, the value on every
+/// common Linux architecture, when it cannot be read.
+pub fn clock_ticks_per_second() -> u64 {
+    static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        std::fs::read("/proc/self/auxv")
+            .ok()
+            .and_then(|auxv| auxv_value(&auxv, AT_CLKTCK))
+            .filter(|&hz| hz > 0)
+            .unwrap_or(100)
+    })
+}
+
+const AT_CLKTCK: u64 = 17;
+
+/// The value of entry `key` in an auxiliary vector: native-endian `(type, value)` pairs of
+/// machine words, ended by type 0.
+pub fn auxv_value(auxv: &[u8], key: u64) -> Option<u64> {
+    const W: usize = std::mem::size_of::<usize>();
+    let word = |b: &[u8]| -> Option<u64> {
+        let b: [u8; W] = b.try_into().ok()?;
+        Some(usize::from_ne_bytes(b) as u64)
+    };
+    for pair in auxv.chunks_exact(2 * W) {
+        let (k, v) = (word(&pair[..W])?, word(&pair[W..])?);
+        if k == 0 {
+            return None;
+        }
+        if k == key {
+            return Some(v);
+        }
+    }
+    None
 }
 
 /// CPU seconds this process has used so far (Linux; `None` elsewhere).
 pub fn self_cpu_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // /proc reports in USER_HZ, which is 100 on every Linux architecture that matters
-    // (it is fixed by the kernel ABI, independent of CONFIG_HZ).
-    parse_proc_stat(&stat).map(|ticks| ticks as f64 / 100.0)
+    parse_proc_stat(&stat).map(|ticks| ticks as f64 / clock_ticks_per_second() as f64)
 }
 
 /// `git rev-parse --short HEAD`, or `"unknown"`.
@@ -653,6 +724,40 @@ mod tests {
         if cfg!(target_os = "linux") {
             assert!(self_cpu_seconds().is_some());
         }
+    }
+
+    #[test]
+    fn proc_stat_with_parentheses_and_spaces_in_the_name() {
+        // A process may name itself anything, e.g. "a) (b" or ") S 1 2".
+        let stat = "77 (x) S 1 2 ) y) R 1 77 77 0 -1 4194304 500 0 0 0 1234 56 0 0 20 0 9 \
+                    0 987654 1000000 200 18446744073709551615";
+        assert_eq!(
+            ProcStat::parse(stat),
+            Some(ProcStat {
+                comm: "x) S 1 2 ) y".into(),
+                utime: 1234,
+                stime: 56,
+                starttime: 987_654,
+            })
+        );
+        assert_eq!(ProcStat::parse("77 (x) R 1 2 3"), None, "truncated");
+        assert_eq!(ProcStat::parse("77 x R"), None, "no parentheses");
+        if cfg!(target_os = "linux") {
+            let own = std::fs::read_to_string("/proc/self/stat").expect("own stat");
+            assert!(ProcStat::parse(&own).is_some(), "{own}");
+        }
+    }
+
+    #[test]
+    fn auxv_entries() {
+        let words = |ws: &[usize]| -> Vec<u8> { ws.iter().flat_map(|w| w.to_ne_bytes()).collect() };
+        let auxv = words(&[6, 4096, 17, 250, 0, 0, 17, 999]);
+        assert_eq!(auxv_value(&auxv, 17), Some(250));
+        assert_eq!(auxv_value(&auxv, 6), Some(4096));
+        // Nothing after the terminating entry counts.
+        assert_eq!(auxv_value(&words(&[0, 0, 17, 999]), 17), None);
+        assert_eq!(auxv_value(&auxv[..5], 17), None);
+        assert!(clock_ticks_per_second() > 0);
     }
 
     #[test]

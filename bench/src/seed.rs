@@ -367,6 +367,7 @@ impl SeedSuiteArgs {
             quiet: self.quiet,
             chart: None,
             auth: self.auth.clone(),
+            cost: Default::default(),
         }
     }
 }

@@ -261,6 +261,37 @@ async fn injected_loss_and_duplicates_are_reported() {
     assert_eq!(m.acks, m.sent, "acks still come for dropped messages");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_cost_reads_the_pids_it_is_given() {
+    let addr = start_fake(Faults::default()).await;
+    let mut a = args(addr);
+    // The bench itself stands in for a server process: it is busy during the window.
+    a.cost.server_pids = Some(format!("chat-router={}", std::process::id()));
+    let r = chat_bench::fanout::run(a, "test".into())
+        .await
+        .expect("run");
+    let c = r.cluster_cost.as_ref().expect("cluster cost asked for");
+    assert_eq!(c.deliveries, r.messages.delivered);
+    assert_eq!(c.room_messages, r.messages.acks);
+    assert!((1.5..3.0).contains(&c.window_s), "{c:#?}");
+    let p = c
+        .processes
+        .iter()
+        .find(|p| p.name == "chat-router")
+        .expect("the pid's row");
+    assert_eq!(p.pid, Some(std::process::id()));
+    assert!(p.cpu_s > 0.0, "{c:#?}");
+    // The stand-in's /metrics has no bus counters: n/a, said so, not a failure.
+    assert_eq!(c.bus, None);
+    assert!(c.notes.iter().any(|n| n.contains("bus")), "{c:#?}");
+    let md = r.to_markdown();
+    assert!(
+        md.contains("### Cluster cost over the measured window"),
+        "{md}"
+    );
+    assert!(r.to_json().contains("\"cluster_cost\""));
+}
+
 #[tokio::test]
 async fn unreachable_target_fails_with_connect_errors() {
     // Bind and drop to get a port nothing listens on.
