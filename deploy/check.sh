@@ -154,6 +154,8 @@ src = open(os.path.join(repo, "common/src/metrics.rs")).read()
 defined = set(re.findall(r'pub const [A-Z0-9_]+: &str = "([a-z0-9_]+)";', src))
 check(len(defined) >= 30, f"metrics.rs defines {len(defined)} metric names")
 histograms = {m for m in defined if m.endswith("_seconds") or m.endswith("_ratio")}
+# Histograms whose unit is a count (buckets set by name in node/src/telemetry.rs).
+histograms |= {"chat_node_bus_batch_items"}
 # metrics-process exports these (deploy/OPERATIONS.md "Metrics").
 process = {"process_cpu_seconds_total", "process_resident_memory_bytes",
            "process_virtual_memory_bytes", "process_virtual_memory_max_bytes",
