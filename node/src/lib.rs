@@ -302,6 +302,11 @@ async fn shutdown_gracefully(
     // Remote members bridged into this node's rooms go the same way.
     if let Some(bus) = state.bus.get() {
         bus.bridges.close_all_proxies(CloseCode::GoingAway);
+        // Their closes travel in the links: give the writers a moment to publish them.
+        let flushed_by = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
+        while bus.bridges.queued() > 0 && tokio::time::Instant::now() < flushed_by {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     // Anything left (the deadline cut the pacing short) is closed at once.
     for conn in state.snapshot_conns() {

@@ -185,6 +185,9 @@ async fn write(
     // The peer has not heard our last reset yet: every batch starts with it until it has
     // (a batch that starts with a reset is taken whatever its number, see `on_batch`).
     let mut reset_pending: Option<Item> = None;
+    // One timer for the heartbeat, pushed back after every batch (not one per wake-up).
+    let heartbeat = tokio::time::sleep(HEARTBEAT);
+    tokio::pin!(heartbeat);
     loop {
         if link.broken.load(Ordering::Acquire) {
             // Whatever is queued follows the loss: the reset covers it.
@@ -234,8 +237,11 @@ async fn write(
             _ = stop.cancelled() => return,
             _ = link.wake.notified() => continue,
             item = rx.recv() => match item { Some(i) => Some(i), None => return },
-            _ = tokio::time::sleep(HEARTBEAT) => None,
+            () = &mut heartbeat => None,
         };
+        heartbeat
+            .as_mut()
+            .reset(tokio::time::Instant::now() + HEARTBEAT);
         let Some(bus) = bus.upgrade() else { return };
         seq += 1;
         wire::start(&mut buf, bus.me(), bus.epoch(), seq);
