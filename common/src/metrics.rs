@@ -60,6 +60,10 @@ pub const BRIDGED_ROOMS: &str = "chat_node_bridged_rooms";
 /// bridged to it closed with 4002). Label `reason`: `gap`, `overflow`, `publish`,
 /// `unheard`, `unsubscribed`, `peer` (the peer asked), `restarted`.
 pub const BRIDGE_RESETS: &str = "chat_node_bridge_resets_total";
+/// Bridged members of a room that moved to another node. Label `outcome`: `rejoined` (their
+/// node joined them to the new owner from their last message, the connection stays open),
+/// `closed` (4001: the room came to their own node, or the move could not be made).
+pub const BRIDGE_MOVES: &str = "chat_node_bridge_moves_total";
 /// Commands a room refused, or acks it withheld, because this node's lease was gone (the
 /// node was paused, cut off from Redis, or its registration vanished). Label `op`: `send`,
 /// `join`, `ack`, `persist`.

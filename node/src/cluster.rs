@@ -291,6 +291,7 @@ impl Cluster {
             let cmd = RoomCmd::Handoff {
                 close: Some(CloseCode::RoomMoved),
                 owner: owner.map(|o| o.addr.clone()),
+                owner_id: owner.map(|o| o.id),
             };
             if let Some(done) = registry.dispatch_existing_then_ended(&room, cmd).await {
                 ended.push(done);
@@ -362,6 +363,7 @@ impl Cluster {
             let cmd = RoomCmd::Handoff {
                 close: Some(CloseCode::RoomMoved),
                 owner: None,
+                owner_id: None,
             };
             if let Some(done) = registry.dispatch_existing_then_ended(&room, cmd).await {
                 ended.push(done);

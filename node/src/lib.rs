@@ -138,6 +138,20 @@ pub async fn run_with_store(
     telemetry::start(background.clone());
     let rooms_shutdown = CancellationToken::new();
     let local = listener.local_addr()?;
+    // The inbox first: once this node is in the ring, peers may send to it.
+    let bus = match &config.redis_url {
+        Some(url) => Some(
+            bus::redis::Bus::start(
+                url,
+                &config.redis_prefix,
+                config.node_id,
+                background.clone(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("subscribing to the bus through {url}: {e}"))?,
+        ),
+        None => None,
+    };
     let cluster = Arc::new(Cluster::start(&config, local, background.clone()).await?);
     let ctx = Arc::new(RoomCtx::new(
         config.clone(),
@@ -164,16 +178,8 @@ pub async fn run_with_store(
     ));
     cluster.spawn_handoffs(state.registry.clone(), background.clone());
     cluster.spawn_lease_guard(state.registry.clone(), background.clone());
-    if let Some(url) = &config.redis_url {
-        let bus = bus::redis::Bus::start(
-            url,
-            &config.redis_prefix,
-            config.node_id,
-            Arc::downgrade(&state),
-            background.clone(),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("subscribing to the bus through {url}: {e}"))?;
+    if let Some(bus) = bus {
+        bus.attach(Arc::downgrade(&state));
         bus::bridge::spawn_ring_watch(bus.clone(), state.clone(), background.clone());
         let _ = state.bus.set(bus);
     }
@@ -268,6 +274,7 @@ async fn shutdown_gracefully(
                 room::RoomCmd::Handoff {
                     close: None,
                     owner: None,
+                    owner_id: None,
                 },
             )
             .await;

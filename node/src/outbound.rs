@@ -133,11 +133,25 @@ impl ConnHandle {
 
     /// The room's broadcasts reach this member from now on through its node's copy of the
     /// room stream (a remote member only; a local one gets them from [`ConnHandle::deliver`]).
-    pub(crate) fn follow(&self, room: &RoomId) {
+    /// `at` is the last message the member has (its replay or recent window ends there).
+    pub(crate) fn follow(&self, room: &RoomId, at: common::MessageId) {
         if let Sink::Remote { link, conn } = &self.sink {
             link.push(Item::Follow {
                 conn: *conn,
                 room: room.clone(),
+                at: at.0,
+            });
+        }
+    }
+
+    /// A remote member's room moved to node `to` after a flush: its node joins it there
+    /// from the last message it delivered, without closing the connection.
+    pub(crate) fn moved(&self, room: &RoomId, to: u16) {
+        if let Sink::Remote { link, conn } = &self.sink {
+            link.push(Item::Moved {
+                conn: *conn,
+                room: room.clone(),
+                to,
             });
         }
     }

@@ -178,6 +178,10 @@ fn describe() {
         "Items per link batch published to a peer node."
     );
     describe_counter!(
+        m::BRIDGE_MOVES,
+        "Bridged members of a moved room, rejoined on the new owner or closed."
+    );
+    describe_counter!(
         m::BRIDGE_RESETS,
         "Resets of what is bridged with a peer node, by reason."
     );
@@ -247,6 +251,9 @@ fn register_zeroes() {
         "restarted",
     ] {
         metrics::counter!(m::BRIDGE_RESETS, "reason" => reason).increment(0);
+    }
+    for outcome in ["rejoined", "closed"] {
+        metrics::counter!(m::BRIDGE_MOVES, "outcome" => outcome).increment(0);
     }
     for op in ["append", "read", "fence"] {
         metrics::counter!(m::STORE_ERRORS, "op" => op).increment(0);

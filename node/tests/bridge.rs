@@ -112,14 +112,15 @@ async fn fifty_bridged_members_on_one_node_cost_one_publish_per_frame() {
     }
     let published = metric(owner, "chat_node_bus_published_total").await - published;
     let received = metric(c.nodes[&1].addr, "chat_node_bus_received_total").await - received;
-    // 40 frames, one publish each (the per-member design published 2,000); a heartbeat may
-    // fall in the window.
+    // 40 frames, one publish each (the per-member design published 2,000). Besides: the
+    // last joins' `follow` markers may still be on their way when the count starts, and an
+    // idle link's heartbeat may fall in the window.
     assert!(
-        published <= 41.0,
+        published <= 44.0,
         "{published} publishes for 40 frames to 50 members"
     );
     assert!(
-        received <= 41.0,
+        received <= 44.0,
         "{received} bus messages on the members' node"
     );
     assert!(published >= 1.0);

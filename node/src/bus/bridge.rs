@@ -39,9 +39,24 @@ struct Proxy {
 /// Requester side: a local connection with rooms on other nodes.
 struct Bridged {
     conn: Arc<ConnHandle>,
-    /// Its remote rooms, with their owner and where the join went in the owner's link
-    /// (`Link::push_counted`).
-    rooms: HashMap<RoomId, (u16, u64)>,
+    rooms: HashMap<RoomId, Remote>,
+}
+
+/// One remote room of a bridged connection.
+#[derive(Clone, Copy)]
+struct Remote {
+    owner: u16,
+    /// Where the join went in the owner's link (`Link::push_counted`).
+    at: u64,
+    /// The join is this node's own, moving the member after the room moved: a refusal
+    /// closes the connection (4001) instead of answering the client.
+    moving: bool,
+}
+
+/// A connection that follows a room's stream, and the last message it was given.
+struct Follower {
+    conn: Arc<ConnHandle>,
+    last: MessageId,
 }
 
 /// What this node knows of one peer's link to it.
@@ -50,7 +65,19 @@ struct Peer {
     epoch: u64,
     next_seq: u64,
     /// This node's connections that follow each of the peer's rooms.
-    follows: HashMap<RoomId, HashMap<u64, Arc<ConnHandle>>>,
+    follows: HashMap<RoomId, HashMap<u64, Follower>>,
+}
+
+/// Work left after the requester's lock is released.
+enum Then {
+    Nothing,
+    /// Join `room` on `to` from `since`, for a member whose room moved there.
+    Rejoin {
+        conn: Arc<ConnHandle>,
+        room: RoomId,
+        to: u16,
+        since: MessageId,
+    },
 }
 
 #[derive(Default)]
@@ -64,8 +91,8 @@ impl Requester {
     fn remove(&mut self, conn: u64) -> Option<Bridged> {
         let b = self.conns.remove(&conn)?;
         metrics::gauge!(m::BRIDGED_ROOMS).decrement(b.rooms.len() as f64);
-        for (room, (owner, _)) in &b.rooms {
-            self.unfollow(*owner, room, conn);
+        for (room, remote) in &b.rooms {
+            self.unfollow(remote.owner, room, conn);
         }
         Some(b)
     }
@@ -204,7 +231,12 @@ impl Bridges {
                 conn: conn.clone(),
                 rooms: HashMap::new(),
             });
-            if b.rooms.insert(room.clone(), (owner, at)).is_none() {
+            let remote = Remote {
+                owner,
+                at,
+                moving: false,
+            };
+            if b.rooms.insert(room.clone(), remote).is_none() {
                 metrics::gauge!(m::BRIDGED_ROOMS).increment(1.0);
             }
         }
@@ -222,6 +254,8 @@ impl Bridges {
         cid: common::ClientMsgId,
         body: String,
     ) -> bool {
+        // The room may have moved since the connection joined it (`moved`).
+        let owner = self.owner_of(conn.id, &room).unwrap_or(owner);
         let cid_text = cid.to_string();
         let item = Item::Send {
             conn: conn.id,
@@ -242,6 +276,7 @@ impl Bridges {
         owner: u16,
         room: RoomId,
     ) {
+        let owner = self.owner_of(conn.id, &room).unwrap_or(owner);
         self.untrack(conn.id, &room);
         let item = Item::Leave {
             conn: conn.id,
@@ -258,10 +293,13 @@ impl Bridges {
         conn: u64,
         owners: &HashSet<u16>,
     ) {
+        let mut owners = owners.clone();
         if let Ok(mut r) = self.requester.lock() {
-            r.remove(conn);
+            if let Some(b) = r.remove(conn) {
+                owners.extend(b.rooms.values().map(|x| x.owner));
+            }
         }
-        for &owner in owners {
+        for owner in owners {
             if let Some(link) = self.link(bus, state, owner) {
                 // A link that cannot take it resets, which forgets the connection too.
                 link.push(Item::Gone { conn });
@@ -269,12 +307,18 @@ impl Bridges {
         }
     }
 
+    /// The node that serves `room` to `conn` now.
+    fn owner_of(&self, conn: u64, room: &RoomId) -> Option<u16> {
+        let r = self.requester.lock().ok()?;
+        r.conns.get(&conn)?.rooms.get(room).map(|x| x.owner)
+    }
+
     fn untrack(&self, conn: u64, room: &RoomId) {
         if let Ok(mut r) = self.requester.lock() {
-            let owner = r.conns.get_mut(&conn).and_then(|b| b.rooms.remove(room));
-            if let Some((owner, _)) = owner {
+            let remote = r.conns.get_mut(&conn).and_then(|b| b.rooms.remove(room));
+            if let Some(remote) = remote {
                 metrics::gauge!(m::BRIDGED_ROOMS).decrement(1.0);
-                r.unfollow(owner, room, conn);
+                r.unfollow(remote.owner, room, conn);
             }
         }
     }
@@ -363,23 +407,33 @@ impl Bridges {
             // batch of commands does in a local room: a batch must not overflow a queue
             // that the same frames one by one would not.
             let item = match item {
-                Item::Room { room, frames } => {
+                Item::Room {
+                    room,
+                    mut last,
+                    frames,
+                } => {
                     let mut run: Vec<bytes::Bytes> = Vec::new();
                     let mut frames = Some(frames);
                     while let Some(Item::Room { room: next, .. }) = items.peek() {
                         if *next != room {
                             break;
                         }
-                        let Some(Item::Room { frames: more, .. }) = items.next() else {
+                        let Some(Item::Room {
+                            frames: more,
+                            last: more_last,
+                            ..
+                        }) = items.next()
+                        else {
                             break;
                         };
                         if let Some(first) = frames.take() {
                             append(&mut run, first);
                         }
                         append(&mut run, more);
+                        last = last.max(more_last);
                     }
                     let frames = frames.unwrap_or(Out::Frames(run));
-                    Item::Room { room, frames }
+                    Item::Room { room, last, frames }
                 }
                 other => other,
             };
@@ -388,7 +442,12 @@ impl Bridges {
                 | Item::To { .. }
                 | Item::Follow { .. }
                 | Item::Unfollow { .. }
-                | Item::Close { .. } => self.on_owner_item(from, item),
+                | Item::Close { .. }
+                | Item::Moved { .. }
+                | Item::Refused { .. } => {
+                    let then = self.on_owner_item(from, bus.me(), item);
+                    self.then(bus, state, then);
+                }
                 Item::Reset { epoch, upto } => {
                     // Our joins the peer had taken when it reset are gone there; later
                     // ones stand. Joins from an earlier incarnation of ours are not ours.
@@ -406,25 +465,28 @@ impl Bridges {
     }
 
     /// Requester side: frames and follow changes from the owner `from`.
-    fn on_owner_item(&self, from: u16, item: Item) {
+    fn on_owner_item(&self, from: u16, me: u16, item: Item) -> Then {
         let Ok(mut r) = self.requester.lock() else {
-            return;
+            return Then::Nothing;
         };
         match item {
-            Item::Room { room, frames } => {
+            Item::Room { room, last, frames } => {
                 let Some(follows) = r
                     .peers
                     .get_mut(&from)
                     .and_then(|p| p.follows.get_mut(&room))
                 else {
-                    return;
+                    return Then::Nothing;
                 };
                 let mut delivered = 0u64;
                 // A follower that cannot take it was closed as slow by `deliver`; its
                 // connection's end tells the owner.
-                follows.retain(|_, conn| {
-                    let ok = conn.deliver(dup(&frames));
+                follows.retain(|_, f| {
+                    let ok = f.conn.deliver(dup(&frames));
                     delivered += u64::from(ok);
+                    if ok && last > f.last.0 {
+                        f.last = MessageId(last);
+                    }
                     ok
                 });
                 if follows.is_empty() {
@@ -439,33 +501,160 @@ impl Bridges {
                     b.conn.deliver(frames);
                 }
             }
-            Item::Follow { conn, room } => {
+            Item::Follow { conn, room, at } => {
                 // Only if the connection still has the room on that owner: a `leave` or a
                 // move may have overtaken the owner's answer.
-                let Some(handle) = r
-                    .conns
-                    .get(&conn)
-                    .filter(|b| b.rooms.get(&room).map(|(o, _)| *o) == Some(from))
-                    .map(|b| b.conn.clone())
-                else {
-                    return;
+                let Some(b) = r.conns.get_mut(&conn) else {
+                    return Then::Nothing;
                 };
+                let Some(remote) = b.rooms.get_mut(&room).filter(|x| x.owner == from) else {
+                    return Then::Nothing;
+                };
+                remote.moving = false;
+                let conn_handle = b.conn.clone();
                 r.peers
                     .entry(from)
                     .or_default()
                     .follows
                     .entry(room)
                     .or_default()
-                    .insert(conn, handle);
+                    .insert(
+                        conn,
+                        Follower {
+                            conn: conn_handle,
+                            last: MessageId(at),
+                        },
+                    );
             }
             Item::Unfollow { conn, room } => r.unfollow(from, &room, conn),
             Item::Close { conn, code } => {
-                if let Some(b) = r.remove(conn) {
-                    b.conn
-                        .close(CloseCode::from_code(code).unwrap_or(CloseCode::BridgeInterrupted));
+                // The owner closed its proxy of the connection: every room the connection
+                // still has there is gone. Rooms that moved on from it are not.
+                let affected = r
+                    .conns
+                    .get(&conn)
+                    .is_some_and(|b| b.rooms.values().any(|x| x.owner == from));
+                if affected {
+                    if let Some(b) = r.remove(conn) {
+                        b.conn.close(
+                            CloseCode::from_code(code).unwrap_or(CloseCode::BridgeInterrupted),
+                        );
+                    }
                 }
             }
+            Item::Moved { conn, room, to } => {
+                let last = r
+                    .peers
+                    .get_mut(&from)
+                    .and_then(|p| p.follows.get_mut(&room))
+                    .and_then(|f| f.remove(&conn))
+                    .map(|f| f.last);
+                let Some(b) = r.conns.get_mut(&conn) else {
+                    return Then::Nothing;
+                };
+                let Some(remote) = b.rooms.get_mut(&room).filter(|x| x.owner == from) else {
+                    return Then::Nothing;
+                };
+                match last {
+                    // The room is now ours, or its new owner unknown: the connection must
+                    // reconnect, as a local member of a moved room does.
+                    Some(since) if to != 0 && to != me => {
+                        *remote = Remote {
+                            owner: to,
+                            at: u64::MAX,
+                            moving: true,
+                        };
+                        metrics::counter!(m::BRIDGE_MOVES, "outcome" => "rejoined").increment(1);
+                        return Then::Rejoin {
+                            conn: b.conn.clone(),
+                            room,
+                            to,
+                            since,
+                        };
+                    }
+                    _ => {
+                        metrics::counter!(m::BRIDGE_MOVES, "outcome" => "closed").increment(1);
+                        if let Some(b) = r.remove(conn) {
+                            b.conn.close(CloseCode::RoomMoved);
+                        }
+                    }
+                }
+            }
+            Item::Refused {
+                conn,
+                room,
+                code,
+                owner,
+            } => {
+                let Some(b) = r.conns.get_mut(&conn) else {
+                    return Then::Nothing;
+                };
+                let Some(remote) = b.rooms.get(&room).copied().filter(|x| x.owner == from) else {
+                    return Then::Nothing;
+                };
+                if remote.moving {
+                    // Moving the member did not work (the new owner's ring is behind, or
+                    // it is shutting down): it reconnects and resumes instead.
+                    metrics::counter!(m::BRIDGE_MOVES, "outcome" => "closed").increment(1);
+                    if let Some(b) = r.remove(conn) {
+                        b.conn.close(CloseCode::RoomMoved);
+                    }
+                    return Then::Nothing;
+                }
+                b.rooms.remove(&room);
+                metrics::gauge!(m::BRIDGED_ROOMS).decrement(1.0);
+                let message = match code {
+                    ErrorCode::GoingAway => "the room's owner is shutting down; join again shortly",
+                    ErrorCode::RoomMoved => "the room moved; join it again",
+                    _ => "the room's owner holds no lease right now; join again shortly",
+                };
+                b.conn.send_frame(&ServerFrame::Error {
+                    code,
+                    message: message.into(),
+                    cid: None,
+                    room: Some(room.to_string()),
+                    owner,
+                });
+            }
             _ => {}
+        }
+        Then::Nothing
+    }
+
+    fn then(&self, bus: &Arc<Bus>, state: &Arc<NodeState>, then: Then) {
+        let Then::Rejoin {
+            conn,
+            room,
+            to,
+            since,
+        } = then
+        else {
+            return;
+        };
+        let item = Item::Join {
+            conn: conn.id,
+            room: room.clone(),
+            user: conn.user.clone(),
+            since: Some(since),
+        };
+        match self.link(bus, state, to).and_then(|l| l.push_counted(item)) {
+            Some(at) => {
+                if let Ok(mut r) = self.requester.lock() {
+                    if let Some(remote) = r
+                        .conns
+                        .get_mut(&conn.id)
+                        .and_then(|b| b.rooms.get_mut(&room))
+                    {
+                        remote.at = at;
+                    }
+                }
+            }
+            None => {
+                if let Ok(mut r) = self.requester.lock() {
+                    r.remove(conn.id);
+                }
+                conn.close(CloseCode::BridgeInterrupted);
+            }
         }
     }
 
@@ -488,7 +677,7 @@ impl Bridges {
                 r.remove_where(|b| {
                     b.rooms
                         .values()
-                        .any(|&(o, at)| o == peer && upto.is_none_or(|t| at <= t))
+                        .any(|x| x.owner == peer && upto.is_none_or(|t| x.at <= t))
                 })
             })
             .unwrap_or_default();
@@ -543,7 +732,7 @@ impl Bridges {
             .map(|r| {
                 r.conns
                     .values()
-                    .flat_map(|b| b.rooms.values().map(|(o, _)| *o))
+                    .flat_map(|b| b.rooms.values().map(|x| x.owner))
                     .chain(r.peers.keys().copied())
                     .collect()
             })
@@ -572,10 +761,14 @@ impl Bridges {
             .requester
             .lock()
             .map(|mut r| {
+                // A room whose owner is still in the ring is handed over by it: it says where
+                // the room went (`moved`) or closes its members. One whose owner vanished
+                // has nobody to say so: its members reconnect.
                 r.remove_where(|b| {
-                    b.rooms
-                        .iter()
-                        .any(|(room, (owner, _))| ring.owner_id(room.as_str()) != Some(*owner))
+                    b.rooms.iter().any(|(room, x)| {
+                        ring.owner_id(room.as_str()) != Some(x.owner)
+                            && ring.get_node(x.owner).is_none()
+                    })
                 })
             })
             .unwrap_or_default();
@@ -715,42 +908,33 @@ impl Bridges {
                 user,
                 since,
             } => {
+                let refusal = if state.is_shutting_down() {
+                    Some((ErrorCode::GoingAway, None))
+                } else {
+                    match state.cluster.route(&room) {
+                        crate::cluster::Route::Local => None,
+                        crate::cluster::Route::Elsewhere(owner) => {
+                            Some((ErrorCode::RoomMoved, Some(owner.addr)))
+                        }
+                        crate::cluster::Route::Unavailable => {
+                            Some((ErrorCode::RoomUnavailable, None))
+                        }
+                    }
+                };
+                if let Some((code, owner)) = refusal {
+                    if let Some(link) = self.link(bus, state, from) {
+                        link.push(Item::Refused {
+                            conn,
+                            room,
+                            code,
+                            owner,
+                        });
+                    }
+                    return;
+                }
                 let Some(proxy) = self.proxy(bus, state, from, conn, &user) else {
                     return;
                 };
-                if state.is_shutting_down() {
-                    refuse(
-                        &proxy,
-                        &room,
-                        ErrorCode::GoingAway,
-                        "the node is shutting down",
-                        None,
-                    );
-                    return;
-                }
-                match state.cluster.route(&room) {
-                    crate::cluster::Route::Local => {}
-                    crate::cluster::Route::Elsewhere(owner) => {
-                        refuse(
-                            &proxy,
-                            &room,
-                            ErrorCode::RoomMoved,
-                            "the room moved",
-                            Some(owner.addr),
-                        );
-                        return;
-                    }
-                    crate::cluster::Route::Unavailable => {
-                        refuse(
-                            &proxy,
-                            &room,
-                            ErrorCode::RoomUnavailable,
-                            "the room's owner holds no lease right now; join again shortly",
-                            None,
-                        );
-                        return;
-                    }
-                }
                 self.proxy_rooms(from, conn, &room, true);
                 state
                     .registry
@@ -826,22 +1010,6 @@ fn unreachable_owner(conn: &ConnHandle, cid: Option<&str>, room: &RoomId) {
         cid: cid.map(str::to_owned),
         room: Some(room.to_string()),
         owner: None,
-    });
-}
-
-fn refuse(
-    proxy: &ConnHandle,
-    room: &RoomId,
-    code: ErrorCode,
-    message: &str,
-    owner: Option<String>,
-) {
-    proxy.send_frame(&ServerFrame::Error {
-        code,
-        message: message.into(),
-        cid: None,
-        room: Some(room.to_string()),
-        owner,
     });
 }
 

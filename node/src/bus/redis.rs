@@ -74,6 +74,11 @@ pub struct Bus {
     stop: CancellationToken,
     /// Both ends of bridged connections (see `bridge.rs`).
     pub(crate) bridges: super::bridge::Bridges,
+    /// The node, once it exists: the inbox is subscribed before the node joins the ring
+    /// (a peer that sees it in the ring can reach it at once); what arrives before waits
+    /// in the subscription until the node is attached.
+    state: std::sync::OnceLock<std::sync::Weak<crate::NodeState>>,
+    attached: tokio::sync::Notify,
 }
 
 impl Bus {
@@ -86,7 +91,6 @@ impl Bus {
         redis_url: &str,
         prefix: &str,
         me: u16,
-        state: std::sync::Weak<crate::NodeState>,
         stop: CancellationToken,
     ) -> anyhow::Result<Arc<Bus>> {
         let client = redis::Client::open(redis_url)?;
@@ -101,11 +105,23 @@ impl Bus {
             epoch: new_epoch(),
             stop: stop.clone(),
             bridges: super::bridge::Bridges::default(),
+            state: std::sync::OnceLock::new(),
+            attached: tokio::sync::Notify::new(),
         });
         let first = subscribe(&client, &Bus::inbox(prefix, me)).await?;
         bus.set_up(true);
-        tokio::spawn(serve_inbox(bus.clone(), client, first, state, stop));
+        tokio::spawn(serve_inbox(bus.clone(), client, first, stop));
         Ok(bus)
+    }
+
+    /// Hands the bus its node (see [`Bus::state`]).
+    pub(crate) fn attach(&self, state: std::sync::Weak<crate::NodeState>) {
+        let _ = self.state.set(state);
+        self.attached.notify_one();
+    }
+
+    fn state(&self) -> Option<Arc<crate::NodeState>> {
+        self.state.get().and_then(std::sync::Weak::upgrade)
     }
 
     /// Whether the inbox subscription is live.
@@ -270,11 +286,16 @@ async fn serve_inbox(
     bus: Arc<Bus>,
     client: redis::Client,
     mut stream: redis::aio::PubSubStream,
-    state: std::sync::Weak<crate::NodeState>,
     stop: CancellationToken,
 ) {
     let channel = Bus::inbox(&bus.prefix, bus.me);
     let mut backoff = Duration::from_millis(100);
+    while bus.state.get().is_none() {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            () = bus.attached.notified() => {}
+        }
+    }
     loop {
         loop {
             let msg = tokio::select! {
@@ -285,7 +306,7 @@ async fn serve_inbox(
             metrics::counter!(m::BUS_RECEIVED).increment(1);
             let payload = msg.get_payload_bytes();
             if payload.first() == Some(&super::wire::MAGIC) {
-                let Some(state) = state.upgrade() else { return };
+                let Some(state) = bus.state() else { continue };
                 match super::wire::decode(bytes::Bytes::copy_from_slice(payload)) {
                     Ok(batch) => bus.bridges.on_batch(&bus, &state, batch).await,
                     Err(e) => {
@@ -317,7 +338,7 @@ async fn serve_inbox(
                     cid,
                     body,
                 }) => {
-                    let Some(state) = state.upgrade() else { return };
+                    let Some(state) = bus.state() else { continue };
                     let bus = bus.clone();
                     tokio::spawn(async move {
                         let result = run_forwarded(&state, room, user, cid, body).await;
@@ -350,7 +371,7 @@ async fn serve_inbox(
         // The subscription ended: Redis went away. Bridged connections may have missed
         // frames: close them so their clients resume with `since`. Resubscribe with backoff.
         bus.set_up(false);
-        if let Some(state) = state.upgrade() {
+        if let Some(state) = bus.state() {
             bus.bridges.interrupt_all(&state);
         }
         tracing::warn!("bus subscription lost; reconnecting");

@@ -13,7 +13,7 @@
 //! no clock; decoding checks every length and name and never panics on bad bytes.
 
 use bytes::{BufMut, Bytes};
-use common::{ClientMsgId, MessageId, RoomId, UserId};
+use common::{ClientMsgId, ErrorCode, MessageId, RoomId, UserId};
 
 use crate::outbound::Out;
 
@@ -31,14 +31,19 @@ const T_SEND: u8 = 7;
 const T_LEAVE: u8 = 8;
 const T_GONE: u8 = 9;
 const T_RESET: u8 = 10;
+const T_MOVED: u8 = 11;
+const T_REFUSED: u8 = 12;
 
 /// One thing a node tells a peer. Owner → requester: `Room`, `To`, `Follow`, `Unfollow`,
-/// `Close`. Requester → owner: `Join`, `Send`, `Leave`, `Gone`. Either way: `Reset`.
+/// `Close`, `Moved`, `Refused`. Requester → owner: `Join`, `Send`, `Leave`, `Gone`. Either
+/// way: `Reset`.
 #[derive(Debug)]
 pub(crate) enum Item {
-    /// A room broadcast, once for every member the peer has in `room` that follows it.
+    /// A room broadcast, once for every member the peer has in `room` that follows it;
+    /// `last` is the id of the message it carries (0: not a message, e.g. presence).
     Room {
         room: RoomId,
+        last: u64,
         frames: Out,
     },
     /// Frames for one of the peer's connections only (joined, replay, ack, error, left).
@@ -46,10 +51,12 @@ pub(crate) enum Item {
         conn: u64,
         frames: Out,
     },
-    /// From here on, `conn` gets `room`'s broadcasts from the peer's copy of the stream.
+    /// From here on, `conn` gets `room`'s broadcasts from the peer's copy of the stream; it
+    /// has every message up to `at`.
     Follow {
         conn: u64,
         room: RoomId,
+        at: u64,
     },
     /// `conn` no longer gets `room`'s broadcasts (it left, is catching up, or was dropped).
     Unfollow {
@@ -60,6 +67,20 @@ pub(crate) enum Item {
     Close {
         conn: u64,
         code: u16,
+    },
+    /// `room` moved to node `to` after the owner stored everything it accepted: join it
+    /// there from the last message delivered to `conn`.
+    Moved {
+        conn: u64,
+        room: RoomId,
+        to: u16,
+    },
+    /// The owner refused `conn`'s join of `room` (`code`, and the owner it knows of).
+    Refused {
+        conn: u64,
+        room: RoomId,
+        code: ErrorCode,
+        owner: Option<String>,
     },
     Join {
         conn: u64,
@@ -162,21 +183,43 @@ fn put_frames(buf: &mut Vec<u8>, out: &Out) {
 /// Appends one item.
 pub(crate) fn put_item(buf: &mut Vec<u8>, item: &Item) {
     match item {
-        Item::Room { room, frames } => {
+        Item::Room { room, last, frames } => {
             buf.push(T_ROOM);
             put_str(buf, room.as_str());
+            buf.put_u64(*last);
             put_frames(buf, frames);
+        }
+        Item::Follow { conn, room, at } => {
+            buf.push(T_FOLLOW);
+            buf.put_u64(*conn);
+            put_str(buf, room.as_str());
+            buf.put_u64(*at);
+        }
+        Item::Moved { conn, room, to } => {
+            buf.push(T_MOVED);
+            buf.put_u64(*conn);
+            put_str(buf, room.as_str());
+            buf.put_u16(*to);
+        }
+        Item::Refused {
+            conn,
+            room,
+            code,
+            owner,
+        } => {
+            buf.push(T_REFUSED);
+            buf.put_u64(*conn);
+            put_str(buf, room.as_str());
+            put_str(buf, code.as_str());
+            put_str(buf, owner.as_deref().unwrap_or(""));
         }
         Item::To { conn, frames } => {
             buf.push(T_TO);
             buf.put_u64(*conn);
             put_frames(buf, frames);
         }
-        Item::Follow { conn, room }
-        | Item::Unfollow { conn, room }
-        | Item::Leave { conn, room } => {
+        Item::Unfollow { conn, room } | Item::Leave { conn, room } => {
             buf.push(match item {
-                Item::Follow { .. } => T_FOLLOW,
                 Item::Unfollow { .. } => T_UNFOLLOW,
                 _ => T_LEAVE,
             });
@@ -328,6 +371,7 @@ pub(crate) fn decode(payload: Bytes) -> Result<Batch, DecodeError> {
         let item = match c.u8()? {
             T_ROOM => Item::Room {
                 room: c.room()?,
+                last: c.u64()?,
                 frames: c.frames()?,
             },
             T_TO => Item::To {
@@ -337,7 +381,30 @@ pub(crate) fn decode(payload: Bytes) -> Result<Batch, DecodeError> {
             T_FOLLOW => Item::Follow {
                 conn: c.u64()?,
                 room: c.room()?,
+                at: c.u64()?,
             },
+            T_MOVED => Item::Moved {
+                conn: c.u64()?,
+                room: c.room()?,
+                to: c.u16()?,
+            },
+            T_REFUSED => {
+                let conn = c.u64()?;
+                let room = c.room()?;
+                let code = c.str()?;
+                let code = ErrorCode::ALL
+                    .iter()
+                    .copied()
+                    .find(|k| k.as_str() == code)
+                    .ok_or(DecodeError::Invalid)?;
+                let owner = Some(c.str()?).filter(|o| !o.is_empty());
+                Item::Refused {
+                    conn,
+                    room,
+                    code,
+                    owner,
+                }
+            }
             T_UNFOLLOW => Item::Unfollow {
                 conn: c.u64()?,
                 room: c.room()?,
@@ -412,6 +479,7 @@ mod tests {
         vec![
             Item::Room {
                 room: room("general"),
+                last: 12,
                 frames: Out::Frame(Bytes::from_static(br#"{"type":"message","body":"a\"b"}"#)),
             },
             Item::To {
@@ -421,6 +489,24 @@ mod tests {
             Item::Follow {
                 conn: 9,
                 room: room("general"),
+                at: 11,
+            },
+            Item::Moved {
+                conn: 9,
+                room: room("general"),
+                to: 3,
+            },
+            Item::Refused {
+                conn: 9,
+                room: room("r3"),
+                code: ErrorCode::RoomMoved,
+                owner: Some("10.0.0.3:7001".into()),
+            },
+            Item::Refused {
+                conn: 9,
+                room: room("r3"),
+                code: ErrorCode::RoomUnavailable,
+                owner: None,
             },
             Item::Unfollow {
                 conn: 9,
@@ -471,13 +557,14 @@ mod tests {
         let frame = br#"{"type":"message","body":"q\"uote"}"#;
         let payload = encode(&[Item::Room {
             room: room("g"),
+            last: 1,
             frames: Out::Frame(Bytes::from_static(frame)),
         }]);
         // The frame's bytes appear verbatim in the payload (no JSON string escaping).
         assert!(payload.windows(frame.len()).any(|w| w == frame));
         assert_eq!(
             payload.len(),
-            1 + 1 + 2 + 8 + 8 + 4 + 1 + 2 + 1 + 4 + 4 + frame.len()
+            1 + 1 + 2 + 8 + 8 + 4 + 1 + 2 + 1 + 8 + 4 + 4 + frame.len()
         );
     }
 

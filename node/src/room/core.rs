@@ -106,6 +106,7 @@ struct Recent {
 struct Handoff {
     close: Option<CloseCode>,
     owner: Option<String>,
+    owner_id: Option<u16>,
     /// Past this, what is still unpersisted is dropped rather than wait for a slow store;
     /// `None` once passed.
     deadline: Option<Instant>,
@@ -242,7 +243,11 @@ impl RoomCore {
                 source,
             } => self.send(from, cid, body, reply, source, now),
             RoomCmd::ReplayDone { conn_id, ok } => self.replay_done(conn_id, ok),
-            RoomCmd::Handoff { close, owner } => self.begin_handoff(close, owner, now),
+            RoomCmd::Handoff {
+                close,
+                owner,
+                owner_id,
+            } => self.begin_handoff(close, owner, owner_id, now),
         }
         self.settle();
     }
@@ -518,8 +523,19 @@ impl RoomCore {
         if !self.unpersisted.is_empty() {
             return;
         }
+        let to = self.handoff.as_ref().and_then(|h| h.owner_id);
         for (_, member) in self.members.drain() {
-            member.conn.close(code);
+            // A bridged member that follows the room is moved to the new owner by its own
+            // node, from the last message it got (everything is stored by now); its
+            // connection stays open. Every other member is closed.
+            match (code, to, &member.state) {
+                (CloseCode::RoomMoved, Some(to), MemberState::Live)
+                    if member.conn.link().is_some() =>
+                {
+                    member.conn.moved(&self.id, to)
+                }
+                _ => member.conn.close(code),
+            }
         }
         self.users.clear();
         self.ended = true;
@@ -529,7 +545,13 @@ impl RoomCore {
     // Commands, with a valid grant.
     // ------------------------------------------------------------------------------------
 
-    fn begin_handoff(&mut self, close: Option<CloseCode>, owner: Option<String>, now: Instant) {
+    fn begin_handoff(
+        &mut self,
+        close: Option<CloseCode>,
+        owner: Option<String>,
+        owner_id: Option<u16>,
+        now: Instant,
+    ) {
         if self.ended {
             return;
         }
@@ -543,6 +565,7 @@ impl RoomCore {
         self.handoff = Some(Handoff {
             close,
             owner,
+            owner_id,
             deadline,
         });
     }
@@ -614,7 +637,7 @@ impl RoomCore {
             }
         };
         if matches!(state, MemberState::Live) {
-            conn.follow(&self.id);
+            conn.follow(&self.id, self.head);
         }
         self.members.insert(conn.id, Member { conn, state });
     }
@@ -631,7 +654,7 @@ impl RoomCore {
         let delivered = if ok {
             let delivered = buffer.is_empty() || member.conn.deliver(Out::Frames(buffer));
             if delivered {
-                member.conn.follow(&self.id);
+                member.conn.follow(&self.id, self.head);
             }
             delivered
         } else {
@@ -683,7 +706,7 @@ impl RoomCore {
         };
         // Members that fail here are closed as slow; their own presence change is not
         // broadcast (that could cascade), their peers see it when they reconnect.
-        let dead = self.fanout(Bytes::from(frame.to_json()));
+        let dead = self.fanout(Bytes::from(frame.to_json()), None);
         for id in dead {
             if let Some(member) = self.members.remove(&id) {
                 if let Some(n) = self.users.get_mut(&member.conn.user) {
@@ -698,7 +721,7 @@ impl RoomCore {
 
     /// Enqueues `bytes` to every member; returns the members that could not take it (closed
     /// as slow consumers or already gone).
-    fn fanout(&mut self, bytes: Bytes) -> Vec<u64> {
+    fn fanout(&mut self, bytes: Bytes, last: Option<MessageId>) -> Vec<u64> {
         let cap = self.ctx.config.outbound_queue * 4;
         let mut dead = Vec::new();
         let mut delivered = 0u64;
@@ -741,6 +764,7 @@ impl RoomCore {
         for link in links {
             link.push(Item::Room {
                 room: self.id.clone(),
+                last: last.map_or(0, |id| id.0),
                 frames: Out::Frame(bytes.clone()),
             });
         }
@@ -850,7 +874,7 @@ impl RoomCore {
             ts: now_ms(),
         };
         let bytes = Bytes::from(ServerFrame::encode_message(&msg));
-        let dead = self.fanout(bytes.clone());
+        let dead = self.fanout(bytes.clone(), Some(id));
         for conn_id in dead {
             self.leave(conn_id, false);
         }

@@ -94,6 +94,9 @@ pub enum RoomCmd {
         close: Option<CloseCode>,
         /// Where the room went, for `room_moved` answers.
         owner: Option<String>,
+        /// The new owner's id: members bridged from other nodes are moved there by their
+        /// node instead of being closed.
+        owner_id: Option<u16>,
     },
 }
 

@@ -780,6 +780,7 @@ fn handoff(close: Option<CloseCode>, owner: Option<&str>) -> RoomCmd {
     RoomCmd::Handoff {
         close,
         owner: owner.map(str::to_owned),
+        owner_id: None,
     }
 }
 
