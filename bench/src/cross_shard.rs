@@ -7,6 +7,10 @@
 //! is *local*, any other is *bridged* through Redis, and the two groups' deliveries, loss
 //! and end-to-end latency are reported separately.
 //!
+//! With `--direct` each member opens its WebSocket straight to the node the router named as
+//! its home room's owner (`ws://<addr>/ws`, the same query), as a client SDK that looks the
+//! owner up and connects directly would; the router then only answers the owner lookups.
+//!
 //! Optionally `--http-publishers` post over HTTP straight to a node that does not own the
 //! room they post to, so each publish is forwarded to the owner through Redis; their
 //! latency (request to 201) is reported. They post to rooms of their own, so the members'
@@ -16,8 +20,10 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use clap::Args;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -65,6 +71,10 @@ pub struct CrossShardArgs {
     /// Publishes per second per HTTP publisher.
     #[arg(long, default_value_t = 10.0)]
     pub http_rate: f64,
+    /// Connect each member straight to the node that owns its home room (the address the
+    /// router's owner lookup gave), not through the router.
+    #[arg(long)]
+    pub direct: bool,
     #[arg(long, default_value = "xs")]
     pub user_prefix: String,
     /// Rooms are `<prefix>-<room>`; defaults to `xshard-<unix seconds>`.
@@ -131,6 +141,55 @@ impl CrossShardArgs {
 
 async fn owner(http: &mut HttpClient, room: &str) -> anyhow::Result<Owner> {
     Ok(lookup(http, room).await?.owner)
+}
+
+/// The WebSocket URL of the node at `addr` as an owner lookup gave it: `ws://<addr>/ws`,
+/// or why `addr` is not `host:port` (a name or IPv4 address, or a bracketed IPv6 one, and
+/// a port from 1 to 65535; nothing else).
+pub fn node_ws_url(addr: &str) -> Result<String, String> {
+    let bad = |why: &str| Err(format!("node address {addr:?} is not host:port ({why})"));
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return bad("no port");
+    };
+    let digits = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
+    if !digits || !matches!(port.parse::<u16>(), Ok(p) if p > 0) {
+        return bad("the port is not a number from 1 to 65535");
+    }
+    let ok_host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        }
+    };
+    if !ok_host {
+        return bad("the host is not a name, an IPv4 address or a bracketed IPv6 address");
+    }
+    Ok(format!("ws://{addr}/ws"))
+}
+
+/// Each member's WebSocket target for `--direct`, in connection order (`room × members +
+/// member`): the node owning its home room, resolved once per node.
+async fn direct_targets(
+    home_owners: &[Vec<u64>],
+    nodes: &BTreeMap<u64, String>,
+) -> anyhow::Result<Vec<Arc<Target>>> {
+    let mut resolved: BTreeMap<u64, Arc<Target>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for id in home_owners.iter().flatten() {
+        if !resolved.contains_key(id) {
+            let addr = nodes.get(id).map_or("", String::as_str);
+            let url = node_ws_url(addr).map_err(|e| anyhow::anyhow!("--direct: node {id}: {e}"))?;
+            let t = Target::resolve(&url)
+                .await
+                .with_context(|| format!("--direct: node {id} at {addr}"))?;
+            resolved.insert(*id, Arc::new(t));
+        }
+        out.push(resolved[id].clone());
+    }
+    Ok(out)
 }
 
 /// Local (index 0) or bridged (index 1) for each connection, from the owners of the bench
@@ -314,6 +373,15 @@ pub async fn run(args: CrossShardArgs, command: String) -> Result<CrossShardRepo
         &room_owners.iter().map(|o| o.id).collect::<Vec<_>>(),
         &home_owners,
     );
+    let targets = if args.direct {
+        Some(
+            direct_targets(&home_owners, &nodes)
+                .await
+                .map_err(BenchError::Failed)?,
+        )
+    } else {
+        None
+    };
 
     // Publishers, each to a room of its own on a node that does not own it.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -350,7 +418,7 @@ pub async fn run(args: CrossShardArgs, command: String) -> Result<CrossShardRepo
         names: vec!["local".into(), "bridged".into()],
         of,
     };
-    let result = fanout::run_grouped(args.fanout(&prefix), command, Some(groups)).await;
+    let result = fanout::run_grouped(args.fanout(&prefix), command, Some(groups), targets).await;
     let _ = stop_tx.send(true);
     let pub_wall = pub_started.elapsed().as_secs_f64();
     let mut stats = HttpPublishStats {
@@ -390,6 +458,13 @@ pub async fn run(args: CrossShardArgs, command: String) -> Result<CrossShardRepo
          during the run is not followed"
             .into(),
     );
+    if args.direct {
+        notes.push(
+            "members connected directly to their home room's owner; the router only answered \
+             owner lookups"
+                .into(),
+        );
+    }
     notes.push(
         "server CPU and RSS above are the --url's (the router's); the nodes' are on their own \
          /metrics"
@@ -414,6 +489,40 @@ mod tests {
     fn members_are_local_when_their_home_shares_the_rooms_owner() {
         let of = classify(&[1, 2], &[vec![1, 2, 3], vec![2, 2]]);
         assert_eq!(of, vec![0, 1, 1, 0, 0]);
+    }
+
+    #[test]
+    fn direct_connections_go_to_host_port_addresses_only() {
+        for (addr, url) in [
+            ("127.0.0.1:7101", "ws://127.0.0.1:7101/ws"),
+            (
+                "chat-node-2.internal:7001",
+                "ws://chat-node-2.internal:7001/ws",
+            ),
+            ("[::1]:7001", "ws://[::1]:7001/ws"),
+        ] {
+            assert_eq!(node_ws_url(addr).as_deref(), Ok(url));
+        }
+        for addr in [
+            "",
+            "127.0.0.1",
+            ":7001",
+            "127.0.0.1:",
+            "127.0.0.1:0",
+            "127.0.0.1:65536",
+            "127.0.0.1:+80",
+            "127.0.0.1:http",
+            "::1:7001",
+            "[nope]:7001",
+            "ws://127.0.0.1:7001",
+            "127.0.0.1:7001/ws",
+            "host/x:7001",
+            "user@host:7001",
+            "a b:7001",
+        ] {
+            let e = node_ws_url(addr).expect_err(addr);
+            assert!(e.contains("not host:port"), "{addr}: {e}");
+        }
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! final [`Report`]. Readers and writers keep their counts locally or in shared atomics and
 //! batch latency samples into sharded histograms, so the bench adds little per message.
 //! Every phase has a deadline; every task ends by itself or at the hard stop; the only
-//! address it connects to is the `--url` target.
+//! addresses it connects to are the `--url` target and the per-connection targets its
+//! caller names ([`run_grouped`], e.g. `cross-shard --direct`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -748,6 +749,8 @@ struct Ready {
 struct ConnectPlan {
     shared: Arc<Shared>,
     target: Arc<Target>,
+    /// Where each connection goes instead of `target` (indexed like [`Groups::of`]).
+    targets: Option<Vec<Arc<Target>>>,
     room_names: Arc<Vec<Arc<str>>>,
     user_prefix: Arc<str>,
     auth: Arc<Auth>,
@@ -774,7 +777,11 @@ async fn connect_one(plan: Arc<ConnectPlan>, index: usize) -> Result<Ready, Stri
         credentials: plan.auth.credentials(&user)?,
         ..Default::default()
     };
-    let (rd, mut ws) = client::connect_as(&plan.target, query_room, &opts, plan.timeout)
+    let target = match &plan.targets {
+        Some(t) => t.get(index).ok_or("no target for this connection")?,
+        None => &plan.target,
+    };
+    let (rd, mut ws) = client::connect_as(target, query_room, &opts, plan.timeout)
         .await
         .map_err(|e| format!("{e:#}"))?;
     if plan.bridge {
@@ -888,16 +895,28 @@ async fn progress(shared: Arc<Shared>, total: usize, mut stop: watch::Receiver<b
 /// Runs the scenario and writes the report. Losses are results, not failures; only bad
 /// arguments and too many connect failures are errors.
 pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError> {
-    run_grouped(args, command, None).await.map(|(r, _)| r)
+    run_grouped(args, command, None, None).await.map(|(r, _)| r)
 }
 
-/// [`run`], with deliveries and e2e latency also reported per group of connections.
+/// [`run`], with deliveries and e2e latency also reported per group of connections, and
+/// with `targets`, connection `i` (`room × members + member`) opened to `targets[i]`
+/// instead of `--url` (which still serves the owner lookups and the server metrics).
 pub async fn run_grouped(
     args: FanoutArgs,
     command: String,
     groups: Option<Groups>,
+    targets: Option<Vec<Arc<Target>>>,
 ) -> Result<(Report, Vec<GroupResult>), BenchError> {
     args.validate().map_err(BenchError::Config)?;
+    if let Some(t) = &targets {
+        if t.len() != args.rooms * args.members {
+            return Err(BenchError::Failed(anyhow::anyhow!(
+                "{} connection targets for {} connections",
+                t.len(),
+                args.rooms * args.members
+            )));
+        }
+    }
     let load_average = report::load_average();
     let target = Arc::new(
         Target::resolve(&args.url)
@@ -951,9 +970,11 @@ pub async fn run_grouped(
     }
 
     // Connect and join, bounded in concurrency and time.
+    let direct = targets.is_some();
     let plan = Arc::new(ConnectPlan {
         shared: shared.clone(),
         target: target.clone(),
+        targets,
         room_names: Arc::new(
             (0..args.rooms)
                 .map(|r| Arc::from(format!("{room_prefix}-{r}")))
@@ -1181,6 +1202,7 @@ pub async fn run_grouped(
             user_prefix: args.user_prefix.clone(),
             connect_concurrency: args.connect_concurrency,
             bridge: args.bridge,
+            direct,
         },
         ..Default::default()
     };

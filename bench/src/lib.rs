@@ -2,9 +2,10 @@
 //! or production chat cluster.
 //!
 //! The binary only parses arguments and calls [`run`]. Each scenario is a module that
-//! connects real WebSocket clients to the `--url` it is given and nowhere else, measures
-//! what the cluster guarantees (delivery, order, isolation, acks) and how fast, and returns a
-//! [`report::Report`] that is printed as Markdown and optionally written as JSON.
+//! connects real WebSocket clients to the `--url` it is given (`cross-shard` also to the
+//! nodes that URL's router names) and nowhere else, measures what the cluster guarantees
+//! (delivery, order, isolation, acks) and how fast, and returns a [`report::Report`] that
+//! is printed as Markdown and optionally written as JSON.
 
 pub mod args;
 pub mod auth;

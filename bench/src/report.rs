@@ -134,6 +134,9 @@ pub struct RunConfig {
     pub connect_concurrency: usize,
     /// Members joined the bench rooms over the socket from rooms of their own.
     pub bridge: bool,
+    /// Members connected straight to nodes their caller named, not to `url`
+    /// (`cross-shard --direct`).
+    pub direct: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
