@@ -135,7 +135,7 @@ impl ConnHandle {
     /// room stream (a remote member only; a local one gets them from [`ConnHandle::deliver`]).
     /// `at` is the last message the member has (its replay or recent window ends there).
     pub(crate) fn follow(&self, room: &RoomId, at: common::MessageId) {
-        if let Sink::Remote { link, conn } = &self.sink {
+        if let (Sink::Remote { link, conn }, false) = (&self.sink, self.is_closed()) {
             link.push(Item::Follow {
                 conn: *conn,
                 room: room.clone(),
@@ -147,7 +147,7 @@ impl ConnHandle {
     /// A remote member's room moved to node `to` after a flush: its node joins it there
     /// from the last message it delivered, without closing the connection.
     pub(crate) fn moved(&self, room: &RoomId, to: u16) {
-        if let Sink::Remote { link, conn } = &self.sink {
+        if let (Sink::Remote { link, conn }, false) = (&self.sink, self.is_closed()) {
             link.push(Item::Moved {
                 conn: *conn,
                 room: room.clone(),
@@ -158,7 +158,9 @@ impl ConnHandle {
 
     /// The opposite of [`ConnHandle::follow`]: the member left, or waits for a replay.
     pub(crate) fn unfollow(&self, room: &RoomId) {
-        if let Sink::Remote { link, conn } = &self.sink {
+        // A dropped proxy says nothing more: its connection id may already name a new
+        // connection of a restarted node.
+        if let (Sink::Remote { link, conn }, false) = (&self.sink, self.is_closed()) {
             link.push(Item::Unfollow {
                 conn: *conn,
                 room: room.clone(),
@@ -195,9 +197,11 @@ impl ConnHandle {
 
     /// Asks the writer to close the connection with `code`. The first code set wins.
     pub fn close(&self, code: CloseCode) {
+        // A proxy already dropped (cancelled) tells its node nothing: see `unfollow`.
+        let live = !self.is_closed();
         let first = self.close_code.set(code).is_ok();
         self.cancel.cancel();
-        if let (true, Sink::Remote { link, conn }) = (first, &self.sink) {
+        if let (true, true, Sink::Remote { link, conn }) = (first, live, &self.sink) {
             link.push(Item::Close {
                 conn: *conn,
                 code: code.code(),

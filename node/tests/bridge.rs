@@ -319,3 +319,31 @@ async fn interest_ends_when_the_last_member_leaves_and_when_its_node_exits() {
         "{published} publishes after the members' node exited"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_bridges_again_without_resetting_its_new_members() {
+    let mut c = Cluster::start_with("restart", 2, 1, &["--presence", "false"]).await;
+    let home = c.room_on("restart-home", 1).await;
+    let room = c.room_on("restart-room", 2).await;
+    let owner = c.nodes[&2].addr;
+    // The owner's link to node 1 gets going (and numbered) with a first process there.
+    let mut before = bridged(&c, &home, &room, "before", None).await;
+    post(owner, &room, "a", 5).await;
+    read_ids(&mut before, &room, 5).await;
+    // Killed and started again at once on its address, as a supervisor does: the owner
+    // never sees it leave the ring.
+    let addr = c.nodes[&1].addr.to_string();
+    c.nodes.get_mut(&1).expect("node 1").kill9();
+    c.add_node_at(1, &addr);
+    c.wait_ring_size(2).await;
+    // A member of the new process: the owner's link is older than it, which must not read
+    // as a lost batch (that would close this member with 4002).
+    let mut after = bridged(&c, &home, &room, "after", None).await;
+    let sent = post(owner, &room, "b", 5).await;
+    assert_eq!(read_ids(&mut after, &room, 5).await, sent);
+    let requester = c.nodes[&1].addr;
+    assert_eq!(
+        metric(requester, "chat_node_bridge_resets_total{reason=\"gap\"}").await,
+        0.0
+    );
+}

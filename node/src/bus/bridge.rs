@@ -131,8 +131,12 @@ pub struct Bridges {
     requester: Mutex<Requester>,
 }
 
-fn proxy_id(node: u16, conn: u64) -> u64 {
-    (1 << 63) | (u64::from(node) << 40) | (conn & ((1 << 40) - 1))
+/// A member id for a new proxy: never one an earlier proxy had, so a leave meant for a
+/// proxy that was dropped (its node restarted, its conn id is reused) cannot remove the one
+/// that replaced it. The top bit keeps them apart from local connection ids.
+fn proxy_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    (1 << 63) | NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// How a batch stands against what came before from the same peer.
@@ -146,6 +150,10 @@ enum Verdict {
     Restarted {
         known: bool,
     },
+    /// The first batch this process hears from a peer whose link is older than it (this
+    /// node restarted). Nothing before it can have been meant for this process: the inbox
+    /// was subscribed before the node joined the ring.
+    Baseline,
 }
 
 fn append(run: &mut Vec<bytes::Bytes>, out: Out) {
@@ -365,6 +373,8 @@ impl Bridges {
             let verdict = if fresh {
                 if batch.seq == 1 || resync {
                     Verdict::Restarted { known }
+                } else if !known {
+                    Verdict::Baseline
                 } else {
                     Verdict::Gap
                 }
@@ -398,6 +408,16 @@ impl Bridges {
             }
             Some(Verdict::Restarted { known: true }) => {
                 self.reset_peer(state, from, "restarted", None)
+            }
+            Some(Verdict::Baseline) => {
+                // The peer may still hold what an earlier process of this node had bridged
+                // with it: have it forget that, but not the joins of this batch or later.
+                if let Some(link) = self.link(bus, state, from) {
+                    link.push(Item::Forget {
+                        epoch: batch.epoch,
+                        upto: batch.seq - 1,
+                    });
+                }
             }
             Some(Verdict::Restarted { known: false } | Verdict::InSequence) => {}
         }
@@ -448,16 +468,21 @@ impl Bridges {
                     let then = self.on_owner_item(from, bus.me(), item);
                     self.then(bus, state, then);
                 }
-                Item::Reset { epoch, upto } => {
+                Item::Reset { epoch, upto } | Item::Forget { epoch, upto } => {
                     // Our joins the peer had taken when it reset are gone there; later
                     // ones stand. Joins from an earlier incarnation of ours are not ours.
+                    let whole = matches!(item, Item::Reset { .. });
                     let upto = if epoch == bus.epoch() {
                         self.link(bus, state, from)
                             .and_then(|link| link.covered_by(upto))
                     } else {
                         Some(0)
                     };
-                    self.reset_peer(state, from, "peer", upto)
+                    if whole {
+                        self.reset_peer(state, from, "peer", upto)
+                    } else {
+                        self.forget_joins(from, "peer", upto);
+                    }
                 }
                 request => self.on_request(bus, state, from, request).await,
             }
@@ -669,6 +694,34 @@ impl Bridges {
         reason: &'static str,
         upto: Option<u64>,
     ) {
+        let closed = self.forget_joins(peer, reason, upto);
+        let dropped: Vec<u64> = self
+            .proxies
+            .lock()
+            .map(|p| {
+                p.keys()
+                    .filter(|(node, _)| *node == peer)
+                    .map(|(_, c)| *c)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if closed > 0 || !dropped.is_empty() {
+            tracing::info!(
+                peer,
+                reason,
+                closed,
+                dropped = dropped.len(),
+                "bridge reset: connections bridged with the peer resume with since"
+            );
+        }
+        for conn in dropped {
+            self.drop_proxy(state, peer, conn);
+        }
+    }
+
+    /// Closes (4002) this node's connections bridged to `peer`'s rooms whose join is at or
+    /// before `upto` in the link (all with `None`); returns how many.
+    fn forget_joins(&self, peer: u16, reason: &'static str, upto: Option<u64>) -> usize {
         metrics::counter!(m::BRIDGE_RESETS, "reason" => reason).increment(1);
         let closed = self
             .requester
@@ -681,31 +734,11 @@ impl Bridges {
                 })
             })
             .unwrap_or_default();
-        let dropped: Vec<u64> = self
-            .proxies
-            .lock()
-            .map(|p| {
-                p.keys()
-                    .filter(|(node, _)| *node == peer)
-                    .map(|(_, c)| *c)
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !closed.is_empty() || !dropped.is_empty() {
-            tracing::info!(
-                peer,
-                reason,
-                closed = closed.len(),
-                dropped = dropped.len(),
-                "bridge reset: connections bridged with the peer resume with since"
-            );
-        }
+        let n = closed.len();
         for conn in closed {
             conn.close(CloseCode::BridgeInterrupted);
         }
-        for conn in dropped {
-            self.drop_proxy(state, peer, conn);
-        }
+        n
     }
 
     /// The reset to send `peer`: how far into its link this node had read.
@@ -811,7 +844,7 @@ impl Bridges {
             }
         }
         let handle = Arc::new(ConnHandle::remote(
-            proxy_id(node, conn),
+            proxy_id(),
             user.clone(),
             link,
             conn,

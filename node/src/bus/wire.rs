@@ -33,6 +33,7 @@ const T_GONE: u8 = 9;
 const T_RESET: u8 = 10;
 const T_MOVED: u8 = 11;
 const T_REFUSED: u8 = 12;
+const T_FORGET: u8 = 13;
 
 /// One thing a node tells a peer. Owner → requester: `Room`, `To`, `Follow`, `Unfollow`,
 /// `Close`, `Moved`, `Refused`. Requester → owner: `Join`, `Send`, `Leave`, `Gone`. Either
@@ -108,6 +109,13 @@ pub(crate) enum Item {
     /// the receiver's batches up to `upto` of the receiver's incarnation `epoch`, so the
     /// receiver's joins in those batches are forgotten too, later ones stand.
     Reset {
+        epoch: u64,
+        upto: u64,
+    },
+    /// The sender is a new process that found the receiver's link older than itself: the
+    /// receiver's joins up to `upto` (of its incarnation `epoch`) went to an earlier process
+    /// of the sender and are gone. Unlike `Reset`, nothing of the sender's is forgotten.
+    Forget {
         epoch: u64,
         upto: u64,
     },
@@ -267,8 +275,12 @@ pub(crate) fn put_item(buf: &mut Vec<u8>, item: &Item) {
             buf.push(T_GONE);
             buf.put_u64(*conn);
         }
-        Item::Reset { epoch, upto } => {
-            buf.push(T_RESET);
+        Item::Reset { epoch, upto } | Item::Forget { epoch, upto } => {
+            buf.push(if matches!(item, Item::Reset { .. }) {
+                T_RESET
+            } else {
+                T_FORGET
+            });
             buf.put_u64(*epoch);
             buf.put_u64(*upto);
         }
@@ -445,6 +457,10 @@ pub(crate) fn decode(payload: Bytes) -> Result<Batch, DecodeError> {
                 epoch: c.u64()?,
                 upto: c.u64()?,
             },
+            T_FORGET => Item::Forget {
+                epoch: c.u64()?,
+                upto: c.u64()?,
+            },
             tag => return Err(DecodeError::Tag(tag)),
         };
         items.push(item);
@@ -541,6 +557,7 @@ mod tests {
             },
             Item::Gone { conn: u64::MAX },
             Item::Reset { epoch: 5, upto: 77 },
+            Item::Forget { epoch: 6, upto: 78 },
         ]
     }
 

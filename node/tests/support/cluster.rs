@@ -141,10 +141,15 @@ impl Cluster {
     }
 
     pub fn add_node(&mut self, id: u16) {
+        self.add_node_at(id, "127.0.0.1:0");
+    }
+
+    /// [`Cluster::add_node`] listening on `addr` (a restart in place, as a supervisor does).
+    pub fn add_node_at(&mut self, id: u16, addr: &str) {
         let mut cmd = Command::new(NODE_BIN);
         cmd.args([
             "--listen",
-            "127.0.0.1:0",
+            addr,
             "--log-format",
             "json",
             "--insecure-dev-auth",
