@@ -13,9 +13,10 @@
 //! Links are numbered per (sender, epoch): a missing batch, a lost bus subscription or a
 //! link that overflowed resets everything bridged between the two nodes (members dropped on
 //! the owner, connections closed with 4002 `bridge_interrupted` on the requester) and the
-//! clients rejoin with `since`: nothing is lost silently. A room's ring change closes its
-//! bridged connections with 4001, as it does local ones. Rooms without remote members cause
-//! no Redis traffic.
+//! clients rejoin with `since`: nothing is lost silently. A room handed to another node
+//! keeps its bridged members: after its flush the old owner says where it went (`moved`),
+//! and the requesting node joins each member there from the last message it gave it; the
+//! connection stays open. Rooms without remote members cause no Redis traffic.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
