@@ -6,8 +6,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use common::{ClientFrame, MessageId, RoomId};
 use support::cluster::*;
 use support::*;
@@ -56,6 +54,22 @@ async fn post(owner: std::net::SocketAddr, room: &str, tag: &str, n: usize) -> V
         );
     }
     ids
+}
+
+/// The newest stored message of `room` (0 when it has none), from the owner's history.
+async fn newest(owner: std::net::SocketAddr, room: &str) -> u64 {
+    let (status, body) = http(
+        owner,
+        "GET",
+        &format!("/v1/rooms/{room}/messages?user=probe&limit=1"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    json(&body)["messages"][0]["id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Reads messages of `room` until `n` have arrived; fails on a duplicate or a step back.
@@ -158,7 +172,14 @@ async fn bridged_members_joining_with_since_mid_stream_see_no_gap_and_no_duplica
             since,
             bridged(&c, &home, &room, &format!("j{i}"), Some(since)).await,
         ));
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The next joiner comes in after more of the stream has been stored (or all of it).
+        let stored_now = newest(owner, &room).await;
+        eventually("more messages stored before the next join", || {
+            let room = room.clone();
+            let done = poster.is_finished();
+            async move { done || newest(owner, &room).await > stored_now }
+        })
+        .await;
     }
     let after = poster.await.expect("poster");
     let all: Vec<MessageId> = before.iter().chain(after.iter()).copied().collect();
