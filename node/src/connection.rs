@@ -149,8 +149,7 @@ pub async fn serve(
         }
         if !r.bridged_owners.is_empty() {
             if let Some(bus) = state.bus.get() {
-                bus.bridges
-                    .conn_ended(bus, &state, conn_id, &r.bridged_owners);
+                bus.bridges.conn_ended(&state, conn_id, &r.bridged_owners);
             }
         }
         state.unregister_conn(conn_id);
@@ -249,7 +248,7 @@ impl ReaderState {
             Ok(ClientFrame::Leave { room }) => {
                 if let Some(owner) = self.remote.remove(&room) {
                     if let Some(bus) = self.state.bus.get() {
-                        bus.bridges.leave(bus, &self.state, &self.conn, owner, room);
+                        bus.bridges.leave(&self.state, &self.conn, owner, room);
                     }
                     return;
                 }
@@ -277,7 +276,7 @@ impl ReaderState {
                     }
                     if let Some(bus) = self.state.bus.get() {
                         bus.bridges
-                            .send(bus, &self.state, &self.conn, owner, room, cid, body);
+                            .send(&self.state, &self.conn, owner, room, cid, body);
                     }
                     return;
                 }
@@ -429,7 +428,7 @@ impl ReaderState {
         self.bridged_owners.insert(owner);
         if bus
             .bridges
-            .join(bus, &self.state, &self.conn, owner, room.clone(), since)
+            .join(&self.state, &self.conn, owner, room.clone(), since)
         {
             self.remote.insert(room, owner);
         }

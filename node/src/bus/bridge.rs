@@ -98,6 +98,14 @@ impl Requester {
         Some(b)
     }
 
+    /// A member whose room moved but could not be moved with it: it reconnects (4001).
+    fn close_unmoved(&mut self, conn: u64) {
+        metrics::counter!(m::BRIDGE_MOVES, "outcome" => "closed").increment(1);
+        if let Some(b) = self.remove(conn) {
+            b.conn.close(CloseCode::RoomMoved);
+        }
+    }
+
     fn unfollow(&mut self, owner: u16, room: &RoomId, conn: u64) {
         if let Some(peer) = self.peers.get_mut(&owner) {
             if let Some(f) = peer.follows.get_mut(room) {
@@ -200,7 +208,6 @@ impl Bridges {
     /// owner cannot take it.
     pub fn join(
         &self,
-        bus: &Arc<Bus>,
         state: &Arc<NodeState>,
         conn: &Arc<ConnHandle>,
         owner: u16,
@@ -216,10 +223,11 @@ impl Bridges {
             user: conn.user.clone(),
             since,
         };
-        let placed = bus
-            .is_up()
-            .then(|| self.link(bus, state, owner))
-            .flatten()
+        let placed = state
+            .bus
+            .get()
+            .filter(|bus| bus.is_up())
+            .and_then(|bus| self.link(bus, state, owner))
             .and_then(|link| link.push_counted(item));
         match placed {
             Some(at) => {
@@ -252,10 +260,8 @@ impl Bridges {
     }
 
     /// A `send` from a bridged connection, answered (ack or error) by the owner.
-    #[allow(clippy::too_many_arguments)]
     pub fn send(
         &self,
-        bus: &Arc<Bus>,
         state: &Arc<NodeState>,
         conn: &Arc<ConnHandle>,
         owner: u16,
@@ -273,35 +279,25 @@ impl Bridges {
             cid,
             body,
         };
-        self.push(bus, state, owner, item, conn, Some(&cid_text), &room)
+        self.push(state, owner, item, conn, Some(&cid_text), &room)
     }
 
     /// The connection left a remote room: it stops getting the room's frames at once.
-    pub fn leave(
-        &self,
-        bus: &Arc<Bus>,
-        state: &Arc<NodeState>,
-        conn: &Arc<ConnHandle>,
-        owner: u16,
-        room: RoomId,
-    ) {
+    pub fn leave(&self, state: &Arc<NodeState>, conn: &Arc<ConnHandle>, owner: u16, room: RoomId) {
         let owner = self.owner_of(conn.id, &room).unwrap_or(owner);
         self.untrack(conn.id, &room);
         let item = Item::Leave {
             conn: conn.id,
             room: room.clone(),
         };
-        self.push(bus, state, owner, item, conn, None, &room);
+        self.push(state, owner, item, conn, None, &room);
     }
 
     /// The connection ended: every owner it joined through forgets it.
-    pub fn conn_ended(
-        &self,
-        bus: &Arc<Bus>,
-        state: &Arc<NodeState>,
-        conn: u64,
-        owners: &HashSet<u16>,
-    ) {
+    pub fn conn_ended(&self, state: &Arc<NodeState>, conn: u64, owners: &HashSet<u16>) {
+        let Some(bus) = state.bus.get() else {
+            return;
+        };
         let mut owners = owners.clone();
         if let Ok(mut r) = self.requester.lock() {
             if let Some(b) = r.remove(conn) {
@@ -332,10 +328,8 @@ impl Bridges {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn push(
         &self,
-        bus: &Arc<Bus>,
         state: &Arc<NodeState>,
         owner: u16,
         item: Item,
@@ -343,10 +337,12 @@ impl Bridges {
         cid: Option<&str>,
         room: &RoomId,
     ) -> bool {
-        let ok = bus.is_up()
-            && self
-                .link(bus, state, owner)
-                .is_some_and(|link| link.push(item));
+        let ok = state
+            .bus
+            .get()
+            .filter(|bus| bus.is_up())
+            .and_then(|bus| self.link(bus, state, owner))
+            .is_some_and(|link| link.push(item));
         if !ok {
             unreachable_owner(conn, cid, room);
         }
@@ -599,10 +595,7 @@ impl Bridges {
                         };
                     }
                     _ => {
-                        metrics::counter!(m::BRIDGE_MOVES, "outcome" => "closed").increment(1);
-                        if let Some(b) = r.remove(conn) {
-                            b.conn.close(CloseCode::RoomMoved);
-                        }
+                        r.close_unmoved(conn);
                     }
                 }
             }
@@ -621,10 +614,7 @@ impl Bridges {
                 if remote.moving {
                     // Moving the member did not work (the new owner's ring is behind, or
                     // it is shutting down): it reconnects and resumes instead.
-                    metrics::counter!(m::BRIDGE_MOVES, "outcome" => "closed").increment(1);
-                    if let Some(b) = r.remove(conn) {
-                        b.conn.close(CloseCode::RoomMoved);
-                    }
+                    r.close_unmoved(conn);
                     return Then::Nothing;
                 }
                 b.rooms.remove(&room);
