@@ -53,10 +53,31 @@ impl fmt::Debug for MessageId {
     }
 }
 
+/// A string that is not an id in its one canonical form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadId;
+
+impl fmt::Display for BadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("not a message id: a decimal u64 with no sign, spaces or leading zeros")
+    }
+}
+
+impl std::error::Error for BadId {}
+
+/// Parses only the form ids are written in: ASCII digits, no sign, no whitespace, no
+/// leading zero (except `0` itself), at most `u64::MAX`. Every place an id is read (the
+/// upgrade query, `join` frames, HTTP cursors) goes through here, so all agree.
 impl std::str::FromStr for MessageId {
-    type Err = std::num::ParseIntError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        s.parse().map(MessageId)
+    type Err = BadId;
+    fn from_str(s: &str) -> Result<Self, BadId> {
+        let canonical = !s.is_empty()
+            && s.bytes().all(|b| b.is_ascii_digit())
+            && (s == "0" || !s.starts_with('0'));
+        if !canonical {
+            return Err(BadId);
+        }
+        s.parse().map(MessageId).map_err(|_| BadId)
     }
 }
 
@@ -75,8 +96,7 @@ impl<'de> Deserialize<'de> for MessageId {
                 f.write_str("a message id as a decimal string")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MessageId, E> {
-                v.parse()
-                    .map_err(|_| E::custom("message id is not a decimal u64"))
+                v.parse().map_err(E::custom)
             }
             // Accepted for convenience; ids above 2^53 lose precision in JavaScript.
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<MessageId, E> {
@@ -159,6 +179,33 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_canonical_decimal_form_is_an_id() {
+        for ok in ["0", "1", "42", "18446744073709551615"] {
+            assert_eq!(
+                ok.parse::<MessageId>().map(|i| i.0.to_string()).as_deref(),
+                Ok(ok)
+            );
+        }
+        for bad in [
+            "",
+            "+1",
+            "-1",
+            " 1",
+            "1 ",
+            "\t1",
+            "01",
+            "00",
+            "1e3",
+            "0x1",
+            "1_000",
+            "١",
+            "18446744073709551616",
+        ] {
+            assert_eq!(bad.parse::<MessageId>(), Err(BadId), "{bad:?}");
+        }
+    }
 
     #[test]
     fn ids_are_strictly_increasing_within_one_millisecond() {

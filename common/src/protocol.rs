@@ -46,54 +46,158 @@ impl FrameError {
         FrameError {
             code,
             message: message.into(),
-            cid: raw.cid.clone(),
-            room: raw.room.clone(),
+            cid: raw.cid.as_str().map(str::to_owned),
+            room: raw.room.as_str().map(str::to_owned),
         }
     }
 }
 
+/// One field of a frame as it came: a string, something else (named for the error), or
+/// absent. Reading fields this way lets a wrongly typed field get `invalid_field` with the
+/// frame's `cid` and `room` echoed, instead of failing the whole frame.
+#[derive(Debug, Default)]
+enum Loose {
+    #[default]
+    Absent,
+    Str(String),
+    Other(&'static str),
+}
+
+impl Loose {
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Loose::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The string, or `invalid_field` naming `field` when it is missing or not a string.
+    fn string(&self, field: &str, raw: &RawFrame) -> Result<&str, FrameError> {
+        match self {
+            Loose::Str(s) => Ok(s),
+            Loose::Absent => Err(FrameError::new(
+                ErrorCode::InvalidField,
+                format!("missing {field}"),
+                raw,
+            )),
+            Loose::Other(kind) => Err(FrameError::new(
+                ErrorCode::InvalidField,
+                format!("{field} must be a string, not {kind}"),
+                raw,
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Loose {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Loose;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Loose, E> {
+                Ok(Loose::Str(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Loose, E> {
+                Ok(Loose::Str(v))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Loose, E> {
+                Ok(Loose::Other("a boolean"))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Loose, E> {
+                Ok(Loose::Other("a number"))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Loose, E> {
+                Ok(Loose::Other("a number"))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Loose, E> {
+                Ok(Loose::Other("a number"))
+            }
+            fn visit_unit<E>(self) -> Result<Loose, E> {
+                Ok(Loose::Absent)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Loose, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Loose::Other("an array"))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Loose, A::Error> {
+                while a
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Loose::Other("an object"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Loose shape used to give precise error codes: JSON errors, unknown types and invalid
-/// fields are told apart.
+/// fields are told apart, and a frame that is an object keeps its `cid` and `room` for the
+/// error whatever else is wrong with it. `null` counts as absent.
 #[derive(Deserialize)]
 struct RawFrame {
-    #[serde(rename = "type")]
-    kind: String,
-    room: Option<String>,
-    since: Option<serde_json::Value>,
-    cid: Option<String>,
-    body: Option<String>,
+    #[serde(rename = "type", default)]
+    kind: Loose,
+    #[serde(default)]
+    room: Loose,
+    #[serde(default)]
+    since: Loose,
+    #[serde(default)]
+    cid: Loose,
+    #[serde(default)]
+    body: Loose,
 }
 
 impl ClientFrame {
     /// Parses and validates a client frame. `max_body` is the longest accepted `body`, in
     /// bytes.
     pub fn parse(bytes: &[u8], max_body: usize) -> Result<ClientFrame, FrameError> {
+        // serde would also read a struct from an array (`["send", …]`); a frame is an object.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(FrameError {
+                code: ErrorCode::BadJson,
+                message: "a frame is a JSON object".into(),
+                cid: None,
+                room: None,
+            });
+        }
         let raw: RawFrame = serde_json::from_slice(bytes).map_err(|e| FrameError {
             code: ErrorCode::BadJson,
             message: format!("invalid frame: {e}"),
             cid: None,
             room: None,
         })?;
+        let kind = match &raw.kind {
+            Loose::Str(k) => k.as_str(),
+            Loose::Absent => return Err(FrameError::new(ErrorCode::BadJson, "missing type", &raw)),
+            Loose::Other(kind) => {
+                return Err(FrameError::new(
+                    ErrorCode::BadJson,
+                    format!("type must be a string, not {kind}"),
+                    &raw,
+                ))
+            }
+        };
         let room = || -> Result<RoomId, FrameError> {
-            let r = raw
-                .room
-                .as_deref()
-                .ok_or_else(|| FrameError::new(ErrorCode::InvalidField, "missing room", &raw))?;
+            let r = raw.room.string("room", &raw)?;
             RoomId::new(r)
                 .map_err(|e| FrameError::new(ErrorCode::InvalidField, e.to_string(), &raw))
         };
-        match raw.kind.as_str() {
+        match kind {
             "join" => {
                 let since = match &raw.since {
-                    None | Some(serde_json::Value::Null) => None,
-                    Some(serde_json::Value::String(s)) => Some(s.parse().map_err(|_| {
+                    Loose::Absent => None,
+                    Loose::Str(s) => Some(s.parse().map_err(|_| {
                         FrameError::new(
                             ErrorCode::InvalidField,
                             "since must be a message id as a decimal string",
                             &raw,
                         )
                     })?),
-                    Some(_) => {
+                    Loose::Other(_) => {
                         return Err(FrameError::new(
                             ErrorCode::InvalidField,
                             "since must be a message id as a decimal string",
@@ -109,15 +213,9 @@ impl ClientFrame {
             "leave" => Ok(ClientFrame::Leave { room: room()? }),
             "send" => {
                 let room = room()?;
-                let cid = raw
-                    .cid
-                    .as_deref()
-                    .ok_or_else(|| FrameError::new(ErrorCode::InvalidField, "missing cid", &raw))?;
-                let cid = ClientMsgId::new(cid)
+                let cid = ClientMsgId::new(raw.cid.string("cid", &raw)?)
                     .map_err(|e| FrameError::new(ErrorCode::InvalidField, e.to_string(), &raw))?;
-                let body = raw.body.as_deref().ok_or_else(|| {
-                    FrameError::new(ErrorCode::InvalidField, "missing body", &raw)
-                })?;
+                let body = raw.body.string("body", &raw)?;
                 if body.len() > max_body {
                     return Err(FrameError::new(
                         ErrorCode::BodyTooLong,
@@ -308,6 +406,50 @@ mod tests {
         let e = parse(r#"{"type":"send","room":"r","cid":"c9","body":"01234567890123456"}"#)
             .expect_err("too long");
         assert_eq!(e.cid.as_deref(), Some("c9"));
+    }
+
+    #[test]
+    fn a_wrongly_typed_field_keeps_the_frames_cid_and_room() {
+        for (frame, code) in [
+            (
+                r#"{"type":"send","room":"r","cid":"e1","body":5}"#,
+                ErrorCode::InvalidField,
+            ),
+            (
+                r#"{"type":"send","room":"r","cid":"e1","body":{"a":[1]}}"#,
+                ErrorCode::InvalidField,
+            ),
+            (
+                r#"{"type":"send","room":"r","cid":"e1","body":null}"#,
+                ErrorCode::InvalidField,
+            ),
+            (r#"{"type":7,"room":"r","cid":"e1"}"#, ErrorCode::BadJson),
+            (r#"{"room":"r","cid":"e1"}"#, ErrorCode::BadJson),
+            (
+                r#"{"type":"dance","room":"r","cid":"e1"}"#,
+                ErrorCode::UnknownType,
+            ),
+            (
+                r#"{"type":"join","room":"r","cid":"e1","since":true}"#,
+                ErrorCode::InvalidField,
+            ),
+        ] {
+            let e = parse(frame).expect_err(frame);
+            assert_eq!(e.code, code, "{frame}");
+            assert_eq!(e.cid.as_deref(), Some("e1"), "{frame}");
+            assert_eq!(e.room.as_deref(), Some("r"), "{frame}");
+        }
+        let e = parse(r#"{"type":"send","room":["r"],"cid":"e1","body":"x"}"#).expect_err("room");
+        assert_eq!(
+            (e.code, e.cid.as_deref(), e.room),
+            (ErrorCode::InvalidField, Some("e1"), None)
+        );
+        assert!(e.message.contains("room must be a string"), "{}", e.message);
+        // Not an object at all: nothing to echo.
+        for frame in ["5", r#"["send"]"#, r#""send""#, "{nope"] {
+            let e = parse(frame).expect_err(frame);
+            assert_eq!((e.code, e.cid), (ErrorCode::BadJson, None), "{frame}");
+        }
     }
 
     #[test]

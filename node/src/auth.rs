@@ -30,6 +30,10 @@ impl AuthError {
     }
 }
 
+/// Seconds a token is still taken past its `exp`, for clock skew between the issuer and
+/// the node. The same leeway applies at the upgrade and at the session's end (4003).
+pub const LEEWAY_S: u64 = 5;
+
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: String,
@@ -43,7 +47,8 @@ struct Claims {
 pub struct Principal {
     pub user: UserId,
     rooms: Option<Arc<[String]>>,
-    /// Unix seconds after which the session must end; `None` in dev mode.
+    /// Unix seconds after which the session must end: the token's `exp` plus [`LEEWAY_S`],
+    /// the leeway its upgrade was given; `None` in dev mode.
     pub expires_at: Option<u64>,
 }
 
@@ -71,7 +76,7 @@ impl Authenticator {
     pub fn from_config(config: &Config) -> anyhow::Result<Authenticator> {
         if let Some(secret) = &config.jwt_secret {
             let mut validation = Validation::new(Algorithm::HS256);
-            validation.leeway = 5;
+            validation.leeway = LEEWAY_S;
             return Ok(Authenticator::Jwt {
                 key: Box::new(DecodingKey::from_secret(secret.as_bytes())),
                 validation: Box::new(validation),
@@ -84,7 +89,7 @@ impl Authenticator {
                 anyhow::anyhow!("{} is not an RSA public key PEM: {e}", path.display())
             })?;
             let mut validation = Validation::new(Algorithm::RS256);
-            validation.leeway = 5;
+            validation.leeway = LEEWAY_S;
             return Ok(Authenticator::Jwt {
                 key: Box::new(key),
                 validation: Box::new(validation),
@@ -118,7 +123,7 @@ impl Authenticator {
                 Ok(Principal {
                     user,
                     rooms: data.claims.rooms.map(Into::into),
-                    expires_at: Some(data.claims.exp),
+                    expires_at: Some(data.claims.exp.saturating_add(LEEWAY_S)),
                 })
             }
         }

@@ -2,7 +2,7 @@
 
 mod support;
 
-use common::ErrorCode;
+use common::{ErrorCode, ServerFrame};
 use fastwebsockets::{Frame, OpCode, Payload};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use support::*;
@@ -82,6 +82,18 @@ async fn bad_frames_get_error_frames_and_the_connection_stays() {
         .await
         .expect("write");
     assert_eq!(c.error().await.0, ErrorCode::BadJson);
+    // A wrongly typed field still names the send it was in (`cid` and `room` echoed).
+    c.send_raw(br#"{"type":"send","room":"bad","cid":"e1","body":5}"#)
+        .await;
+    match c.frame().await {
+        ServerFrame::Error {
+            code, cid, room, ..
+        } => assert_eq!(
+            (code, cid.as_deref(), room.as_deref()),
+            (ErrorCode::InvalidField, Some("e1"), Some("bad"))
+        ),
+        other => panic!("expected an error, got {other:?}"),
+    }
     // After all that, the same connection still works.
     c.send_text("bad", "good1", "fine").await;
     assert_eq!(c.ack().await.0, "good1");
@@ -337,6 +349,93 @@ async fn a_token_that_expires_mid_session_closes_with_4003() {
         .expect("connect");
     c.expect_joined().await;
     assert_eq!(c.closed().await, 4003);
+    node.stop().await;
+}
+
+/// An id is read in one form everywhere (digits, no sign, no spaces, no leading zeros): the
+/// upgrade's `since`, a `join` frame's `since` and the history cursors all refuse the rest
+/// with `invalid_field` (`+1` used to be taken as 1).
+#[tokio::test]
+async fn non_canonical_ids_are_refused_the_same_way_everywhere() {
+    let node = TestNode::start(config()).await;
+    for bad in [
+        "%2B1",
+        "-1",
+        "%201",
+        "1%20",
+        "01",
+        "1e3",
+        "18446744073709551616",
+        "",
+    ] {
+        let path = format!("/ws?room=ids&user=u&since={bad}");
+        let Err((status, body)) = Client::connect(node.addr, &path).await else {
+            panic!("{path} was upgraded");
+        };
+        assert_eq!(
+            (status, json(&body)["code"].as_str()),
+            (400, Some("invalid_field")),
+            "{path}: {body}"
+        );
+        for cursor in ["before", "after"] {
+            let (status, body) = http(
+                node.addr,
+                "GET",
+                &format!("/v1/rooms/ids/messages?user=u&{cursor}={bad}"),
+                None,
+            )
+            .await;
+            assert_eq!(
+                (status, json(&body)["code"].as_str()),
+                (400, Some("invalid_field")),
+                "{cursor}={bad}: {body}"
+            );
+        }
+    }
+    let mut c = node.connect("ids", "u").await;
+    c.expect_joined().await;
+    for bad in ["+1", " 1", "01", "0x1", ""] {
+        c.send_raw(format!(r#"{{"type":"join","room":"ids2","since":"{bad}"}}"#).as_bytes())
+            .await;
+        assert_eq!(c.error().await.0, ErrorCode::InvalidField, "since {bad:?}");
+    }
+    // The canonical forms still work.
+    c.send_raw(br#"{"type":"join","room":"ids2","since":"0"}"#)
+        .await;
+    c.expect_joined().await;
+    let (status, _) = http(
+        node.addr,
+        "GET",
+        "/v1/rooms/ids/messages?user=u&before=18446744073709551615",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    node.stop().await;
+}
+
+/// A token 2 s past `exp` is within the 5 s leeway: upgraded, and the session lasts until the
+/// same leeway runs out (it used to be closed with 4003 at once).
+#[tokio::test]
+async fn the_upgrades_leeway_also_holds_for_the_sessions_end() {
+    let node = TestNode::start(jwt_config()).await;
+    let stale = token("late", -2, None, SECRET);
+    let started = std::time::Instant::now();
+    let mut c = Client::connect(node.addr, &format!("/ws?room=leeway&token={stale}"))
+        .await
+        .expect("a token inside the leeway is upgraded");
+    c.expect_joined().await;
+    // Still served after the upgrade: a send is stored and acked.
+    c.send_text("leeway", "in-leeway", "x").await;
+    assert_eq!(c.ack().await.0, "in-leeway");
+    assert_eq!(c.closed().await, 4003);
+    // exp was 2 s (rounded down to the second) ago, so the leeway ends 2 to 3 s after the
+    // upgrade; closing at once would be well under that.
+    let lasted = started.elapsed();
+    assert!(
+        lasted >= std::time::Duration::from_millis(1500),
+        "closed {lasted:?} after the upgrade; the leeway gives about 3 s"
+    );
     node.stop().await;
 }
 

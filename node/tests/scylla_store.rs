@@ -147,6 +147,54 @@ async fn pages_walk_across_buckets_both_ways_without_gaps() {
     assert_eq!(between[0], all[21]);
 }
 
+/// Any u64 is a valid cursor: the largest ones (above the 63 bits ids use, which the CQL
+/// store keeps as bigint) page exactly as on the memory store.
+#[tokio::test]
+async fn cursors_past_every_id_give_the_memory_stores_page() {
+    let s = store().await;
+    let mem = chat_node::store::memory::MemoryStore::new(1000);
+    let room = RoomId::new(format!("cursors-{}", std::process::id())).expect("room");
+    let all = spread(&room);
+    s.append(&room, &all, &Unguarded).await.expect("append");
+    mem.append(&room, &all, &Unguarded).await.expect("append");
+    let huge = [u64::MAX, 1 << 63, (1 << 63) - 1];
+    let mut cases = Vec::new();
+    for &h in &huge {
+        cases.push(q(None, Some(MessageId(h)), 5, PageFrom::Newest));
+        cases.push(q(Some(MessageId(h)), None, 5, PageFrom::Oldest));
+        cases.push(q(
+            Some(all[30].id),
+            Some(MessageId(h)),
+            50,
+            PageFrom::Oldest,
+        ));
+        cases.push(q(
+            Some(MessageId(h)),
+            Some(MessageId(h)),
+            5,
+            PageFrom::Newest,
+        ));
+    }
+    for case in cases {
+        let label = format!(
+            "after {:?} before {:?} {:?}",
+            case.after, case.before, case.from
+        );
+        let cql = s.read(&room, case).await.expect("cql read");
+        let memory = mem.read(&room, case).await.expect("memory read");
+        assert_eq!(cql, memory, "{label}");
+    }
+    // And the newest page really is the newest messages, not nothing.
+    let newest = s
+        .read(
+            &room,
+            q(None, Some(MessageId(u64::MAX)), 5, PageFrom::Newest),
+        )
+        .await
+        .expect("read");
+    assert_eq!(newest, all[all.len() - 5..].to_vec());
+}
+
 #[tokio::test]
 async fn re_appending_a_batch_stores_each_message_once() {
     let s = store().await;

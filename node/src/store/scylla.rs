@@ -411,8 +411,11 @@ impl ScyllaStore {
     }
 
     async fn read_now(&self, room: &RoomId, q: HistoryQuery) -> ReadResult {
-        let lower = q.after.map_or(-1, |a| a.0 as i64);
-        let upper = q.before.map_or(i64::MAX, |b| b.0 as i64);
+        // Ids are 63 bits and stored as bigint; a cursor above that is clamped, not wrapped
+        // to a negative number, so any u64 cursor pages as it does on the memory store.
+        let clamp = |id: MessageId| i64::try_from(id.0).unwrap_or(i64::MAX);
+        let lower = q.after.map_or(-1, clamp);
+        let upper = q.before.map_or(i64::MAX, clamp);
         if lower >= upper || q.limit == 0 {
             return Ok(Vec::new());
         }
