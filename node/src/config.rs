@@ -152,10 +152,11 @@ pub struct Config {
     /// Concurrent WebSocket connections accepted; more get HTTP 503 `overloaded`.
     #[arg(long, env = "CHAT_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
-    /// Sends per second one connection may make (token bucket refill rate).
+    /// Sends, joins and leaves per second one connection may make (token bucket refill rate);
+    /// refusals past another bucket of the same size close it with 4029.
     #[arg(long, env = "CHAT_SEND_RATE", default_value_t = 100.0)]
     pub send_rate: f64,
-    /// Sends one connection may burst above its rate.
+    /// Requests one connection may burst above its rate.
     #[arg(long, env = "CHAT_SEND_BURST", default_value_t = 200.0)]
     pub send_burst: f64,
     /// Interval between server pings.

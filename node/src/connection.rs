@@ -32,8 +32,6 @@ type Writer = FrameWriter<OwnedWriteHalf>;
 
 /// Frames written before one flush, at most.
 const WRITE_BATCH: usize = 64;
-/// Time the close frame gets to reach the peer.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Counts an open connection for as long as it lives, in both the gauge and the node's
 /// connection limit.
@@ -127,7 +125,7 @@ pub async fn serve(
             principal: session.principal,
             joined: HashMap::new(),
             bucket: TokenBucket::new(state.config.send_rate, state.config.send_burst),
-            rate_strikes: 0,
+            refusals: TokenBucket::new(state.config.send_rate, state.config.send_burst),
             remote: HashMap::new(),
             bridged_owners: HashSet::new(),
         };
@@ -171,9 +169,11 @@ struct ReaderState {
     conn: Arc<ConnHandle>,
     principal: Principal,
     joined: HashMap<RoomId, RoomHandle>,
+    /// Sends, joins and leaves the connection may make.
     bucket: TokenBucket,
-    /// Sends refused for rate in a row.
-    rate_strikes: u32,
+    /// What refused requests it may still make: each refusal takes one, at the same rate
+    /// and burst; a refusal with none left closes the connection with 4029.
+    refusals: TokenBucket,
     /// Rooms joined on other nodes through the bus, with their owner.
     remote: HashMap<RoomId, u16>,
     /// Every node this connection joined a room through (each is told when it ends).
@@ -244,8 +244,15 @@ impl ReaderState {
                 let code = e.code;
                 self.bad_input(e.into(), code);
             }
-            Ok(ClientFrame::Join { room, since }) => self.join(room, since),
+            Ok(ClientFrame::Join { room, since }) => {
+                if self.take_token(&room, None) {
+                    self.join(room, since);
+                }
+            }
             Ok(ClientFrame::Leave { room }) => {
+                if !self.take_token(&room, None) {
+                    return;
+                }
                 if let Some(owner) = self.remote.remove(&room) {
                     if let Some(bus) = self.state.bus.get() {
                         bus.bridges.leave(&self.state, &self.conn, owner, room);
@@ -271,7 +278,7 @@ impl ReaderState {
             }
             Ok(ClientFrame::Send { room, cid, body }) => {
                 if let Some(&owner) = self.remote.get(&room) {
-                    if !self.take_send_token(&room, &cid) {
+                    if !self.take_token(&room, Some(&cid)) {
                         return;
                     }
                     if let Some(bus) = self.state.bus.get() {
@@ -289,7 +296,7 @@ impl ReaderState {
                     );
                     return;
                 };
-                if !self.take_send_token(&room, &cid) {
+                if !self.take_token(&room, Some(&cid)) {
                     return;
                 }
                 let cmd = RoomCmd::Send {
@@ -372,22 +379,24 @@ impl ReaderState {
         }
     }
 
-    /// Spends one send from the rate budget, or answers `rate_limited` (and closes a client
-    /// that ignores a burst's worth of those).
-    fn take_send_token(&mut self, room: &RoomId, cid: &common::ClientMsgId) -> bool {
+    /// Spends one request (a send, join or leave) from the rate budget, or answers
+    /// `rate_limited`; a client whose refused requests outrun the budget too (more than a
+    /// burst of them not yet paid back at the rate) is closed with 4029.
+    fn take_token(&mut self, room: &RoomId, cid: Option<&common::ClientMsgId>) -> bool {
         if self.bucket.take() {
-            self.rate_strikes = 0;
             return true;
         }
         metrics::counter!(m::BAD_INPUT, "kind" => ErrorCode::RateLimited.as_str()).increment(1);
         self.error(
             ErrorCode::RateLimited,
-            "send rate exceeded; retry later with the same cid",
-            Some(cid.as_str()),
+            match cid {
+                Some(_) => "send rate exceeded; retry later with the same cid",
+                None => "request rate exceeded; retry the join or leave later",
+            },
+            cid.map(|c| c.as_str()),
             Some(room),
         );
-        self.rate_strikes += 1;
-        if f64::from(self.rate_strikes) > self.state.config.send_burst {
+        if !self.refusals.take() {
             self.conn.close(CloseCode::RateLimited);
         }
         false
@@ -468,45 +477,66 @@ async fn write_loop(
             },
             _ = ping.tick() => None,
         };
-        let batch = async {
-            match first {
-                Some(out) => write_out(&mut ws, out),
-                None => ws.push(OP_PING, b""),
+        match first {
+            Some(out) => write_out(&mut ws, out),
+            None => ws.push(OP_PING, b""),
+        }
+        for _ in 1..WRITE_BATCH {
+            if conn.is_closed() || ws.batch_len() >= BATCH_BYTES {
+                break;
             }
-            for _ in 1..WRITE_BATCH {
-                if conn.is_closed() || ws.batch_len() >= BATCH_BYTES {
-                    break;
-                }
-                match rx.try_recv() {
-                    Ok(out) => write_out(&mut ws, out),
-                    Err(_) => break,
-                }
+            match rx.try_recv() {
+                Ok(out) => write_out(&mut ws, out),
+                Err(_) => break,
             }
-            ws.flush().await
-        };
-        match tokio::time::timeout(write_timeout, batch).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "write failed");
-                conn.cancel_silently();
-                return;
-            }
-            Err(_) => {
+        }
+        match flush(&mut ws, &conn, write_timeout).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                 tracing::debug!("peer accepted no bytes within the write timeout");
                 conn.close_slow();
                 return;
             }
+            Err(e) => {
+                tracing::debug!(error = %e, "write failed");
+                conn.cancel_silently();
+                return;
+            }
+        }
+    }
+    let Some(code) = conn.close_code() else {
+        return;
+    };
+    // What was queued before the close is written before the close frame (errors and acks
+    // the client is owed), except for a slow consumer: its queue is what it could not take,
+    // and it resumes with `since`.
+    if code != CloseCode::SlowConsumer {
+        while let Ok(out) = rx.try_recv() {
+            write_out(&mut ws, out);
         }
     }
     // Free the queue (and the shared frames it holds) before the slow part.
     drop(rx);
-    if let Some(code) = conn.close_code() {
-        let started = Instant::now();
-        ws.push_close(code.code(), code.as_str());
-        let close = ws.flush();
-        if tokio::time::timeout(CLOSE_TIMEOUT, close).await.is_err() {
-            tracing::debug!(waited = ?started.elapsed(), "close frame not delivered");
-        }
+    let started = Instant::now();
+    ws.push_close(code.code(), code.as_str());
+    // A client that starts reading again within the write timeout gets the close frame
+    // (after whatever of its last batch was still unwritten); only one that takes no bytes
+    // for that long is dropped without it.
+    if ws.flush(write_timeout).await.is_err() {
+        tracing::debug!(waited = ?started.elapsed(), "close frame not delivered");
+    }
+}
+
+/// Flushes the batch; a close decided meanwhile (say, as a slow consumer) restarts the
+/// wait, so a client that reads again within the write timeout of the close gets the
+/// close frame after its batch.
+async fn flush(ws: &mut Writer, conn: &ConnHandle, stall: Duration) -> std::io::Result<()> {
+    if conn.is_closed() {
+        return ws.flush(stall).await;
+    }
+    tokio::select! {
+        r = ws.flush(stall) => r,
+        _ = conn.cancelled() => ws.flush(stall).await,
     }
 }
 

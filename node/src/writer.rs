@@ -2,10 +2,12 @@
 //! there is something to write.
 //!
 //! Server frames are never masked, so encoding is a 2-10 byte header and the payload. The
-//! writer task appends every waiting frame to one buffer and writes it with one
-//! `write_all`, then drops the buffer: an idle connection holds no write buffer at all,
-//! which is most of the memory an idle connection would otherwise pin. Reading (masking,
-//! fragments, control frames) stays with fastwebsockets.
+//! writer task appends every waiting frame to one buffer and writes it out (one `write`
+//! when the socket has room), then drops the buffer: an idle connection holds no write
+//! buffer at all, which is most of the memory an idle connection would otherwise pin.
+//! Reading (masking, fragments, control frames) is `reader.rs`.
+
+use std::time::Duration;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -20,6 +22,8 @@ pub const BATCH_BYTES: usize = 64 * 1024;
 pub struct FrameWriter<W> {
     io: W,
     buf: Vec<u8>,
+    /// How much of `buf` is written: a flush that is dropped halfway resumes from here.
+    at: usize,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
@@ -27,6 +31,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         FrameWriter {
             io,
             buf: Vec::new(),
+            at: 0,
         }
     }
 
@@ -46,13 +51,25 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.buf.len()
     }
 
-    /// Writes the batch and releases its buffer.
-    pub async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.buf.is_empty() {
-            self.io.write_all(&self.buf).await?;
+    /// Writes the batch and releases its buffer. Fails with `TimedOut` when the peer takes
+    /// no bytes at all for `stall` (a peer that reads slowly but keeps reading is waited
+    /// for). Cancel-safe: what was written stays written, and a later flush goes on from
+    /// there, so no byte is sent twice.
+    pub async fn flush(&mut self, stall: Duration) -> std::io::Result<()> {
+        let stalled = || std::io::Error::new(std::io::ErrorKind::TimedOut, "peer took no bytes");
+        while self.at < self.buf.len() {
+            match tokio::time::timeout(stall, self.io.write(&self.buf[self.at..])).await {
+                Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => self.at += n,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(stalled()),
+            }
         }
         self.buf = Vec::new();
-        self.io.flush().await
+        self.at = 0;
+        tokio::time::timeout(stall, self.io.flush())
+            .await
+            .map_err(|_| stalled())?
     }
 }
 
@@ -100,7 +117,7 @@ mod tests {
         let mut w = FrameWriter::new(Vec::new());
         w.push(OP_TEXT, b"a");
         w.push_close(4000, "slow_consumer");
-        w.flush().await.expect("flush");
+        w.flush(Duration::from_secs(5)).await.expect("flush");
         assert_eq!(w.buf.capacity(), 0);
         let out = w.io;
         assert_eq!(&out[..3], &[0x81, 1, b'a']);

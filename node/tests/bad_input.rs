@@ -2,6 +2,9 @@
 
 mod support;
 
+use std::collections::HashSet;
+use std::time::Duration;
+
 use common::{ErrorCode, ServerFrame};
 use fastwebsockets::{Frame, OpCode, Payload};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -436,6 +439,182 @@ async fn the_upgrades_leeway_also_holds_for_the_sessions_end() {
         lasted >= std::time::Duration::from_millis(1500),
         "closed {lasted:?} after the upgrade; the leeway gives about 3 s"
     );
+    node.stop().await;
+}
+
+/// Everything the client gets until the close: acks by cid, `rate_limited` errors by cid, the
+/// close code.
+async fn until_closed(c: &mut Client) -> (Vec<String>, Vec<String>, u16) {
+    let (mut acks, mut refused) = (Vec::new(), Vec::new());
+    loop {
+        match c.next().await {
+            Event::Frame(ServerFrame::Ack { cid, .. }) => acks.push(cid.to_string()),
+            Event::Frame(ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                cid,
+                ..
+            }) => {
+                refused.push(cid.expect("a rate_limited error names its send"));
+            }
+            Event::Frame(ServerFrame::Message(_) | ServerFrame::Presence { .. }) => {}
+            Event::Frame(f) => panic!("unexpected {f:?}"),
+            Event::Close(code) => return (acks, refused, code),
+        }
+    }
+}
+
+/// The stored cids of a room, read back from the history API.
+async fn stored_cids(node: &TestNode, room: &str) -> HashSet<String> {
+    let (status, body) = http(
+        node.addr,
+        "GET",
+        &format!("/v1/rooms/{room}/messages?user=x&limit=1000"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    json(&body)["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["cid"].as_str().expect("cid").to_owned())
+        .collect()
+}
+
+/// 600 sends written at once with the default budget (100/s, burst 200): the first burst is
+/// stored, the next burst's worth is refused one by one with `rate_limited` (each error
+/// written before the close frame: they used to be dropped), then 4029. The store has
+/// exactly the sends that were not refused.
+#[tokio::test]
+async fn a_burst_past_the_budget_gets_every_refusal_then_4029() {
+    let node = TestNode::start(config()).await;
+    let mut c = node.connect("burst", "flood").await;
+    c.expect_joined().await;
+    let mut all = String::new();
+    for i in 0..600 {
+        all.push_str(&format!("s{i} "));
+        c.send_text("burst", &format!("s{i}"), "x").await;
+    }
+    let (acks, refused, code) = until_closed(&mut c).await;
+    assert_eq!(code, 4029);
+    let stored = stored_cids(&node, "burst").await;
+    let counts = format!(
+        "{} acked, {} refused, {} stored",
+        acks.len(),
+        refused.len(),
+        stored.len()
+    );
+    assert!(stored.len() >= 200 && stored.len() < 600, "{counts}");
+    assert!(refused.len() >= 100, "{counts}");
+    for cid in &refused {
+        assert!(
+            !stored.contains(cid),
+            "{cid} was refused and stored ({counts})"
+        );
+    }
+    for cid in &acks {
+        assert!(
+            stored.contains(cid),
+            "{cid} was acked and not stored ({counts})"
+        );
+    }
+    // Every send up to the last refusal the client saw was stored or refused: none of the
+    // answers queued before the close was dropped.
+    let index = |cid: &String| cid[1..].parse::<usize>().expect("s<i>");
+    let last = refused.iter().map(index).max().expect("refusals");
+    let refused: HashSet<&String> = refused.iter().collect();
+    for i in 0..=last {
+        let cid = format!("s{i}");
+        assert!(
+            stored.contains(&cid) || refused.contains(&cid),
+            "{cid}: neither stored nor refused ({counts})"
+        );
+    }
+    bystander_still_served(&node, "burst", "after-burst").await;
+    node.stop().await;
+}
+
+/// A client that keeps sending at 20x its rate, ignoring the errors, is closed with 4029
+/// (it used to get a send through every 10 ms, which reset the count, and was never closed).
+#[tokio::test]
+async fn a_client_that_keeps_sending_over_its_rate_is_closed() {
+    let node = TestNode::start(config()).await;
+    let c = node.connect("sustained", "eager").await;
+    // Reading and writing at once: the reader looks for the close.
+    let (mut read, mut write) = c.ws.split(tokio::io::split);
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    let reader = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let frame = tokio::time::timeout_at(
+                deadline,
+                read.read_frame(&mut |_| async { Ok::<_, fastwebsockets::WebSocketError>(()) }),
+            )
+            .await
+            .expect("closed within 20 s")
+            .expect("read");
+            if frame.opcode == OpCode::Close {
+                let _ = tx.send(u16::from_be_bytes([frame.payload[0], frame.payload[1]]));
+                return;
+            }
+        }
+    });
+    // 2,000 sends a second for at most 15 s, until the close is seen.
+    let mut tick = tokio::time::interval(Duration::from_micros(500));
+    for i in 0..30_000u32 {
+        if let Ok(code) = rx.try_recv() {
+            assert_eq!(code, 4029);
+            reader.await.expect("reader");
+            node.stop().await;
+            return;
+        }
+        tick.tick().await;
+        let frame = format!(r#"{{"type":"send","room":"sustained","cid":"k{i}","body":"x"}}"#);
+        if write
+            .write_frame(Frame::text(Payload::Owned(frame.into_bytes())))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    reader.await.expect("reader");
+    assert_eq!(rx.await.expect("close code"), 4029);
+    node.stop().await;
+}
+
+/// Joins and leaves spend the same budget (each broadcasts presence to the room): a flood of
+/// them is refused with `rate_limited` naming the room, then closed with 4029.
+#[tokio::test]
+async fn joins_and_leaves_spend_the_rate_budget() {
+    let mut config = config();
+    config.send_rate = 1.0;
+    config.send_burst = 5.0;
+    let node = TestNode::start(config).await;
+    let mut c = node.connect("churn-home", "churner").await;
+    c.expect_joined().await;
+    for _ in 0..20 {
+        c.send_raw(br#"{"type":"join","room":"churn"}"#).await;
+        c.send_raw(br#"{"type":"leave","room":"churn"}"#).await;
+    }
+    let mut refused = 0;
+    let code = loop {
+        match c.next().await {
+            Event::Frame(ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                room,
+                cid,
+                ..
+            }) => {
+                assert_eq!((room.as_deref(), cid), (Some("churn"), None));
+                refused += 1;
+            }
+            Event::Frame(_) => {}
+            Event::Close(code) => break code,
+        }
+    };
+    assert_eq!(code, 4029);
+    assert!(refused >= 5, "{refused} refusals before the close");
     node.stop().await;
 }
 

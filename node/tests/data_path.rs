@@ -4,8 +4,9 @@
 mod support;
 
 use std::collections::HashSet;
+use std::time::Duration;
 
-use common::{ClientFrame, ErrorCode, MessageId, RoomId, ServerFrame};
+use common::{ClientFrame, ErrorCode, MessageId, PresenceEvent, RoomId, ServerFrame};
 use support::*;
 
 fn room(s: &str) -> RoomId {
@@ -158,8 +159,90 @@ async fn a_client_that_stops_reading_is_closed_and_the_others_get_everything() {
         metric(node.addr, "chat_node_slow_consumer_disconnects_total").await >= 1.0
     })
     .await;
-    // The slow client, reading at last, finds the slow-consumer close code.
+    // The slow client, reading again after a pause (3 s: longer than the close used to get,
+    // within the 10 s write timeout), finds the slow-consumer close code after its messages,
+    // not a bare EOF.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(slow.closed().await, 4000);
+    node.stop().await;
+}
+
+/// A client stalls; its writer blocks; 3 s later its queue fills and it is closed as slow.
+/// Reading again 6 s after that (9 s into the stall, past the 8 s write timeout counted from
+/// the stall, within it counted from the close), it gets its last batch and then the 4000
+/// close frame, not a bare EOF: the close restarts the wait.
+#[tokio::test]
+async fn a_slow_consumer_that_reads_again_within_the_write_timeout_gets_its_close_frame() {
+    let mut config = config();
+    config.outbound_queue = 64;
+    config.max_body_bytes = 60_000;
+    config.write_timeout = Duration::from_secs(8);
+    let node = TestNode::start(config).await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let stream = socket.connect(node.addr).await.expect("connect");
+    let mut slow = Client::connect_stream(stream, node.addr, "/ws?room=stall&user=slow")
+        .await
+        .expect("slow connects");
+    slow.expect_joined().await;
+    // A reading member tells when the slow one is gone (its presence `leave`); the slow
+    // consumer counter is shared by every node of this test binary.
+    let mut watcher = node.connect("stall", "watcher").await;
+    watcher.expect_joined().await;
+    let (gone_tx, mut gone) = tokio::sync::watch::channel(false);
+    let watching = tokio::spawn(async move {
+        loop {
+            if let ServerFrame::Presence {
+                user,
+                event: PresenceEvent::Leave,
+                ..
+            } = watcher.frame().await
+            {
+                if user.as_str() == "slow" {
+                    let _ = gone_tx.send(true);
+                    return;
+                }
+            }
+        }
+    });
+    let body = "x".repeat(60_000);
+    let publish = |from: usize, to: usize| {
+        let body = body.clone();
+        let addr = node.addr;
+        async move {
+            for i in from..to {
+                let payload = format!(r#"{{"cid":"m{i}","body":"{body}"}}"#);
+                let (status, answer) = http(
+                    addr,
+                    "POST",
+                    "/v1/rooms/stall/messages?user=sender",
+                    Some(&payload),
+                )
+                .await;
+                assert_eq!(status, 201, "{answer}");
+            }
+        }
+    };
+    // 3 MB: more than the sockets buffer, fewer frames than the queue holds.
+    publish(0, 50).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!*gone.borrow(), "closed before its queue was full");
+    publish(50, 200).await;
+    tokio::time::timeout(WAIT, gone.wait_for(|g| *g))
+        .await
+        .expect("the slow member left within the wait")
+        .expect("watcher");
+    watching.await.expect("watcher");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut got = 0;
+    let code = loop {
+        match slow.next().await {
+            Event::Frame(ServerFrame::Message(_)) => got += 1,
+            Event::Frame(_) => {}
+            Event::Close(code) => break code,
+        }
+    };
+    assert_eq!(code, 4000, "after {got} messages");
     node.stop().await;
 }
 
