@@ -3,7 +3,8 @@
 //!
 //! A WebSocket gets its own TCP connection to the owner: the client's upgrade request is
 //! replayed there, and if the owner answers `101` both sides are upgraded and bytes are
-//! copied both ways until either end closes (or the shutdown grace ends). The router never
+//! copied each way until that side closes; the owner's last bytes (its close frame) reach
+//! the client even when the client's direction has failed (or the shutdown grace ends). The router never
 //! parses WebSocket frames, so it adds no per-message work and cannot corrupt a stream;
 //! whatever the owner refuses with (401, 403, 421, 503 and their JSON) reaches the client
 //! unchanged. An owner that cannot be reached or does not answer in time gets the client a
@@ -26,7 +27,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +44,9 @@ const MAX_UPSTREAM_BODY_BYTES: usize = 32 << 20;
 /// Idle pooled connections kept per node.
 const POOL_IDLE_PER_NODE: usize = 64;
 const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long one direction of a WebSocket splice may go on after the other has ended (the
+/// owner's last bytes on their way to the client, the client's close answer being read).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -285,15 +289,52 @@ async fn splice(client: OnUpgrade, node: OnUpgrade, cut: CancellationToken, node
         }
     };
     let _live = SpliceGuard::open();
-    let mut client = Counted::new(TokioIo::new(client));
-    let mut upstream = TokioIo::new(upstream);
+    let (mut client_rx, mut client_tx) = tokio::io::split(Counted::new(TokioIo::new(client)));
+    let (mut node_rx, mut node_tx) = tokio::io::split(TokioIo::new(upstream));
+    // Each direction is copied on its own and ends with a FIN after its last byte, so the
+    // owner's close frame is relayed even when the other direction has failed (an owner
+    // that closes on a client still sending, say after 1009, resets that direction).
+    let ended = async {
+        let down = async {
+            let r = tokio::io::copy(&mut node_rx, &mut client_tx).await;
+            let _ = client_tx.shutdown().await;
+            r
+        };
+        let up = async {
+            let r = tokio::io::copy(&mut client_rx, &mut node_tx).await;
+            let _ = node_tx.shutdown().await;
+            r
+        };
+        tokio::pin!(down, up);
+        tokio::select! {
+            r = &mut down => ("node", r),
+            r = &mut up => {
+                // The client is done, or the owner takes no more: its last bytes still pass.
+                match tokio::time::timeout(LINGER, &mut down).await {
+                    Ok(Err(e)) => ("client", Err(e)),
+                    _ => ("client", r),
+                }
+            }
+        }
+    };
     tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match r {
-            Ok((up, down)) => tracing::debug!(node = node_id, up, down, "websocket splice ended"),
+        (side, r) = ended => match r {
+            Ok(_) => tracing::debug!(node = node_id, side, "websocket splice ended"),
             // A peer that vanished without a close: routine for mobile clients.
-            Err(e) => tracing::debug!(node = node_id, error = %e, "websocket splice ended with an error"),
+            Err(e) => tracing::debug!(node = node_id, side, error = %e, "websocket splice ended with an error"),
         },
-        _ = cut.cancelled() => tracing::debug!(node = node_id, "websocket splice cut at shutdown"),
+        _ = cut.cancelled() => {
+            tracing::debug!(node = node_id, "websocket splice cut at shutdown");
+            return;
+        }
+    }
+    // The client has our FIN after the owner's last bytes. Closing now, with its bytes unread,
+    // would reset the connection and could discard that tail before it is sent; read what it
+    // still sends (its close answer) until it closes too, for a bounded time.
+    let mut discard = tokio::io::sink();
+    tokio::select! {
+        _ = tokio::time::timeout(LINGER, tokio::io::copy(&mut client_rx, &mut discard)) => {}
+        _ = cut.cancelled() => {}
     }
 }
 
