@@ -289,6 +289,20 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<NodeState>) -> Response<Body>
             "expected a WebSocket upgrade request",
         );
     }
+    // RFC 6455 4.2.2: another version is answered 426 naming the one spoken here.
+    let version = req.headers().get(header::SEC_WEBSOCKET_VERSION);
+    if version.is_some_and(|v| v.as_bytes() != b"13") {
+        let mut resp = bad(
+            ErrorCode::InvalidField,
+            "unsupported WebSocket version; this server speaks version 13 (RFC 6455)",
+        );
+        *resp.status_mut() = StatusCode::UPGRADE_REQUIRED;
+        resp.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            header::HeaderValue::from_static("13"),
+        );
+        return resp;
+    }
     let Some(guard) = ConnGuard::acquire(state) else {
         return error(
             ErrorCode::Overloaded,

@@ -131,6 +131,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 let mut n = [0u8; 8];
                 n.copy_from_slice(&b[2..10]);
+                if n[0] & 0x80 != 0 {
+                    return Err(ReadError::Protocol("64-bit length with its top bit set"));
+                }
                 (
                     usize::try_from(u64::from_be_bytes(n)).unwrap_or(usize::MAX),
                     8,
@@ -167,11 +170,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     ) -> Result<Option<Incoming>, ReadError> {
         match opcode {
             0x8 => {
+                // RFC 6455 5.5.1 and 7.4: no body, or a code a peer may send and a UTF-8
+                // reason; anything else fails the connection (1002).
                 let code = match payload.len() {
                     0 => None,
-                    1 => return Err(ReadError::Protocol("bad close frame")),
+                    1 => return Err(ReadError::Protocol("close frame with a 1-byte body")),
                     _ => Some(u16::from_be_bytes([payload[0], payload[1]])),
                 };
+                if let Some(code) = code {
+                    if !close_code_allowed(code) {
+                        return Err(ReadError::Protocol("close code a peer may not send"));
+                    }
+                    if std::str::from_utf8(&payload[2..]).is_err() {
+                        return Err(ReadError::Protocol("close reason is not UTF-8"));
+                    }
+                }
                 Ok(Some(Incoming::Close(code)))
             }
             0x9 => Ok(Some(Incoming::Ping(payload.freeze()))),
@@ -203,6 +216,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
         }
     }
+}
+
+/// Close codes a peer may put on the wire (RFC 6455 7.4.1 and 7.4.2, with 1012-1014 from the
+/// IANA registry): 1004-1006 and 1015 are reserved for local use, below 1000 and
+/// 1016-2999 are unassigned, and codes of 5000 and above do not exist.
+fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 fn finish(text: bool, payload: BytesMut) -> Result<Incoming, ReadError> {
@@ -317,7 +337,35 @@ mod tests {
             ),
             (frame(true, 1, &[0xff, 0xfe]), "UTF-8"),
             (frame(true, 8, &[3]), "close"),
+            (frame(true, 8, &999u16.to_be_bytes()), "close code"),
+            (frame(true, 8, &1005u16.to_be_bytes()), "close code"),
+            (frame(true, 8, &1015u16.to_be_bytes()), "close code"),
+            (frame(true, 8, &2999u16.to_be_bytes()), "close code"),
+            (frame(true, 8, &5000u16.to_be_bytes()), "close code"),
+            (
+                {
+                    let mut body = 1000u16.to_be_bytes().to_vec();
+                    body.extend_from_slice(&[0xce, 0xba, 0xe1, 0xbd]);
+                    frame(true, 8, &body)
+                },
+                "reason",
+            ),
+            (
+                {
+                    let mut f = vec![0x81, 0x80 | 127];
+                    f.extend_from_slice(&(1u64 << 63).to_be_bytes());
+                    f.extend_from_slice(&[0; 4]);
+                    f
+                },
+                "top bit",
+            ),
         ];
+        for code in [1000u16, 1001, 1003, 1007, 1011, 1014, 3000, 4999] {
+            let mut body = code.to_be_bytes().to_vec();
+            body.extend_from_slice("κόσμε".as_bytes());
+            let got = read_all(frame(true, 8, &body), 100).await;
+            assert_eq!(got, vec![Ok(Incoming::Close(Some(code)))], "{code}");
+        }
         for (bytes, want) in cases {
             let got = read_all(bytes, 100).await;
             let last = got.last().expect("an outcome");
