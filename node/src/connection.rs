@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::head::Prefixed;
 use common::{metrics as m, ClientFrame, CloseCode, ErrorCode, MessageId, RoomId, ServerFrame};
 use hyper_util::rt::TokioIo;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -101,13 +102,22 @@ pub async fn serve(
         let Ok(parts) = ws
             .into_inner()
             .into_inner()
-            .downcast::<TokioIo<TcpStream>>()
+            .downcast::<TokioIo<Prefixed<TcpStream>>>()
         else {
             tracing::error!("upgraded connection is not a TCP stream");
             return;
         };
-        let (read_io, write_io) = parts.io.into_inner().into_split();
-        let reader = FrameReader::new(read_io, parts.read_buf, state.config.max_frame_bytes);
+        // Bytes of the first read that hyper did not take come first, then hyper's buffer.
+        let (unread, stream) = parts.io.into_inner().into_parts();
+        let read_buf = if unread.is_empty() {
+            parts.read_buf
+        } else {
+            let mut b = parts.read_buf.to_vec();
+            b.extend_from_slice(&unread);
+            bytes::Bytes::from(b)
+        };
+        let (read_io, write_io) = stream.into_split();
+        let reader = FrameReader::new(read_io, read_buf, state.config.max_frame_bytes);
         let writer = FrameWriter::new(write_io);
         let cancel = state.shutdown_conns.child_token();
         let (handle, rx) = ConnHandle::new(

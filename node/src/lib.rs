@@ -26,10 +26,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::head::{FirstHead, Prefixed};
 use common::{metrics as m, CloseCode};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -230,9 +232,21 @@ async fn accept_loop(
         let state = state.clone();
         let stop = stop.clone();
         http_tracker.spawn(async move {
+            let mut stream = stream;
+            let head = match common::head::read_first(&mut stream).await {
+                FirstHead::Ok(head) => head,
+                FirstHead::Refused(answer) => {
+                    metrics::counter!(m::BAD_INPUT, "kind" => "bad_http").increment(1);
+                    let _ = stream.write_all(&answer).await;
+                    let _ = stream.shutdown().await;
+                    return;
+                }
+                FirstHead::Gone => return,
+            };
             let svc = service_fn(move |req| http::handle(req, state.clone()));
             let conn = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
+                .max_buf_size(common::head::MAX_HEAD_BYTES)
+                .serve_connection(TokioIo::new(Prefixed::new(head, stream)), svc)
                 .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {

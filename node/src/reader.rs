@@ -3,8 +3,9 @@
 //! RFC 6455 from the server's side: every client frame must be masked; control frames are
 //! short and unfragmented; fragments of one message are reassembled up to the message
 //! limit, with control frames allowed between them; text must be UTF-8. The buffer starts
-//! empty, grows to the frame being read and is released when drained, so an idle
-//! connection pins a few hundred bytes instead of a fixed 8 KiB. Unmasking uses
+//! empty, grows with the bytes of the frame being read (never ahead of them to a length the
+//! peer merely declared) and is released when drained, so an idle connection pins a few
+//! hundred bytes instead of a fixed 8 KiB. Unmasking uses
 //! fastwebsockets' SIMD routine. This module decodes only; what a frame means is
 //! `connection.rs`'s business.
 
@@ -71,6 +72,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next message or control frame. Not cancel-safe across a partially read frame
     /// only in the sense that the bytes stay buffered; calling again resumes.
     pub async fn next(&mut self) -> Result<Incoming, ReadError> {
+        Ok(self.next_with_binary().await?.0)
+    }
+
+    /// [`next`](Self::next), with a binary message's bytes beside `Incoming::Binary` (and
+    /// `None` beside anything else). The node has no use for them, it answers binary with
+    /// an error frame; the conformance suite's echo server (`tests/conformance.rs`) echoes
+    /// them. Cancel-safe like `next`.
+    pub async fn next_with_binary(&mut self) -> Result<(Incoming, Option<Bytes>), ReadError> {
         loop {
             match self.parse_header()? {
                 Some(h) if self.buf.len() >= h.header_len + h.payload_len => {
@@ -94,8 +103,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Reads at least one more byte. Room is reserved for what is missing of the frame but
+    /// never more than what has already arrived (and one chunk): a header declaring a large
+    /// frame costs nothing until its bytes come, and the buffer at most doubles per read.
     async fn fill(&mut self, want: usize) -> Result<(), ReadError> {
-        self.buf.reserve(want.max(64));
+        let room = want.min(self.buf.len().max(READ_CHUNK));
+        self.buf.reserve(room.max(64));
         if self.io.read_buf(&mut self.buf).await? == 0 {
             return Err(ReadError::Eof);
         }
@@ -144,7 +157,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if opcode >= 0x8 && (!fin || payload_len > MAX_CONTROL) {
             return Err(ReadError::Protocol("bad control frame"));
         }
-        if payload_len > self.max_message {
+        // A fragment is judged with what came before it, so a message that would outgrow the
+        // limit is refused at the header that would take it there, like a single frame.
+        let so_far = match (&self.partial, opcode) {
+            (Some((_, buf)), 0x0) => buf.len(),
+            _ => 0,
+        };
+        if so_far.saturating_add(payload_len) > self.max_message {
             return Err(ReadError::TooLarge);
         }
         let header_len = 2 + ext + 4;
@@ -167,7 +186,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         fin: bool,
         opcode: u8,
         payload: BytesMut,
-    ) -> Result<Option<Incoming>, ReadError> {
+    ) -> Result<Option<(Incoming, Option<Bytes>)>, ReadError> {
         match opcode {
             0x8 => {
                 // RFC 6455 5.5.1 and 7.4: no body, or a code a peer may send and a UTF-8
@@ -185,10 +204,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                         return Err(ReadError::Protocol("close reason is not UTF-8"));
                     }
                 }
-                Ok(Some(Incoming::Close(code)))
+                Ok(Some((Incoming::Close(code), None)))
             }
-            0x9 => Ok(Some(Incoming::Ping(payload.freeze()))),
-            0xA => Ok(Some(Incoming::Pong)),
+            0x9 => Ok(Some((Incoming::Ping(payload.freeze()), None))),
+            0xA => Ok(Some((Incoming::Pong, None))),
             0x1 | 0x2 => {
                 if self.partial.is_some() {
                     return Err(ReadError::Protocol("new message inside a fragmented one"));
@@ -204,9 +223,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 let Some((text, mut buf)) = self.partial.take() else {
                     return Err(ReadError::Protocol("continuation without a message"));
                 };
-                if buf.len() + payload.len() > self.max_message {
-                    return Err(ReadError::TooLarge);
-                }
+                // `parse_header` has held the message to the limit.
                 buf.extend_from_slice(&payload);
                 if fin {
                     return finish(text, buf).map(Some);
@@ -225,14 +242,14 @@ fn close_code_allowed(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
-fn finish(text: bool, payload: BytesMut) -> Result<Incoming, ReadError> {
+fn finish(text: bool, payload: BytesMut) -> Result<(Incoming, Option<Bytes>), ReadError> {
     if !text {
-        return Ok(Incoming::Binary);
+        return Ok((Incoming::Binary, Some(payload.freeze())));
     }
     if std::str::from_utf8(&payload).is_err() {
         return Err(ReadError::Protocol("text is not UTF-8"));
     }
-    Ok(Incoming::Text(payload.freeze()))
+    Ok((Incoming::Text(payload.freeze()), None))
 }
 
 #[cfg(test)]
@@ -374,6 +391,39 @@ mod tests {
                 "{want}: {got:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_is_not_reserved_before_its_bytes_arrive() {
+        // A header declaring 60,000 bytes and 100 of them: the buffer stays near what came.
+        let mut bytes = frame(true, 1, &[b'a'; 60_000]);
+        bytes.truncate(8 + 100);
+        let mut r = FrameReader::new(&bytes[..], Bytes::new(), 100_000);
+        assert!(matches!(r.next().await, Err(ReadError::Eof)));
+        assert!(r.buf.capacity() < 4096, "reserved {}", r.buf.capacity());
+    }
+
+    #[tokio::test]
+    async fn a_fragment_that_outgrows_the_limit_is_refused_at_its_header() {
+        // 60 bytes reassembled, then a continuation declaring 60 more of which none came.
+        let mut bytes = frame(false, 1, &[b'a'; 60]);
+        bytes.extend_from_slice(&frame(true, 0, &[b'a'; 60])[..6]);
+        let got = read_all(bytes, 100).await;
+        assert_eq!(got, vec![Err(ReadError::TooLarge.to_string())]);
+    }
+
+    #[tokio::test]
+    async fn binary_bytes_are_there_for_who_asks() {
+        let mut bytes = frame(false, 2, &[0, 1]);
+        bytes.extend(frame(true, 0, &[0xff]));
+        bytes.extend(frame(true, 1, b"t"));
+        let mut r = FrameReader::new(&bytes[..], Bytes::new(), 100);
+        let (msg, bin) = r.next_with_binary().await.expect("binary");
+        assert_eq!(msg, Incoming::Binary);
+        assert_eq!(bin, Some(Bytes::from_static(&[0, 1, 0xff])));
+        let (msg, bin) = r.next_with_binary().await.expect("text");
+        assert_eq!(msg, Incoming::Text(Bytes::from_static(b"t")));
+        assert_eq!(bin, None);
     }
 
     #[tokio::test]

@@ -169,6 +169,84 @@ async fn a_close_with_a_reserved_code_is_answered_1002() {
     node.stop().await;
 }
 
+/// Bytes a raw connection gets for `request` until the server closes it (or 10 s pass).
+async fn raw_answer(node: &TestNode, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(node.addr)
+        .await
+        .expect("connect");
+    let _ = s.write_all(request).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// What is not HTTP, and request heads past 16 KiB, get a status with the JSON error body
+/// and a close (hyper alone answered them with an empty body, and took 200 KB of headers).
+#[tokio::test]
+async fn garbage_and_huge_heads_before_the_upgrade_get_json_answers() {
+    let node = TestNode::start(config()).await;
+    for (request, status) in [
+        (
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (b"HELLO\r\n\r\n".to_vec(), "400"),
+        (
+            format!(
+                "GET /ws?room=r&user=u HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+                "a".repeat(200_000)
+            )
+            .into_bytes(),
+            "431",
+        ),
+    ] {
+        let answer = raw_answer(&node, &request).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{answer:.200}"
+        );
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        assert_eq!(json(body)["code"], "invalid_field", "{answer:.300}");
+    }
+    assert!(metric(node.addr, "chat_node_bad_input_total{kind=\"bad_http\"}").await >= 3.0);
+    bystander_still_served(&node, "heads", "after-garbage").await;
+    node.stop().await;
+}
+
+/// A client that writes its first frame in the same packet as its upgrade request is
+/// served: the bytes read along with the head reach the frame reader.
+#[tokio::test]
+async fn a_frame_sent_with_the_upgrade_request_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = TestNode::start(config()).await;
+    let mut request = b"GET /ws?room=pipelined&user=eager HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+        Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .to_vec();
+    let payload = br#"{"type":"send","room":"pipelined","cid":"early","body":"hi"}"#;
+    let mask = [1u8, 2, 3, 4];
+    request.extend_from_slice(&[0x81, 0x80 | payload.len() as u8]);
+    request.extend_from_slice(&mask);
+    request.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let mut s = tokio::net::TcpStream::connect(node.addr)
+        .await
+        .expect("connect");
+    s.write_all(&request).await.expect("write");
+    let mut seen = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains(r#""type":"ack""#) {
+            let n = s.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("the early send was acked");
+    assert!(seen.starts_with(b"HTTP/1.1 101"));
+    node.stop().await;
+}
+
 /// A WebSocket version other than 13 is answered 426 with `Sec-WebSocket-Version: 13` (it
 /// was a 400), in the usual JSON error body.
 #[tokio::test]

@@ -18,11 +18,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use common::head::{FirstHead, Prefixed};
 use common::membership::{self, RingWatch};
 use common::{metrics as m, Ring};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -206,9 +208,20 @@ async fn serve_connection(
     state: Arc<RouterState>,
     stop: CancellationToken,
 ) {
+    let mut stream = stream;
+    let head = match common::head::read_first(&mut stream).await {
+        FirstHead::Ok(head) => head,
+        FirstHead::Refused(answer) => {
+            let _ = stream.write_all(&answer).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+        FirstHead::Gone => return,
+    };
     let svc = service_fn(move |req| http::handle(req, state.clone(), peer));
     let conn = http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), svc)
+        .max_buf_size(common::head::MAX_HEAD_BYTES)
+        .serve_connection(TokioIo::new(Prefixed::new(head, stream)), svc)
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {

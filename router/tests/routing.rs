@@ -276,6 +276,32 @@ async fn bad_input_gets_a_clear_json_answer() {
         panic!("bad room accepted");
     };
     assert_eq!(status, 400, "{body}");
+    // Not HTTP, and a head past 16 KiB: a status with the JSON body, then a close.
+    for (request, status) in [
+        (b"\x16\x03\x01 not http\r\n\r\n".to_vec(), "400"),
+        (
+            format!(
+                "GET /ws?room=r HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+                "a".repeat(200_000)
+            )
+            .into_bytes(),
+            "431",
+        ),
+    ] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = s.write_all(&request).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{answer:.200}"
+        );
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let body: serde_json::Value = serde_json::from_str(body).expect("JSON body");
+        assert_eq!(body["code"], "invalid_field");
+    }
     assert_eq!(http(addr, "GET", "/healthz", None).await.status, 200);
     let metrics = http(addr, "GET", "/metrics", None).await;
     assert_eq!(metrics.status, 200);
