@@ -149,8 +149,10 @@ pub struct Config {
     /// Rooms one connection may be joined to at once.
     #[arg(long, env = "CHAT_MAX_ROOMS_PER_CONNECTION", default_value_t = 64)]
     pub max_rooms_per_connection: usize,
-    /// Concurrent WebSocket connections accepted; more get HTTP 503 `overloaded`.
-    #[arg(long, env = "CHAT_MAX_CONNECTIONS", default_value_t = 100_000)]
+    /// Concurrent WebSocket connections accepted; more get HTTP 503 `overloaded`. 0 (the
+    /// default): the open-file limit less a reserve (a tenth of it, at least 256) that keeps
+    /// health checks, metrics, the API, the store and Redis answerable when the node is full.
+    #[arg(long, env = "CHAT_MAX_CONNECTIONS", default_value_t = 0)]
     pub max_connections: usize,
     /// Sends, joins and leaves per second one connection may make (token bucket refill rate);
     /// refusals past another bucket of the same size close it with 4029.
@@ -229,7 +231,6 @@ impl Config {
             ("--outbound-queue", self.outbound_queue),
             ("--room-inbox", self.room_inbox),
             ("--max-rooms-per-connection", self.max_rooms_per_connection),
-            ("--max-connections", self.max_connections),
             ("--store-batch", self.store_batch),
             ("--max-pending-per-room", self.max_pending_per_room),
             ("--dedupe-max-per-room", self.dedupe_max_per_room),

@@ -115,6 +115,15 @@ pub async fn build_store(config: &Config) -> anyhow::Result<Arc<dyn MessageStore
     }
 }
 
+/// WebSocket connections the open-file limit leaves room for: the soft limit (which
+/// `main` raises to the hard one) less a reserve of a tenth, at least 256, for HTTP
+/// clients, probes, scrapes, the store's and Redis's connections and the listener.
+fn connection_room() -> usize {
+    let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    limit.saturating_sub((limit / 10).max(256)).max(1)
+}
+
 /// Serves until `shutdown` is cancelled, then shuts down gracefully.
 pub async fn run(
     config: Config,
@@ -134,6 +143,17 @@ pub async fn run_with_store(
     store: Arc<dyn MessageStore>,
 ) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
+    let mut config = config;
+    let fd_room = connection_room();
+    if config.max_connections == 0 {
+        config.max_connections = fd_room;
+    } else if config.max_connections > fd_room {
+        tracing::warn!(
+            max_connections = config.max_connections,
+            fits = fd_room,
+            "--max-connections is above what the open-file limit leaves room for: at the limit, new connections (health checks among them) go unanswered"
+        );
+    }
     let config = Arc::new(config);
     let auth = Authenticator::from_config(&config)?;
     let background = CancellationToken::new();
@@ -190,6 +210,7 @@ pub async fn run_with_store(
         advertise = %cluster.me().addr,
         node = config.node_id,
         store = ctx.store.name(),
+        max_connections = config.max_connections,
         "chat-node listening"
     );
 

@@ -37,8 +37,16 @@ fn a_bad_config_exits_64_with_one_line() {
 /// Starts the binary on port 0 against the real CQL store and reads the bound address from
 /// its log.
 async fn spawn_node(extra: &[&str]) -> (std::process::Child, SocketAddr) {
+    spawn_node_with(Command::new(BIN), extra).await
+}
+
+/// [`spawn_node`] with the command to run (say, a shell that lowers a limit first).
+async fn spawn_node_with(
+    mut command: Command,
+    extra: &[&str],
+) -> (std::process::Child, SocketAddr) {
     fresh_keyspace().await;
-    let mut child = Command::new(BIN)
+    let mut child = command
         // Standalone: these tests are about one process, not membership.
         .env_remove("CHAT_REDIS_URL")
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
@@ -148,4 +156,78 @@ async fn the_listen_backlog_flag_sizes_the_accept_queue() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(backlog, 123);
+}
+
+/// With the default `--max-connections`, a node under an open-file limit of 400 takes 144
+/// WebSockets (400 less a reserve of 256) and answers the rest 503 `overloaded`, while its
+/// health, readiness and metrics still answer. (The default was 100,000: at the fd limit,
+/// upgrades went unanswered and `/healthz` timed out.)
+#[tokio::test]
+async fn a_full_node_refuses_upgrades_and_still_answers_its_probes() {
+    let mut sh = Command::new("sh");
+    sh.args(["-c", &format!("ulimit -n 400 && exec {BIN} \"$@\""), "sh"]);
+    let (child, addr) = spawn_node_with(sh, &["--insecure-dev-auth"]).await;
+    let _child = KillOnDrop(child);
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for i in 0..170 {
+        match Client::connect(addr, &format!("/ws?room=full-{}&user=u{i}", i % 7)).await {
+            Ok(mut c) => {
+                c.expect_joined().await;
+                open.push(c);
+            }
+            Err((status, _)) => {
+                assert_eq!(status, 503);
+                refused += 1;
+            }
+        }
+    }
+    // The refusal's body, from a raw upgrade request.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(
+            b"GET /ws?room=full-0&user=late HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+              Sec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        let mut answer = Vec::new();
+        tokio::time::timeout(WAIT, async {
+            let mut chunk = [0u8; 4096];
+            while !answer.ends_with(b"}") {
+                let n = s.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "closed before the answer ended");
+                answer.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await
+        .expect("answered within the wait");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains(r#""code":"overloaded""#), "{answer}");
+    }
+    assert_eq!((open.len(), refused), (144, 26));
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let (status, body) = http(addr, "GET", path, None).await;
+        assert_eq!(status, 200, "{path} while full: {body:.200}");
+    }
+    // A freed slot is taken again.
+    drop(open.pop());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut again = Client::connect(addr, "/ws?room=full-0&user=later")
+        .await
+        .expect("a freed slot is taken");
+    again.expect_joined().await;
+}
+
+/// Kills the child when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
