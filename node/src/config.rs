@@ -137,6 +137,10 @@ pub struct Config {
     /// Frames a connection's outbound queue holds before the client is closed as slow.
     #[arg(long, env = "CHAT_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
+    /// Bytes a connection may have waiting (its queue and what rooms buffer for it while
+    /// it catches up) before it is closed as slow (4000); replays wait for room instead.
+    #[arg(long, env = "CHAT_OUTBOUND_QUEUE_BYTES", default_value_t = 4 << 20)]
+    pub outbound_queue_bytes: usize,
     /// Commands a room's inbox holds before sends are refused with `overloaded`.
     #[arg(long, env = "CHAT_ROOM_INBOX", default_value_t = 4096)]
     pub room_inbox: usize,
@@ -229,6 +233,7 @@ impl Config {
         }
         for (name, v) in [
             ("--outbound-queue", self.outbound_queue),
+            ("--outbound-queue-bytes", self.outbound_queue_bytes),
             ("--room-inbox", self.room_inbox),
             ("--max-rooms-per-connection", self.max_rooms_per_connection),
             ("--store-batch", self.store_batch),

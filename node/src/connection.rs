@@ -126,7 +126,7 @@ pub async fn serve(
             state.config.outbound_queue,
             cancel,
         );
-        let conn = Arc::new(handle);
+        let conn = Arc::new(handle.with_byte_budget(state.config.outbound_queue_bytes));
         state.register_conn(&conn);
         let writer_task = tokio::spawn(write_loop(writer, rx, conn.clone(), state.clone()));
         let mut r = ReaderState {
@@ -488,7 +488,7 @@ async fn write_loop(
             _ = ping.tick() => None,
         };
         match first {
-            Some(out) => write_out(&mut ws, out),
+            Some(out) => write_out(&mut ws, out, &conn),
             None => ws.push(OP_PING, b""),
         }
         for _ in 1..WRITE_BATCH {
@@ -496,7 +496,7 @@ async fn write_loop(
                 break;
             }
             match rx.try_recv() {
-                Ok(out) => write_out(&mut ws, out),
+                Ok(out) => write_out(&mut ws, out, &conn),
                 Err(_) => break,
             }
         }
@@ -522,7 +522,7 @@ async fn write_loop(
     // and it resumes with `since`.
     if code != CloseCode::SlowConsumer {
         while let Ok(out) = rx.try_recv() {
-            write_out(&mut ws, out);
+            write_out(&mut ws, out, &conn);
         }
     }
     // Free the queue (and the shared frames it holds) before the slow part.
@@ -550,7 +550,9 @@ async fn flush(ws: &mut Writer, conn: &ConnHandle, stall: Duration) -> std::io::
     }
 }
 
-fn write_out(ws: &mut Writer, out: Out) {
+/// Encodes a queued item into the batch; its bytes leave the connection's budget.
+fn write_out(ws: &mut Writer, out: Out, conn: &ConnHandle) {
+    conn.refund(out.len());
     match out {
         Out::Frame(bytes) => ws.push(OP_TEXT, &bytes),
         Out::Frames(frames) => {

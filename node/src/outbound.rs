@@ -11,12 +11,12 @@
 //! by one: they send each frame once per link ([`ConnHandle::link`]), and tell the other
 //! node which of its members follow the room's stream ([`ConnHandle::follow`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use common::{metrics as m, CloseCode, RoomId, ServerFrame, UserId};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify, Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::link::Link;
@@ -34,11 +34,71 @@ pub enum Out {
     Pong(Bytes),
 }
 
+impl Out {
+    /// The bytes it holds, as charged to a connection's [`Budget`].
+    pub fn len(&self) -> usize {
+        match self {
+            Out::Frame(b) | Out::Pong(b) => b.len(),
+            Out::Frames(v) => v.iter().map(Bytes::len).sum(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The bytes a local connection may have waiting for its writer: its queue and the frames
+/// rooms hold for it while it catches up, together. Frames are shared with other members,
+/// so this counts what the connection keeps alive, not copies.
+struct Budget {
+    max: usize,
+    used: AtomicUsize,
+    freed: Notify,
+}
+
+impl Budget {
+    /// Takes `n` bytes if they fit (an item larger than the whole budget fits an empty one).
+    fn try_take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used == 0 || used.saturating_add(n) <= self.max).then(|| used.saturating_add(n))
+            })
+            .is_ok()
+    }
+
+    /// Waits until `n` bytes fit, or `cancel` fires (false).
+    async fn take(&self, n: usize, cancel: &CancellationToken) -> bool {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.try_take(n) {
+                return true;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = freed => {}
+            }
+        }
+    }
+
+    fn give(&self, n: usize) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                Some(used.saturating_sub(n))
+            });
+        self.freed.notify_waiters();
+    }
+}
+
 enum Sink {
     /// A connection of this node: its writer task drains the queue.
     Local {
         tx: mpsc::Sender<Out>,
         capacity: usize,
+        budget: Budget,
     },
     /// Connection `conn` of the node at the other end of `link`.
     Remote { link: Arc<Link>, conn: u64 },
@@ -51,6 +111,8 @@ pub struct ConnHandle {
     cancel: CancellationToken,
     close_code: OnceLock<CloseCode>,
     slow_counted: AtomicBool,
+    /// One replay page at a time per connection, whatever the number of rooms replaying.
+    replay_turn: Semaphore,
 }
 
 impl std::fmt::Debug for ConnHandle {
@@ -73,12 +135,29 @@ impl ConnHandle {
         let h = ConnHandle {
             id,
             user,
-            sink: Sink::Local { tx, capacity },
+            sink: Sink::Local {
+                tx,
+                capacity,
+                budget: Budget {
+                    max: usize::MAX,
+                    used: AtomicUsize::new(0),
+                    freed: Notify::new(),
+                },
+            },
             cancel,
             close_code: OnceLock::new(),
             slow_counted: AtomicBool::new(false),
+            replay_turn: Semaphore::new(1),
         };
         (h, rx)
+    }
+
+    /// Bounds what the connection may have waiting to `max_bytes` (unbounded otherwise).
+    pub fn with_byte_budget(mut self, max_bytes: usize) -> Self {
+        if let Sink::Local { budget, .. } = &mut self.sink {
+            budget.max = max_bytes;
+        }
+        self
     }
 
     /// The handle of connection `conn` of the node at the other end of `link`, known here
@@ -97,12 +176,43 @@ impl ConnHandle {
             cancel,
             close_code: OnceLock::new(),
             slow_counted: AtomicBool::new(false),
+            replay_turn: Semaphore::new(1),
         }
     }
 
-    /// Enqueues without waiting. A full queue closes the connection as a slow consumer.
-    /// Returns false when the item was not enqueued (full or already closed).
+    /// Enqueues without waiting. A full queue, or one holding its byte budget, closes the
+    /// connection as a slow consumer. Returns false when the item was not enqueued (full or
+    /// already closed).
     pub fn deliver(&self, out: Out) -> bool {
+        if !self.charge(out.len()) {
+            return false;
+        }
+        self.deliver_charged(out)
+    }
+
+    /// Charges `n` bytes (frames a room holds for this connection) to its budget; false,
+    /// with the connection closed as slow, when they do not fit. A remote member's budget
+    /// is on its own node: always true.
+    pub(crate) fn charge(&self, n: usize) -> bool {
+        match &self.sink {
+            Sink::Local { budget, .. } if !budget.try_take(n) => {
+                self.close_slow();
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Gives back bytes charged with [`ConnHandle::charge`] that will not be delivered, or
+    /// that the writer has taken off the queue.
+    pub(crate) fn refund(&self, n: usize) {
+        if let Sink::Local { budget, .. } = &self.sink {
+            budget.give(n);
+        }
+    }
+
+    /// [`ConnHandle::deliver`] of an item whose bytes are already charged.
+    pub(crate) fn deliver_charged(&self, out: Out) -> bool {
         match &self.sink {
             Sink::Local { tx, .. } => match tx.try_send(out) {
                 Ok(()) => true,
@@ -120,6 +230,16 @@ impl ConnHandle {
                         frames: out,
                     })
             }
+        }
+    }
+
+    /// Waits for this connection's turn to replay a page (one page at a time across all
+    /// its rooms, so a connection that joins many rooms with old `since` holds one page
+    /// outside its budget, not one per room). `None` if it closed first.
+    pub(crate) async fn replay_turn(&self) -> Option<SemaphorePermit<'_>> {
+        tokio::select! {
+            _ = self.cancel.cancelled() => None,
+            p = self.replay_turn.acquire() => p.ok(),
         }
     }
 
@@ -173,14 +293,21 @@ impl ConnHandle {
         self.deliver(Out::Frame(Bytes::from(frame.to_json())))
     }
 
-    /// Enqueues, waiting for room: only for paths that may wait on this one client, such as
-    /// a replay. Returns false if the connection closed first.
+    /// Enqueues, waiting for room (in the queue and in the byte budget): only for paths that
+    /// may wait on this one client, such as a replay. Returns false if the connection closed
+    /// first.
     pub async fn deliver_wait(&self, out: Out) -> bool {
         match &self.sink {
-            Sink::Local { tx, .. } => tokio::select! {
-                _ = self.cancel.cancelled() => false,
-                r = tx.send(out) => r.is_ok(),
-            },
+            Sink::Local { tx, budget, .. } => {
+                let n = out.len();
+                if !budget.take(n, &self.cancel).await {
+                    return false;
+                }
+                tokio::select! {
+                    _ = self.cancel.cancelled() => false,
+                    r = tx.send(out) => r.is_ok(),
+                }
+            }
             Sink::Remote { link, conn } => tokio::select! {
                 _ = self.cancel.cancelled() => false,
                 ok = link.push_wait(Item::To { conn: *conn, frames: out }) => ok,
@@ -229,7 +356,7 @@ impl ConnHandle {
     /// How full the outbound queue is, 0.0 to 1.0.
     pub fn fill_ratio(&self) -> f64 {
         match &self.sink {
-            Sink::Local { tx, capacity } => 1.0 - tx.capacity() as f64 / *capacity as f64,
+            Sink::Local { tx, capacity, .. } => 1.0 - tx.capacity() as f64 / *capacity as f64,
             Sink::Remote { link, .. } => link.fill_ratio(),
         }
     }
@@ -252,5 +379,41 @@ mod tests {
         // A later close does not overwrite the first reason.
         h.close(CloseCode::GoingAway);
         assert_eq!(h.close_code(), Some(CloseCode::SlowConsumer));
+    }
+
+    #[tokio::test]
+    async fn the_byte_budget_closes_a_full_connection_and_holds_a_replay_back() {
+        let frame = || Out::Frame(Bytes::from(vec![b'x'; 1000]));
+        let (h, mut rx) = ConnHandle::new(
+            1,
+            UserId::new("u").expect("user"),
+            100,
+            CancellationToken::new(),
+        );
+        let h = Arc::new(h.with_byte_budget(2500));
+        assert!(h.deliver(frame()) && h.deliver(frame()));
+        // The queue has slots left, but not bytes: a third frame waits in a replay...
+        let waiting = tokio::spawn({
+            let h = h.clone();
+            async move { h.deliver_wait(frame()).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        // ...until the writer takes one off (and gives its bytes back).
+        let out = rx.recv().await.expect("queued");
+        h.refund(out.len());
+        assert!(waiting.await.expect("task"));
+        // A broadcast that does not fit closes the connection as slow.
+        assert!(!h.deliver(frame()));
+        assert_eq!(h.close_code(), Some(CloseCode::SlowConsumer));
+        // An item larger than the whole budget still fits an empty one.
+        let (big, _rx) = ConnHandle::new(
+            2,
+            UserId::new("u").expect("user"),
+            100,
+            CancellationToken::new(),
+        );
+        let big = big.with_byte_budget(10);
+        assert!(big.deliver(frame()));
     }
 }

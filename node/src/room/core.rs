@@ -85,8 +85,12 @@ pub(crate) struct Loaded {
 
 enum MemberState {
     Live,
-    /// Waiting for a store replay; live frames wait here, in order, until it is done.
-    CatchingUp(Vec<Bytes>),
+    /// Waiting for a store replay; live frames wait here, in order, until it is done. Their
+    /// bytes are charged to the connection's budget (`bytes` of them).
+    CatchingUp {
+        frames: Vec<Bytes>,
+        bytes: usize,
+    },
 }
 
 struct Member {
@@ -627,13 +631,18 @@ impl RoomCore {
             Some(since) => {
                 // Older than the recent window: the store serves (since, recent_floor], the
                 // window and live messages wait in the member's buffer until it is done.
-                let buffered: Vec<Bytes> = self.recent.iter().map(|r| r.bytes.clone()).collect();
+                let frames: Vec<Bytes> = self.recent.iter().map(|r| r.bytes.clone()).collect();
+                let bytes = frames.iter().map(Bytes::len).sum();
+                if !conn.charge(bytes) {
+                    self.forget_user(&conn.user);
+                    return;
+                }
                 self.replays.push_back(Action::Replay {
                     conn: conn.clone(),
                     since,
                     upto: self.recent_floor,
                 });
-                MemberState::CatchingUp(buffered)
+                MemberState::CatchingUp { frames, bytes }
             }
         };
         if matches!(state, MemberState::Live) {
@@ -646,18 +655,19 @@ impl RoomCore {
         let Some(member) = self.members.get_mut(&conn_id) else {
             return;
         };
-        let MemberState::CatchingUp(buffer) =
+        let MemberState::CatchingUp { frames, bytes } =
             std::mem::replace(&mut member.state, MemberState::Live)
         else {
             return;
         };
         let delivered = if ok {
-            let delivered = buffer.is_empty() || member.conn.deliver(Out::Frames(buffer));
+            let delivered = frames.is_empty() || member.conn.deliver_charged(Out::Frames(frames));
             if delivered {
                 member.conn.follow(&self.id, self.head);
             }
             delivered
         } else {
+            member.conn.refund(bytes);
             member.conn.send_frame(&ServerFrame::Error {
                 code: ErrorCode::StoreUnavailable,
                 message: "could not replay history; join again with the same since".into(),
@@ -676,6 +686,9 @@ impl RoomCore {
         let Some(member) = self.members.remove(&conn_id) else {
             return;
         };
+        if let MemberState::CatchingUp { bytes, .. } = member.state {
+            member.conn.refund(bytes);
+        }
         member.conn.unfollow(&self.id);
         if notify {
             member.conn.send_frame(&ServerFrame::Left {
@@ -749,13 +762,19 @@ impl RoomCore {
                         dead.push(*id);
                     }
                 }
-                MemberState::CatchingUp(buffer) => {
-                    if buffer.len() >= cap {
+                MemberState::CatchingUp {
+                    frames,
+                    bytes: held,
+                } => {
+                    if frames.len() >= cap {
                         member.conn.close_slow();
                         dead.push(*id);
-                    } else {
-                        buffer.push(bytes.clone());
+                    } else if member.conn.charge(bytes.len()) {
+                        frames.push(bytes.clone());
+                        *held += bytes.len();
                         delivered += 1;
+                    } else {
+                        dead.push(*id);
                     }
                 }
             }

@@ -470,6 +470,10 @@ fn spawn_replay(
         let mut replayed = 0u64;
         let ok =
             loop {
+                // One page at a time per connection, across its rooms.
+                let Some(_turn) = conn.replay_turn().await else {
+                    return;
+                };
                 let q = HistoryQuery {
                     after: Some(after),
                     before: Some(MessageId(upto.0 + 1)),
