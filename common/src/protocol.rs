@@ -311,9 +311,27 @@ impl ServerFrame {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Encodes a `message` frame without cloning the message.
+    /// Encodes a `message` frame without cloning the message. The buffer is sized for the
+    /// frame up front: grown by doubling, it would often hold twice the frame's bytes for as
+    /// long as the frame is queued or kept in a room's recent window.
     pub fn encode_message(msg: &ChatMessage) -> Vec<u8> {
-        serde_json::to_vec(&MessageRef::Message(msg)).unwrap_or_default()
+        // Escaping adds at most 5 bytes per quote, backslash or control character.
+        let escapes = msg
+            .body
+            .bytes()
+            .filter(|b| matches!(b, b'"' | b'\\' | 0..=0x1f))
+            .count();
+        let estimate = 128
+            + msg.room.as_str().len()
+            + msg.from.as_str().len()
+            + msg.cid.as_str().len()
+            + msg.body.len()
+            + escapes * 5;
+        let mut out = Vec::with_capacity(estimate);
+        if serde_json::to_writer(&mut out, &MessageRef::Message(msg)).is_err() {
+            return Vec::new();
+        }
+        out
     }
 
     pub fn error(code: ErrorCode, message: impl Into<String>) -> ServerFrame {
@@ -449,6 +467,40 @@ mod tests {
         for frame in ["5", r#"["send"]"#, r#""send""#, "{nope"] {
             let e = parse(frame).expect_err(frame);
             assert_eq!((e.code, e.cid), (ErrorCode::BadJson, None), "{frame}");
+        }
+    }
+
+    #[test]
+    fn an_encoded_message_holds_little_more_than_its_bytes() {
+        for (body, plain) in [
+            ("x".repeat(4000), true),
+            ("ünïcode text ".repeat(300), true),
+            (String::new(), true),
+            ("é\"".repeat(300), false),
+            ("\u{1}\n\\".repeat(100), false),
+        ] {
+            let msg = ChatMessage {
+                room: RoomId::new("room-1").expect("room"),
+                id: MessageId(u64::MAX >> 1),
+                from: UserId::new("someone").expect("user"),
+                cid: ClientMsgId::new("c-123").expect("cid"),
+                body,
+                ts: 1_700_000_000_000,
+            };
+            let bytes = ServerFrame::encode_message(&msg);
+            assert_eq!(bytes, ServerFrame::Message(msg).to_json());
+            // Plain text gets a buffer of its size; escapes are over-counted a little.
+            let slack = if plain {
+                bytes.len() + 128
+            } else {
+                bytes.len() * 2 + 128
+            };
+            assert!(
+                bytes.capacity() <= slack,
+                "{} bytes in {}",
+                bytes.len(),
+                bytes.capacity()
+            );
         }
     }
 

@@ -555,7 +555,7 @@ fn write_out(ws: &mut Writer, out: Out, conn: &ConnHandle) {
     conn.refund(out.len());
     match out {
         Out::Frame(bytes) => ws.push(OP_TEXT, &bytes),
-        Out::Frames(frames) => {
+        Out::Frames(frames) | Out::Shared(frames) => {
             for bytes in frames {
                 ws.push(OP_TEXT, &bytes);
             }

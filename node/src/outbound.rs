@@ -30,16 +30,20 @@ pub enum Out {
     /// Several frames that must stay together and in order (a replay page, a catch-up
     /// buffer); takes one queue slot.
     Frames(Vec<Bytes>),
+    /// Frames the room keeps anyway (its window of recent messages), handed to a joiner:
+    /// like `Frames`, but not charged to the connection's byte budget.
+    Shared(Vec<Bytes>),
     /// The answer to a client ping.
     Pong(Bytes),
 }
 
 impl Out {
-    /// The bytes it holds, as charged to a connection's [`Budget`].
+    /// The bytes it holds, as charged to a connection's [`Budget`] (none for `Shared`).
     pub fn len(&self) -> usize {
         match self {
             Out::Frame(b) | Out::Pong(b) => b.len(),
             Out::Frames(v) => v.iter().map(Bytes::len).sum(),
+            Out::Shared(_) => 0,
         }
     }
 
@@ -60,6 +64,9 @@ struct Budget {
 impl Budget {
     /// Takes `n` bytes if they fit (an item larger than the whole budget fits an empty one).
     fn try_take(&self, n: usize) -> bool {
+        if n == 0 {
+            return true;
+        }
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 (used == 0 || used.saturating_add(n) <= self.max).then(|| used.saturating_add(n))
@@ -67,13 +74,22 @@ impl Budget {
             .is_ok()
     }
 
-    /// Waits until `n` bytes fit, or `cancel` fires (false).
+    /// Waits until `n` bytes fit in half the budget, or `cancel` fires (false). What may
+    /// wait (a replay) leaves the other half to what may not (broadcasts, acks), so a
+    /// client that reads while it catches up is not closed as slow because of its replay.
     async fn take(&self, n: usize, cancel: &CancellationToken) -> bool {
+        let fits = |used: usize| used == 0 || used.saturating_add(n) <= self.max / 2;
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if self.try_take(n) {
+            let taken = self
+                .used
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                    fits(used).then(|| used.saturating_add(n))
+                })
+                .is_ok();
+            if taken {
                 return true;
             }
             tokio::select! {
@@ -399,10 +415,16 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
-        // ...until the writer takes one off (and gives its bytes back).
+        // ...until the writer has taken enough off for it to fit in half the budget (the
+        // other half is kept for broadcasts).
+        let out = rx.recv().await.expect("queued");
+        h.refund(out.len());
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
         let out = rx.recv().await.expect("queued");
         h.refund(out.len());
         assert!(waiting.await.expect("task"));
+        assert!(h.deliver(frame()));
         // A broadcast that does not fit closes the connection as slow.
         assert!(!h.deliver(frame()));
         assert_eq!(h.close_code(), Some(CloseCode::SlowConsumer));

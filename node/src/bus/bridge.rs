@@ -168,7 +168,7 @@ enum Verdict {
 fn append(run: &mut Vec<bytes::Bytes>, out: Out) {
     match out {
         Out::Frame(b) | Out::Pong(b) => run.push(b),
-        Out::Frames(v) => run.extend(v),
+        Out::Frames(v) | Out::Shared(v) => run.extend(v),
     }
 }
 
@@ -177,6 +177,7 @@ fn dup(out: &Out) -> Out {
     match out {
         Out::Frame(b) => Out::Frame(b.clone()),
         Out::Frames(v) => Out::Frames(v.clone()),
+        Out::Shared(v) => Out::Shared(v.clone()),
         Out::Pong(b) => Out::Pong(b.clone()),
     }
 }

@@ -179,7 +179,7 @@ fn put_frames(buf: &mut Vec<u8>, out: &Out) {
             buf.put_u32(1);
             put_blob(buf, b);
         }
-        Out::Frames(v) => {
+        Out::Frames(v) | Out::Shared(v) => {
             buf.put_u32(v.len() as u32);
             for b in v {
                 put_blob(buf, b);

@@ -88,6 +88,7 @@ enum MemberState {
     /// Waiting for a store replay; live frames wait here, in order, until it is done. Their
     /// bytes are charged to the connection's budget (`bytes` of them).
     CatchingUp {
+        window: Vec<Bytes>,
         frames: Vec<Bytes>,
         bytes: usize,
     },
@@ -622,7 +623,7 @@ impl RoomCore {
                     .map(|r| r.bytes.clone())
                     .collect();
                 metrics::counter!(m::MESSAGES_REPLAYED).increment(frames.len() as u64);
-                if !frames.is_empty() && !conn.deliver(Out::Frames(frames)) {
+                if !frames.is_empty() && !conn.deliver(Out::Shared(frames)) {
                     self.forget_user(&conn.user);
                     return;
                 }
@@ -631,18 +632,17 @@ impl RoomCore {
             Some(since) => {
                 // Older than the recent window: the store serves (since, recent_floor], the
                 // window and live messages wait in the member's buffer until it is done.
-                let frames: Vec<Bytes> = self.recent.iter().map(|r| r.bytes.clone()).collect();
-                let bytes = frames.iter().map(Bytes::len).sum();
-                if !conn.charge(bytes) {
-                    self.forget_user(&conn.user);
-                    return;
-                }
+                let window: Vec<Bytes> = self.recent.iter().map(|r| r.bytes.clone()).collect();
                 self.replays.push_back(Action::Replay {
                     conn: conn.clone(),
                     since,
                     upto: self.recent_floor,
                 });
-                MemberState::CatchingUp { frames, bytes }
+                MemberState::CatchingUp {
+                    window,
+                    frames: Vec::new(),
+                    bytes: 0,
+                }
             }
         };
         if matches!(state, MemberState::Live) {
@@ -655,13 +655,18 @@ impl RoomCore {
         let Some(member) = self.members.get_mut(&conn_id) else {
             return;
         };
-        let MemberState::CatchingUp { frames, bytes } =
-            std::mem::replace(&mut member.state, MemberState::Live)
+        let MemberState::CatchingUp {
+            window,
+            frames,
+            bytes,
+        } = std::mem::replace(&mut member.state, MemberState::Live)
         else {
             return;
         };
         let delivered = if ok {
-            let delivered = frames.is_empty() || member.conn.deliver_charged(Out::Frames(frames));
+            let conn = &member.conn;
+            let delivered = (window.is_empty() || conn.deliver_charged(Out::Shared(window)))
+                && (frames.is_empty() || conn.deliver_charged(Out::Frames(frames)));
             if delivered {
                 member.conn.follow(&self.id, self.head);
             }
@@ -763,10 +768,11 @@ impl RoomCore {
                     }
                 }
                 MemberState::CatchingUp {
+                    window,
                     frames,
                     bytes: held,
                 } => {
-                    if frames.len() >= cap {
+                    if window.len() + frames.len() >= cap {
                         member.conn.close_slow();
                         dead.push(*id);
                     } else if member.conn.charge(bytes.len()) {

@@ -504,6 +504,8 @@ fn spawn_replay(
                     .iter()
                     .map(|msg| bytes::Bytes::from(ServerFrame::encode_message(msg)))
                     .collect();
+                // Only the encoded page waits on the client, not the messages as well.
+                drop(page);
                 if !conn.deliver_wait(Out::Frames(frames)).await {
                     return;
                 }

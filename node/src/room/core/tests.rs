@@ -159,7 +159,7 @@ impl Peer {
         while let Ok(item) = self.rx.try_recv() {
             match item {
                 Out::Frame(b) | Out::Pong(b) => out.push(decode(&b)),
-                Out::Frames(v) => out.extend(v.iter().map(decode)),
+                Out::Frames(v) | Out::Shared(v) => out.extend(v.iter().map(decode)),
             }
         }
         out
