@@ -220,7 +220,12 @@ impl Member {
             .await
             {
                 Ok(mut client) => loop {
-                    match client.next().await {
+                    // A connection that dies before `joined` (its node was just killed, so
+                    // the router's splice ends with no close frame) is simply retried.
+                    let Some(event) = client.try_next().await else {
+                        break;
+                    };
+                    match event {
                         Event::Frame(ServerFrame::Joined { .. }) => return client,
                         Event::Frame(ServerFrame::Presence { .. }) => continue,
                         // The room changed hands between the upgrade and the join (the ring

@@ -215,6 +215,33 @@ impl Client {
         }
     }
 
+    /// [`Client::next`], with `None` when the connection ends without a close frame (reset
+    /// or EOF), as when its node is killed.
+    pub async fn try_next(&mut self) -> Option<Event> {
+        loop {
+            let frame = tokio::time::timeout(WAIT, self.ws.read_frame())
+                .await
+                .expect("server answered within the wait")
+                .ok()?;
+            match frame.opcode {
+                OpCode::Text => {
+                    let f: ServerFrame = serde_json::from_slice(&frame.payload)
+                        .unwrap_or_else(|e| panic!("bad server frame: {e}"));
+                    return Some(Event::Frame(f));
+                }
+                OpCode::Close => {
+                    let code = if frame.payload.len() >= 2 {
+                        u16::from_be_bytes([frame.payload[0], frame.payload[1]])
+                    } else {
+                        1005
+                    };
+                    return Some(Event::Close(code));
+                }
+                _ => continue,
+            }
+        }
+    }
+
     pub async fn frame(&mut self) -> ServerFrame {
         match self.next().await {
             Event::Frame(f) => f,
