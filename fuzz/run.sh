@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Builds the fuzz targets and runs each for a few seconds over its seed corpus; exits 1 if
+# any target crashed (a panic, a sanitizer report, a hang past -timeout or a leak).
+#
+#   fuzz/run.sh                 every target, 5 seconds each
+#   FUZZ_SECONDS=60 fuzz/run.sh
+#   fuzz/run.sh client_frame    only the named targets
+#
+# Needs a nightly toolchain (`rustup toolchain install nightly`); installs cargo-fuzz if it
+# is missing. What the fuzzer finds goes to a temporary directory, not to fuzz/corpus (the
+# seeds kept in git); a crashing input is kept under fuzz/artifacts/<target>/.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+seconds="${FUZZ_SECONDS:-5}"
+
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    echo "fuzz/run.sh: a nightly toolchain is needed: rustup toolchain install nightly" >&2
+    exit 1
+fi
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked
+fi
+
+if [ "$#" -gt 0 ]; then
+    targets=("$@")
+else
+    mapfile -t targets < <(cargo +nightly fuzz list)
+fi
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+# One build for all targets (each `fuzz run` below then finds them built).
+if ! cargo +nightly fuzz build >"$work/build.log" 2>&1; then
+    tail -40 "$work/build.log" >&2
+    echo "fuzz/run.sh: the fuzz targets do not build" >&2
+    exit 1
+fi
+
+failed=()
+for t in "${targets[@]}"; do
+    mkdir -p "$work/$t"
+    log="$work/$t.log"
+    if cargo +nightly fuzz run "$t" "$work/$t" "fuzz/corpus/$t" -- \
+        -max_total_time="$seconds" -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
+        runs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")"
+        cov="$(grep -o 'cov: [0-9]* ft: [0-9]*' "$log" | tail -1)"
+        echo "fuzz $t: ok, ${runs:-?} runs in ${seconds}s, $cov"
+    else
+        echo "fuzz $t: FAILED" >&2
+        grep -E 'panicked at|ERROR: |SUMMARY: |Test unit written to' -A1 "$log" >&2 || tail -40 "$log" >&2
+        failed+=("$t")
+    fi
+done
+
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "fuzz/run.sh: crashed: ${failed[*]} (inputs under fuzz/artifacts/)" >&2
+    exit 1
+fi
