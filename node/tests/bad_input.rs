@@ -252,29 +252,13 @@ async fn a_frame_sent_with_the_upgrade_request_is_read() {
 #[tokio::test]
 async fn another_websocket_version_gets_426_naming_13() {
     let node = TestNode::start(config()).await;
-    let mut s = tokio::net::TcpStream::connect(node.addr)
-        .await
-        .expect("connect");
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(
+    let answer = raw_json_answer(
+        node.addr,
         b"GET /ws?room=v&user=u HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
           Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
     )
-    .await
-    .expect("write");
-    // Until the JSON body has ended (the connection stays open for keep-alive).
-    let mut answer = Vec::new();
-    tokio::time::timeout(WAIT, async {
-        let mut chunk = [0u8; 4096];
-        while !answer.ends_with(b"}") {
-            let n = s.read(&mut chunk).await.expect("read");
-            assert!(n > 0, "closed before the answer ended");
-            answer.extend_from_slice(&chunk[..n]);
-        }
-    })
-    .await
-    .expect("answered within the wait");
-    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    .await;
+    let answer = answer.to_lowercase();
     assert!(answer.starts_with("http/1.1 426"), "{answer}");
     assert!(answer.contains("sec-websocket-version: 13"), "{answer}");
     assert!(answer.contains("\"code\":\"invalid_field\""), "{answer}");

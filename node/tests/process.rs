@@ -183,31 +183,15 @@ async fn a_full_node_refuses_upgrades_and_still_answers_its_probes() {
         }
     }
     // The refusal's body, from a raw upgrade request.
-    {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        s.write_all(
-            b"GET /ws?room=full-0&user=late HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
-              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-              Sec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await
-        .expect("write");
-        let mut answer = Vec::new();
-        tokio::time::timeout(WAIT, async {
-            let mut chunk = [0u8; 4096];
-            while !answer.ends_with(b"}") {
-                let n = s.read(&mut chunk).await.expect("read");
-                assert!(n > 0, "closed before the answer ended");
-                answer.extend_from_slice(&chunk[..n]);
-            }
-        })
-        .await
-        .expect("answered within the wait");
-        let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-        assert!(answer.contains(r#""code":"overloaded""#), "{answer}");
-    }
+    let answer = raw_json_answer(
+        addr,
+        b"GET /ws?room=full-0&user=late HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+          Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains(r#""code":"overloaded""#), "{answer}");
     assert_eq!((open.len(), refused), (144, 26));
     for path in ["/healthz", "/readyz", "/metrics"] {
         let (status, body) = http(addr, "GET", path, None).await;

@@ -317,6 +317,26 @@ impl Client {
     }
 }
 
+/// Writes `request` (raw bytes: an upgrade with a chosen header, say) on a fresh connection
+/// and returns the answer up to the end of its JSON body (the connection may stay open).
+pub async fn raw_json_answer(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        let mut chunk = [0u8; 4096];
+        while !answer.ends_with(b"}") {
+            let n = s.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed before the answer ended");
+            answer.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("answered within the wait");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// A minimal HTTP/1.1 request over a fresh connection; returns status and body.
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
     http_with_headers(addr, method, path, body, &[]).await
