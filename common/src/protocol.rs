@@ -164,7 +164,17 @@ impl ClientFrame {
                 room: None,
             });
         }
-        let raw: RawFrame = serde_json::from_slice(bytes).map_err(|e| FrameError {
+        // Checked whole first: serde_json skips the strings of ignored fields without
+        // checking them, so bad UTF-8 inside one would pass (found by fuzzing). The node's
+        // reader has checked text frames already; this keeps `parse` right for any caller,
+        // and `from_str` then skips the per-string checks, so it costs about the same.
+        let text = std::str::from_utf8(bytes).map_err(|e| FrameError {
+            code: ErrorCode::BadJson,
+            message: format!("invalid frame: not UTF-8: {e}"),
+            cid: None,
+            room: None,
+        })?;
+        let raw: RawFrame = serde_json::from_str(text).map_err(|e| FrameError {
             code: ErrorCode::BadJson,
             message: format!("invalid frame: {e}"),
             cid: None,
@@ -362,7 +372,11 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<ClientFrame, FrameError> {
-        ClientFrame::parse(s.as_bytes(), 16)
+        parse_bytes(s.as_bytes())
+    }
+
+    fn parse_bytes(b: &[u8]) -> Result<ClientFrame, FrameError> {
+        ClientFrame::parse(b, 16)
     }
 
     #[test]
@@ -463,6 +477,13 @@ mod tests {
             (ErrorCode::InvalidField, Some("e1"), None)
         );
         assert!(e.message.contains("room must be a string"), "{}", e.message);
+        // Bad UTF-8 inside a field that is otherwise ignored is still not JSON (a fuzzing
+        // find: the frame used to be read, with its `room` echoed).
+        let e = parse_bytes(
+            b"{\"-ype\":\"send\",\"room\":\"r\",\"cid\":{\"a\":[0,2,{\"b\xe6\xe6\":null}]}}",
+        )
+        .expect_err("not UTF-8");
+        assert_eq!((e.code, e.room), (ErrorCode::BadJson, None));
         // Not an object at all: nothing to echo.
         for frame in ["5", r#"["send"]"#, r#""send""#, "{nope"] {
             let e = parse(frame).expect_err(frame);
