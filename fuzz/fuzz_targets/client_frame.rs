@@ -12,23 +12,75 @@ use common::{ClientFrame, ErrorCode};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
-/// The top-level fields an error may echo, read independently of `parse`'s own reading.
-/// serde's derive skips unknown fields the same way `parse` does (without validating them
-/// as fully as `Value` would), so whenever `parse` got that far this reads too.
+/// A top-level field an error may echo, read alone (every other field skipped unread) and
+/// independently of `parse`'s own reading.
 #[derive(serde::Deserialize)]
-struct Echoed {
+struct CidProbe {
     #[serde(default)]
-    cid: Option<Value>,
-    #[serde(default)]
-    room: Option<Value>,
+    cid: Field,
 }
 
-fn echoed_from_input(input: &[u8], what: &str, got: &str, field: fn(&Echoed) -> &Option<Value>) {
-    let probe: Echoed = serde_json::from_slice(input)
+#[derive(serde::Deserialize)]
+struct RoomProbe {
+    #[serde(default)]
+    room: Field,
+}
+
+/// A field's value if it is a string. Anything else is skipped unread, as `IgnoredAny` does:
+/// a `Value` would refuse JSON that `parse` may legally skip, such as `1e999` in an array.
+#[derive(Debug, Default, PartialEq)]
+enum Field {
+    #[default]
+    NotString,
+    Str(String),
+}
+
+impl<'de> serde::Deserialize<'de> for Field {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Field;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Field, E> {
+                Ok(Field::Str(v.to_owned()))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Field, E> {
+                Ok(Field::NotString)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Field, E> {
+                Ok(Field::NotString)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Field, E> {
+                Ok(Field::NotString)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Field, E> {
+                Ok(Field::NotString)
+            }
+            fn visit_unit<E>(self) -> Result<Field, E> {
+                Ok(Field::NotString)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Field, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Field::NotString)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Field, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Field::NotString)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn echoed_from_input(input: &[u8], what: &str, got: &str, probe: Result<Field, serde_json::Error>) {
+    let probe = probe
         .unwrap_or_else(|e| panic!("{what} {got:?} echoed from a frame that does not read: {e}"));
     assert_eq!(
-        field(&probe),
-        &Some(Value::String(got.to_owned())),
+        &probe,
+        &Field::Str(got.to_owned()),
         "{what} echoed is not the frame's {what}"
     );
     // Where the frame is also plain, strict JSON, the field is there as well.
@@ -60,14 +112,29 @@ fuzz_target!(|input: &[u8]| {
         }
         Err(e) => {
             if serde_json::from_slice::<serde::de::IgnoredAny>(frame).is_err() {
-                assert_eq!(e.code, ErrorCode::BadJson, "non-JSON frame got {:?}", e.code);
+                assert_eq!(
+                    e.code,
+                    ErrorCode::BadJson,
+                    "non-JSON frame got {:?}",
+                    e.code
+                );
                 assert_eq!((&e.cid, &e.room), (&None, &None), "echoed from non-JSON");
             }
             if let Some(cid) = &e.cid {
-                echoed_from_input(frame, "cid", cid, |p| &p.cid);
+                echoed_from_input(
+                    frame,
+                    "cid",
+                    cid,
+                    serde_json::from_slice::<CidProbe>(frame).map(|p| p.cid),
+                );
             }
             if let Some(room) = &e.room {
-                echoed_from_input(frame, "room", room, |p| &p.room);
+                echoed_from_input(
+                    frame,
+                    "room",
+                    room,
+                    serde_json::from_slice::<RoomProbe>(frame).map(|p| p.room),
+                );
             }
             assert!(!e.message.is_empty(), "an error without a message");
         }
