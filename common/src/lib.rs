@@ -3,7 +3,7 @@
 //! It owns the wire protocol (frames, close and error codes), identifiers (rooms, users,
 //! client message ids, time-ordered message ids) and metric names. Without features it
 //! depends on no server crate and does no I/O, so any client can link it; the servers turn
-//! on `membership` (the ring in Redis) and `edge` (the first-request check).
+//! on `membership` (the ring in Redis) and `edge` (the first-request check and the `Origin` allow-list).
 
 pub mod codes;
 pub mod duration;
@@ -14,6 +14,8 @@ pub mod id;
 pub mod membership;
 pub mod metrics;
 pub mod names;
+#[cfg(feature = "edge")]
+pub mod origin;
 pub mod protocol;
 pub mod ring;
 

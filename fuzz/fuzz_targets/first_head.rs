@@ -76,7 +76,10 @@ fn check_answer(answer: &[u8]) -> u16 {
     let mut headers = [httparse::EMPTY_HEADER; 16];
     let mut resp = httparse::Response::new(&mut headers);
     let Ok(httparse::Status::Complete(n)) = resp.parse(answer) else {
-        panic!("refusal is not an HTTP answer: {:?}", String::from_utf8_lossy(answer));
+        panic!(
+            "refusal is not an HTTP answer: {:?}",
+            String::from_utf8_lossy(answer)
+        );
     };
     let status = resp.code.expect("status");
     assert!(matches!(status, 400 | 431), "refused with {status}");
@@ -121,7 +124,10 @@ fn run(stream: &[u8], sizes: &[u8]) -> Kind {
         FirstHead::Refused(answer) => Kind::Refused(check_answer(&answer)),
         FirstHead::Gone => {
             assert_eq!(io.read, stream.len(), "gone before the stream ended");
-            assert!(stream.len() < MAX_HEAD_BYTES, "gone after a whole head's worth");
+            assert!(
+                stream.len() < MAX_HEAD_BYTES,
+                "gone after a whole head's worth"
+            );
             assert_eq!(request_status(stream), Ok(httparse::Status::Partial));
             Kind::Gone
         }

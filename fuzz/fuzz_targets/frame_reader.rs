@@ -147,7 +147,12 @@ fn error_kind(e: &ReadError) -> &'static str {
 
 /// Polls `fut` with a no-op waker until it is ready, or, with `cancel`, until its first
 /// `Pending` (then it is dropped and `None` returned). Every `Pending` counts in `polls`.
-fn poll_until<F: Future>(fut: F, cancel: bool, polls: &mut usize, limit: usize) -> Option<F::Output> {
+fn poll_until<F: Future>(
+    fut: F,
+    cancel: bool,
+    polls: &mut usize,
+    limit: usize,
+) -> Option<F::Output> {
     let mut fut = pin!(fut);
     let mut cx = Context::from_waker(Waker::noop());
     loop {
@@ -242,7 +247,10 @@ fn read_all<R: AsyncRead + Unpin>(
         };
         check(seen, max, text);
         // Each message takes at least a 2-byte header and a 4-byte mask from the input.
-        assert!(out.len() < out.capacity(), "more messages than the input holds");
+        assert!(
+            out.len() < out.capacity(),
+            "more messages than the input holds"
+        );
         out.push(seen);
     }
 }

@@ -71,7 +71,11 @@ fn check_id(s: &str) {
     }
     let quoted = Value::String(s.to_owned()).to_string();
     let via_serde = serde_json::from_str::<MessageId>(&quoted).ok();
-    assert_eq!(via_serde.map(|id| id.0), canonical, "id {s:?} through serde");
+    assert_eq!(
+        via_serde.map(|id| id.0),
+        canonical,
+        "id {s:?} through serde"
+    );
 }
 
 fn check_bearer(raw: &[u8]) -> Option<String> {
@@ -125,7 +129,10 @@ fn check_accepted(token: &str, principal: &chat_node::auth::Principal, room: Opt
     let ends = principal.expires_at.expect("a token session ends");
     assert_eq!(ends, exp.saturating_add(LEEWAY_S));
     let now = jsonwebtoken::get_current_timestamp();
-    assert!(ends >= now, "accepted a token whose session is already over");
+    assert!(
+        ends >= now,
+        "accepted a token whose session is already over"
+    );
     if let Some(room) = room {
         let allowed = match &claims.rooms {
             None => true,
@@ -177,7 +184,10 @@ fuzz_target!(|input: &[u8]| {
         Ok(p) => check_accepted(&token, &p, room_id.as_ref().ok()),
         Err(e) => assert!(!e.to_string().is_empty()),
     }
-    assert!(jwt.authenticate(None, Some(&room)).is_err(), "no token, no entry");
+    assert!(
+        jwt.authenticate(None, Some(&room)).is_err(),
+        "no token, no entry"
+    );
     assert!(jwt.authenticate(Some(""), None).is_err(), "empty token");
 
     // Dev mode takes the user as given, validated like any user id.

@@ -158,6 +158,12 @@ pub struct Config {
     /// health checks, metrics, the API, the store and Redis answerable when the node is full.
     #[arg(long, env = "CHAT_MAX_CONNECTIONS", default_value_t = 0)]
     pub max_connections: usize,
+    /// Browser origins allowed besides this server's own, comma-separated:
+    /// `https://app.example.com`, `https://*.example.com` (its subdomains), or `*` (any; for
+    /// development). Requests with another `Origin` get 403 `forbidden`; requests without one
+    /// (servers, mobile apps) are not affected. Empty (the default): same-origin pages only.
+    #[arg(long, env = "CHAT_ALLOWED_ORIGINS", default_value = "")]
+    pub allowed_origins: common::origin::OriginPolicy,
     /// Sends, joins and leaves per second one connection may make (token bucket refill rate);
     /// refusals past another bucket of the same size close it with 4029.
     #[arg(long, env = "CHAT_SEND_RATE", default_value_t = 100.0)]

@@ -140,15 +140,22 @@ async fn route_request(
             .and_then(|rest| rest.strip_suffix("/messages"))
         {
             Some(room) => {
+                let origin = state.config.allowed_origins.check(req.headers());
+                if let Some(why) = origin.refusal() {
+                    return bad(ErrorCode::Forbidden, why);
+                }
                 let room = match RoomId::new(room) {
                     Ok(r) => r,
                     Err(e) => return bad(ErrorCode::InvalidField, &e.to_string()),
                 };
-                match *method {
+                let mut resp = match *method {
                     Method::GET => history(req, state, room).await,
                     Method::POST => publish(req, state, room).await,
+                    Method::OPTIONS => return origin.preflight(),
                     _ => error(ErrorCode::MethodNotAllowed, "use GET or POST"),
-                }
+                };
+                origin.decorate(resp.headers_mut());
+                resp
             }
             None => error(ErrorCode::NotFound, "no such route"),
         },
@@ -247,6 +254,11 @@ fn authenticate<B>(
 }
 
 fn upgrade(mut req: Request<Incoming>, state: &Arc<NodeState>) -> Response<Body> {
+    // Browsers send Origin on every upgrade: a page from elsewhere gets 403 before anything
+    // else is looked at.
+    if let Some(why) = state.config.allowed_origins.check(req.headers()).refusal() {
+        return bad(ErrorCode::Forbidden, why);
+    }
     let query = Query::parse(req.uri().query());
     let room = match query.get("room").map(RoomId::new) {
         None => {

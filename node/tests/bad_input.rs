@@ -769,3 +769,160 @@ async fn sends_past_the_rate_limit_are_refused_then_the_client_is_closed() {
     bystander_still_served(&node, "rl", "after-rate-limit").await;
     node.stop().await;
 }
+
+/// An upgrade request with `Origin`: the answer's status line and headers (lower case),
+/// and its JSON body unless it is 101.
+async fn upgrade_from(addr: std::net::SocketAddr, origin: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "GET /ws?room=o1&user=u HTTP/1.1\r\nHost: {addr}\r\nOrigin: {origin}\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let done = |a: &[u8]| {
+        let text = String::from_utf8_lossy(a);
+        match text.split_once("\r\n\r\n") {
+            Some((head, body)) => head.starts_with("HTTP/1.1 101") || body.ends_with('}'),
+            None => false,
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !done(&answer) {
+            let n = s.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed before the answer ended");
+            answer.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("answered");
+    String::from_utf8_lossy(&answer).to_lowercase()
+}
+
+#[tokio::test]
+async fn a_page_from_an_origin_not_listed_is_refused_and_writes_nothing() {
+    let mut config = config();
+    config.allowed_origins = "https://app.example".parse().expect("origins");
+    let node = TestNode::start(config).await;
+    let evil = [("Origin", "http://evil.example")];
+    let answer = upgrade_from(node.addr, "http://evil.example").await;
+    assert!(answer.starts_with("http/1.1 403 "), "{answer}");
+    assert!(answer.contains(r#""code":"forbidden""#), "{answer}");
+    // A simple text/plain POST is sent by browsers without a preflight: it must be refused
+    // too, not stored.
+    let (status, body) = http_with_headers(
+        node.addr,
+        "POST",
+        "/v1/rooms/o1/messages?user=u",
+        Some(r#"{"cid":"x1","body":"from evil"}"#),
+        &[evil[0], ("Content-Type", "text/plain")],
+    )
+    .await;
+    assert_eq!(
+        (status, json(&body)["code"].as_str()),
+        (403, Some("forbidden"))
+    );
+    let (status, _) = http_with_headers(
+        node.addr,
+        "OPTIONS",
+        "/v1/rooms/o1/messages",
+        None,
+        &[evil[0], ("Access-Control-Request-Method", "POST")],
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, body) =
+        http_with_headers(node.addr, "GET", "/v1/rooms/o1/messages", None, &evil).await;
+    assert_eq!(status, 403, "{body}");
+    // Read back without an Origin (a server-side client): nothing was stored.
+    let (status, body) = http(node.addr, "GET", "/v1/rooms/o1/messages?user=u", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["messages"], serde_json::json!([]));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn listed_and_same_origin_pages_get_cors_answers_and_upgrades() {
+    let mut config = config();
+    config.allowed_origins = "https://app.example, https://*.team.example"
+        .parse()
+        .expect("origins");
+    let node = TestNode::start(config).await;
+    let own = format!("http://{}", node.addr);
+    for origin in [
+        "https://app.example",
+        "https://a.team.example",
+        own.as_str(),
+    ] {
+        let answer = upgrade_from(node.addr, origin).await;
+        assert!(answer.starts_with("http/1.1 101 "), "{origin}: {answer}");
+    }
+    // Preflight, then the JSON POST and the GET it allows.
+    let allowed = ("Origin", "https://app.example");
+    let (status, head, _) = http_exchange(
+        node.addr,
+        "OPTIONS",
+        "/v1/rooms/o2/messages",
+        None,
+        &[
+            allowed,
+            ("Access-Control-Request-Method", "POST"),
+            (
+                "Access-Control-Request-Headers",
+                "content-type, authorization",
+            ),
+        ],
+    )
+    .await;
+    let head = head.to_lowercase();
+    assert_eq!(status, 204, "{head}");
+    for h in [
+        "access-control-allow-origin: https://app.example",
+        "access-control-allow-methods: get, post, options",
+        "access-control-allow-headers: authorization, content-type",
+        "vary: origin",
+    ] {
+        assert!(head.contains(h), "{h} missing: {head}");
+    }
+    assert!(!head.contains("access-control-allow-credentials"), "{head}");
+    let (status, head, body) = http_exchange(
+        node.addr,
+        "POST",
+        "/v1/rooms/o2/messages?user=u",
+        Some(r#"{"cid":"c1","body":"hi"}"#),
+        &[allowed, ("Content-Type", "application/json")],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert!(
+        head.to_lowercase()
+            .contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    let (status, head, body) = http_exchange(
+        node.addr,
+        "GET",
+        "/v1/rooms/o2/messages?user=u",
+        None,
+        &[allowed],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["messages"][0]["body"], "hi");
+    assert!(
+        head.to_lowercase()
+            .contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    // Same-origin and server-side requests need no CORS headers and get none.
+    let (_, head, _) =
+        http_exchange(node.addr, "GET", "/v1/rooms/o2/messages?user=u", None, &[]).await;
+    assert!(
+        !head.to_lowercase().contains("access-control-allow-origin"),
+        "{head}"
+    );
+    node.stop().await;
+}

@@ -56,6 +56,12 @@ pub struct Config {
     /// answer to a WebSocket upgrade.
     #[arg(long, env = "CHAT_UPSTREAM_TIMEOUT", value_parser = parse_duration, default_value = "15s")]
     pub upstream_timeout: Duration,
+    /// Browser origins allowed besides this server's own, comma-separated:
+    /// `https://app.example.com`, `https://*.example.com` (its subdomains), or `*` (any; for
+    /// development). Requests with another `Origin` get 403 `forbidden`; requests without one
+    /// (servers, mobile apps) are not affected. Empty (the default): same-origin pages only.
+    #[arg(long, env = "CHAT_ALLOWED_ORIGINS", default_value = "")]
+    pub allowed_origins: common::origin::OriginPolicy,
     /// Largest HTTP request body forwarded to a node; larger ones get 413 `frame_too_large`.
     // Not `CHAT_MAX_BODY_BYTES`: on a node that names the longest message text (4096), and
     // one environment shared by routers and nodes must not shrink the router's bound to it.

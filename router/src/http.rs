@@ -151,23 +151,33 @@ async fn route_request(
             else {
                 return error(ErrorCode::NotFound, "no such route");
             };
+            let origin = state.config.allowed_origins.check(req.headers());
+            if let Some(why) = origin.refusal() {
+                return error(ErrorCode::Forbidden, why);
+            }
             let room = match RoomId::new(room) {
                 Ok(r) => r,
                 Err(e) => return error(ErrorCode::InvalidField, &e.to_string()),
             };
-            if rest == "owner" {
-                return if method == Method::GET {
+            // Preflights are the router's own to answer: the owner is not asked.
+            if method == Method::OPTIONS {
+                return origin.preflight();
+            }
+            let mut resp = if rest == "owner" {
+                if method == Method::GET {
                     owner(state, &room)
                 } else {
                     error(ErrorCode::MethodNotAllowed, "use GET")
-                };
-            }
-            // Everything else under a room (today `/messages`) is the owner's to answer,
-            // including its 404s and 405s, so new node routes need no router release.
-            let Some(node) = owner_of(state, &room) else {
-                return no_node();
+                }
+            } else if let Some(node) = owner_of(state, &room) {
+                // Everything else under a room (today `/messages`) is the owner's to answer,
+                // including its 404s and 405s, so new node routes need no router release.
+                crate::proxy::http(req, state, peer, &node).await
+            } else {
+                no_node()
             };
-            crate::proxy::http(req, state, peer, &node).await
+            origin.decorate(resp.headers_mut());
+            resp
         }
     }
 }
@@ -188,6 +198,9 @@ async fn websocket(
     state: &Arc<RouterState>,
     peer: SocketAddr,
 ) -> Response<Body> {
+    if let Some(why) = state.config.allowed_origins.check(req.headers()).refusal() {
+        return error(ErrorCode::Forbidden, why);
+    }
     let query = Query::parse(req.uri().query());
     let room = match query.get("room").map(RoomId::new) {
         None => {

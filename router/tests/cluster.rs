@@ -293,3 +293,131 @@ async fn the_owners_close_frame_reaches_a_client_that_is_still_sending() {
     );
     router.stop().await;
 }
+
+/// The status line of the answer to an upgrade from a browser page at `origin`.
+async fn upgrade_status(addr: std::net::SocketAddr, room: &str, origin: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "GET /ws?room={room}&user=u HTTP/1.1\r\nHost: {addr}\r\nOrigin: {origin}\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 1024];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !answer.windows(2).any(|w| w == b"\r\n") {
+            let n = s.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed before a status line");
+            answer.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("answered");
+    let text = String::from_utf8_lossy(&answer);
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn browser_origins_are_checked_at_the_router_and_answered_with_cors() {
+    let prefix = unique("t-router");
+    let list = "https://app.example";
+    let _node = spawn_node_with(108, &prefix, &[("CHAT_ALLOWED_ORIGINS", list)]).await;
+    let mut config = TestRouter::config(&prefix);
+    config.allowed_origins = list.parse().expect("origins");
+    let router = TestRouter::start(config).await;
+    router.wait_ring(1).await;
+    let addr = router.addr;
+    let own = format!("http://{addr}");
+
+    // Upgrades: the listed origin and the router's own page reach the owner (which checks
+    // the same list, and sees the router's host as X-Forwarded-Host); another is refused by
+    // the router itself.
+    for origin in [list, own.as_str()] {
+        let status = upgrade_status(addr, "cors-1", origin).await;
+        assert!(status.starts_with("HTTP/1.1 101"), "{origin}: {status}");
+    }
+    let r = http_with(
+        addr,
+        "GET",
+        "/ws?room=cors-1&user=u",
+        None,
+        &[("Origin", "http://evil.example")],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (403, Some("forbidden")),
+        "{}",
+        r.body
+    );
+
+    // The room API: a refused origin's simple POST stores nothing; preflights are answered
+    // by the router; an allowed origin's answers name it once, whoever made them.
+    let evil = [
+        ("Origin", "http://evil.example"),
+        ("Content-Type", "text/plain"),
+    ];
+    let path = "/v1/rooms/cors-1/messages?user=u";
+    let r = http_with(
+        addr,
+        "POST",
+        path,
+        Some(r#"{"cid":"e1","body":"x"}"#),
+        &evil,
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (403, Some("forbidden"))
+    );
+    let r = http_with(addr, "OPTIONS", path, None, &evil).await;
+    assert_eq!(r.status, 403);
+    let r = http_with(
+        addr,
+        "OPTIONS",
+        path,
+        None,
+        &[("Origin", list), ("Access-Control-Request-Method", "POST")],
+    )
+    .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(r.header("access-control-allow-origin"), Some(list));
+    assert_eq!(
+        r.header("access-control-allow-methods"),
+        Some("GET, POST, OPTIONS")
+    );
+    let allowed = [("Origin", list), ("Content-Type", "application/json")];
+    let r = http_with(
+        addr,
+        "POST",
+        path,
+        Some(r#"{"cid":"a1","body":"hi"}"#),
+        &allowed,
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let named: Vec<_> = r
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "access-control-allow-origin")
+        .collect();
+    assert_eq!(named.len(), 1, "{:?}", r.headers);
+    for p in [path, "/v1/rooms/cors-1/owner"] {
+        let r = http_with(addr, "GET", p, None, &allowed).await;
+        assert_eq!(r.status, 200, "{p}: {}", r.body);
+        assert_eq!(r.header("access-control-allow-origin"), Some(list), "{p}");
+    }
+    // Read back as a server would (no Origin): only the allowed page's message is stored.
+    let r = http(addr, "GET", path, None).await;
+    let bodies: Vec<_> = r.json()["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["body"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(bodies, ["hi"]);
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    router.stop().await;
+}

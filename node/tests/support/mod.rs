@@ -349,6 +349,18 @@ pub async fn http_with_headers(
     body: Option<&str>,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
+    let (status, _, body) = http_exchange(addr, method, path, body, headers).await;
+    (status, body)
+}
+
+/// As [`http_with_headers`], with the answer's head too (status line and headers, as sent).
+pub async fn http_exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let body = body.unwrap_or("");
     let mut req = format!(
@@ -372,11 +384,8 @@ pub async fn http_with_headers(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("bad response: {text}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_string(), body.to_string())
 }
 
 pub fn json(body: &str) -> serde_json::Value {

@@ -148,6 +148,11 @@ static SPAWN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// `CHAT_REDIS_URL`, the prefix given here) are the test cluster's, so a node that
 /// registers itself joins the same ring the test builds.
 pub async fn spawn_node(id: u16, prefix: &str) -> NodeProc {
+    spawn_node_with(id, prefix, &[]).await
+}
+
+/// As [`spawn_node`], with extra environment (`CHAT_*` settings) for the node.
+pub async fn spawn_node_with(id: u16, prefix: &str, env: &[(&str, &str)]) -> NodeProc {
     let bin = node_bin();
     let _one_at_a_time = SPAWN.lock().await;
     let mut child = Command::new(bin)
@@ -158,6 +163,7 @@ pub async fn spawn_node(id: u16, prefix: &str) -> NodeProc {
         .env("CHAT_REDIS_PREFIX", prefix)
         .env("CHAT_MEMBERSHIP_TTL", "2s")
         .env_remove("CHAT_LISTEN")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -447,11 +453,33 @@ impl Answer {
 
 /// A minimal HTTP/1.1 request over a fresh connection (`Connection: close`).
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Answer {
+    http_with(
+        addr,
+        method,
+        path,
+        body,
+        &[("Content-Type", "application/json")],
+    )
+    .await
+}
+
+/// As [`http`], with the given headers instead of a JSON `Content-Type`.
+pub async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Answer {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let body = body.unwrap_or("");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+         {extra}Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(req.as_bytes()).await.expect("write");
