@@ -266,6 +266,52 @@ mod tests {
         }
     }
 
+    /// The TypeScript client's copy of the table (`client-ts/src/codes.ts`) says the same:
+    /// every code, its name and its retry policy, and nothing else.
+    #[test]
+    fn the_typescript_client_has_the_same_table() {
+        let ts = include_str!("../client-ts/src/codes.ts");
+        let retry = |r: Retry| match r {
+            Retry::ReconnectAndResume => "reconnect_and_resume",
+            Retry::RetryLater => "retry_later",
+            Retry::DoNotRetry => "do_not_retry",
+        };
+        for e in ErrorCode::ALL {
+            let line = format!("  {}: \"{}\",", e.as_str(), retry(e.retry()));
+            assert!(ts.contains(&line), "codes.ts lacks `{line}`");
+        }
+        for c in CloseCode::ALL {
+            let line = format!(
+                "  {}: [\"{}\", \"{}\"],",
+                c.code(),
+                c.as_str(),
+                retry(c.retry())
+            );
+            assert!(ts.contains(&line), "codes.ts lacks `{line}`");
+        }
+        let entries = |start: &str| {
+            let block = ts
+                .split(start)
+                .nth(1)
+                .expect("table")
+                .split("} as const")
+                .next();
+            block
+                .expect("end")
+                .lines()
+                .filter(|l| l.contains(':'))
+                .count()
+        };
+        assert_eq!(
+            entries("export const ERROR_CODES = {"),
+            ErrorCode::ALL.len()
+        );
+        assert_eq!(
+            entries("export const CLOSE_CODES = {"),
+            CloseCode::ALL.len()
+        );
+    }
+
     #[test]
     fn documented_in_protocol_md() {
         let doc = include_str!("../PROTOCOL.md");

@@ -4,10 +4,12 @@
 # prometheus package when missing, which the Prometheus scrape test also needs), start the
 # real servers (or use the ones named by CHAT_REDIS_URL / CHAT_CQL_NODES), export their
 # addresses (and CHAT_REDIS_PID / CHAT_CQL_PID for outage tests), run
-# `cargo test --workspace "$@"` against them, run each fuzz target for a few seconds over
-# its seed corpus (fuzz/run.sh; nightly toolchain, installs cargo-fuzz when missing; only
-# when run with no arguments), and stop on exit whatever this run started. Exits non-zero when
-# the checks, cargo or a fuzz target failed. With -p/--package, --workspace is left out.
+# `cargo test --workspace "$@"` against them; with no arguments also the TypeScript
+# client's tests (common/client-ts: unit, and against a local cluster of the binaries just
+# built) and each fuzz target for a few seconds over its seed corpus (fuzz/run.sh; nightly
+# toolchain, installs cargo-fuzz when missing). Stops on exit whatever this run started.
+# Exits non-zero when the checks, cargo, the client or a fuzz target failed. With
+# -p/--package, --workspace is left out.
 #   deploy/local/test.sh                 # whole workspace
 #   deploy/local/test.sh -p common       # extra arguments go to cargo test
 # CHAT_KEEP_SERVERS=1 leaves the servers running afterwards (faster repeated runs; stop them
@@ -55,6 +57,10 @@ done
 rc=0
 cargo test "${scope[@]}" "$@" || rc=$?
 if (($# == 0)); then
+    # The TypeScript client: unit tests, then against a cluster of the binaries cargo just
+    # built, on the same servers. npm installs from the committed lockfile.
+    (cd common/client-ts && npm ci --no-audit --no-fund && npm test && npm run test:cluster) ||
+        { echo "[test] common/client-ts tests failed" >&2; ((rc != 0)) || rc=1; }
     "$repo/fuzz/run.sh" || { echo "[test] fuzz/run.sh failed" >&2; ((rc != 0)) || rc=1; }
 fi
 if ((checks != 0)); then
