@@ -59,6 +59,8 @@ eval "$("$servers" env)"
 profile=${CHAT_BUILD_PROFILE:-release}
 echo "[cluster] building chat-node and chat-router ($profile)" >&2
 (cd "$repo" && cargo build --profile "$profile" -q -p chat-node -p chat-router)
+echo "[cluster] building the TypeScript client and the demo page (npm ci from the lockfile)" >&2
+(cd "$repo/common/client-ts" && npm ci --no-audit --no-fund --silent && npm run --silent build)
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 case $profile in
 dev | test) bin=$target_dir/debug ;;
@@ -128,7 +130,7 @@ done
 log=$state/chat-router.log
 : >"$log"
 supervise chat-router "$log" "$bin/chat-router" --listen "127.0.0.1:$router_port" \
-    --redis-url "$CHAT_REDIS_URL" &
+    --redis-url "$CHAT_REDIS_URL" --serve-demo "$repo/common/client-ts/demo" &
 pids+=($!)
 wait_ready "chat-router" "http://127.0.0.1:$router_port/readyz" "$(pid_of chat-router)" "$log"
 deadline=$((SECONDS + 30))
@@ -138,9 +140,14 @@ until [[ $(curl -fsS "http://127.0.0.1:$router_port/readyz" | grep -o '"ring_siz
 done
 
 user_hint="&user=alice"
-[[ ${#auth[@]} -eq 0 ]] && user_hint="&token=<JWT signed with CHAT_JWT_SECRET>"
+demo="http://127.0.0.1:$router_port/demo/ (open it twice, pick a room and a name)"
+if [[ ${#auth[@]} -eq 0 ]]; then
+    user_hint="&token=<JWT signed with CHAT_JWT_SECRET>"
+    demo="off: the demo page uses dev auth (start without CHAT_JWT_SECRET)"
+fi
 cat <<INFO
 [cluster] ready: 1 router, $nodes nodes, Redis $CHAT_REDIS_URL, CQL $CHAT_CQL_NODES (keyspace chat)
+  demo page : $demo
   WebSocket : ws://127.0.0.1:$router_port/ws?room=lobby$user_hint
   HTTP API  : http://127.0.0.1:$router_port/v1/rooms/lobby/messages
   owner     : http://127.0.0.1:$router_port/v1/rooms/lobby/owner

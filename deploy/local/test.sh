@@ -5,8 +5,8 @@
 # real servers (or use the ones named by CHAT_REDIS_URL / CHAT_CQL_NODES), export their
 # addresses (and CHAT_REDIS_PID / CHAT_CQL_PID for outage tests), run
 # `cargo test --workspace "$@"` against them; with no arguments also the TypeScript
-# client's tests (common/client-ts: unit, and against a local cluster of the binaries just
-# built) and each fuzz target for a few seconds over its seed corpus (fuzz/run.sh; nightly
+# client's tests (common/client-ts: unit, against a local cluster of the binaries just
+# built, and in headless Chromium, which it installs from Debian when missing) and each fuzz target for a few seconds over its seed corpus (fuzz/run.sh; nightly
 # toolchain, installs cargo-fuzz when missing). Stops on exit whatever this run started.
 # Exits non-zero when the checks, cargo, the client or a fuzz target failed. With
 # -p/--package, --workspace is left out.
@@ -38,6 +38,16 @@ trap 'exit 143' TERM
 
 checks=0
 "$repo/deploy/check.sh" || checks=$?
+
+# The browser tests drive Debian's Chromium (headless).
+if (($# == 0)) && [[ -z ${CHROMIUM:-} ]] && ! command -v chromium >/dev/null 2>&1; then
+    echo "[test] chromium not found: installing Debian's chromium package" >&2
+    sudo=()
+    (($(id -u) == 0)) || sudo=(sudo)
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2 &&
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >&2 ||
+        echo "[test] could not install chromium: the browser tests will fail" >&2
+fi
 
 CHAT_SERVERS_STARTED_FILE=$started "$servers" start
 eval "$("$servers" env)"

@@ -62,6 +62,11 @@ pub struct Config {
     /// (servers, mobile apps) are not affected. Empty (the default): same-origin pages only.
     #[arg(long, env = "CHAT_ALLOWED_ORIGINS", default_value = "")]
     pub allowed_origins: common::origin::OriginPolicy,
+    /// Serve the demo chat page from this directory at `/demo/` (`/` redirects there):
+    /// `common/client-ts/demo` after `npm run build` there. Off by default; for local and
+    /// staging clusters.
+    #[arg(long, env = "CHAT_SERVE_DEMO")]
+    pub serve_demo: Option<std::path::PathBuf>,
     /// Largest HTTP request body forwarded to a node; larger ones get 413 `frame_too_large`.
     // Not `CHAT_MAX_BODY_BYTES`: on a node that names the longest message text (4096), and
     // one environment shared by routers and nodes must not shrink the router's bound to it.
@@ -110,6 +115,14 @@ impl Config {
         }
         if self.max_body_bytes == 0 {
             return Err("--max-body-bytes must be at least 1".into());
+        }
+        if let Some(dir) = &self.serve_demo {
+            if !dir.join("index.html").is_file() {
+                return Err(format!(
+                    "--serve-demo {}: no index.html there (build it: cd common/client-ts && npm run build)",
+                    dir.display()
+                ));
+            }
         }
         Ok(())
     }

@@ -115,6 +115,8 @@ fn route_label(path: &str) -> &'static str {
         "/healthz" => "healthz",
         "/readyz" => "readyz",
         "/metrics" => "metrics",
+        "/" | "/demo" => "demo",
+        p if p.starts_with("/demo/") => "demo",
         p if p.starts_with("/v1/rooms/") => {
             if p.ends_with("/messages") {
                 "messages"
@@ -142,6 +144,16 @@ async fn route_request(
             .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
             .body(Full::new(Bytes::from(crate::telemetry::render())))
             .unwrap_or_else(|_| Response::new(Full::default())),
+        (&Method::GET, "/" | "/demo") if state.config.serve_demo.is_some() => {
+            crate::demo::redirect()
+        }
+        (&Method::GET, p) if p.starts_with("/demo/") => match &state.config.serve_demo {
+            Some(dir) => crate::demo::file(dir, &p["/demo/".len()..]).await,
+            None => error(
+                ErrorCode::NotFound,
+                "no such route (the demo is off: --serve-demo)",
+            ),
+        },
         (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => error(
             ErrorCode::MethodNotAllowed,
             "method not allowed on this route",

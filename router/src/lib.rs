@@ -9,6 +9,7 @@
 //! `main.rs` only parses config and wires signals; tests call `run` directly on port 0.
 
 pub mod config;
+pub mod demo;
 pub mod http;
 pub mod proxy;
 pub mod telemetry;

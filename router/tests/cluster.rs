@@ -330,18 +330,20 @@ async fn browser_origins_are_checked_at_the_router_and_answered_with_cors() {
     router.wait_ring(1).await;
     let addr = router.addr;
     let own = format!("http://{addr}");
+    // Its own room: the keyspace outlives the run.
+    let room = unique("cors");
 
     // Upgrades: the listed origin and the router's own page reach the owner (which checks
     // the same list, and sees the router's host as X-Forwarded-Host); another is refused by
     // the router itself.
     for origin in [list, own.as_str()] {
-        let status = upgrade_status(addr, "cors-1", origin).await;
+        let status = upgrade_status(addr, &room, origin).await;
         assert!(status.starts_with("HTTP/1.1 101"), "{origin}: {status}");
     }
     let r = http_with(
         addr,
         "GET",
-        "/ws?room=cors-1&user=u",
+        &format!("/ws?room={room}&user=u"),
         None,
         &[("Origin", "http://evil.example")],
     )
@@ -359,7 +361,7 @@ async fn browser_origins_are_checked_at_the_router_and_answered_with_cors() {
         ("Origin", "http://evil.example"),
         ("Content-Type", "text/plain"),
     ];
-    let path = "/v1/rooms/cors-1/messages?user=u";
+    let path = &format!("/v1/rooms/{room}/messages?user=u");
     let r = http_with(
         addr,
         "POST",
@@ -404,8 +406,8 @@ async fn browser_origins_are_checked_at_the_router_and_answered_with_cors() {
         .filter(|(k, _)| k == "access-control-allow-origin")
         .collect();
     assert_eq!(named.len(), 1, "{:?}", r.headers);
-    for p in [path, "/v1/rooms/cors-1/owner"] {
-        let r = http_with(addr, "GET", p, None, &allowed).await;
+    for p in [path.clone(), format!("/v1/rooms/{room}/owner")] {
+        let r = http_with(addr, "GET", &p, None, &allowed).await;
         assert_eq!(r.status, 200, "{p}: {}", r.body);
         assert_eq!(r.header("access-control-allow-origin"), Some(list), "{p}");
     }

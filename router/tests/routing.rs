@@ -261,6 +261,7 @@ async fn bad_input_gets_a_clear_json_answer() {
         ),
         ("POST", "/healthz".to_string(), 405, "method_not_allowed"),
         ("GET", "/nope".to_string(), 404, "not_found"),
+        ("GET", "/demo/index.html".to_string(), 404, "not_found"),
         ("GET", "/v1/rooms/ok".to_string(), 404, "not_found"),
     ] {
         let r = http(addr, method, &path, None).await;

@@ -66,14 +66,20 @@ export class Cluster {
     this.cql = required("CHAT_CQL_NODES");
   }
 
-  static async start(nodes = 2) {
+  /**
+   * `devAuth`: nodes take `?user=` (as the local cluster does) instead of JWTs.
+   * `routerArgs`: extra router flags. `env`: extra settings for routers and nodes.
+   */
+  static async start(nodes = 2, { devAuth = false, routerArgs = [], env = {} } = {}) {
     const c = new Cluster();
+    c.auth = devAuth ? ["--insecure-dev-auth"] : ["--jwt-secret", SECRET];
+    c.env = env;
     for (let id = 1; id <= nodes; id++) await c.startNode(id);
-    const { child, addr } = await start(bin("chat-router", "CHAT_ROUTER_BIN"), ["--listen", "127.0.0.1:0"], {
-      CHAT_REDIS_URL: c.redis,
-      CHAT_REDIS_PREFIX: c.prefix,
-      CHAT_MEMBERSHIP_TTL: "2s",
-    });
+    const { child, addr } = await start(
+      bin("chat-router", "CHAT_ROUTER_BIN"),
+      ["--listen", "127.0.0.1:0", ...routerArgs],
+      { ...env, CHAT_REDIS_URL: c.redis, CHAT_REDIS_PREFIX: c.prefix, CHAT_MEMBERSHIP_TTL: "2s" },
+    );
     c.router = child;
     c.url = `http://${addr}`;
     await c.waitRing(nodes);
@@ -85,8 +91,9 @@ export class Cluster {
     const listen = this.nodes.get(id)?.addr ?? "127.0.0.1:0";
     const { child, addr } = await start(
       bin("chat-node", "CHAT_NODE_BIN"),
-      ["--listen", listen, "--node-id", String(id), "--jwt-secret", SECRET],
+      ["--listen", listen, "--node-id", String(id), ...this.auth],
       {
+        ...this.env,
         CHAT_REDIS_URL: this.redis,
         CHAT_REDIS_PREFIX: this.prefix,
         CHAT_MEMBERSHIP_TTL: "2s",
@@ -131,10 +138,10 @@ export class Cluster {
     const all = [];
     let after;
     for (;;) {
-      const q = new URLSearchParams({ limit: "1000" });
+      const q = new URLSearchParams({ limit: "1000", user: "reader" });
       if (after) q.set("after", after);
       const r = await fetch(`${this.url}/v1/rooms/${room}/messages?${q}`, {
-        headers: { authorization: `Bearer ${token("reader")}` },
+        headers: this.auth[0] === "--jwt-secret" ? { authorization: `Bearer ${token("reader")}` } : {},
       });
       if (!r.ok) throw new Error(`history of ${room}: HTTP ${r.status} ${await r.text()}`);
       const page = await r.json();
