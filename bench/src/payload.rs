@@ -196,6 +196,10 @@ impl OwnedView {
                 room: Some(room.to_string()),
                 ..Default::default()
             },
+            F::Pong => OwnedView {
+                kind: "pong",
+                ..Default::default()
+            },
             F::Message(m) => OwnedView {
                 kind: "message",
                 room: Some(m.room.to_string()),

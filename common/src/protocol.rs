@@ -29,6 +29,9 @@ pub enum ClientFrame {
         cid: ClientMsgId,
         body: String,
     },
+    /// Asks for a `pong`: how a client that cannot send WebSocket pings (a browser) finds
+    /// out that its connection is alive.
+    Ping,
 }
 
 /// A client frame that could not be accepted, with the code to answer it with.
@@ -241,6 +244,7 @@ impl ClientFrame {
                 })
             }
             "leave" => Ok(ClientFrame::Leave { room: room()? }),
+            "ping" => Ok(ClientFrame::Ping),
             "send" => {
                 let room = room()?;
                 let cid = ClientMsgId::new(raw.cid.string("cid", &raw)?)
@@ -327,6 +331,8 @@ pub enum ServerFrame {
         user: UserId,
         event: PresenceEvent,
     },
+    /// The answer to a `ping`.
+    Pong,
 }
 
 #[derive(Serialize)]
@@ -423,6 +429,8 @@ mod tests {
             parse(r#"{"type":"send","room":"r1","cid":"c1","body":"hi"}"#),
             Ok(ClientFrame::Send { .. })
         ));
+        assert_eq!(parse(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping));
+        assert_eq!(ServerFrame::Pong.to_json(), br#"{"type":"pong"}"#);
     }
 
     #[test]

@@ -254,6 +254,11 @@ impl ReaderState {
                 let code = e.code;
                 self.bad_input(e.into(), code);
             }
+            // Answered at once, with no rate token: it costs what a bad frame costs, and a
+            // rate-limited client must still be able to tell that its connection is alive.
+            Ok(ClientFrame::Ping) => {
+                self.conn.send_frame(&ServerFrame::Pong);
+            }
             Ok(ClientFrame::Join { room, since }) => {
                 if self.take_token(&room, None) {
                     self.join(room, since);

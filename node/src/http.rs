@@ -296,10 +296,19 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<NodeState>) -> Response<Body>
         Route::Unavailable => return unavailable(),
     }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-        return bad(
+        // Everything else about the request would have been accepted: 426 says so, which
+        // is how a client that repeats a failed upgrade as a plain GET (a browser cannot
+        // read the refusal of a WebSocket) tells "refused" from "the connection failed".
+        let mut resp = bad(
             ErrorCode::InvalidField,
             "expected a WebSocket upgrade request",
         );
+        *resp.status_mut() = StatusCode::UPGRADE_REQUIRED;
+        resp.headers_mut().insert(
+            header::UPGRADE,
+            header::HeaderValue::from_static("websocket"),
+        );
+        return resp;
     }
     // RFC 6455 4.2.2: another version is answered 426 naming the one spoken here.
     let version = req.headers().get(header::SEC_WEBSOCKET_VERSION);

@@ -318,6 +318,21 @@ async fn bad_upgrade_requests_get_json_answers_before_the_upgrade() {
         assert_eq!(v["code"], code, "{path}: {body}");
         assert!(v["retry"].is_string());
     }
+    // The same request as a plain GET, as a client repeats a failed upgrade to learn why:
+    // 426, so "nothing refused" is told apart from every refusal above.
+    let (status, head, body) = http_exchange(
+        node.addr,
+        "GET",
+        &format!("/ws?room=team-1&token={good}"),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (status, json(&body)["code"].as_str()),
+        (426, Some("invalid_field"))
+    );
+    assert!(head.to_lowercase().contains("upgrade: websocket"), "{head}");
     // The Authorization header works too, and a valid token connects.
     let mut c = Client::connect(node.addr, &format!("/ws?room=team-1&token={good}"))
         .await

@@ -580,3 +580,15 @@ async fn client_pings_are_answered_with_pongs() {
     assert_eq!(pong, b"are you there");
     node.stop().await;
 }
+
+#[tokio::test]
+async fn a_ping_frame_is_answered_with_a_pong() {
+    let node = TestNode::start(config()).await;
+    let mut c = node.connect("ping-room", "alice").await;
+    c.expect_joined().await;
+    for _ in 0..3 {
+        c.send_raw(br#"{"type":"ping"}"#).await;
+        assert_eq!(c.frame().await, ServerFrame::Pong);
+    }
+    node.stop().await;
+}

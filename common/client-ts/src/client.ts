@@ -98,6 +98,13 @@ export interface ClientOptions {
   backoff?: { minMs?: number; maxMs?: number };
   /** An upgrade that has not opened after this long is abandoned and retried (default 10 s). */
   connectTimeoutMs?: number;
+  /**
+   * After this long without a frame, the client sends a `ping` (default 20 s; 0: never).
+   * When `heartbeatTimeoutMs` (default 10 s) then passes without any frame, the connection
+   * is taken for dead (a paused node, a cut network) and replaced.
+   */
+  heartbeatMs?: number;
+  heartbeatTimeoutMs?: number;
   /** The random source for jitter and generated cids (tests make it deterministic). */
   random?: () => number;
 }
@@ -341,20 +348,52 @@ export class ChatClient {
     this.ws = ws;
     let opened = false;
     const openTimer = setTimeout(() => ws.close(), this.opts.connectTimeoutMs ?? 10_000);
+    const interval = this.opts.heartbeatMs ?? 20_000;
+    const timeout = this.opts.heartbeatTimeoutMs ?? 10_000;
+    let heard = Date.now();
+    let pinged: number | undefined;
+    let beat: ReturnType<typeof setInterval> | undefined;
+    const ended = () => {
+      clearTimeout(openTimer);
+      clearInterval(beat);
+    };
     ws.onopen = () => {
       clearTimeout(openTimer);
       if (this.ws !== ws) return;
       opened = true;
+      heard = Date.now();
       this.setState("open");
       // The upgrade joined `room`; the others are joined over the socket.
       for (const other of this.rooms.keys()) if (other !== room) this.sendJoin(other);
+      if (interval > 0) {
+        beat = setInterval(() => {
+          if (this.ws !== ws) return ended();
+          const now = Date.now();
+          if (pinged !== undefined && now - pinged >= timeout) {
+            // Nothing came back: the peer is gone without a close. Replace the socket.
+            ended();
+            this.ws = null;
+            ws.onclose = ws.onmessage = null;
+            const w = ws as WebSocketLike & { terminate?: () => void };
+            if (w.terminate) w.terminate();
+            else ws.close();
+            void this.onClose(1006, true, url, room);
+          } else if (pinged === undefined && now - heard >= interval) {
+            pinged = now;
+            this.transmit({ type: "ping" });
+          }
+        }, Math.max(50, Math.min(interval, timeout) / 4));
+      }
     };
     ws.onmessage = (ev) => {
-      if (this.ws === ws) this.onFrame(String(ev.data));
+      if (this.ws !== ws) return;
+      heard = Date.now();
+      pinged = undefined;
+      this.onFrame(String(ev.data));
     };
     ws.onerror = () => {};
     ws.onclose = (ev) => {
-      clearTimeout(openTimer);
+      ended();
       if (this.ws !== ws) return;
       this.ws = null;
       void this.onClose(ev.code, opened, url, room);
@@ -403,17 +442,25 @@ export class ChatClient {
     this.timer = setTimeout(() => this.connect(), wait);
   }
 
-  /** The JSON refusal of a failed upgrade, read by repeating it as a plain GET. */
+  /**
+   * The JSON refusal of a failed upgrade, read by repeating it as a plain GET. A 426 means
+   * nothing was refused (only the upgrade is missing): the connection failed, and so does
+   * a probe that gets no answer within the connect timeout.
+   */
   private async probe(url: string): Promise<ChatError | undefined> {
     const f = this.opts.fetch ?? globalThis.fetch;
     if (!f) return undefined;
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), this.opts.connectTimeoutMs ?? 10_000);
     try {
-      const resp = await f(url.replace(/^ws(s?):/, "http$1:"));
+      const resp = await f(url.replace(/^ws(s?):/, "http$1:"), { signal: abort.signal });
       const body = (await resp.json()) as { code?: string; message?: string };
-      if (resp.status < 400 || typeof body.code !== "string") return undefined;
+      if (resp.status < 400 || resp.status === 426 || typeof body.code !== "string") return undefined;
       return new ChatError(body.code, body.message ?? "", { status: resp.status });
     } catch {
-      return undefined; // unreachable or not JSON: a network failure, retried
+      return undefined; // unreachable, too slow or not JSON: a network failure, retried
+    } finally {
+      clearTimeout(timer);
     }
   }
 

@@ -116,6 +116,11 @@ export class Cluster {
     n.child = null;
   }
 
+  /** Sends `signal` (SIGSTOP, SIGCONT) to node `id`. */
+  signalNode(id, signal) {
+    this.nodes.get(id)?.child?.kill(signal);
+  }
+
   /** The id of the node that owns `room` now, as the router sees it. */
   async owner(room) {
     const r = await fetch(`${this.url}/v1/rooms/${room}/owner`);
@@ -153,6 +158,7 @@ export class Cluster {
 
   async stop() {
     this.router?.kill("SIGKILL");
+    for (const id of this.nodes.keys()) this.signalNode(id, "SIGCONT");
     for (const id of this.nodes.keys()) await this.stopNode(id);
   }
 }

@@ -197,6 +197,39 @@ test("a graceful restart of the owner (SIGTERM) loses nothing and shows nothing 
   await cluster.waitRing(2);
 });
 
+test("the owner is paused (SIGSTOP): clients notice by heartbeat, resume elsewhere, and again after SIGCONT", async () => {
+  await cluster.waitRing(2);
+  const room = await roomOwnedBy(cluster, 2, "pause");
+  const quick = { heartbeatMs: 500, heartbeatTimeoutMs: 1000, connectTimeoutMs: 3000 };
+  const alice = client("alice", quick);
+  const bob = client("bob", quick);
+  const seen = received(bob, room);
+  await alice.join(room);
+  await bob.join(room);
+  const resumed = [];
+  bob.on("resumed", () => resumed.push(Date.now()));
+  let stoppedAt;
+  const first = await sendThrough(alice, room, 40, 10, async () => {
+    stoppedAt = Date.now();
+    cluster.signalNode(2, "SIGSTOP");
+  });
+  await until("bob to resume", () => resumed.length > 0, 60_000);
+  figures.sigstop_to_resumed_ms = resumed[0] - stoppedAt;
+  assert.equal(await cluster.owner(room), 1, "the room moved off the paused node");
+  await judge(room, first.sent, first.acks, seen);
+
+  // The paused node wakes up: it finds its lease gone, fences, registers again, and the
+  // room returns to it (4001); nothing it held is served twice.
+  const before = resumed.length;
+  cluster.signalNode(2, "SIGCONT");
+  await cluster.waitRing(2);
+  const second = await sendThrough(alice, room, 20, 3, async () => {
+    await until("the room to return to node 2", async () => (await cluster.owner(room)) === 2);
+  });
+  await until("bob to resume after SIGCONT", () => resumed.length > before, 60_000);
+  await judge(room, [...first.sent, ...second.sent], [...first.acks, ...second.acks], seen);
+});
+
 test("an expiring token is renewed through getToken and the session resumes", async () => {
   const room = await roomOwnedBy(cluster, 1, "expiry");
   let asked = 0;

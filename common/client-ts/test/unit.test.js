@@ -236,3 +236,41 @@ test("the retry table covers network closes and unknown codes", () => {
   assert.equal(errorRetry("store_unavailable"), "retry_later");
   assert.equal(errorRetry("something_new"), "do_not_retry");
 });
+
+test("a quiet connection is pinged; one that stops answering is replaced and resumed", async () => {
+  const c = client({ heartbeatMs: 40, heartbeatTimeoutMs: 60 });
+  const joined = c.join("r");
+  let ws = await socket(1);
+  ws.open();
+  ws.frame({ type: "joined", room: "r" });
+  await joined;
+  ws.frame(msg("r", "4"));
+  await until("a ping", () => ws.sent.some((f) => f.type === "ping"));
+  // Answered: the connection stays.
+  ws.frame({ type: "pong" });
+  const pings = () => ws.sent.filter((f) => f.type === "ping").length;
+  await until("the next ping", () => pings() === 2);
+  assert.equal(FakeSocket.all.length, 1);
+  // Not answered: replaced, and the room rejoined from the last id.
+  await until("a new socket", () => FakeSocket.all.length === 2);
+  ws = FakeSocket.last();
+  assert.equal(ws.url.searchParams.get("since"), "4");
+  c.close();
+});
+
+test("a failed upgrade whose plain GET gets 426 (nothing refused) is retried, the room kept", async () => {
+  const c = client({
+    fetch: async () =>
+      new Response(JSON.stringify({ code: "invalid_field", message: "expected a WebSocket upgrade request" }), {
+        status: 426,
+      }),
+  });
+  const joined = c.join("r");
+  (await socket(1)).drop(1006);
+  const ws = await socket(2);
+  assert.equal(ws.url.searchParams.get("room"), "r");
+  ws.open();
+  ws.frame({ type: "joined", room: "r" });
+  await joined;
+  c.close();
+});
