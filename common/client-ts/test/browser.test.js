@@ -76,7 +76,7 @@ async function until(what, cond, ms = 40_000) {
   }
 }
 
-test("two demo pages chat through a SIGKILL and a restart of the owner; each shows every message once", async () => {
+test("two demo pages chat through a SIGKILL and a restart of the owner; each shows every message once", async (t) => {
   const room = await roomOwnedBy(cluster, 1, "browser");
   const ann = await openDemo(room, "ann");
   const ben = await openDemo(room, "ben");
@@ -117,6 +117,7 @@ test("two demo pages chat through a SIGKILL and a restart of the owner; each sho
 
   mkdirSync("test-artifacts", { recursive: true });
   await ann.screenshot({ path: "test-artifacts/browser-chat.png", fullPage: true });
+  t.diagnostic(`SIGKILL of the owner to resumed on both pages: ${resumedAt - killedAt} ms`);
   writeFileSync(
     "test-artifacts/browser-figures.json",
     JSON.stringify({ sigkill_to_resumed_ms: resumedAt - killedAt }, null, 2),

@@ -17,6 +17,7 @@ before(async () => {
 });
 
 after(async () => {
+  console.log(`# measured: ${JSON.stringify(figures)}`);
   for (const c of clients) c.close();
   await cluster?.stop();
   mkdirSync("test-artifacts", { recursive: true });
