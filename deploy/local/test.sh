@@ -65,7 +65,7 @@ for arg in "$@"; do
     esac
 done
 rc=0
-cargo test "${scope[@]}" "$@" || rc=$?
+cargo test --no-fail-fast "${scope[@]}" "$@" || rc=$?
 if (($# == 0)); then
     # The TypeScript client: unit tests, then against a cluster of the binaries cargo just
     # built, on the same servers. npm installs from the committed lockfile.

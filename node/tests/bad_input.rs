@@ -443,8 +443,9 @@ async fn bad_http_requests_get_json_errors() {
             "method_not_allowed",
         ),
         (
+            // Not an upgrade, and nothing else wrong: 426 (see bad_upgrade_requests_...).
             http(node.addr, "GET", "/ws?room=r1&user=u", None).await,
-            400,
+            426,
             "invalid_field",
         ),
     ];
