@@ -182,7 +182,12 @@ impl OriginCheck {
                 HeaderValue::from_static("retry-after"),
             );
         }
-        if !matches!(self, OriginCheck::NoOrigin) {
+        // Once, even when a router decorates what the owner already did.
+        let varies = headers
+            .get_all(header::VARY)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"origin"));
+        if !matches!(self, OriginCheck::NoOrigin) && !varies {
             headers.append(header::VARY, HeaderValue::from_static("origin"));
         }
     }
@@ -339,5 +344,9 @@ mod tests {
         let mut out = HeaderMap::new();
         OriginCheck::NoOrigin.decorate(&mut out);
         assert!(out.is_empty());
+        // A router decorating the owner's answer again adds no second `Vary`.
+        let mut relayed = resp.headers().clone();
+        check.decorate(&mut relayed);
+        assert_eq!(relayed.get_all(header::VARY).iter().count(), 1);
     }
 }

@@ -6,7 +6,7 @@
 # addresses (and CHAT_REDIS_PID / CHAT_CQL_PID for outage tests), run
 # `cargo test --workspace "$@"` against them; with no arguments also the TypeScript
 # client's tests (common/client-ts: unit, against a local cluster of the binaries just
-# built, and in headless Chromium, which it installs from Debian when missing) and each fuzz target for a few seconds over its seed corpus (fuzz/run.sh; nightly
+# built, and in headless Chromium, which it installs from Debian when missing) and each fuzz target for a few seconds over its seed corpus (node/fuzz/run.sh; nightly
 # toolchain, installs cargo-fuzz when missing). Stops on exit whatever this run started.
 # Exits non-zero when the checks, cargo, the client or a fuzz target failed. With
 # -p/--package, --workspace is left out.
@@ -71,7 +71,7 @@ if (($# == 0)); then
     # built, on the same servers. npm installs from the committed lockfile.
     (cd common/client-ts && npm ci --no-audit --no-fund && npm test && npm run test:cluster) ||
         { echo "[test] common/client-ts tests failed" >&2; ((rc != 0)) || rc=1; }
-    "$repo/fuzz/run.sh" || { echo "[test] fuzz/run.sh failed" >&2; ((rc != 0)) || rc=1; }
+    "$repo/node/fuzz/run.sh" || { echo "[test] node/fuzz/run.sh failed" >&2; ((rc != 0)) || rc=1; }
 fi
 if ((checks != 0)); then
     echo "[test] deploy/check.sh failed (see its summary above)" >&2

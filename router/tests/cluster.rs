@@ -406,6 +406,8 @@ async fn browser_origins_are_checked_at_the_router_and_answered_with_cors() {
         .filter(|(k, _)| k == "access-control-allow-origin")
         .collect();
     assert_eq!(named.len(), 1, "{:?}", r.headers);
+    let varies = r.headers.iter().filter(|(k, _)| k == "vary").count();
+    assert_eq!(varies, 1, "{:?}", r.headers);
     for p in [path.clone(), format!("/v1/rooms/{room}/owner")] {
         let r = http_with(addr, "GET", &p, None, &allowed).await;
         assert_eq!(r.status, 200, "{p}: {}", r.body);

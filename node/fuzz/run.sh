@@ -2,27 +2,28 @@
 # Builds the fuzz targets and runs each for a few seconds over its seed corpus; exits 1 if
 # any target crashed (a panic, a sanitizer report, a hang past -timeout or a leak).
 #
-#   fuzz/run.sh                 every target, 5 seconds each
-#   FUZZ_SECONDS=60 fuzz/run.sh
-#   fuzz/run.sh client_frame    only the named targets
+#   node/fuzz/run.sh                 every target, 5 seconds each
+#   FUZZ_SECONDS=60 node/fuzz/run.sh
+#   node/fuzz/run.sh client_frame    only the named targets
 #
 # The build is the quick one the test command can afford (FUZZ_BUILD="--dev -s none":
 # coverage-guided, unoptimized, no AddressSanitizer, no debuginfo: a cold build took 4.4
 # CPU-minutes here, 6 min 11 s on 2 cores shared with a fuzzer).
 # Long runs use cargo-fuzz's default, the optimized build with AddressSanitizer:
-#   FUZZ_BUILD= FUZZ_SECONDS=3600 fuzz/run.sh frame_reader
+#   FUZZ_BUILD= FUZZ_SECONDS=3600 node/fuzz/run.sh frame_reader
 #
 # Needs a nightly toolchain (`rustup toolchain install nightly`); installs cargo-fuzz if it
-# is missing. What the fuzzer finds goes to a temporary directory, not to fuzz/corpus (the
-# seeds kept in git); a crashing input is kept under fuzz/artifacts/<target>/.
+# is missing. What the fuzzer finds goes to a temporary directory, not to node/fuzz/corpus (the
+# seeds kept in git); a crashing input is kept under node/fuzz/artifacts/<target>/.
 set -euo pipefail
 
+# cargo-fuzz works from the fuzzed crate: node/, which holds fuzz/.
 cd "$(dirname "$0")/.."
 seconds="${FUZZ_SECONDS:-5}"
 read -r -a build <<<"${FUZZ_BUILD---dev -s none}"
 
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
-    echo "fuzz/run.sh: a nightly toolchain is needed: rustup toolchain install nightly" >&2
+    echo "node/fuzz/run.sh: a nightly toolchain is needed: rustup toolchain install nightly" >&2
     exit 1
 fi
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
@@ -41,7 +42,7 @@ trap 'rm -rf "$work"' EXIT
 # One build for all targets (each `fuzz run` below then finds them built).
 if ! cargo +nightly fuzz build "${build[@]}" >"$work/build.log" 2>&1; then
     tail -40 "$work/build.log" >&2
-    echo "fuzz/run.sh: the fuzz targets do not build" >&2
+    echo "node/fuzz/run.sh: the fuzz targets do not build" >&2
     exit 1
 fi
 
@@ -62,6 +63,6 @@ for t in "${targets[@]}"; do
 done
 
 if [ "${#failed[@]}" -gt 0 ]; then
-    echo "fuzz/run.sh: crashed: ${failed[*]} (inputs under fuzz/artifacts/)" >&2
+    echo "node/fuzz/run.sh: crashed: ${failed[*]} (inputs under node/fuzz/artifacts/)" >&2
     exit 1
 fi
