@@ -366,6 +366,8 @@ mod tests {
         let joined = ServerFrame::Joined {
             room,
             head: Some(MessageId(1)),
+            members: 1,
+            users: None,
         }
         .to_json();
         assert_eq!(FrameView::parse(&joined).expect("view").kind, "joined");

@@ -86,6 +86,8 @@ async fn handle(
         let joined = ServerFrame::Joined {
             room: common::RoomId::new(room.clone()).expect("room"),
             head: None,
+            members: 1,
+            users: None,
         };
         let _ = tx.send(text(joined.to_json()));
         fake.rooms

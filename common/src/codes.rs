@@ -61,10 +61,15 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// A bug or an unexpected failure inside the node.
     Internal,
+    /// The room has ended (by the API or its TTL): no more joins or sends; its history
+    /// stays readable.
+    RoomEnded,
+    /// The app's webhook endpoint did not take the delivery (a dead letter's replay).
+    WebhookFailed,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::InvalidField,
@@ -83,6 +88,8 @@ impl ErrorCode {
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::Internal,
+        ErrorCode::RoomEnded,
+        ErrorCode::WebhookFailed,
     ];
 
     /// The stable string used on the wire and as a metric label.
@@ -106,6 +113,8 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Internal => "internal",
+            ErrorCode::RoomEnded => "room_ended",
+            ErrorCode::WebhookFailed => "webhook_failed",
         }
     }
 
@@ -115,7 +124,8 @@ impl ErrorCode {
             | ErrorCode::Overloaded
             | ErrorCode::StoreUnavailable
             | ErrorCode::NodeUnavailable
-            | ErrorCode::RoomUnavailable => Retry::RetryLater,
+            | ErrorCode::RoomUnavailable
+            | ErrorCode::WebhookFailed => Retry::RetryLater,
             ErrorCode::RoomMoved | ErrorCode::GoingAway | ErrorCode::Internal => {
                 Retry::ReconnectAndResume
             }
@@ -136,6 +146,8 @@ impl ErrorCode {
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::RoomMoved => 421,
+            ErrorCode::RoomEnded => 410,
+            ErrorCode::WebhookFailed => 502,
             ErrorCode::FrameTooLarge => 413,
             ErrorCode::RateLimited => 429,
             ErrorCode::Internal => 500,

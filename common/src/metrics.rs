@@ -79,6 +79,23 @@ pub const ROOM_ACQUIRE_REFUSED: &str = "chat_node_room_acquire_refused_total";
 /// rooms are still waiting out its lease (gauge).
 pub const OWNERSHIP_SETTLED: &str = "chat_node_ownership_settled";
 
+// Webhooks (`--webhook-url`).
+/// Messages the app's endpoint took (a 2xx answer), first time or retried.
+pub const WEBHOOK_DELIVERED: &str = "chat_node_webhook_delivered_total";
+/// Failed attempts that will be retried. Label `kind`: `status` (a non-2xx answer),
+/// `timeout`, `connect` (refused, unreachable, closed).
+pub const WEBHOOK_RETRIES: &str = "chat_node_webhook_retries_total";
+/// Messages that ran out of attempts or age and went to the dead-letter table.
+pub const WEBHOOK_DEAD_LETTERED: &str = "chat_node_webhook_dead_lettered_total";
+/// Rooms of this node whose delivery is behind their stored head (gauge).
+pub const WEBHOOK_ROOMS_BEHIND: &str = "chat_node_webhook_rooms_behind";
+/// Messages read from the store for delivery and not delivered yet (gauge).
+pub const WEBHOOK_QUEUE: &str = "chat_node_webhook_queue_messages";
+/// From a message being stamped to the endpoint taking it (histogram).
+pub const WEBHOOK_DELIVERY_SECONDS: &str = "chat_node_webhook_delivery_seconds";
+/// Users marked online in Redis by this node (gauge).
+pub const PRESENCE_USERS: &str = "chat_node_presence_users";
+
 // ---------------------------------------------------------------------------------------
 // chat-router. Labels: `route` is one of `ws`, `messages`, `room_api`, `owner`, `healthz`,
 // `readyz`, `metrics`, `other`; `status` a class (`2xx`..`5xx`).

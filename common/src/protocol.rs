@@ -291,6 +291,9 @@ pub enum PresenceEvent {
     Leave,
 }
 
+/// Most users a `joined` frame lists; a bigger room sends only the count.
+pub const JOINED_USERS_MAX: usize = 100;
+
 /// A frame sent by the server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -301,6 +304,13 @@ pub enum ServerFrame {
         room: RoomId,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         head: Option<MessageId>,
+        /// Users connected to the room across the cluster, this joiner included.
+        #[serde(default)]
+        members: u32,
+        /// Who they are, sorted, when there are at most [`JOINED_USERS_MAX`] of them
+        /// (otherwise absent: ask `GET /v1/rooms/{room}/presence`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        users: Option<Vec<UserId>>,
     },
     Left {
         room: RoomId,

@@ -204,6 +204,55 @@ pub struct Config {
     /// Whether rooms broadcast `presence` frames when users join and leave.
     #[arg(long, env = "CHAT_PRESENCE", default_value_t = true, action = clap::ArgAction::Set)]
     pub presence: bool,
+    /// How long the CQL store keeps each message (a CQL TTL on its row; history and replay
+    /// end where it expired). 0 (the default) keeps messages until deleted by hand.
+    #[arg(long, env = "CHAT_MESSAGE_TTL", value_parser = parse_duration, default_value = "0s")]
+    pub message_ttl: Duration,
+    /// Bearer token for the operations API (ending rooms, room TTLs, dead letters). Without
+    /// it that API answers 403, except under --insecure-dev-auth where it is open.
+    #[arg(long, env = "CHAT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// How long a user's cluster-wide presence outlives its node's last refresh (it is
+    /// refreshed every third of this): a crashed node's users show offline after it.
+    #[arg(long, env = "CHAT_USER_PRESENCE_TTL", value_parser = parse_duration, default_value = "30s")]
+    pub user_presence_ttl: Duration,
+    /// The app's endpoint that gets every stored message as a signed POST (see
+    /// OPERATIONS "Webhooks"). http:// only. Unset: no webhooks.
+    #[arg(long, env = "CHAT_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// Shared secret of the webhook signature (HMAC-SHA256 of the body).
+    #[arg(long, env = "CHAT_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Room id prefixes whose messages go to the webhook, comma-separated; empty: every room.
+    #[arg(
+        long,
+        env = "CHAT_WEBHOOK_ROOMS",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub webhook_rooms: Vec<String>,
+    /// One delivery attempt fails after this long without a 2xx answer.
+    #[arg(long, env = "CHAT_WEBHOOK_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    pub webhook_timeout: Duration,
+    /// Delivery attempts in flight at once, node-wide.
+    #[arg(long, env = "CHAT_WEBHOOK_CONCURRENCY", default_value_t = 32)]
+    pub webhook_concurrency: usize,
+    /// Attempts per message before it goes to the dead-letter table.
+    #[arg(long, env = "CHAT_WEBHOOK_MAX_ATTEMPTS", default_value_t = 10)]
+    pub webhook_max_attempts: u32,
+    /// A message older than this whose delivery fails goes to the dead-letter table.
+    #[arg(long, env = "CHAT_WEBHOOK_MAX_AGE", value_parser = parse_duration, default_value = "24h")]
+    pub webhook_max_age: Duration,
+    /// Wait before the first retry; it doubles per attempt, with jitter, up to the max.
+    #[arg(long, env = "CHAT_WEBHOOK_BACKOFF", value_parser = parse_duration, default_value = "1s")]
+    pub webhook_backoff: Duration,
+    /// Longest wait between two attempts.
+    #[arg(long, env = "CHAT_WEBHOOK_BACKOFF_MAX", value_parser = parse_duration, default_value = "5m")]
+    pub webhook_backoff_max: Duration,
+    /// How often the node looks in the store for rooms it owns with deliveries pending (a
+    /// crashed or departed owner's work).
+    #[arg(long, env = "CHAT_WEBHOOK_SWEEP", value_parser = parse_duration, default_value = "10s")]
+    pub webhook_sweep: Duration,
     /// Time allowed for a graceful shutdown after SIGTERM/SIGINT.
     #[arg(long, env = "CHAT_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "20s")]
     pub shutdown_grace: Duration,
@@ -315,6 +364,34 @@ impl Config {
                 .is_none()
             {
                 return Err(format!("--advertise {a:?} must be host:port"));
+            }
+        }
+        if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err("--admin-token must be at least 16 bytes".into());
+        }
+        if self.user_presence_ttl < Duration::from_secs(1) {
+            return Err("--user-presence-ttl must be at least 1s".into());
+        }
+        if let Some(url) = &self.webhook_url {
+            if crate::hooks::Endpoint::parse(url).is_none() {
+                return Err(format!(
+                    "--webhook-url {url:?} must be http://host[:port]/path (no TLS: put a proxy in front for https)"
+                ));
+            }
+            if self.webhook_secret.as_deref().is_none_or(|s| s.len() < 16) {
+                return Err("--webhook-url needs --webhook-secret of at least 16 bytes".into());
+            }
+            if self.webhook_concurrency == 0 || self.webhook_max_attempts == 0 {
+                return Err(
+                    "--webhook-concurrency and --webhook-max-attempts must be at least 1".into(),
+                );
+            }
+            if self.webhook_timeout.is_zero()
+                || self.webhook_backoff.is_zero()
+                || self.webhook_backoff > self.webhook_backoff_max
+                || self.webhook_sweep.is_zero()
+            {
+                return Err("--webhook-timeout, --webhook-backoff and --webhook-sweep must be > 0, and --webhook-backoff at most --webhook-backoff-max".into());
             }
         }
         if self.store_batch > self.max_pending_per_room {

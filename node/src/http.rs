@@ -40,7 +40,7 @@ struct ErrorBody<'a> {
     retry: common::Retry,
 }
 
-fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
+pub(crate) fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     Response::builder()
         .status(status)
@@ -70,12 +70,12 @@ pub fn error(code: ErrorCode, message: &str) -> Response<Body> {
 /// The parts of a query string this API reads. Values are used as-is: every accepted value
 /// (ids, tokens) is from a URL-safe alphabet, so percent-encoded input is simply invalid.
 #[derive(Default)]
-struct Query<'a> {
+pub(crate) struct Query<'a> {
     pairs: Vec<(&'a str, &'a str)>,
 }
 
 impl<'a> Query<'a> {
-    fn parse(q: Option<&'a str>) -> Self {
+    pub(crate) fn parse(q: Option<&'a str>) -> Self {
         let pairs = q
             .unwrap_or("")
             .split('&')
@@ -85,7 +85,7 @@ impl<'a> Query<'a> {
         Query { pairs }
     }
 
-    fn get(&self, key: &str) -> Option<&'a str> {
+    pub(crate) fn get(&self, key: &str) -> Option<&'a str> {
         self.pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
     }
 }
@@ -113,7 +113,10 @@ fn route_label(path: &str) -> &'static str {
         "/healthz" => "healthz",
         "/readyz" => "readyz",
         "/metrics" => "metrics",
-        p if p.starts_with("/v1/rooms/") => "messages",
+        p if p.starts_with("/v1/rooms/") && p.ends_with("/messages") => "messages",
+        p if p.starts_with("/v1/rooms/") => "room_api",
+        p if p.starts_with("/v1/users/") => "presence",
+        "/v1/dead-letters" => "room_api",
         _ => "other",
     }
 }
@@ -135,11 +138,21 @@ async fn route_request(
             ErrorCode::MethodNotAllowed,
             "method not allowed on this route",
         ),
+        (_, "/v1/dead-letters") => crate::api::all_dead_letters(req, state).await,
+        (_, p) if p.starts_with("/v1/users/") => {
+            match p["/v1/users/".len()..].strip_suffix("/presence") {
+                Some(user) => {
+                    let user = user.to_owned();
+                    crate::api::user_presence(req, state, &user).await
+                }
+                None => error(ErrorCode::NotFound, "no such route"),
+            }
+        }
         (method, p) => match p
             .strip_prefix("/v1/rooms/")
-            .and_then(|rest| rest.strip_suffix("/messages"))
+            .and_then(|rest| rest.split_once('/'))
         {
-            Some(room) => {
+            Some((room, rest)) => {
                 let origin = state.config.allowed_origins.check(req.headers());
                 if let Some(why) = origin.refusal() {
                     return bad(ErrorCode::Forbidden, why);
@@ -148,11 +161,17 @@ async fn route_request(
                     Ok(r) => r,
                     Err(e) => return bad(ErrorCode::InvalidField, &e.to_string()),
                 };
-                let mut resp = match *method {
-                    Method::GET => history(req, state, room).await,
-                    Method::POST => publish(req, state, room).await,
-                    Method::OPTIONS => return origin.preflight(),
-                    _ => error(ErrorCode::MethodNotAllowed, "use GET or POST"),
+                if *method == Method::OPTIONS {
+                    return origin.preflight();
+                }
+                let mut resp = match (method, rest) {
+                    (&Method::GET, "messages") => history(req, state, room).await,
+                    (&Method::POST, "messages") => publish(req, state, room).await,
+                    (_, "messages") => error(ErrorCode::MethodNotAllowed, "use GET or POST"),
+                    (_, rest) => {
+                        let rest = rest.to_owned();
+                        crate::api::room(req, state, room, &rest).await
+                    }
                 };
                 origin.decorate(resp.headers_mut());
                 resp
@@ -162,7 +181,7 @@ async fn route_request(
     }
 }
 
-fn bad(code: ErrorCode, message: &str) -> Response<Body> {
+pub(crate) fn bad(code: ErrorCode, message: &str) -> Response<Body> {
     metrics::counter!(m::BAD_INPUT, "kind" => code.as_str()).increment(1);
     error(code, message)
 }
@@ -207,7 +226,7 @@ fn lease_remaining_ms(lease: &common::membership::Lease) -> Option<u64> {
 
 /// 503 `room_unavailable` with `Retry-After`: this node owns the room in its ring but holds
 /// no lease (it is fenced until it registers again), or the ring is empty.
-fn unavailable() -> Response<Body> {
+pub(crate) fn unavailable() -> Response<Body> {
     let code = ErrorCode::RoomUnavailable;
     let mut resp = json(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -223,7 +242,7 @@ fn unavailable() -> Response<Body> {
 }
 
 /// 421 `room_moved` with the owner's address, for requests that reached a non-owner.
-fn moved(owner: &common::NodeInfo) -> Response<Body> {
+pub(crate) fn moved(owner: &common::NodeInfo) -> Response<Body> {
     let code = ErrorCode::RoomMoved;
     json(
         StatusCode::MISDIRECTED_REQUEST,
@@ -236,7 +255,7 @@ fn moved(owner: &common::NodeInfo) -> Response<Body> {
     )
 }
 
-fn authenticate<B>(
+pub(crate) fn authenticate<B>(
     req: &Request<B>,
     query: &Query<'_>,
     state: &NodeState,
@@ -583,6 +602,10 @@ async fn publish(req: Request<Incoming>, state: &Arc<NodeState>, room: RoomId) -
                 "the room is moving; retry with the same cid",
             ),
         },
+        Ok(Ok(Err(ErrorCode::RoomEnded))) => error(
+            ErrorCode::RoomEnded,
+            "the room has ended: it takes no more messages (its history stays readable)",
+        ),
         Ok(Ok(Err(code))) => error(code, "the message was not stored; retry with the same cid"),
         Ok(Err(_)) => error(
             ErrorCode::Internal,

@@ -6,14 +6,17 @@
 //! store writes, and return within the configured grace period. `main.rs` only parses
 //! config and wires signals; tests call `run` directly on port 0.
 
+pub mod api;
 pub mod auth;
 pub mod bus;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod hooks;
 pub mod http;
 pub mod outbound;
 pub mod ownership;
+pub mod presence;
 pub mod reader;
 pub mod registry;
 pub mod room;
@@ -58,6 +61,8 @@ pub struct NodeState {
     pub bus: std::sync::OnceLock<Arc<bus::redis::Bus>>,
     pub registry: Arc<Registry>,
     pub auth: Authenticator,
+    /// Users online on this node, mirrored to Redis for cluster-wide presence.
+    pub presence: Arc<presence::Presence>,
     pub open_connections: AtomicUsize,
     conn_ids: AtomicU64,
     conns: Mutex<HashMap<u64, Arc<ConnHandle>>>,
@@ -79,11 +84,17 @@ impl NodeState {
         if let Ok(mut conns) = self.conns.lock() {
             conns.insert(conn.id, conn.clone());
         }
+        self.presence.connected(&conn.user);
     }
 
     pub(crate) fn unregister_conn(&self, id: u64) {
-        if let Ok(mut conns) = self.conns.lock() {
-            conns.remove(&id);
+        let gone = self
+            .conns
+            .lock()
+            .ok()
+            .and_then(|mut conns| conns.remove(&id));
+        if let Some(conn) = gone {
+            self.presence.disconnected(&conn.user);
         }
     }
 
@@ -108,6 +119,7 @@ pub async fn build_store(config: &Config) -> anyhow::Result<Arc<dyn MessageStore
                 bucket: config.cql_bucket,
                 max_inflight: config.cql_max_inflight,
                 request_timeout: config.store_timeout,
+                message_ttl: config.message_ttl,
             })
             .await?;
             Ok(Arc::new(store))
@@ -181,7 +193,26 @@ pub async fn run_with_store(
         rooms_shutdown.clone(),
         cluster::ownership(&cluster),
     ));
+    let (presence, presence_writer) = presence::Presence::new(
+        &config.redis_prefix,
+        config.node_id,
+        config.user_presence_ttl,
+        config.redis_url.is_some(),
+    );
+    let presence = Arc::new(presence);
+    if let (Some(writer), Some(url)) = (presence_writer, &config.redis_url) {
+        let conn = presence::connect(url)
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to Redis for presence at {url}: {e}"))?;
+        tokio::spawn(presence::run(
+            presence.clone(),
+            writer,
+            conn,
+            background.clone(),
+        ));
+    }
     let state = Arc::new(NodeState {
+        presence,
         config: config.clone(),
         cluster: cluster.clone(),
         bus: std::sync::OnceLock::new(),
@@ -199,6 +230,22 @@ pub async fn run_with_store(
         background.clone(),
     ));
     cluster.spawn_handoffs(state.registry.clone(), background.clone());
+    if let Some(hooks) = &ctx.hooks {
+        let waker = state.clone();
+        tokio::spawn(hooks::sweep(
+            hooks.clone(),
+            ctx.store.clone(),
+            move |room| {
+                // Only rooms this node owns, and not while it is leaving.
+                if !waker.is_shutting_down()
+                    && matches!(waker.cluster.route(&room), cluster::Route::Local)
+                {
+                    let _ = waker.registry.try_dispatch(&room, room::RoomCmd::Wake);
+                }
+            },
+            background.clone(),
+        ));
+    }
     cluster.spawn_lease_guard(state.registry.clone(), background.clone());
     if let Some(bus) = bus {
         bus.attach(Arc::downgrade(&state));

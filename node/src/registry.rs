@@ -28,6 +28,8 @@ pub struct RoomCtx {
     pub ownership: Arc<dyn RoomOwnership>,
     /// Room tasks and their store/replay tasks, so shutdown can wait for pending writes.
     pub tracker: TaskTracker,
+    /// Webhook delivery, when `--webhook-url` is set.
+    pub hooks: Option<Arc<crate::hooks::Webhooks>>,
     store_healthy: AtomicBool,
     draining: AtomicBool,
     /// Messages accepted by rooms and not yet settled by the store, node-wide.
@@ -43,6 +45,7 @@ impl RoomCtx {
     ) -> RoomCtx {
         RoomCtx {
             ids: IdGenerator::new(config.node_id),
+            hooks: crate::hooks::Webhooks::from_config(&config),
             config,
             store,
             shutdown,

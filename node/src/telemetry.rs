@@ -54,6 +54,7 @@ fn metrics() -> &'static Metrics {
         process.describe();
         describe();
         describe_ownership();
+        describe_hooks();
         register_zeroes();
         Metrics { handle, process }
     })
@@ -222,6 +223,35 @@ fn describe_ownership() {
     );
 }
 
+fn describe_hooks() {
+    describe_counter!(
+        m::WEBHOOK_DELIVERED,
+        "Messages the webhook endpoint took (2xx)."
+    );
+    describe_counter!(
+        m::WEBHOOK_RETRIES,
+        "Failed webhook attempts that will be retried, by kind."
+    );
+    describe_counter!(
+        m::WEBHOOK_DEAD_LETTERED,
+        "Messages moved to the dead-letter table."
+    );
+    describe_gauge!(
+        m::WEBHOOK_ROOMS_BEHIND,
+        "Rooms whose webhook delivery is behind their stored head."
+    );
+    describe_gauge!(
+        m::WEBHOOK_QUEUE,
+        "Messages read for webhook delivery and not delivered yet."
+    );
+    describe_histogram!(
+        m::WEBHOOK_DELIVERY_SECONDS,
+        Unit::Seconds,
+        "From a message's timestamp to the webhook endpoint taking it."
+    );
+    describe_gauge!(m::PRESENCE_USERS, "Users this node marks online in Redis.");
+}
+
 /// Creates, at zero, every series an alert or the dashboard reads that would otherwise only
 /// appear with its first event: `rate()` needs two samples, so an alert on the first
 /// store error of a fresh series would never fire, and a dashboard panel of a missing
@@ -238,8 +268,13 @@ fn register_zeroes() {
         m::BUS_RECONNECTS,
         m::BUS_PUBLISHED,
         m::BUS_PUBLISHED_BYTES,
+        m::WEBHOOK_DELIVERED,
+        m::WEBHOOK_DEAD_LETTERED,
     ] {
         metrics::counter!(name).increment(0);
+    }
+    for kind in ["status", "timeout", "connect"] {
+        metrics::counter!(m::WEBHOOK_RETRIES, "kind" => kind).increment(0);
     }
     for reason in [
         "gap",
@@ -273,7 +308,14 @@ fn register_zeroes() {
         metrics::counter!(m::BAD_INPUT, "kind" => code.as_str()).increment(0);
     }
     metrics::counter!(m::BAD_INPUT, "kind" => "protocol_error").increment(0);
-    for name in [m::BRIDGE_PROXIES, m::BRIDGED_ROOMS, m::STORE_PENDING] {
+    for name in [
+        m::BRIDGE_PROXIES,
+        m::BRIDGED_ROOMS,
+        m::STORE_PENDING,
+        m::WEBHOOK_ROOMS_BEHIND,
+        m::WEBHOOK_QUEUE,
+        m::PRESENCE_USERS,
+    ] {
         metrics::gauge!(name).increment(0.0);
     }
     for name in [
@@ -283,6 +325,7 @@ fn register_zeroes() {
         m::STORE_WRITE_SECONDS,
         m::CROSS_SHARD_SECONDS,
         m::ROOM_ACQUIRE_SECONDS,
+        m::WEBHOOK_DELIVERY_SECONDS,
     ] {
         // Registers the histogram; it renders with zero counts until the first sample.
         let _ = metrics::histogram!(name);

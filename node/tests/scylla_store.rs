@@ -25,6 +25,7 @@ fn store_config(bucket: Duration) -> ScyllaConfig {
         bucket,
         max_inflight: 8,
         request_timeout: Duration::from_secs(10),
+        message_ttl: Duration::ZERO,
     }
 }
 

@@ -162,6 +162,7 @@ async fn a_frozen_store_gets_errors_not_acks_and_nothing_acked_is_lost() {
         bucket: Duration::from_secs(86_400),
         max_inflight: 4,
         request_timeout: Duration::from_secs(10),
+        message_ttl: Duration::ZERO,
     })
     .await
     .expect("connect");

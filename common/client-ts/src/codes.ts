@@ -24,6 +24,8 @@ export const ERROR_CODES = {
   not_found: "do_not_retry",
   method_not_allowed: "do_not_retry",
   internal: "reconnect_and_resume",
+  room_ended: "do_not_retry",
+  webhook_failed: "retry_later",
 } as const satisfies Record<string, Retry>;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

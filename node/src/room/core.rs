@@ -24,22 +24,26 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::id::now_ms;
+use common::protocol::JOINED_USERS_MAX;
 use common::{
     metrics as m, ChatMessage, ClientMsgId, CloseCode, ErrorCode, MessageId, PresenceEvent, RoomId,
     ServerFrame, UserId,
 };
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::dedupe::{self, State};
-use super::{Reply, RoomCmd, Source};
+use super::{Reply, RoomCmd, RoomPresence, Source, StateChange};
 use crate::bus::link::Link;
 use crate::bus::wire::Item;
 use crate::outbound::{ConnHandle, Out};
 use crate::ownership::Grant;
 use crate::registry::RoomCtx;
+use crate::store::RoomState;
 
 /// The answer to senders whose message this room will never store.
 const FENCED_SEND: &str =
@@ -48,6 +52,8 @@ const FENCED_SEND: &str =
 /// the store; the next owner knows, and dedupes the retry).
 const FENCED_ACK: &str =
     "not acknowledged: this node lost the room before it could confirm the write; reconnect through the router and resend with the same cid";
+const ROOM_ENDED: &str =
+    "the room has ended: no more joins or sends (its history stays readable); do not rejoin";
 const FENCED_JOIN: &str =
     "this node no longer holds the room; reconnect through the router and join again with since";
 
@@ -63,6 +69,9 @@ pub(crate) enum Action {
         since: MessageId,
         upto: MessageId,
     },
+    /// Write the room's lifecycle state (at most one is in flight), then call
+    /// [`RoomCore::on_state_saved`].
+    SaveState(RoomState),
 }
 
 /// Why a batch is not in the store.
@@ -81,6 +90,16 @@ pub(crate) struct Loaded {
     pub(crate) newest: Vec<ChatMessage>,
     /// Older messages of the dedupe window that `newest` does not cover, oldest first.
     pub(crate) older: Vec<ChatMessage>,
+    /// Its lifecycle state, and how long from now its expiry is (zero: passed).
+    pub(crate) state: RoomState,
+    pub(crate) expires_in: Option<Duration>,
+}
+
+/// A lifecycle change the store is writing.
+struct Saving {
+    state: RoomState,
+    expiry: Option<Instant>,
+    reply: oneshot::Sender<Result<RoomState, ErrorCode>>,
 }
 
 enum MemberState {
@@ -171,6 +190,14 @@ pub(crate) struct RoomCore {
     handoff: Option<Handoff>,
     fence: Option<Fence>,
     ended: bool,
+    /// The stored lifecycle state, and the instant its expiry falls at.
+    state: RoomState,
+    expiry: Option<Instant>,
+    saving: Option<Saving>,
+    /// The state of `saving`, until the driver has taken it.
+    save_due: Option<RoomState>,
+    /// The room has ended and its members have been told and dropped.
+    members_ended: bool,
 }
 
 impl RoomCore {
@@ -183,7 +210,12 @@ impl RoomCore {
         now: Instant,
     ) -> RoomCore {
         let cfg = &ctx.config;
-        let Loaded { newest, older } = loaded;
+        let Loaded {
+            newest,
+            older,
+            state,
+            expires_in,
+        } = loaded;
         let head = newest.last().map_or(MessageId(0), |m| m.id);
         let recent_floor = match newest.first() {
             Some(first) if newest.len() >= cfg.recent_per_room => MessageId(first.id.0 - 1),
@@ -225,6 +257,11 @@ impl RoomCore {
             handoff: None,
             fence: None,
             ended: false,
+            state,
+            expiry: expires_in.map(|d| now + d),
+            saving: None,
+            save_due: None,
+            members_ended: false,
         }
     }
 
@@ -237,6 +274,7 @@ impl RoomCore {
             self.refuse_fenced(cmd);
             return;
         }
+        self.check_expiry(now);
         match cmd {
             RoomCmd::Join { conn, since } => self.join(conn, since),
             RoomCmd::Leave { conn_id, notify } => self.leave(conn_id, notify),
@@ -247,6 +285,11 @@ impl RoomCore {
                 reply,
                 source,
             } => self.send(from, cid, body, reply, source, now),
+            RoomCmd::Presence { reply } => {
+                let _ = reply.send(self.presence_list());
+            }
+            RoomCmd::SetState { change, reply } => self.set_state(change, reply, now),
+            RoomCmd::Wake => {}
             RoomCmd::ReplayDone { conn_id, ok } => self.replay_done(conn_id, ok),
             RoomCmd::Handoff {
                 close,
@@ -334,11 +377,39 @@ impl RoomCore {
         self.settle();
     }
 
+    /// The result of an [`Action::SaveState`].
+    pub(crate) fn on_state_saved(&mut self, result: Result<(), NotStored>, now: Instant) {
+        let Some(saving) = self.saving.take() else {
+            return;
+        };
+        if matches!(result, Err(NotStored::Fenced)) {
+            self.fence_now();
+        }
+        if !self.holds(now) {
+            let _ = saving.reply.send(Err(ErrorCode::RoomMoved));
+            return;
+        }
+        match result {
+            Ok(()) => {
+                self.state = saving.state;
+                self.expiry = saving.expiry;
+                let _ = saving.reply.send(Ok(saving.state));
+                self.check_expiry(now);
+            }
+            Err(_) => {
+                let _ = saving.reply.send(Err(ErrorCode::StoreUnavailable));
+            }
+        }
+        self.settle();
+    }
+
     /// A wake-up at (or after) [`RoomCore::poll_timeout`].
     pub(crate) fn on_timeout(&mut self, now: Instant) {
         if !self.holds(now) {
             return;
         }
+        self.check_expiry(now);
+        self.settle();
         let Some(h) = &mut self.handoff else {
             return;
         };
@@ -378,6 +449,9 @@ impl RoomCore {
         if let Some(replay) = self.replays.pop_front() {
             return Some(replay);
         }
+        if let Some(state) = self.save_due.take() {
+            return Some(Action::SaveState(state));
+        }
         if self.inflight > 0 || self.unpersisted.is_empty() {
             return None;
         }
@@ -395,7 +469,15 @@ impl RoomCore {
         if self.ended || self.fence.is_some() {
             return None;
         }
-        self.handoff.as_ref().and_then(|h| h.deadline)
+        let handoff = self.handoff.as_ref().and_then(|h| h.deadline);
+        // The expiry matters only while someone is here to be told.
+        let expiry = self
+            .expiry
+            .filter(|_| self.state.ended_at.is_none() && !self.members.is_empty());
+        match (handoff, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     // ------------------------------------------------------------------------------------
@@ -505,8 +587,13 @@ impl RoomCore {
                 metrics::counter!(m::FENCED, "op" => "send").increment(1);
                 FENCED_SEND
             }
+            RoomCmd::SetState { .. } => FENCED_JOIN,
             // Members are gone already; nothing else needs an answer.
-            RoomCmd::Leave { .. } | RoomCmd::ReplayDone { .. } | RoomCmd::Handoff { .. } => return,
+            RoomCmd::Presence { .. }
+            | RoomCmd::Wake
+            | RoomCmd::Leave { .. }
+            | RoomCmd::ReplayDone { .. }
+            | RoomCmd::Handoff { .. } => return,
         };
         cmd.refuse_with_owner(&self.id, ErrorCode::RoomMoved, message, owner);
     }
@@ -521,6 +608,9 @@ impl RoomCore {
         if self.fence.is_some() {
             self.ended = true;
             return;
+        }
+        if self.state.ended_at.is_some() && !self.members_ended && self.unpersisted.is_empty() {
+            self.end_members();
         }
         let Some(code) = self.handoff.as_ref().and_then(|h| h.close) else {
             return;
@@ -549,6 +639,104 @@ impl RoomCore {
     // ------------------------------------------------------------------------------------
     // Commands, with a valid grant.
     // ------------------------------------------------------------------------------------
+
+    // ------------------------------------------------------------------------------------
+    // Lifecycle and presence.
+    // ------------------------------------------------------------------------------------
+
+    /// Whether the room has ended by `now` (stored as ended, or its expiry passed).
+    fn is_over(&self, now: Instant) -> bool {
+        self.state.ended_at.is_some() || self.expiry.is_some_and(|at| now >= at)
+    }
+
+    /// Turns a passed expiry into the ended state the members are told of (it needs no
+    /// write: the stored expiry already says so to every later owner).
+    fn check_expiry(&mut self, now: Instant) {
+        if self.state.ended_at.is_none() && self.expiry.is_some_and(|at| now >= at) {
+            self.state.ended_at = self.state.expires_at;
+            tracing::info!(room = %self.id, "the room expired");
+        }
+    }
+
+    fn set_state(
+        &mut self,
+        change: StateChange,
+        reply: oneshot::Sender<Result<RoomState, ErrorCode>>,
+        now: Instant,
+    ) {
+        if self.saving.is_some() {
+            let _ = reply.send(Err(ErrorCode::RoomUnavailable));
+            return;
+        }
+        if self.handoff.is_some() {
+            let _ = reply.send(Err(self
+                .handoff
+                .as_ref()
+                .map_or(ErrorCode::GoingAway, |h| h.code())));
+            return;
+        }
+        if self.is_over(now) {
+            // Ending is for good: an ended room answers with what it is.
+            let _ = match change {
+                StateChange::End => reply.send(Ok(self.state)),
+                _ => reply.send(Err(ErrorCode::RoomEnded)),
+            };
+            return;
+        }
+        let mut state = self.state;
+        let expiry = match change {
+            StateChange::End => {
+                state.ended_at = Some(now_ms());
+                self.expiry
+            }
+            StateChange::ExpireAt { at, within } => {
+                state.expires_at = Some(at);
+                Some(now + within)
+            }
+            StateChange::KeepForever => {
+                state.expires_at = None;
+                None
+            }
+        };
+        self.save_due = Some(state);
+        self.saving = Some(Saving {
+            state,
+            expiry,
+            reply,
+        });
+    }
+
+    /// Tells every member the room has ended and drops them (their connections stay: they
+    /// may carry other rooms). Called once what was accepted before the end is stored.
+    fn end_members(&mut self) {
+        self.members_ended = true;
+        for (_, member) in self.members.drain() {
+            if let MemberState::CatchingUp { bytes, .. } = member.state {
+                member.conn.refund(bytes);
+            }
+            member.conn.unfollow(&self.id);
+            member.conn.send_frame(&ServerFrame::Error {
+                code: ErrorCode::RoomEnded,
+                message: ROOM_ENDED.into(),
+                cid: None,
+                room: Some(self.id.to_string()),
+                owner: None,
+            });
+        }
+        self.users.clear();
+        self.replays.clear();
+    }
+
+    /// The room's users, bridged members included: the count, and the first names sorted.
+    fn presence_list(&self) -> RoomPresence {
+        let mut users: Vec<UserId> = self.users.keys().cloned().collect();
+        users.sort_unstable();
+        users.truncate(super::PRESENCE_LIST_MAX);
+        RoomPresence {
+            members: self.users.len() as u32,
+            users,
+        }
+    }
 
     fn begin_handoff(
         &mut self,
@@ -590,15 +778,30 @@ impl RoomCore {
             self.refuse_handoff(RoomCmd::Join { conn, since });
             return;
         }
+        if self.state.ended_at.is_some() {
+            RoomCmd::Join { conn, since }.refuse(&self.id, ErrorCode::RoomEnded, ROOM_ENDED);
+            return;
+        }
         let rejoin = self.members.remove(&conn.id).is_some();
         if rejoin {
             // A bridged member's node stops feeding it the stream until it is live again.
             conn.unfollow(&self.id);
         }
         let head = (self.head.0 != 0).then_some(self.head);
+        let members = self.users.len() + usize::from(!self.users.contains_key(&conn.user));
+        let users = (members <= JOINED_USERS_MAX).then(|| {
+            let mut users: Vec<UserId> = self.users.keys().cloned().collect();
+            if !self.users.contains_key(&conn.user) {
+                users.push(conn.user.clone());
+            }
+            users.sort_unstable();
+            users
+        });
         if !conn.send_frame(&ServerFrame::Joined {
             room: self.id.clone(),
             head,
+            members: members as u32,
+            users,
         }) {
             if rejoin {
                 self.forget_user(&conn.user);
@@ -817,6 +1020,10 @@ impl RoomCore {
                 reply,
                 source,
             });
+            return;
+        }
+        if self.state.ended_at.is_some() {
+            reply.error(&self.id, &cid, ErrorCode::RoomEnded, ROOM_ENDED);
             return;
         }
         if let Reply::Conn(conn) = &reply {

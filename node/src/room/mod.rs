@@ -25,10 +25,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use self::core::{Action, Loaded, NotStored, RoomCore};
+use crate::hooks::RoomHook;
 use crate::outbound::{ConnHandle, Out};
 use crate::ownership::{Grant, Refusal};
 use crate::registry::{Registry, RoomCtx};
-use crate::store::{HistoryQuery, PageFrom, StoreError};
+use crate::store::{BoxFuture, HistoryQuery, HookCursor, PageFrom, RoomState, StoreError};
 
 /// Messages per store read when replaying to a joiner.
 const REPLAY_PAGE: usize = 500;
@@ -41,6 +42,28 @@ pub enum Reply {
     Conn(Arc<ConnHandle>),
     /// An HTTP publish waiting for its answer.
     Http(oneshot::Sender<Result<Accepted, ErrorCode>>),
+}
+
+/// The users connected to a room: `members` of them, the first [`PRESENCE_LIST_MAX`] by
+/// name in `users`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RoomPresence {
+    pub members: u32,
+    pub users: Vec<UserId>,
+}
+
+/// Most users a presence answer lists.
+pub const PRESENCE_LIST_MAX: usize = 1000;
+
+/// A change to a room's lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateChange {
+    /// End it now.
+    End,
+    /// End it at `at` (Unix ms), which is `within` from when the change was asked.
+    ExpireAt { at: u64, within: Duration },
+    /// Clear its expiry.
+    KeepForever,
 }
 
 /// A send the store has made durable.
@@ -87,6 +110,17 @@ pub enum RoomCmd {
     },
     /// A replay task finished reading the store for a joiner.
     ReplayDone { conn_id: u64, ok: bool },
+    /// Who is connected to the room, bridged members included.
+    Presence {
+        reply: oneshot::Sender<RoomPresence>,
+    },
+    /// Ends the room, or sets or clears its expiry; answered once the store has it.
+    SetState {
+        change: StateChange,
+        reply: oneshot::Sender<Result<RoomState, ErrorCode>>,
+    },
+    /// Does nothing: starts the room if it is not running (to deliver its pending webhooks).
+    Wake,
     /// Stop accepting, flush what was accepted, then (with `close`) close every member with
     /// that code and end. Sent on a ring change (`room_moved`) and on shutdown (no close:
     /// the node closes connections itself once every room has flushed).
@@ -127,7 +161,15 @@ impl RoomCmd {
             RoomCmd::Send { reply, cid, .. } => {
                 reply.error_with_owner(room, &cid, code, message, owner)
             }
-            RoomCmd::Leave { .. } | RoomCmd::ReplayDone { .. } | RoomCmd::Handoff { .. } => {}
+            RoomCmd::SetState { reply, .. } => {
+                let _ = reply.send(Err(code));
+            }
+            // An empty answer: nobody is connected to a room that is not running here.
+            RoomCmd::Presence { .. }
+            | RoomCmd::Wake
+            | RoomCmd::Leave { .. }
+            | RoomCmd::ReplayDone { .. }
+            | RoomCmd::Handoff { .. } => {}
         }
     }
 }
@@ -227,7 +269,7 @@ pub(crate) async fn run(
             return;
         }
     };
-    let loaded = match load(&id, &ctx, &grant).await {
+    let (loaded, cursor) = match load(&id, &ctx, &grant).await {
         Ok(loaded) => loaded,
         Err(e) => {
             metrics::counter!(m::STORE_ERRORS, "op" => "read").increment(1);
@@ -244,8 +286,21 @@ pub(crate) async fn run(
             return;
         }
     };
+    let head = loaded.newest.last().map_or(MessageId(0), |m| m.id);
+    let hook = ctx.hooks.as_ref().filter(|h| h.applies_to(&id)).map(|h| {
+        Arc::new(RoomHook::start(
+            h.clone(),
+            ctx.store.clone(),
+            id.clone(),
+            grant.clone(),
+            cursor,
+            head,
+            self_tx.clone(),
+        ))
+    });
     let mut core = RoomCore::new(id, ctx.clone(), grant.clone(), loaded, Instant::now());
     let (persist_tx, mut persist_rx) = mpsc::channel::<Persisted>(1);
+    let (saved_tx, mut saved_rx) = mpsc::channel::<Result<(), NotStored>>(1);
     let mut idle_since: Option<Instant> = None;
     // The core's next deadline (handoff flush, grant expiry); one timer, reset only when the
     // deadline moves, so a busy room does not register a timer per wake-up.
@@ -255,8 +310,16 @@ pub(crate) async fn run(
     loop {
         while let Some(action) = core.poll_action(Instant::now()) {
             match action {
-                Action::Persist(batch) => {
-                    spawn_persist(&ctx, core.id(), &grant, batch, persist_tx.clone())
+                Action::Persist(batch) => spawn_persist(
+                    &ctx,
+                    core.id(),
+                    &grant,
+                    hook.clone(),
+                    batch,
+                    persist_tx.clone(),
+                ),
+                Action::SaveState(state) => {
+                    spawn_save_state(&ctx, core.id(), &grant, state, saved_tx.clone())
                 }
                 Action::Replay { conn, since, upto } => {
                     spawn_replay(&ctx, core.id(), conn, since, upto, self_tx.clone())
@@ -273,7 +336,10 @@ pub(crate) async fn run(
             }
             break;
         }
-        let idle = core.is_idle();
+        // A room whose webhook deliveries are behind stays: it is the one delivering them.
+        // On shutdown the next owner delivers them, from the cursor in the store.
+        let idle = core.is_idle()
+            && (ctx.shutdown.is_cancelled() || hook.as_ref().is_none_or(|h| h.is_idle()));
         if idle && idle_since.is_none() {
             idle_since = Some(Instant::now());
         } else if !idle {
@@ -296,6 +362,13 @@ pub(crate) async fn run(
         tokio::select! {
             biased;
             Some(p) = persist_rx.recv() => core.on_persisted(p.batch, p.result, Instant::now()),
+            Some(result) = saved_rx.recv() => core.on_state_saved(result, Instant::now()),
+            () = async {
+                match &hook {
+                    Some(h) => h.idle_changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
             cmd = rx.recv() => {
                 let Some(cmd) = cmd else { break };
                 step(&mut core, cmd);
@@ -329,7 +402,7 @@ pub(crate) async fn run(
                 }
                 idle_since = None;
             }
-            _ = ctx.shutdown.cancelled(), if idle_since.is_some() && !ctx.shutdown.is_cancelled() => {
+            _ = ctx.shutdown.cancelled(), if !ctx.shutdown.is_cancelled() => {
                 // Re-evaluate the idle deadline with shutdown's zero timeout.
             }
         }
@@ -358,21 +431,44 @@ fn step(core: &mut RoomCore, cmd: RoomCmd) {
 /// the room was someone else's (another node, or this node before a restart or a lapse):
 /// the store is fenced above the head first, so a write that owner still had on its way
 /// can never land behind what this node serves (see `MessageStore::fence`).
-async fn load(id: &RoomId, ctx: &Arc<RoomCtx>, grant: &Grant) -> Result<Loaded, StoreError> {
+async fn load(
+    id: &RoomId,
+    ctx: &Arc<RoomCtx>,
+    grant: &Grant,
+) -> Result<(Loaded, Option<HookCursor>), StoreError> {
     let cfg = &ctx.config;
-    let read = |q: HistoryQuery| async move {
-        match tokio::time::timeout(cfg.store_timeout, ctx.store.read(id, q)).await {
+    let timed = |f| async move {
+        match tokio::time::timeout(cfg.store_timeout, f).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Timeout),
         }
     };
-    let newest = read(HistoryQuery {
-        after: None,
-        before: None,
-        limit: cfg.recent_per_room,
-        from: PageFrom::Newest,
-    })
-    .await?;
+    let read = |q: HistoryQuery| timed(ctx.store.read(id, q));
+    let hooked = ctx.hooks.as_ref().is_some_and(|h| h.applies_to(id));
+    let (newest, state, cursor) = tokio::join!(
+        read(HistoryQuery {
+            after: None,
+            before: None,
+            limit: cfg.recent_per_room,
+            from: PageFrom::Newest,
+        }),
+        timed_state(cfg.store_timeout, ctx.store.room_state(id)),
+        async {
+            if hooked {
+                match tokio::time::timeout(cfg.store_timeout, ctx.store.hook_cursor(id)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(StoreError::Timeout),
+                }
+            } else {
+                Ok(None)
+            }
+        }
+    );
+    let (newest, state, cursor) = (newest?, state?, cursor?);
+    let now = now_ms();
+    let expires_in = state
+        .expires_at
+        .map(|at| Duration::from_millis(at.saturating_sub(now)));
     let head = newest.last().map_or(MessageId(0), |m| m.id);
     if !grant.minted_here(head, cfg.node_id) {
         // An empty room's late writes were minted recently: within the dedupe window (a
@@ -400,7 +496,62 @@ async fn load(id: &RoomId, ctx: &Arc<RoomCtx>, grant: &Grant) -> Result<Loaded, 
             .await?;
         }
     }
-    Ok(Loaded { newest, older })
+    let loaded = Loaded {
+        newest,
+        older,
+        state,
+        expires_in,
+    };
+    Ok((loaded, cursor))
+}
+
+async fn timed_state(
+    timeout: Duration,
+    f: BoxFuture<'_, Result<RoomState, StoreError>>,
+) -> Result<RoomState, StoreError> {
+    match tokio::time::timeout(timeout, f).await {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Timeout),
+    }
+}
+
+/// Writes the room's lifecycle state and reports back, with the same grant checks as a
+/// message write.
+fn spawn_save_state(
+    ctx: &Arc<RoomCtx>,
+    room: &RoomId,
+    grant: &Grant,
+    state: RoomState,
+    tx: mpsc::Sender<Result<(), NotStored>>,
+) {
+    let ctx = ctx.clone();
+    let room = room.clone();
+    let grant = grant.clone();
+    ctx.tracker.clone().spawn(async move {
+        let result = if !grant.is_valid() {
+            Err(NotStored::Fenced)
+        } else {
+            match tokio::time::timeout(
+                ctx.config.store_timeout,
+                ctx.store.set_room_state(&room, state, &grant),
+            )
+            .await
+            {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(StoreError::Fenced)) => Err(NotStored::Fenced),
+                Ok(Err(e)) => {
+                    metrics::counter!(m::STORE_ERRORS, "op" => "append").increment(1);
+                    tracing::warn!(%room, error = %e, "saving the room's state failed");
+                    Err(NotStored::Store)
+                }
+                Err(_) => {
+                    metrics::counter!(m::STORE_ERRORS, "op" => "append").increment(1);
+                    Err(NotStored::Store)
+                }
+            }
+        };
+        let _ = tx.send(result).await;
+    });
 }
 
 /// Writes one batch (the core keeps one in flight, so batches grow under load) and reports
@@ -411,6 +562,7 @@ fn spawn_persist(
     ctx: &Arc<RoomCtx>,
     room: &RoomId,
     grant: &Grant,
+    hook: Option<Arc<RoomHook>>,
     batch: Vec<common::ChatMessage>,
     tx: mpsc::Sender<Persisted>,
 ) {
@@ -424,11 +576,16 @@ fn spawn_persist(
             Err(NotStored::Fenced)
         } else {
             let started = Instant::now();
-            let result = match tokio::time::timeout(
-                ctx.config.store_timeout,
-                ctx.store.append(&room, &batch, &grant),
-            )
-            .await
+            let append = ctx.store.append(&room, &batch, &grant);
+            let written = async {
+                match (&hook, batch.last()) {
+                    (Some(hook), Some(last)) => {
+                        hook.persist(ctx.store.as_ref(), append, last.id).await
+                    }
+                    _ => append.await,
+                }
+            };
+            let result = match tokio::time::timeout(ctx.config.store_timeout, written).await
             {
                 Ok(r) => r,
                 Err(_) => Err(StoreError::Timeout),

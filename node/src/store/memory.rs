@@ -4,16 +4,27 @@
 //! `per_room` messages of each room and loses everything on restart. Production and every
 //! test of storage behaviour use the CQL store against a real server.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
 
-use common::{ChatMessage, RoomId};
+use common::{ChatMessage, MessageId, RoomId};
 
-use super::{BoxFuture, HistoryQuery, MessageStore, PageFrom, StoreError, WriteGuard};
+use super::{
+    BoxFuture, DeadLetter, HistoryQuery, HookCursor, MessageStore, PageFrom, RoomState, StoreError,
+    WriteGuard,
+};
 
 pub struct MemoryStore {
     per_room: usize,
     rooms: Mutex<HashMap<RoomId, VecDeque<ChatMessage>>>,
+    states: Mutex<HashMap<RoomId, RoomState>>,
+    cursors: Mutex<BTreeMap<RoomId, HookCursor>>,
+    dead: Mutex<BTreeMap<(RoomId, MessageId), DeadLetter>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, StoreError> {
+    m.lock()
+        .map_err(|_| StoreError::Unavailable("memory store lock poisoned".into()))
 }
 
 impl MemoryStore {
@@ -21,6 +32,9 @@ impl MemoryStore {
         Self {
             per_room: per_room.max(1),
             rooms: Mutex::new(HashMap::new()),
+            states: Mutex::new(HashMap::new()),
+            cursors: Mutex::new(BTreeMap::new()),
+            dead: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -92,6 +106,97 @@ impl MessageStore for MemoryStore {
         query: HistoryQuery,
     ) -> BoxFuture<'a, Result<Vec<ChatMessage>, StoreError>> {
         Box::pin(async move { self.read_now(room, query) })
+    }
+
+    fn room_state<'a>(&'a self, room: &'a RoomId) -> BoxFuture<'a, Result<RoomState, StoreError>> {
+        Box::pin(async move { Ok(lock(&self.states)?.get(room).copied().unwrap_or_default()) })
+    }
+
+    fn set_room_state<'a>(
+        &'a self,
+        room: &'a RoomId,
+        state: RoomState,
+        guard: &'a dyn WriteGuard,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            if !guard.may_write() {
+                return Err(StoreError::Fenced);
+            }
+            lock(&self.states)?.insert(room.clone(), state);
+            Ok(())
+        })
+    }
+
+    fn hook_cursor<'a>(
+        &'a self,
+        room: &'a RoomId,
+    ) -> BoxFuture<'a, Result<Option<HookCursor>, StoreError>> {
+        Box::pin(async move { Ok(lock(&self.cursors)?.get(room).cloned()) })
+    }
+
+    fn set_hook_cursor<'a>(
+        &'a self,
+        room: &'a RoomId,
+        cursor: HookCursor,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            lock(&self.cursors)?.insert(room.clone(), cursor);
+            Ok(())
+        })
+    }
+
+    fn clear_hook_cursor<'a>(&'a self, room: &'a RoomId) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            lock(&self.cursors)?.remove(room);
+            Ok(())
+        })
+    }
+
+    fn hook_rooms(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RoomId>, StoreError>> {
+        Box::pin(async move { Ok(lock(&self.cursors)?.keys().take(limit).cloned().collect()) })
+    }
+
+    fn put_dead_letter<'a>(
+        &'a self,
+        dead: &'a DeadLetter,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let key = (dead.message.room.clone(), dead.message.id);
+            lock(&self.dead)?.insert(key, dead.clone());
+            Ok(())
+        })
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        room: Option<&'a RoomId>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, StoreError>> {
+        Box::pin(async move {
+            let dead = lock(&self.dead)?;
+            Ok(dead
+                .values()
+                .filter(|d| room.is_none_or(|r| &d.message.room == r))
+                .take(limit)
+                .cloned()
+                .collect())
+        })
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        room: &'a RoomId,
+        id: MessageId,
+    ) -> BoxFuture<'a, Result<Option<DeadLetter>, StoreError>> {
+        Box::pin(async move { Ok(lock(&self.dead)?.get(&(room.clone(), id)).cloned()) })
+    }
+
+    fn delete_dead_letter<'a>(
+        &'a self,
+        room: &'a RoomId,
+        id: MessageId,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move { Ok(lock(&self.dead)?.remove(&(room.clone(), id)).is_some()) })
     }
 
     fn check(&self) -> BoxFuture<'_, Result<(), StoreError>> {

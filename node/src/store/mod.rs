@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use common::{ChatMessage, MessageId, RoomId};
+use serde::Serialize;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -61,6 +62,52 @@ pub enum PageFrom {
     Newest,
 }
 
+/// A room's lifecycle: active until it is ended (by the API) or its expiry passes. Unix ms.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RoomState {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+impl RoomState {
+    /// When the room ended or ends: the earlier of the two.
+    pub fn end(&self) -> Option<u64> {
+        match (self.ended_at, self.expires_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn is_ended_at(&self, now_ms: u64) -> bool {
+        self.end().is_some_and(|end| end <= now_ms)
+    }
+}
+
+/// How far a room's webhook delivery has got: every message up to `delivered` was taken by
+/// the endpoint or dead-lettered; the next one has failed `attempts` times.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HookCursor {
+    pub delivered: MessageId,
+    pub attempts: u32,
+    pub last_error: String,
+}
+
+/// A message whose webhook delivery gave up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeadLetter {
+    pub message: ChatMessage,
+    pub attempts: u32,
+    pub last_error: String,
+    /// Unix ms.
+    pub dead_at: u64,
+}
+
+fn not_kept() -> StoreError {
+    StoreError::Unavailable("this store keeps only messages".into())
+}
+
 pub trait MessageStore: Send + Sync + 'static {
     /// Makes a batch of one room's messages durable. Retrying a batch (same ids) is safe.
     /// `guard` is asked, after each write is stamped and before it is sent, whether the
@@ -93,6 +140,87 @@ pub trait MessageStore: Send + Sync + 'static {
         _window: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async { Ok(()) })
+    }
+
+    // Rooms' lifecycle and webhook delivery. Both production stores keep them; the
+    // defaults are for test doubles that store only messages (nothing ends, nothing waits).
+
+    /// A room's lifecycle state; the default (active, no expiry) for a room never set.
+    fn room_state<'a>(&'a self, _room: &'a RoomId) -> BoxFuture<'a, Result<RoomState, StoreError>> {
+        Box::pin(async { Ok(RoomState::default()) })
+    }
+
+    /// Records a room's lifecycle state (only the room's owner writes it).
+    fn set_room_state<'a>(
+        &'a self,
+        _room: &'a RoomId,
+        _state: RoomState,
+        _guard: &'a dyn WriteGuard,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Err(not_kept()) })
+    }
+
+    /// Where a room's webhook delivery stands, if it may be behind (see `hooks`).
+    fn hook_cursor<'a>(
+        &'a self,
+        _room: &'a RoomId,
+    ) -> BoxFuture<'a, Result<Option<HookCursor>, StoreError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Records where a room's webhook delivery stands. Writes by one process land in the
+    /// order they were made, whatever order they arrive in.
+    fn set_hook_cursor<'a>(
+        &'a self,
+        _room: &'a RoomId,
+        _cursor: HookCursor,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Err(not_kept()) })
+    }
+
+    /// Forgets a room's cursor: everything stored in it has been delivered.
+    fn clear_hook_cursor<'a>(&'a self, _room: &'a RoomId) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Err(not_kept()) })
+    }
+
+    /// Rooms that have a cursor (deliveries may be pending), at most `limit`.
+    fn hook_rooms(&self, _limit: usize) -> BoxFuture<'_, Result<Vec<RoomId>, StoreError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Keeps a delivery that ran out of attempts (or age).
+    fn put_dead_letter<'a>(
+        &'a self,
+        _dead: &'a DeadLetter,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Err(not_kept()) })
+    }
+
+    /// Dead letters of one room (oldest first), or of every room, at most `limit`.
+    fn dead_letters<'a>(
+        &'a self,
+        _room: Option<&'a RoomId>,
+        _limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, StoreError>> {
+        Box::pin(async { Err(not_kept()) })
+    }
+
+    /// One dead letter.
+    fn dead_letter<'a>(
+        &'a self,
+        _room: &'a RoomId,
+        _id: MessageId,
+    ) -> BoxFuture<'a, Result<Option<DeadLetter>, StoreError>> {
+        Box::pin(async { Err(not_kept()) })
+    }
+
+    /// Removes one dead letter; `false` if there was none.
+    fn delete_dead_letter<'a>(
+        &'a self,
+        _room: &'a RoomId,
+        _id: MessageId,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async { Err(not_kept()) })
     }
 
     /// Cheap liveness probe used by readiness.

@@ -36,7 +36,10 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
 use tokio::sync::{oneshot, Semaphore};
 
-use super::{BoxFuture, HistoryQuery, MessageStore, PageFrom, StoreError, WriteGuard};
+use super::{
+    BoxFuture, DeadLetter, HistoryQuery, HookCursor, MessageStore, PageFrom, RoomState, StoreError,
+    WriteGuard,
+};
 
 /// Buckets fetched from the index per query while walking history.
 const BUCKET_PAGE: i32 = 16;
@@ -60,6 +63,8 @@ pub struct ScyllaConfig {
     pub bucket: Duration,
     pub max_inflight: usize,
     pub request_timeout: Duration,
+    /// How long messages are kept (a CQL TTL on each row); zero keeps them for good.
+    pub message_ttl: Duration,
 }
 
 /// One schema version: its statements are idempotent (`IF NOT EXISTS`), so nodes starting
@@ -70,21 +75,63 @@ struct Migration {
     statements: &'static [&'static str],
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "messages by (room, bucket), room bucket index, meta",
-    statements: &[
-        "CREATE TABLE IF NOT EXISTS {ks}.messages (
-            room text, bucket bigint, id bigint, sender text, cid text, body text, ts bigint,
-            PRIMARY KEY ((room, bucket), id)
-        ) WITH CLUSTERING ORDER BY (id DESC)",
-        "CREATE TABLE IF NOT EXISTS {ks}.room_buckets (
-            room text, bucket bigint,
-            PRIMARY KEY (room, bucket)
-        ) WITH CLUSTERING ORDER BY (bucket DESC)",
-        "CREATE TABLE IF NOT EXISTS {ks}.meta (key text PRIMARY KEY, value text)",
-    ],
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "messages by (room, bucket), room bucket index, meta",
+        statements: &[
+            "CREATE TABLE IF NOT EXISTS {ks}.messages (
+                room text, bucket bigint, id bigint, sender text, cid text, body text, ts bigint,
+                PRIMARY KEY ((room, bucket), id)
+            ) WITH CLUSTERING ORDER BY (id DESC)",
+            "CREATE TABLE IF NOT EXISTS {ks}.room_buckets (
+                room text, bucket bigint,
+                PRIMARY KEY (room, bucket)
+            ) WITH CLUSTERING ORDER BY (bucket DESC)",
+            "CREATE TABLE IF NOT EXISTS {ks}.meta (key text PRIMARY KEY, value text)",
+        ],
+    },
+    Migration {
+        version: 2,
+        description: "room lifecycle, webhook cursors, dead letters",
+        statements: &[
+            "CREATE TABLE IF NOT EXISTS {ks}.rooms (
+                room text PRIMARY KEY, ended_at bigint, expires_at bigint
+            )",
+            // A row per room whose deliveries may be behind; deleted once caught up, so a
+            // scan of the table lists the rooms with work pending.
+            "CREATE TABLE IF NOT EXISTS {ks}.hook_cursors (
+                room text PRIMARY KEY, delivered bigint, attempts int, last_error text
+            )",
+            "CREATE TABLE IF NOT EXISTS {ks}.dead_letters (
+                room text, id bigint, sender text, cid text, body text, ts bigint,
+                attempts int, last_error text, dead_at bigint,
+                PRIMARY KEY (room, id)
+            )",
+        ],
+    },
+];
+
+/// The columns of a dead letter, in the order [`dead_letter_row`] reads them.
+const DEAD_COLS: &str = "room, id, sender, cid, body, ts, attempts, last_error, dead_at";
+type DeadRow = (String, i64, String, String, String, i64, i32, String, i64);
+
+fn dead_letter_row(row: DeadRow) -> Result<DeadLetter, StoreError> {
+    let (room, id, sender, cid, body, ts, attempts, last_error, dead_at) = row;
+    Ok(DeadLetter {
+        message: ChatMessage {
+            room: RoomId::new(room).map_err(err)?,
+            id: MessageId(id as u64),
+            from: UserId::new(sender).map_err(err)?,
+            cid: ClientMsgId::new(cid).map_err(err)?,
+            body,
+            ts: ts as u64,
+        },
+        attempts: attempts.max(0) as u32,
+        last_error,
+        dead_at: dead_at as u64,
+    })
+}
 
 type ReadKey = (RoomId, HistoryQuery);
 type ReadResult = Result<Vec<ChatMessage>, StoreError>;
@@ -100,6 +147,19 @@ pub struct ScyllaStore {
     msgs_asc: PreparedStatement,
     probe: PreparedStatement,
     fence_range: PreparedStatement,
+    room_get: PreparedStatement,
+    room_set: PreparedStatement,
+    cursor_get: PreparedStatement,
+    cursor_set: PreparedStatement,
+    cursor_clear: PreparedStatement,
+    cursor_rooms: PreparedStatement,
+    dead_put: PreparedStatement,
+    dead_of_room: PreparedStatement,
+    dead_all: PreparedStatement,
+    dead_one: PreparedStatement,
+    dead_delete: PreparedStatement,
+    /// Seconds; 0 is no TTL.
+    message_ttl: i32,
     consistency: Consistency,
     /// The last write timestamp used (µs): writes are strictly increasing in this process.
     last_write_ts: AtomicI64,
@@ -172,11 +232,11 @@ impl ScyllaStore {
         let cols = "id, sender, cid, body, ts";
         Ok(ScyllaStore {
             insert_msg: prepare(
-                format!("INSERT INTO {ks}.messages (room, bucket, id, sender, cid, body, ts) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                format!("INSERT INTO {ks}.messages (room, bucket, id, sender, cid, body, ts) VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?"),
                 true,
             )
             .await?,
-            insert_bucket: prepare(format!("INSERT INTO {ks}.room_buckets (room, bucket) VALUES (?, ?)"), true).await?,
+            insert_bucket: prepare(format!("INSERT INTO {ks}.room_buckets (room, bucket) VALUES (?, ?) USING TTL ?"), true).await?,
             buckets_desc: prepare(
                 format!("SELECT bucket FROM {ks}.room_buckets WHERE room = ? AND bucket <= ? ORDER BY bucket DESC LIMIT ?"),
                 false,
@@ -205,6 +265,34 @@ impl ScyllaStore {
                 true,
             )
             .await?,
+            room_get: prepare(format!("SELECT ended_at, expires_at FROM {ks}.rooms WHERE room = ?"), false).await?,
+            room_set: prepare(
+                format!("INSERT INTO {ks}.rooms (room, ended_at, expires_at) VALUES (?, ?, ?) USING TIMESTAMP ?"),
+                true,
+            )
+            .await?,
+            cursor_get: prepare(
+                format!("SELECT delivered, attempts, last_error FROM {ks}.hook_cursors WHERE room = ?"),
+                false,
+            )
+            .await?,
+            cursor_set: prepare(
+                format!("INSERT INTO {ks}.hook_cursors (room, delivered, attempts, last_error) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"),
+                true,
+            )
+            .await?,
+            cursor_clear: prepare(format!("DELETE FROM {ks}.hook_cursors USING TIMESTAMP ? WHERE room = ?"), true).await?,
+            cursor_rooms: prepare(format!("SELECT room FROM {ks}.hook_cursors LIMIT ?"), false).await?,
+            dead_put: prepare(
+                format!("INSERT INTO {ks}.dead_letters ({DEAD_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                true,
+            )
+            .await?,
+            dead_of_room: prepare(format!("SELECT {DEAD_COLS} FROM {ks}.dead_letters WHERE room = ? LIMIT ?"), false).await?,
+            dead_all: prepare(format!("SELECT {DEAD_COLS} FROM {ks}.dead_letters LIMIT ?"), false).await?,
+            dead_one: prepare(format!("SELECT {DEAD_COLS} FROM {ks}.dead_letters WHERE room = ? AND id = ?"), false).await?,
+            dead_delete: prepare(format!("DELETE FROM {ks}.dead_letters WHERE room = ? AND id = ?"), true).await?,
+            message_ttl: i32::try_from(cfg.message_ttl.as_secs()).unwrap_or(i32::MAX),
             last_write_ts: AtomicI64::new(0),
             session,
             bucket_ms,
@@ -213,6 +301,15 @@ impl ScyllaStore {
             known_buckets: Mutex::new(HashSet::new()),
             reads: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A bucket's index row outlives the messages it points to by a bucket's width.
+    fn bucket_ttl(&self) -> i32 {
+        if self.message_ttl == 0 {
+            return 0;
+        }
+        let bucket_s = i32::try_from(self.bucket_ms / 1000).unwrap_or(i32::MAX);
+        self.message_ttl.saturating_add(bucket_s)
     }
 
     fn bucket_of(&self, id: MessageId) -> i64 {
@@ -338,6 +435,7 @@ impl ScyllaStore {
                 msg.cid.as_str(),
                 msg.body.as_str(),
                 msg.ts as i64,
+                self.message_ttl,
             ));
         }
         // Stamped, then checked, with nothing in between that could wait: a pause before
@@ -362,7 +460,10 @@ impl ScyllaStore {
             return Ok(());
         }
         self.session
-            .execute_unpaged(&self.insert_bucket, (room.as_str(), bucket))
+            .execute_unpaged(
+                &self.insert_bucket,
+                (room.as_str(), bucket, self.bucket_ttl()),
+            )
             .await
             .map_err(err)?;
         if let Ok(mut known) = self.known_buckets.lock() {
@@ -655,6 +756,218 @@ impl MessageStore for ScyllaStore {
         window: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(self.fence_now(room, after, window))
+    }
+
+    fn room_state<'a>(&'a self, room: &'a RoomId) -> BoxFuture<'a, Result<RoomState, StoreError>> {
+        Box::pin(async move {
+            let row = self
+                .session
+                .execute_unpaged(&self.room_get, (room.as_str(),))
+                .await
+                .map_err(err)?
+                .into_rows_result()
+                .map_err(err)?
+                .maybe_first_row::<(Option<i64>, Option<i64>)>()
+                .map_err(err)?;
+            Ok(
+                row.map_or_else(RoomState::default, |(ended, expires)| RoomState {
+                    ended_at: ended.map(|v| v as u64),
+                    expires_at: expires.map(|v| v as u64),
+                }),
+            )
+        })
+    }
+
+    fn set_room_state<'a>(
+        &'a self,
+        room: &'a RoomId,
+        state: RoomState,
+        guard: &'a dyn WriteGuard,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let ts = self.next_write_ts();
+            if !guard.may_write() {
+                return Err(StoreError::Fenced);
+            }
+            let at = |v: Option<u64>| v.map(|v| v as i64);
+            self.session
+                .execute_unpaged(
+                    &self.room_set,
+                    (room.as_str(), at(state.ended_at), at(state.expires_at), ts),
+                )
+                .await
+                .map_err(err)?;
+            Ok(())
+        })
+    }
+
+    fn hook_cursor<'a>(
+        &'a self,
+        room: &'a RoomId,
+    ) -> BoxFuture<'a, Result<Option<HookCursor>, StoreError>> {
+        Box::pin(async move {
+            let row = self
+                .session
+                .execute_unpaged(&self.cursor_get, (room.as_str(),))
+                .await
+                .map_err(err)?
+                .into_rows_result()
+                .map_err(err)?
+                .maybe_first_row::<(Option<i64>, Option<i32>, Option<String>)>()
+                .map_err(err)?;
+            Ok(row.map(|(delivered, attempts, last_error)| HookCursor {
+                delivered: MessageId(delivered.unwrap_or(0).max(0) as u64),
+                attempts: attempts.unwrap_or(0).max(0) as u32,
+                last_error: last_error.unwrap_or_default(),
+            }))
+        })
+    }
+
+    fn set_hook_cursor<'a>(
+        &'a self,
+        room: &'a RoomId,
+        cursor: HookCursor,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let ts = self.next_write_ts();
+            let delivered = i64::try_from(cursor.delivered.0).unwrap_or(i64::MAX);
+            let attempts = i32::try_from(cursor.attempts).unwrap_or(i32::MAX);
+            self.session
+                .execute_unpaged(
+                    &self.cursor_set,
+                    (
+                        room.as_str(),
+                        delivered,
+                        attempts,
+                        cursor.last_error.as_str(),
+                        ts,
+                    ),
+                )
+                .await
+                .map_err(err)?;
+            Ok(())
+        })
+    }
+
+    fn clear_hook_cursor<'a>(&'a self, room: &'a RoomId) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let ts = self.next_write_ts();
+            self.session
+                .execute_unpaged(&self.cursor_clear, (ts, room.as_str()))
+                .await
+                .map_err(err)?;
+            Ok(())
+        })
+    }
+
+    fn hook_rooms(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RoomId>, StoreError>> {
+        Box::pin(async move {
+            let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+            self.session
+                .execute_unpaged(&self.cursor_rooms, (limit,))
+                .await
+                .map_err(err)?
+                .into_rows_result()
+                .map_err(err)?
+                .rows::<(String,)>()
+                .map_err(err)?
+                .map(|r| {
+                    r.map_err(err)
+                        .and_then(|(room,)| RoomId::new(room).map_err(err))
+                })
+                .collect()
+        })
+    }
+
+    fn put_dead_letter<'a>(
+        &'a self,
+        dead: &'a DeadLetter,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let m = &dead.message;
+            self.session
+                .execute_unpaged(
+                    &self.dead_put,
+                    (
+                        m.room.as_str(),
+                        m.id.0 as i64,
+                        m.from.as_str(),
+                        m.cid.as_str(),
+                        m.body.as_str(),
+                        m.ts as i64,
+                        i32::try_from(dead.attempts).unwrap_or(i32::MAX),
+                        dead.last_error.as_str(),
+                        dead.dead_at as i64,
+                    ),
+                )
+                .await
+                .map_err(err)?;
+            Ok(())
+        })
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        room: Option<&'a RoomId>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, StoreError>> {
+        Box::pin(async move {
+            let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+            let result = match room {
+                Some(room) => {
+                    self.session
+                        .execute_unpaged(&self.dead_of_room, (room.as_str(), limit))
+                        .await
+                }
+                None => self.session.execute_unpaged(&self.dead_all, (limit,)).await,
+            };
+            result
+                .map_err(err)?
+                .into_rows_result()
+                .map_err(err)?
+                .rows::<DeadRow>()
+                .map_err(err)?
+                .map(|r| r.map_err(err).and_then(dead_letter_row))
+                .collect()
+        })
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        room: &'a RoomId,
+        id: MessageId,
+    ) -> BoxFuture<'a, Result<Option<DeadLetter>, StoreError>> {
+        Box::pin(async move {
+            let key = (room.as_str(), i64::try_from(id.0).unwrap_or(i64::MAX));
+            self.session
+                .execute_unpaged(&self.dead_one, key)
+                .await
+                .map_err(err)?
+                .into_rows_result()
+                .map_err(err)?
+                .maybe_first_row::<DeadRow>()
+                .map_err(err)?
+                .map(dead_letter_row)
+                .transpose()
+        })
+    }
+
+    fn delete_dead_letter<'a>(
+        &'a self,
+        room: &'a RoomId,
+        id: MessageId,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let found = self.dead_letter(room, id).await?.is_some();
+            let key = (room.as_str(), i64::try_from(id.0).unwrap_or(i64::MAX));
+            if found {
+                self.session
+                    .execute_unpaged(&self.dead_delete, key)
+                    .await
+                    .map_err(err)?;
+            }
+            Ok(found)
+        })
     }
 
     fn check(&self) -> BoxFuture<'_, Result<(), StoreError>> {

@@ -546,6 +546,7 @@ async fn a_loaded_room_dedupes_stored_cids_and_mints_ids_above_its_head() {
     let loaded = Loaded {
         newest: vec![stored_message("a", "alice", "x", head)],
         older: vec![stored_message("a", "alice", "w", older)],
+        ..Loaded::default()
     };
     let mut a = RoomCore::new(
         room("a"),

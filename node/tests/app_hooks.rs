@@ -1,0 +1,503 @@
+//! What apps build on: webhooks with retries and dead letters, rooms that end or expire,
+//! and presence — against the real CQL store (and Redis for user presence), judged by what
+//! the store holds and what the receiver got.
+
+mod support;
+
+use std::time::Duration;
+
+use common::{ErrorCode, ServerFrame};
+use support::receiver::{Mode, Receiver};
+use support::*;
+
+const SECRET: &str = "webhook-secret-for-tests";
+const ADMIN: &str = "admin-token-for-the-tests";
+
+/// A node whose webhook covers the rooms starting with `rooms` (tests share a keyspace,
+/// and a node's sweep would otherwise pick up another test's rooms).
+fn hooked(receiver: &Receiver, rooms: &str) -> Config {
+    let mut c = config();
+    c.webhook_url = Some(receiver.url());
+    c.webhook_rooms = vec![rooms.into()];
+    c.webhook_secret = Some(SECRET.into());
+    c.webhook_backoff = Duration::from_millis(50);
+    c.webhook_backoff_max = Duration::from_millis(200);
+    c.webhook_timeout = Duration::from_millis(500);
+    c.admin_token = Some(ADMIN.into());
+    c
+}
+
+fn bearer() -> (&'static str, String) {
+    ("Authorization", format!("Bearer {ADMIN}"))
+}
+
+async fn admin(
+    node: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let (k, v) = bearer();
+    let (status, body) = http_with_headers(node, method, path, body, &[(k, &v)]).await;
+    (status, json(&body))
+}
+
+/// The ids the store holds for `room`, oldest first (the history API reads the store).
+async fn stored_ids(node: std::net::SocketAddr, room: &str) -> Vec<u64> {
+    let (status, body) = http(
+        node,
+        "GET",
+        &format!("/v1/rooms/{room}/messages?user=t&limit=1000"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    json(&body)["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id").parse().expect("id"))
+        .collect()
+}
+
+#[tokio::test]
+async fn webhooks_deliver_every_stored_message_in_order_signed_retrying_failures() {
+    let receiver = Receiver::start(Mode::FailNext(3)).await;
+    let node = TestNode::start(hooked(&receiver, "hooks-order")).await;
+    let room = "hooks-order";
+    let mut alice = node.connect(room, "alice").await;
+    alice.expect_joined().await;
+    let mut bob = node.connect(room, "bob").await;
+    bob.expect_joined().await;
+    for i in 0..20 {
+        alice
+            .send_text(room, &format!("c{i}"), &format!("hello {i}"))
+            .await;
+        alice.ack().await;
+    }
+    let stored = stored_ids(node.addr, room).await;
+    assert_eq!(stored.len(), 20);
+    eventually("every stored message taken by the receiver", || {
+        let r = receiver.clone();
+        let n = stored.len();
+        async move { r.taken_once().len() == n }
+    })
+    .await;
+    // In id order, each exactly the stored set.
+    assert_eq!(receiver.taken_once(), stored);
+    let log = receiver.log();
+    let failed = log.iter().filter(|d| !d.taken).count();
+    assert_eq!(failed, 3, "the first three attempts failed");
+    // The failed message came again with the next attempt number, before anything after it.
+    assert_eq!(log[0].id, stored[0]);
+    assert_eq!(
+        log.iter()
+            .take(4)
+            .map(|d| (d.id, d.attempt))
+            .collect::<Vec<_>>(),
+        vec![
+            (stored[0], 1),
+            (stored[0], 2),
+            (stored[0], 3),
+            (stored[0], 4)
+        ]
+    );
+    for d in &log {
+        assert_eq!(
+            d.signature,
+            chat_node::hooks::sign(SECRET.as_bytes(), &d.raw),
+            "signed"
+        );
+        assert_eq!(d.idempotency_key, d.id.to_string());
+        assert_eq!(d.room, room);
+        assert_eq!(d.body["type"], "message");
+        assert_eq!(d.body["from"], "alice");
+        let online: Vec<&str> = d.body["online"]
+            .as_array()
+            .expect("online")
+            .iter()
+            .filter_map(|u| u.as_str())
+            .collect();
+        assert_eq!(
+            online,
+            vec!["alice", "bob"],
+            "the members connected at delivery"
+        );
+    }
+    assert!(metric(node.addr, "chat_node_webhook_retries_total").await >= 3.0);
+    assert!(metric(node.addr, "chat_node_webhook_delivered_total").await >= 20.0);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_receiver_that_never_answers_dead_letters_and_the_api_replays_and_deletes() {
+    let receiver = Receiver::start(Mode::Hang).await;
+    let mut cfg = hooked(&receiver, "hooks-dead");
+    cfg.webhook_max_attempts = 2;
+    cfg.webhook_timeout = Duration::from_millis(200);
+    let node = TestNode::start(cfg).await;
+    let room = "hooks-dead";
+    let mut alice = node.connect(room, "alice").await;
+    alice.expect_joined().await;
+    for i in 0..2 {
+        alice
+            .send_text(room, &format!("d{i}"), "never answered")
+            .await;
+        alice.ack().await;
+    }
+    let stored = stored_ids(node.addr, room).await;
+    let path = format!("/v1/rooms/{room}/dead-letters");
+    eventually("both messages dead-lettered", || {
+        let path = path.clone();
+        async move {
+            let (status, body) = admin(node.addr, "GET", &path, None).await;
+            status == 200
+                && body["dead_letters"]
+                    .as_array()
+                    .is_some_and(|a| a.len() == 2)
+        }
+    })
+    .await;
+    let (_, body) = admin(node.addr, "GET", &path, None).await;
+    let letters = body["dead_letters"].as_array().expect("list");
+    for (letter, id) in letters.iter().zip(&stored) {
+        assert_eq!(letter["message"]["id"], id.to_string());
+        assert_eq!(letter["attempts"], 2);
+        assert!(
+            letter["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("no answer")),
+            "{letter}"
+        );
+    }
+    assert_eq!(receiver.log().len(), 4, "two attempts each");
+    // Cluster-wide list too.
+    let (status, all) = admin(node.addr, "GET", "/v1/dead-letters?limit=1000", None).await;
+    assert_eq!(status, 200);
+    assert!(all["dead_letters"].as_array().expect("list").len() >= 2);
+
+    // Replay while the endpoint still fails: 502, and it stays.
+    receiver.set_mode(Mode::Fail);
+    let (status, body) = admin(
+        node.addr,
+        "POST",
+        &format!("{path}/{}/replay", stored[0]),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (502, Some("webhook_failed")),
+        "{body}"
+    );
+    // Replay once it takes it: delivered, gone from the table.
+    receiver.set_mode(Mode::Take);
+    let (status, body) = admin(
+        node.addr,
+        "POST",
+        &format!("{path}/{}/replay", stored[0]),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(receiver.taken_once(), vec![stored[0]]);
+    let (status, body) = admin(node.addr, "DELETE", &format!("{path}/{}", stored[1]), None).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = admin(node.addr, "GET", &path, None).await;
+    assert_eq!(body["dead_letters"].as_array().map(Vec::len), Some(0));
+
+    // Bad input: each gets a JSON answer with its code.
+    for (method, p, status, code) in [
+        ("DELETE", format!("{path}/{}", stored[1]), 404, "not_found"),
+        (
+            "POST",
+            format!("{path}/{}/replay", stored[1]),
+            404,
+            "not_found",
+        ),
+        ("POST", format!("{path}/abc/replay"), 400, "invalid_field"),
+        (
+            "GET",
+            format!("{path}/{}", stored[1]),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "POST",
+            format!("{path}/{}/resend", stored[1]),
+            404,
+            "not_found",
+        ),
+        ("GET", format!("{path}?limit=0"), 400, "invalid_field"),
+    ] {
+        let (got, body) = admin(node.addr, method, &p, None).await;
+        assert_eq!(
+            (got, body["code"].as_str()),
+            (status, Some(code)),
+            "{method} {p}"
+        );
+    }
+    // Without the admin token: 401.
+    let (status, body) = http(node.addr, "GET", &path, None).await;
+    assert_eq!(
+        (status, json(&body)["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    assert!(metric(node.addr, "chat_node_webhook_dead_lettered_total").await >= 2.0);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn an_ended_room_refuses_joins_and_sends_keeps_its_history_and_stays_ended_after_a_restart() {
+    let mut cfg = config();
+    cfg.admin_token = Some(ADMIN.into());
+    let node = TestNode::start(cfg.clone()).await;
+    let room = "lifecycle-end";
+    let mut alice = node.connect(room, "alice").await;
+    alice.expect_joined().await;
+    for i in 0..3 {
+        alice
+            .send_text(room, &format!("e{i}"), "before the end")
+            .await;
+        alice.ack().await;
+    }
+    // Not without the token.
+    let (status, _) = http(node.addr, "POST", &format!("/v1/rooms/{room}/end"), None).await;
+    assert_eq!(status, 401);
+    let (status, body) = admin(node.addr, "POST", &format!("/v1/rooms/{room}/end"), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "ended");
+    assert!(body["ended_at"].as_u64().is_some());
+    // The member is told, with the room, and may not send any more.
+    match alice.frame_skip_presence().await {
+        ServerFrame::Error { code, room: r, .. } => {
+            assert_eq!(code, ErrorCode::RoomEnded);
+            assert_eq!(r.as_deref(), Some(room));
+        }
+        f => panic!("expected room_ended, got {f:?}"),
+    }
+    alice.send_text(room, "e9", "after the end").await;
+    assert_eq!(
+        alice.error().await,
+        (ErrorCode::RoomEnded, Some("e9".into()))
+    );
+    // Ending again is idempotent.
+    let (status, body) = admin(node.addr, "POST", &format!("/v1/rooms/{room}/end"), None).await;
+    assert_eq!((status, body["state"].as_str()), (200, Some("ended")));
+
+    let assert_ended = |addr| async move {
+        let mut late = Client::connect(addr, &format!("/ws?room={room}&user=carol"))
+            .await
+            .expect("upgrade");
+        match late.frame_skip_presence().await {
+            ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::RoomEnded),
+            f => panic!("expected room_ended, got {f:?}"),
+        }
+        let (status, body) = http(
+            addr,
+            "POST",
+            &format!("/v1/rooms/{room}/messages?user=carol"),
+            Some(r#"{"cid":"p1","body":"late"}"#),
+        )
+        .await;
+        assert_eq!(
+            (status, json(&body)["code"].as_str()),
+            (410, Some("room_ended")),
+            "{body}"
+        );
+        assert_eq!(
+            stored_ids(addr, room).await.len(),
+            3,
+            "history stays readable"
+        );
+        let (status, body) = http(
+            addr,
+            "GET",
+            &format!("/v1/rooms/{room}/state?user=carol"),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, json(&body)["state"].as_str()),
+            (200, Some("ended"))
+        );
+    };
+    assert_ended(node.addr).await;
+    // A restart (another process would load it the same way): still ended, from the store.
+    node.stop().await;
+    let node = TestNode::start(cfg).await;
+    assert_ended(node.addr).await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_room_expires_at_its_ttl_and_bad_lifecycle_requests_get_clear_answers() {
+    let mut cfg = config();
+    cfg.admin_token = Some(ADMIN.into());
+    let node = TestNode::start(cfg).await;
+    let room = "lifecycle-ttl";
+    let mut alice = node.connect(room, "alice").await;
+    alice.expect_joined().await;
+    let path = format!("/v1/rooms/{room}/expiry");
+    for (body, status, code) in [
+        ("{}", 400, "invalid_field"),
+        (r#"{"ttl_ms":0}"#, 400, "invalid_field"),
+        (r#"{"ttl_ms":1000,"expires_at":5}"#, 400, "invalid_field"),
+        (r#"{"expires_at":5}"#, 400, "invalid_field"),
+        (r#"{"ttl_ms":"soon"}"#, 400, "bad_json"),
+        (r#"{"when":1}"#, 400, "bad_json"),
+        ("not json", 400, "bad_json"),
+    ] {
+        let (got, answer) = admin(node.addr, "PUT", &path, Some(body)).await;
+        assert_eq!(
+            (got, answer["code"].as_str()),
+            (status, Some(code)),
+            "{body}"
+        );
+    }
+    for (method, p, status) in [
+        ("GET", format!("/v1/rooms/{room}/end"), 405),
+        ("POST", format!("/v1/rooms/{room}/expiry"), 405),
+        ("GET", format!("/v1/rooms/{room}/nothing-here"), 404),
+    ] {
+        let (got, answer) = admin(node.addr, method, &p, None).await;
+        assert_eq!(got, status, "{method} {p}: {answer}");
+        assert!(answer["code"].is_string());
+    }
+    // A far expiry, then cleared, then a short one.
+    let (status, body) = admin(node.addr, "PUT", &path, Some(r#"{"ttl_ms":3600000}"#)).await;
+    assert_eq!((status, body["state"].as_str()), (200, Some("active")));
+    assert!(body["expires_at"].as_u64().is_some());
+    let (status, body) = admin(node.addr, "PUT", &path, Some(r#"{"expires_at":null}"#)).await;
+    assert_eq!((status, body["expires_at"].as_u64()), (200, None));
+    let (status, _) = admin(node.addr, "PUT", &path, Some(r#"{"ttl_ms":800}"#)).await;
+    assert_eq!(status, 200);
+    match alice.frame_skip_presence().await {
+        ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::RoomEnded),
+        f => panic!("expected room_ended at the expiry, got {f:?}"),
+    }
+    let (status, body) = http(
+        node.addr,
+        "GET",
+        &format!("/v1/rooms/{room}/state?user=a"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, json(&body)["state"].as_str()),
+        (200, Some("ended"))
+    );
+    // An ended room's expiry cannot move.
+    let (status, body) = admin(node.addr, "PUT", &path, Some(r#"{"ttl_ms":100000}"#)).await;
+    assert_eq!((status, body["code"].as_str()), (410, Some("room_ended")));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn room_presence_lists_who_is_connected_and_joined_carries_the_count() {
+    let node = TestNode::start(config()).await;
+    let room = "presence-room";
+    let mut a = node.connect(room, "zoe").await;
+    match a.frame_skip_presence().await {
+        ServerFrame::Joined { members, users, .. } => {
+            assert_eq!(members, 1);
+            assert_eq!(users, Some(vec![common::UserId::new("zoe").expect("u")]));
+        }
+        f => panic!("{f:?}"),
+    }
+    let mut b = node.connect(room, "adam").await;
+    match b.frame_skip_presence().await {
+        ServerFrame::Joined { members, users, .. } => {
+            assert_eq!(members, 2);
+            let names: Vec<String> = users
+                .expect("listed")
+                .iter()
+                .map(|u| u.to_string())
+                .collect();
+            assert_eq!(names, vec!["adam", "zoe"]);
+        }
+        f => panic!("{f:?}"),
+    }
+    let _b2 = node.connect(room, "adam").await;
+    let (status, body) = http(
+        node.addr,
+        "GET",
+        &format!("/v1/rooms/{room}/presence?user=x"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let body = json(&body);
+    assert_eq!(body["members"], 2, "users, not connections");
+    assert_eq!(body["users"], serde_json::json!(["adam", "zoe"]));
+    // A room nobody is in: empty, and not started for the question.
+    let (status, body) = http(
+        node.addr,
+        "GET",
+        "/v1/rooms/presence-empty/presence?user=x",
+        None,
+    )
+    .await;
+    assert_eq!((status, json(&body)["members"].as_u64()), (200, Some(0)));
+    let (status, _) = http(
+        node.addr,
+        "GET",
+        "/v1/rooms/bad%20room/presence?user=x",
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    drop(a);
+    drop(b);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn user_presence_is_kept_in_redis_and_follows_connections() {
+    let mut cfg = config();
+    cfg.redis_url = Some(support::cluster::redis_url());
+    cfg.redis_prefix = format!("t-presence-{}", std::process::id());
+    cfg.user_presence_ttl = Duration::from_secs(3);
+    let node = TestNode::start(cfg).await;
+    let status_of = |user: &'static str| async move {
+        let (status, body) = http(
+            node.addr,
+            "GET",
+            &format!("/v1/users/{user}/presence?user=x"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        json(&body)
+    };
+    assert_eq!(status_of("nina").await["online"], false);
+    let before = common::id::now_ms();
+    let mut c = Client::connect(node.addr, "/ws?room=presence-users&user=nina")
+        .await
+        .expect("upgrade");
+    c.expect_joined().await;
+    eventually("nina online", || async {
+        status_of("nina").await["online"] == true
+    })
+    .await;
+    let s = status_of("nina").await;
+    let since = s["since"].as_u64().expect("since");
+    assert!(since >= before.saturating_sub(1000) && since <= common::id::now_ms());
+    assert_eq!(s["nodes"], serde_json::json!([0]));
+    drop(c);
+    eventually("nina offline once her connection closed", || async {
+        status_of("nina").await["online"] == false
+    })
+    .await;
+    let (status, _) = http(
+        node.addr,
+        "GET",
+        "/v1/users/bad%20user/presence?user=x",
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, _) = http(node.addr, "POST", "/v1/users/nina/presence?user=x", None).await;
+    assert_eq!(status, 405);
+    node.stop().await;
+}
