@@ -501,3 +501,153 @@ async fn user_presence_is_kept_in_redis_and_follows_connections() {
     assert_eq!(status, 405);
     node.stop().await;
 }
+
+/// Webhook flags for process nodes, for rooms starting with `rooms`.
+fn hook_args(receiver: &Receiver, rooms: &str) -> Vec<String> {
+    [
+        "--webhook-url",
+        &receiver.url(),
+        "--webhook-secret",
+        SECRET,
+        "--webhook-rooms",
+        rooms,
+        "--webhook-sweep",
+        "300ms",
+        "--webhook-backoff",
+        "50ms",
+        "--webhook-backoff-max",
+        "200ms",
+        // Failing for the whole test must not dead-letter anything.
+        "--webhook-max-attempts",
+        "100000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[tokio::test]
+async fn deliveries_pending_on_a_killed_node_resume_on_the_new_owner_nothing_missing() {
+    let receiver = Receiver::start(Mode::Fail).await;
+    let args = hook_args(&receiver, "hooks-kill");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut c = support::cluster::Cluster::start_with("hooks-kill", 2, 1, &args).await;
+    let room = c.room_on("hooks-kill", 1).await;
+    let mut client = Client::connect(c.router(), &format!("/ws?room={room}&user=ann"))
+        .await
+        .expect("upgrade");
+    client.expect_joined().await;
+    for i in 0..10 {
+        client
+            .send_text(&room, &format!("k{i}"), "pending when the owner dies")
+            .await;
+        client.ack().await;
+    }
+    eventually("the owner is retrying", || {
+        let r = receiver.clone();
+        async move { r.log().len() >= 3 }
+    })
+    .await;
+    assert!(receiver.taken_once().is_empty());
+    c.nodes.get_mut(&1).expect("node 1").kill9();
+    receiver.set_mode(Mode::Take);
+    c.wait_ring_size(1).await;
+    // The room is between owners until the new one has it: retry the read until it answers.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let stored = loop {
+        let path = format!("/v1/rooms/{room}/messages?user=t&limit=100");
+        let (status, body) = http(c.router(), "GET", &path, None).await;
+        if status == 200 {
+            break json(&body)["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .map(|m| m["id"].as_str().expect("id").parse::<u64>().expect("id"))
+                .collect::<Vec<_>>();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "history answered: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(stored.len(), 10, "every acked message is stored");
+    eventually("the new owner delivered everything", || {
+        let r = receiver.clone();
+        async move { r.taken_once().len() >= 10 }
+    })
+    .await;
+    // A receiver that dedupes by id has every stored message, once, in id order.
+    assert_eq!(receiver.taken_once(), stored);
+    assert!(receiver.log().iter().all(|d| d.room == room));
+}
+
+#[tokio::test]
+async fn presence_spans_the_cluster_with_bridged_members_and_a_crashed_nodes_users_age_out() {
+    let mut c =
+        support::cluster::Cluster::start_with("presence", 2, 1, &["--user-presence-ttl", "2s"])
+            .await;
+    let room = c.room_on("presence-x", 1).await;
+    let home = c.room_on("presence-home", 2).await;
+    let router = c.router();
+    let mut ann = Client::connect(router, &format!("/ws?room={room}&user=ann"))
+        .await
+        .expect("upgrade");
+    ann.expect_joined().await;
+    // Ben's connection is on node 2; he joins the room of node 1 through its bridge.
+    let node2 = c.nodes[&2].addr;
+    let mut ben = Client::connect(node2, &format!("/ws?room={home}&user=ben"))
+        .await
+        .expect("upgrade");
+    ben.expect_joined().await;
+    ben.send(&common::ClientFrame::Join {
+        room: common::RoomId::new(room.clone()).expect("room"),
+        since: None,
+    })
+    .await;
+    match ben.frame_skip_presence().await {
+        ServerFrame::Joined { members, users, .. } => {
+            assert_eq!(members, 2);
+            assert_eq!(users.map(|u| u.len()), Some(2));
+        }
+        f => panic!("{f:?}"),
+    }
+    let (status, body) = http(
+        router,
+        "GET",
+        &format!("/v1/rooms/{room}/presence?user=x"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["users"], serde_json::json!(["ann", "ben"]));
+    let online = |user: &'static str| async move {
+        let (status, body) = http(
+            router,
+            "GET",
+            &format!("/v1/users/{user}/presence?user=x"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        json(&body)
+    };
+    eventually("both online", || async {
+        online("ann").await["nodes"] == serde_json::json!([1])
+            && online("ben").await["nodes"] == serde_json::json!([2])
+    })
+    .await;
+    // Node 2 dies without a word: ben's entry ages out; ann stays.
+    c.nodes.get_mut(&2).expect("node 2").kill9();
+    let killed = std::time::Instant::now();
+    eventually("ben offline after the TTL", || async {
+        online("ben").await["online"] == false
+    })
+    .await;
+    assert!(
+        killed.elapsed() >= Duration::from_millis(500),
+        "not before its TTL could pass"
+    );
+    assert_eq!(online("ann").await["online"], true);
+    drop(ann);
+}

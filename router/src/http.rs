@@ -117,6 +117,8 @@ fn route_label(path: &str) -> &'static str {
         "/metrics" => "metrics",
         "/" | "/demo" => "demo",
         p if p.starts_with("/demo/") => "demo",
+        "/v1/dead-letters" => "room_api",
+        p if p.starts_with("/v1/users/") => "room_api",
         p if p.starts_with("/v1/rooms/") => {
             if p.ends_with("/messages") {
                 "messages"
@@ -158,6 +160,14 @@ async fn route_request(
             ErrorCode::MethodNotAllowed,
             "method not allowed on this route",
         ),
+        // Not about one room: any live node answers (the ring picks one per path, so the
+        // same question goes to the same node while the ring holds).
+        (_, p) if p == "/v1/dead-letters" || p.starts_with("/v1/users/") => {
+            match state.ring().owner(p).cloned() {
+                Some(node) => crate::proxy::http(req, state, peer, &node).await,
+                None => no_node(),
+            }
+        }
         (method, p) => {
             let Some((room, rest)) = p.strip_prefix("/v1/rooms/").and_then(|r| r.split_once('/'))
             else {
