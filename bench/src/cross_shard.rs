@@ -121,6 +121,7 @@ impl CrossShardArgs {
             markdown: None,
             quiet: self.quiet,
             chart: self.chart.clone(),
+            webhook_sink: None,
             auth: self.auth.clone(),
             cost: self.cost.clone(),
         }

@@ -97,6 +97,11 @@ pub struct FanoutArgs {
     /// chart to this file. The JSON report carries the same numbers as `timeline`.
     #[arg(long, env = "CHAT_BENCH_CHART")]
     pub chart: Option<PathBuf>,
+    /// Be the nodes' webhook endpoint at this address (start them with `--webhook-url
+    /// http://ADDR/hook`): reports distinct deliveries per second of the window and their
+    /// lag from the message's timestamp, and waits up to --drain more for them to arrive.
+    #[arg(long, env = "CHAT_BENCH_WEBHOOK_SINK")]
+    pub webhook_sink: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub auth: AuthArgs,
     /// What the run costs the whole cluster (Redis, the nodes' bus, server CPU); reported
@@ -918,6 +923,14 @@ pub async fn run_grouped(
         }
     }
     let load_average = report::load_average();
+    let sink = match args.webhook_sink {
+        Some(addr) => Some(
+            crate::webhook_sink::Sink::start(addr)
+                .await
+                .map_err(|e| BenchError::Config(format!("--webhook-sink {addr}: {e}")))?,
+        ),
+        None => None,
+    };
     let target = Arc::new(
         Target::resolve(&args.url)
             .await
@@ -1061,6 +1074,9 @@ pub async fn run_grouped(
     let start = Instant::now() + START_DELAY;
     let measure_start = start + Duration::from_secs_f64(args.warmup);
     let send_end = measure_start + Duration::from_secs_f64(args.duration);
+    if let Some(sink) = &sink {
+        sink.set_window(measure_start, send_end);
+    }
     shared
         .measure_start_ns
         .store(ns_since(shared.base, measure_start), Relaxed);
@@ -1132,6 +1148,19 @@ pub async fn run_grouped(
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Webhooks trail the acks: wait (up to --drain again) until deliveries stop arriving.
+    if let Some(sink) = &sink {
+        let deadline = Instant::now() + Duration::from_secs_f64(args.drain);
+        let mut last = (sink.unique(), Instant::now());
+        while Instant::now() < deadline && last.1.elapsed() < Duration::from_millis(500) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = sink.unique();
+            if now != last.0 {
+                last = (now, Instant::now());
+            }
+        }
     }
 
     // Close: ask every writer to send 1000, give servers a moment to answer, then stop.
@@ -1267,6 +1296,8 @@ pub async fn run_grouped(
         cost.notes.splice(0..0, probe.notes.iter().cloned());
         r.cluster_cost = Some(cost);
     }
+
+    r.webhook = sink.as_ref().map(|s| s.summary(window_s));
 
     let notes = &mut r.notes;
     notes.push(report::load_note(r.load_average.as_deref(), r.nproc));

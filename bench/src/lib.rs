@@ -28,6 +28,7 @@ pub mod report;
 pub mod seed;
 pub mod servers;
 pub mod timeline;
+pub mod webhook_sink;
 pub mod workers;
 
 use clap::{Parser, Subcommand};

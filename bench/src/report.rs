@@ -259,6 +259,9 @@ pub struct Report {
     /// cost options): Redis, the nodes' bus, every server process's CPU.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster_cost: Option<crate::cluster_cost::ClusterCost>,
+    /// What the bench, as the webhook endpoint (`--webhook-sink`), received.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<crate::webhook_sink::WebhookSummary>,
     pub notes: Vec<String>,
     /// Per-second sends, deliveries and e2e latency from the first send to the close.
     pub timeline: Vec<TimelinePoint>,
@@ -481,6 +484,9 @@ impl Report {
         );
         if let Some(c) = &self.cluster_cost {
             c.to_markdown(&mut out);
+        }
+        if let Some(w) = &self.webhook {
+            w.to_markdown(&mut out);
         }
         notes_md(&mut out, &self.notes);
         out

@@ -366,6 +366,7 @@ impl SeedSuiteArgs {
             markdown: None,
             quiet: self.quiet,
             chart: None,
+            webhook_sink: None,
             auth: self.auth.clone(),
             cost: Default::default(),
         }

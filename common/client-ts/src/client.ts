@@ -115,7 +115,8 @@ export interface ClientEvents {
   /** Refusals that concern no pending call (and every one that does, for logging). */
   error: ChatError;
   state: State;
-  joined: { room: string; head?: MessageId };
+  /** `members`: users connected to the room (this one included); `users`: who, when few. */
+  joined: { room: string; head?: MessageId; members: number; users?: string[] };
   /** After a reconnect, once every room is joined again (and its unacked sends resent). */
   resumed: { rooms: string[]; downMs: number };
 }
@@ -293,6 +294,18 @@ export class ChatClient {
     if (page.limit !== undefined) q.set("limit", String(page.limit));
     const body = (await this.request("GET", room, q)) as { messages: ChatMessage[]; has_more: boolean };
     return { messages: body.messages, hasMore: body.has_more };
+  }
+
+  /**
+   * Who is connected to the room across the cluster (PROTOCOL "GET /v1/rooms/{room}/presence"):
+   * the number of users, and the first of them by name.
+   */
+  async presence(room: string): Promise<{ members: number; users: string[] }> {
+    const body = (await this.request("GET", room, new URLSearchParams(), undefined, "presence")) as {
+      members: number;
+      users: string[];
+    };
+    return { members: body.members, users: body.users };
   }
 
   /**
@@ -489,7 +502,9 @@ export class ChatClient {
         r.joined = true;
         const head = typeof f.head === "string" ? f.head : undefined;
         r.waiters.splice(0).forEach((w) => w.resolve({ room, head }));
-        this.emit("joined", { room, head });
+        const members = typeof f.members === "number" ? f.members : 0;
+        const users = Array.isArray(f.users) ? (f.users as string[]) : undefined;
+        this.emit("joined", { room, head, members, users });
         for (const [cid, p] of this.pending) {
           if (p.room === room && p.timer === undefined) this.transmit({ type: "send", room, cid, body: p.body });
         }
@@ -654,7 +669,13 @@ export class ChatClient {
     return Math.max(floor, Math.round(this.random() * cap));
   }
 
-  private async request(method: "GET" | "POST", room: string, q: URLSearchParams, json?: object): Promise<unknown> {
+  private async request(
+    method: "GET" | "POST",
+    room: string,
+    q: URLSearchParams,
+    json?: object,
+    route = "messages",
+  ): Promise<unknown> {
     const f = this.opts.fetch ?? globalThis.fetch;
     const headers: Record<string, string> = {};
     if (this.token === undefined && this.opts.getToken) this.token = await this.opts.getToken();
@@ -662,7 +683,7 @@ export class ChatClient {
     else if (this.opts.user !== undefined) q.set("user", this.opts.user);
     if (json) headers["content-type"] = "application/json";
     const qs = q.toString();
-    const url = `${this.httpBase}/v1/rooms/${encodeURIComponent(room)}/messages${qs ? `?${qs}` : ""}`;
+    const url = `${this.httpBase}/v1/rooms/${encodeURIComponent(room)}/${route}${qs ? `?${qs}` : ""}`;
     const resp = await f(url, { method, headers, body: json ? JSON.stringify(json) : undefined });
     const body = (await resp.json().catch(() => ({}))) as { code?: string; message?: string };
     if (!resp.ok) {
