@@ -135,6 +135,31 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A client's token (or dev user) that allows `room`.
+fn client_of<B>(req: &Request<B>, state: &NodeState, room: &RoomId) -> Result<(), Response<Body>> {
+    let query = Query::parse(req.uri().query());
+    match authenticate(req, &query, state) {
+        Ok(p) if p.may_use(room) => Ok(()),
+        Ok(_) => Err(bad(
+            ErrorCode::Forbidden,
+            "the token does not allow this room",
+        )),
+        Err(resp) => Err(resp),
+    }
+}
+
+/// A store call bounded by `--store-timeout`; a failure is the 503 answer.
+async fn stored<T>(
+    state: &NodeState,
+    call: crate::store::BoxFuture<'_, Result<T, crate::store::StoreError>>,
+) -> Result<T, Response<Body>> {
+    match tokio::time::timeout(state.config.store_timeout, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(error(ErrorCode::StoreUnavailable, &e.to_string())),
+        Err(_) => Err(error(ErrorCode::StoreUnavailable, "the store timed out")),
+    }
+}
+
 /// This node must own the room to answer for it.
 fn owned(state: &NodeState, room: &RoomId) -> Result<(), Response<Body>> {
     match state.cluster.route(room) {
@@ -159,17 +184,12 @@ async fn room_state(
     state: &Arc<NodeState>,
     room: RoomId,
 ) -> Response<Body> {
-    let query = Query::parse(req.uri().query());
-    match authenticate(&req, &query, state) {
-        Ok(p) if p.may_use(&room) => {}
-        Ok(_) => return bad(ErrorCode::Forbidden, "the token does not allow this room"),
-        Err(resp) => return resp,
+    if let Err(resp) = client_of(&req, state, &room) {
+        return resp;
     }
-    let ctx = state.registry.ctx();
-    match tokio::time::timeout(ctx.config.store_timeout, ctx.store.room_state(&room)).await {
-        Ok(Ok(s)) => json(StatusCode::OK, &state_body(&room, &s)),
-        Ok(Err(e)) => error(ErrorCode::StoreUnavailable, &e.to_string()),
-        Err(_) => error(ErrorCode::StoreUnavailable, "store read timed out"),
+    match stored(state, state.registry.ctx().store.room_state(&room)).await {
+        Ok(s) => json(StatusCode::OK, &state_body(&room, &s)),
+        Err(resp) => resp,
     }
 }
 
@@ -278,11 +298,8 @@ async fn room_presence(
     state: &Arc<NodeState>,
     room: RoomId,
 ) -> Response<Body> {
-    let query = Query::parse(req.uri().query());
-    match authenticate(&req, &query, state) {
-        Ok(p) if p.may_use(&room) => {}
-        Ok(_) => return bad(ErrorCode::Forbidden, "the token does not allow this room"),
-        Err(resp) => return resp,
+    if let Err(resp) = client_of(&req, state, &room) {
+        return resp;
     }
     if let Err(resp) = owned(state, &room) {
         return resp;
@@ -324,19 +341,13 @@ async fn dead_letters(
             )
         }
     };
-    let ctx = state.registry.ctx();
-    match tokio::time::timeout(
-        ctx.config.store_timeout,
-        ctx.store.dead_letters(room.as_ref(), limit),
-    )
-    .await
-    {
-        Ok(Ok(letters)) => json(
+    let store = &state.registry.ctx().store;
+    match stored(state, store.dead_letters(room.as_ref(), limit)).await {
+        Ok(letters) => json(
             StatusCode::OK,
             &serde_json::json!({ "dead_letters": letters }),
         ),
-        Ok(Err(e)) => error(ErrorCode::StoreUnavailable, &e.to_string()),
-        Err(_) => error(ErrorCode::StoreUnavailable, "store read timed out"),
+        Err(resp) => resp,
     }
 }
 
@@ -357,15 +368,9 @@ async fn replay(
             "webhooks are off on this node (--webhook-url)",
         );
     };
-    let found = match tokio::time::timeout(
-        ctx.config.store_timeout,
-        ctx.store.dead_letter(&room, id),
-    )
-    .await
-    {
-        Ok(Ok(found)) => found,
-        Ok(Err(e)) => return error(ErrorCode::StoreUnavailable, &e.to_string()),
-        Err(_) => return error(ErrorCode::StoreUnavailable, "store read timed out"),
+    let found = match stored(state, ctx.store.dead_letter(&room, id)).await {
+        Ok(found) => found,
+        Err(resp) => return resp,
     };
     let Some(dead) = found else {
         return error(ErrorCode::NotFound, "no such dead letter");
@@ -380,14 +385,14 @@ async fn replay(
         );
     }
     metrics::counter!(common::metrics::WEBHOOK_DELIVERED).increment(1);
-    match ctx.store.delete_dead_letter(&room, id).await {
+    match stored(state, ctx.store.delete_dead_letter(&room, id)).await {
         Ok(_) => json(
             StatusCode::OK,
             &serde_json::json!({ "room": room, "id": id, "delivered": true }),
         ),
-        Err(e) => error(
+        Err(_) => error(
             ErrorCode::StoreUnavailable,
-            &format!("delivered, but removing the dead letter failed ({e}); delete it by hand"),
+            "delivered, but removing the dead letter failed; delete it by hand",
         ),
     }
 }
@@ -401,19 +406,13 @@ async fn delete(
     if let Err(resp) = admin(&req, state) {
         return resp;
     }
-    let ctx = state.registry.ctx();
-    match tokio::time::timeout(
-        ctx.config.store_timeout,
-        ctx.store.delete_dead_letter(&room, id),
-    )
-    .await
-    {
-        Ok(Ok(true)) => json(
+    let store = &state.registry.ctx().store;
+    match stored(state, store.delete_dead_letter(&room, id)).await {
+        Ok(true) => json(
             StatusCode::OK,
             &serde_json::json!({ "room": room, "id": id, "deleted": true }),
         ),
-        Ok(Ok(false)) => error(ErrorCode::NotFound, "no such dead letter"),
-        Ok(Err(e)) => error(ErrorCode::StoreUnavailable, &e.to_string()),
-        Err(_) => error(ErrorCode::StoreUnavailable, "store timed out"),
+        Ok(false) => error(ErrorCode::NotFound, "no such dead letter"),
+        Err(resp) => resp,
     }
 }

@@ -42,6 +42,17 @@ async fn admin(
     (status, json(&body))
 }
 
+/// Connects `user` to `room` on `node` and sends `n` messages, each acked.
+async fn sent(node: &TestNode, room: &str, user: &str, n: usize, body: &str) -> Client {
+    let mut c = node.connect(room, user).await;
+    c.expect_joined().await;
+    for i in 0..n {
+        c.send_text(room, &format!("{room}-{i}"), body).await;
+        c.ack().await;
+    }
+    c
+}
+
 /// The ids the store holds for `room`, oldest first (the history API reads the store).
 async fn stored_ids(node: std::net::SocketAddr, room: &str) -> Vec<u64> {
     let (status, body) = http(
@@ -137,14 +148,7 @@ async fn a_receiver_that_never_answers_dead_letters_and_the_api_replays_and_dele
     cfg.webhook_timeout = Duration::from_millis(200);
     let node = TestNode::start(cfg).await;
     let room = "hooks-dead";
-    let mut alice = node.connect(room, "alice").await;
-    alice.expect_joined().await;
-    for i in 0..2 {
-        alice
-            .send_text(room, &format!("d{i}"), "never answered")
-            .await;
-        alice.ack().await;
-    }
+    let _alice = sent(&node, room, "alice", 2, "never answered").await;
     let stored = stored_ids(node.addr, room).await;
     let path = format!("/v1/rooms/{room}/dead-letters");
     eventually("both messages dead-lettered", || {
@@ -253,14 +257,7 @@ async fn an_ended_room_refuses_joins_and_sends_keeps_its_history_and_stays_ended
     cfg.admin_token = Some(ADMIN.into());
     let node = TestNode::start(cfg.clone()).await;
     let room = "lifecycle-end";
-    let mut alice = node.connect(room, "alice").await;
-    alice.expect_joined().await;
-    for i in 0..3 {
-        alice
-            .send_text(room, &format!("e{i}"), "before the end")
-            .await;
-        alice.ack().await;
-    }
+    let mut alice = sent(&node, room, "alice", 3, "before the end").await;
     // Not without the token.
     let (status, _) = http(node.addr, "POST", &format!("/v1/rooms/{room}/end"), None).await;
     assert_eq!(status, 401);
