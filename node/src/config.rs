@@ -435,5 +435,32 @@ mod tests {
         let mut c = Config::for_tests();
         c.ping_interval = c.idle_timeout;
         assert!(c.validate().is_err());
+        let mut c = Config::for_tests();
+        c.admin_token = Some("short".into());
+        assert!(c.validate().is_err(), "a guessable admin token");
+    }
+
+    #[test]
+    fn a_webhook_needs_a_plain_http_url_and_a_secret() {
+        let hooked = |url: &str, secret: Option<&str>| {
+            let mut c = Config::for_tests();
+            c.webhook_url = Some(url.into());
+            c.webhook_secret = secret.map(str::to_owned);
+            c.validate()
+        };
+        assert_eq!(
+            hooked("http://127.0.0.1:8090/hook", Some("0123456789abcdef")),
+            Ok(())
+        );
+        assert!(hooked("http://127.0.0.1:8090/hook", None).is_err());
+        assert!(hooked("http://127.0.0.1:8090/hook", Some("short")).is_err());
+        assert!(hooked("https://bots.example.com/hook", Some("0123456789abcdef")).is_err());
+        assert!(hooked("bots.example.com/hook", Some("0123456789abcdef")).is_err());
+        let mut c = Config::for_tests();
+        c.webhook_url = Some("http://127.0.0.1:8090/hook".into());
+        c.webhook_secret = Some("0123456789abcdef".into());
+        c.webhook_backoff = Duration::from_secs(10);
+        c.webhook_backoff_max = Duration::from_secs(1);
+        assert!(c.validate().is_err(), "backoff above its max");
     }
 }

@@ -648,3 +648,74 @@ async fn presence_spans_the_cluster_with_bridged_members_and_a_crashed_nodes_use
     assert_eq!(online("ann").await["online"], true);
     drop(ann);
 }
+
+#[tokio::test]
+async fn messages_expire_from_the_store_after_the_message_ttl() {
+    let mut cfg = config();
+    cfg.message_ttl = Duration::from_secs(2);
+    let node = TestNode::start(cfg).await;
+    let room = "retention-ttl";
+    let _alice = sent(&node, room, "alice", 3, "short-lived").await;
+    assert_eq!(stored_ids(node.addr, room).await.len(), 3);
+    // CQL expires rows by the second: gone within a few.
+    eventually("the rows expired", || async {
+        stored_ids(node.addr, room).await.is_empty()
+    })
+    .await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_replayed_and_deleted_through_a_router() {
+    let receiver = Receiver::start(Mode::Fail).await;
+    let mut args = hook_args(&receiver, "hooks-routed");
+    let at = args
+        .iter()
+        .position(|a| a == "--webhook-max-attempts")
+        .expect("flag");
+    args[at + 1] = "1".into();
+    args.extend(["--admin-token".to_string(), ADMIN.to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let c = support::cluster::Cluster::start_with("hooks-routed", 2, 1, &args).await;
+    let router = c.router();
+    let room = c.room_on("hooks-routed", 2).await;
+    let (status, body) = http(
+        router,
+        "POST",
+        &format!("/v1/rooms/{room}/messages?user=app"),
+        Some(r#"{"cid":"r1","body":"to the dead letters"}"#),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let id = json(&body)["id"].as_str().expect("id").to_owned();
+    eventually("the dead letter, listed through the router", || {
+        let id = id.clone();
+        async move {
+            let (status, body) = admin(router, "GET", "/v1/dead-letters?limit=1000", None).await;
+            status == 200
+                && body["dead_letters"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|d| d["message"]["id"] == id.as_str()))
+        }
+    })
+    .await;
+    let path = format!("/v1/rooms/{room}/dead-letters");
+    let (status, body) = admin(router, "GET", &path, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["dead_letters"][0]["last_error"], "HTTP 500");
+    receiver.set_mode(Mode::Take);
+    let (status, body) = admin(router, "POST", &format!("{path}/{id}/replay"), None).await;
+    assert_eq!(
+        (status, body["delivered"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    assert_eq!(receiver.taken_once(), vec![id.parse::<u64>().expect("id")]);
+    let (status, _) = admin(router, "DELETE", &format!("{path}/{id}"), None).await;
+    assert_eq!(status, 404, "replayed, so gone");
+    let (status, body) = http(router, "GET", "/v1/dead-letters", None).await;
+    assert_eq!(
+        (status, json(&body)["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+}
