@@ -385,21 +385,17 @@ async fn deliver(
             s.delivered.store(durable.0, Ordering::Relaxed);
             continue;
         };
-        let online = online(&room_tx).await;
+        let mut online = online(&room_tx).await;
         metrics::gauge!(m::WEBHOOK_QUEUE).increment(page.len() as f64);
         let mut left = page.len();
         for msg in &page {
-            if !deliver_one(
-                &s,
-                &hooks,
-                store.as_ref(),
-                &grant,
-                msg,
-                &online,
-                &mut attempts,
-            )
-            .await
-            {
+            let to = Target {
+                hooks: &hooks,
+                store: store.as_ref(),
+                grant: &grant,
+                room_tx: &room_tx,
+            };
+            if !deliver_one(&s, &to, msg, &mut online, &mut attempts).await {
                 metrics::gauge!(m::WEBHOOK_QUEUE).decrement(left as f64);
                 return;
             }
@@ -411,21 +407,40 @@ async fn deliver(
     }
 }
 
+/// What one delivery needs besides the room's shared state.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    hooks: &'a Webhooks,
+    store: &'a dyn MessageStore,
+    grant: &'a Grant,
+    room_tx: &'a mpsc::WeakSender<RoomCmd>,
+}
+
 /// Delivers one message, retrying until the endpoint takes it or it is dead-lettered.
 /// False when the room's grant lapsed (the next owner delivers from the stored cursor).
 async fn deliver_one(
     s: &Shared,
-    hooks: &Webhooks,
-    store: &dyn MessageStore,
-    grant: &Grant,
+    to: &Target<'_>,
     msg: &ChatMessage,
-    online: &[UserId],
+    online: &mut Vec<UserId>,
     attempts: &mut u32,
 ) -> bool {
+    let Target {
+        hooks,
+        store,
+        grant,
+        room_tx,
+    } = *to;
+    let mut retrying = false;
     loop {
         if !grant.is_valid() {
             return false;
         }
+        // A retry says who is online at its own time.
+        if retrying {
+            *online = self::online(room_tx).await;
+        }
+        retrying = true;
         *attempts += 1;
         let failed = match hooks.attempt(msg, online, *attempts).await {
             Ok(()) => {
