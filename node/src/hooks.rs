@@ -2,7 +2,9 @@
 //! at least once, in id order per room, after it is durable, signed.
 //!
 //! The store is the queue. A room's owner delivers what the store holds after the room's
-//! cursor (`hook_cursors` in the store), page by page, and moves the cursor on; a message
+//! cursor (`hook_cursors` in the store), page by page, and moves the cursor on (saved at
+//! most once a second while deliveries succeed; the pages come from what the room's writes
+//! just stored when they follow on, from the store otherwise); a message
 //! whose attempts or age run out goes to the dead-letter table and the cursor passes it. A
 //! room has a cursor row from its first write after it was last caught up until a quiet
 //! spell after it caught up again: written alongside that write (an ack waits for both), so
@@ -45,6 +47,12 @@ const PAGE: usize = 100;
 const CLEAR_AFTER: Duration = Duration::from_secs(5);
 /// Wait after a failed store call before trying again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
+/// Messages a room keeps in memory for its delivery, handed over by its writes; past this
+/// (the endpoint is slow or failing) the delivery reads them back from the store.
+const BUFFERED_MAX: usize = 1000;
+/// A room saves its cursor at most this often while its deliveries succeed (a crash
+/// redelivers at most this much); every failed attempt saves at once.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 /// An `http://host[:port]/path` endpoint.
 #[derive(Debug, Clone)]
@@ -214,9 +222,22 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
     out
 }
 
+/// Stored messages the delivery has not reached, as the room's writes handed them over:
+/// every stored message of the room above `base` is in `buf`, in id order.
+#[derive(Default)]
+struct Queue {
+    base: Option<MessageId>,
+    buf: std::collections::VecDeque<ChatMessage>,
+    /// A write stored a message at or below the durable head (a failed write retried after
+    /// later ones were stored, maybe after they were delivered): the delivery goes back to
+    /// just before it, and delivers what follows again rather than miss it.
+    rewind: Option<MessageId>,
+}
+
 /// What a room's writes and its delivery task share.
 struct Shared {
     room: RoomId,
+    queue: std::sync::Mutex<Queue>,
     /// Whether the store has the room's cursor row; held across a write that needs it, so
     /// the row is never cleared while such a write is on its way.
     row: Mutex<bool>,
@@ -270,6 +291,7 @@ impl RoomHook {
         }
         let shared = Arc::new(Shared {
             room,
+            queue: std::sync::Mutex::new(Queue::default()),
             row: Mutex::new(marked),
             durable: watch::Sender::new(head),
             delivered: AtomicU64::new(delivered.0),
@@ -288,18 +310,21 @@ impl RoomHook {
         RoomHook { shared, task }
     }
 
-    /// Runs a store write of messages up to `last` (`append`); when the store has no cursor
-    /// row for the room, writes one alongside, and the write counts as done only if both
-    /// are.
+    /// Runs a store write of `batch` (`append`); when the store has no cursor row for the
+    /// room, writes one alongside, and the write counts as done only if both are. What is
+    /// stored is handed to the delivery.
     pub(crate) async fn persist(
         &self,
         store: &dyn MessageStore,
         append: impl std::future::Future<Output = Result<(), StoreError>>,
-        last: MessageId,
+        batch: &[ChatMessage],
     ) -> Result<(), StoreError> {
+        let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+            return append.await;
+        };
         let s = &self.shared;
         let mut marked = s.row.lock().await;
-        let (appended, mark) = if *marked {
+        let (appended, mut mark) = if *marked {
             (append.await, Ok(()))
         } else {
             let cursor = HookCursor {
@@ -314,7 +339,40 @@ impl RoomHook {
         }
         // What was appended is delivered even if the row was not written: the store has it.
         if appended.is_ok() {
-            s.durable.send_if_modified(|d| bump(d, last));
+            // One write is in flight per room and the row lock is held: nothing else moves
+            // the durable head meanwhile.
+            let prev = *s.durable.borrow();
+            if first.id <= prev {
+                let to = MessageId(first.id.0.saturating_sub(1));
+                if let Ok(mut q) = s.queue.lock() {
+                    q.rewind = Some(q.rewind.map_or(to, |r| r.min(to)));
+                    q.buf.clear();
+                    q.base = None;
+                }
+                // The rewind must outlive this node before the ack: the cursor goes back too.
+                let cursor = HookCursor {
+                    delivered: to.min(MessageId(s.delivered.load(Ordering::Relaxed))),
+                    attempts: 0,
+                    last_error: String::new(),
+                };
+                mark = store.set_hook_cursor(&s.room, cursor).await;
+                s.durable.send_modify(|d| {
+                    bump(d, last.id);
+                });
+            } else {
+                if let Ok(mut q) = s.queue.lock() {
+                    if q.buf.is_empty() {
+                        q.base = Some(prev);
+                    }
+                    if q.base.is_some() && q.buf.len() + batch.len() <= BUFFERED_MAX {
+                        q.buf.extend(batch.iter().cloned());
+                    } else {
+                        q.buf.clear();
+                        q.base = None;
+                    }
+                }
+                s.durable.send_if_modified(|d| bump(d, last.id));
+            }
         }
         let result = appended.and(mark);
         if s.idle.swap(false, Ordering::Relaxed) {
@@ -354,41 +412,52 @@ async fn deliver(
     room_tx: mpsc::WeakSender<RoomCmd>,
 ) {
     let mut durable_rx = s.durable.subscribe();
+    let mut last_saved = tokio::time::Instant::now();
     loop {
+        if let Some(to) = s.queue.lock().ok().and_then(|mut q| q.rewind.take()) {
+            s.delivered.fetch_min(to.0, Ordering::Relaxed);
+        }
         let delivered = MessageId(s.delivered.load(Ordering::Relaxed));
         let durable = *durable_rx.borrow_and_update();
         if durable <= delivered {
             caught_up(&s, store.as_ref(), &mut durable_rx).await;
             continue;
         }
-        let page = match store
-            .read(
-                &s.room,
-                HistoryQuery {
-                    after: Some(delivered),
-                    before: Some(MessageId(durable.0.saturating_add(1))),
-                    limit: PAGE,
-                    from: PageFrom::Oldest,
-                },
-            )
-            .await
-        {
-            Ok(page) => page,
-            Err(e) => {
-                tracing::warn!(room = %s.room, error = %e, "webhook: reading the messages to deliver failed");
-                tokio::time::sleep(STORE_RETRY).await;
-                continue;
-            }
+        let page = match buffered(&s, delivered) {
+            Some(page) => page,
+            None => match store
+                .read(
+                    &s.room,
+                    HistoryQuery {
+                        after: Some(delivered),
+                        before: Some(MessageId(durable.0.saturating_add(1))),
+                        limit: PAGE,
+                        from: PageFrom::Oldest,
+                    },
+                )
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(room = %s.room, error = %e, "webhook: reading the messages to deliver failed");
+                    tokio::time::sleep(STORE_RETRY).await;
+                    continue;
+                }
+            },
         };
-        let Some(last) = page.last().map(|msg| msg.id) else {
+        if page.is_empty() {
             // Nothing stored up to the head (expired by the TTL, or fenced away): past it.
             s.delivered.store(durable.0, Ordering::Relaxed);
             continue;
-        };
+        }
         let mut online = online(&room_tx).await;
         metrics::gauge!(m::WEBHOOK_QUEUE).increment(page.len() as f64);
         let mut left = page.len();
         for msg in &page {
+            let rewinding = s.queue.lock().is_ok_and(|q| q.rewind.is_some());
+            if rewinding {
+                break;
+            }
             let to = Target {
                 hooks: &hooks,
                 store: store.as_ref(),
@@ -403,8 +472,35 @@ async fn deliver(
             metrics::gauge!(m::WEBHOOK_QUEUE).decrement(1.0);
             s.delivered.store(msg.id.0, Ordering::Relaxed);
         }
-        save_cursor(&s, store.as_ref(), last, 0, "").await;
+        metrics::gauge!(m::WEBHOOK_QUEUE).decrement(left as f64);
+        if last_saved.elapsed() >= SAVE_EVERY {
+            let delivered = MessageId(s.delivered.load(Ordering::Relaxed));
+            save_cursor(&s, store.as_ref(), delivered, 0, "").await;
+            last_saved = tokio::time::Instant::now();
+        }
     }
+}
+
+/// The next page from what the room's writes handed over, when it follows `delivered`
+/// exactly; `None` when the store must be read.
+fn buffered(s: &Shared, delivered: MessageId) -> Option<Vec<ChatMessage>> {
+    let mut q = s.queue.lock().ok()?;
+    let base = q.base?;
+    if base < delivered {
+        // The store was read past the buffer's start: drop what was delivered from it.
+        while q.buf.front().is_some_and(|m| m.id <= delivered) {
+            q.buf.pop_front();
+        }
+        q.base = Some(delivered);
+    } else if base > delivered {
+        return None;
+    }
+    let n = q.buf.len().min(PAGE);
+    let page: Vec<ChatMessage> = q.buf.drain(..n).collect();
+    if let Some(last) = page.last() {
+        q.base = Some(last.id);
+    }
+    (!page.is_empty()).then_some(page)
 }
 
 /// What one delivery needs besides the room's shared state.
@@ -490,6 +586,10 @@ async fn save_cursor(
     error: &str,
 ) {
     let mut marked = s.row.lock().await;
+    // A write went back below what this task has delivered, and saved that cursor itself.
+    if s.queue.lock().is_ok_and(|q| q.rewind.is_some()) {
+        return;
+    }
     let cursor = HookCursor {
         delivered,
         attempts,
@@ -518,7 +618,8 @@ async fn caught_up(
     {
         let mut marked = s.row.lock().await;
         let delivered = MessageId(s.delivered.load(Ordering::Relaxed));
-        if *durable_rx.borrow() > delivered {
+        let rewinding = s.queue.lock().is_ok_and(|q| q.rewind.is_some());
+        if rewinding || *durable_rx.borrow() > delivered {
             return;
         }
         if *marked {

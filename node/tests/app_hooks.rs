@@ -719,3 +719,195 @@ async fn dead_letters_are_listed_replayed_and_deleted_through_a_router() {
         (401, Some("unauthorized"))
     );
 }
+
+/// The real CQL store, except that the first write of a message whose body is
+/// `FAIL_ONCE` fails (a write lost to a timeout, say).
+struct FailsOnce {
+    inner: chat_node::store::scylla::ScyllaStore,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+const FAIL_ONCE: &str = "lost the first time";
+
+mod fails_once {
+    use super::*;
+    use chat_node::store::{
+        BoxFuture, DeadLetter, HistoryQuery, HookCursor, MessageStore, RoomState, StoreError,
+        WriteGuard,
+    };
+    use common::{ChatMessage, MessageId, RoomId};
+    use std::sync::atomic::Ordering;
+
+    impl MessageStore for FailsOnce {
+        fn append<'a>(
+            &'a self,
+            room: &'a RoomId,
+            batch: &'a [ChatMessage],
+            guard: &'a dyn WriteGuard,
+        ) -> BoxFuture<'a, Result<(), StoreError>> {
+            Box::pin(async move {
+                if batch.iter().any(|m| m.body == FAIL_ONCE)
+                    && !self.failed.swap(true, Ordering::SeqCst)
+                {
+                    return Err(StoreError::Unavailable("failed once by the test".into()));
+                }
+                self.inner.append(room, batch, guard).await
+            })
+        }
+        fn read<'a>(
+            &'a self,
+            room: &'a RoomId,
+            q: HistoryQuery,
+        ) -> BoxFuture<'a, Result<Vec<ChatMessage>, StoreError>> {
+            self.inner.read(room, q)
+        }
+        fn fence<'a>(
+            &'a self,
+            room: &'a RoomId,
+            after: MessageId,
+            window: Duration,
+        ) -> BoxFuture<'a, Result<(), StoreError>> {
+            self.inner.fence(room, after, window)
+        }
+        fn room_state<'a>(
+            &'a self,
+            room: &'a RoomId,
+        ) -> BoxFuture<'a, Result<RoomState, StoreError>> {
+            self.inner.room_state(room)
+        }
+        fn hook_cursor<'a>(
+            &'a self,
+            room: &'a RoomId,
+        ) -> BoxFuture<'a, Result<Option<HookCursor>, StoreError>> {
+            self.inner.hook_cursor(room)
+        }
+        fn set_hook_cursor<'a>(
+            &'a self,
+            room: &'a RoomId,
+            c: HookCursor,
+        ) -> BoxFuture<'a, Result<(), StoreError>> {
+            self.inner.set_hook_cursor(room, c)
+        }
+        fn clear_hook_cursor<'a>(
+            &'a self,
+            room: &'a RoomId,
+        ) -> BoxFuture<'a, Result<(), StoreError>> {
+            self.inner.clear_hook_cursor(room)
+        }
+        fn hook_rooms(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RoomId>, StoreError>> {
+            self.inner.hook_rooms(limit)
+        }
+        fn put_dead_letter<'a>(
+            &'a self,
+            d: &'a DeadLetter,
+        ) -> BoxFuture<'a, Result<(), StoreError>> {
+            self.inner.put_dead_letter(d)
+        }
+        fn check(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+            self.inner.check()
+        }
+        fn name(&self) -> &'static str {
+            "fails-once"
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_write_that_failed_and_is_retried_after_later_ones_is_still_delivered() {
+    let receiver = Receiver::start(Mode::Take).await;
+    let cfg = hooked(&receiver, "hooks-late");
+    fresh_keyspace().await;
+    let store = std::sync::Arc::new(FailsOnce {
+        inner: chat_node::store::scylla::ScyllaStore::connect(
+            &chat_node::store::scylla::ScyllaConfig {
+                nodes: cql_nodes(),
+                keyspace: keyspace(),
+                replication: cfg.cql_replication.clone(),
+                consistency: scylla::statement::Consistency::LocalQuorum,
+                bucket: cfg.cql_bucket,
+                max_inflight: 8,
+                request_timeout: Duration::from_secs(10),
+                message_ttl: Duration::ZERO,
+            },
+        )
+        .await
+        .expect("connect"),
+        failed: std::sync::atomic::AtomicBool::new(false),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(chat_node::run_with_store(
+        cfg,
+        listener,
+        shutdown.clone(),
+        store,
+    ));
+    let room = "hooks-late";
+    let mut c = Client::connect(addr, &format!("/ws?room={room}&user=alice"))
+        .await
+        .expect("upgrade");
+    c.expect_joined().await;
+    c.send_text(room, "a", "first").await;
+    c.ack().await;
+    c.send_text(room, "x", FAIL_ONCE).await;
+    // Members (the sender too) get it at once; the ack is what the store failed.
+    loop {
+        match c.frame_skip_presence().await {
+            ServerFrame::Message(_) => continue,
+            ServerFrame::Error { code, cid, .. } => {
+                assert_eq!(
+                    (code, cid.as_deref()),
+                    (ErrorCode::StoreUnavailable, Some("x"))
+                );
+                break;
+            }
+            f => panic!("{f:?}"),
+        }
+    }
+    // The next message is stored (and delivered) before the retry of the failed one.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        c.send_text(room, "b", "after it").await;
+        match c.frame_skip_presence().await {
+            ServerFrame::Message(_) => match c.frame_skip_presence().await {
+                ServerFrame::Ack { .. } => break,
+                f => panic!("{f:?}"),
+            },
+            ServerFrame::Error {
+                code: ErrorCode::StoreUnavailable,
+                ..
+            } => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the store came back"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            f => panic!("{f:?}"),
+        }
+    }
+    eventually("the later message delivered", || {
+        let r = receiver.clone();
+        async move { r.taken_once().len() == 2 }
+    })
+    .await;
+    c.send_text(room, "x", FAIL_ONCE).await;
+    let (cid, x_id, _) = c.ack().await;
+    assert_eq!(cid, "x");
+    let stored = stored_ids(addr, room).await;
+    assert_eq!(stored.len(), 3);
+    assert_eq!(stored[1], x_id.0, "the retry kept its place in the room");
+    eventually("the late message delivered too", || {
+        let r = receiver.clone();
+        async move { r.taken_once().contains(&x_id.0) }
+    })
+    .await;
+    let mut got = receiver.taken_once();
+    got.sort_unstable();
+    assert_eq!(got, stored, "every stored message reached the endpoint");
+    shutdown.cancel();
+    let _ = tokio::time::timeout(WAIT, task).await;
+}

@@ -578,11 +578,9 @@ fn spawn_persist(
             let started = Instant::now();
             let append = ctx.store.append(&room, &batch, &grant);
             let written = async {
-                match (&hook, batch.last()) {
-                    (Some(hook), Some(last)) => {
-                        hook.persist(ctx.store.as_ref(), append, last.id).await
-                    }
-                    _ => append.await,
+                match &hook {
+                    Some(hook) => hook.persist(ctx.store.as_ref(), append, &batch).await,
+                    None => append.await,
                 }
             };
             let result = match tokio::time::timeout(ctx.config.store_timeout, written).await
