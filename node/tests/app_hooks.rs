@@ -911,3 +911,43 @@ async fn a_write_that_failed_and_is_retried_after_later_ones_is_still_delivered(
     shutdown.cancel();
     let _ = tokio::time::timeout(WAIT, task).await;
 }
+
+#[tokio::test]
+async fn the_operations_api_is_off_without_an_admin_token_unless_in_dev_auth() {
+    let mut cfg = config();
+    cfg.insecure_dev_auth = false;
+    cfg.jwt_secret = Some("jwt-secret-for-the-tests".into());
+    let node = TestNode::start(cfg).await;
+    for (method, path) in [
+        ("POST", "/v1/rooms/ops-off/end"),
+        ("PUT", "/v1/rooms/ops-off/expiry"),
+        ("GET", "/v1/rooms/ops-off/dead-letters"),
+        ("GET", "/v1/dead-letters"),
+    ] {
+        let (status, body) = http(node.addr, method, path, Some(r#"{"ttl_ms":1000}"#)).await;
+        assert_eq!(
+            (status, json(&body)["code"].as_str()),
+            (403, Some("forbidden")),
+            "{method} {path}"
+        );
+    }
+    node.stop().await;
+    // With a token but no webhooks: a replay has nothing to deliver with.
+    let mut cfg = config();
+    cfg.admin_token = Some(ADMIN.into());
+    let node = TestNode::start(cfg).await;
+    let (status, body) = admin(
+        node.addr,
+        "POST",
+        "/v1/rooms/ops-off/dead-letters/1/replay",
+        None,
+    )
+    .await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
+    let (status, body) = admin(node.addr, "GET", "/v1/rooms/ops-off/dead-letters", None).await;
+    assert_eq!(
+        (status, body["dead_letters"].as_array().map(Vec::len)),
+        (200, Some(0))
+    );
+    node.stop().await;
+}
