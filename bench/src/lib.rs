@@ -49,7 +49,7 @@ pub enum Command {
     /// Rooms × members connections; every member sends at a paced rate and receives its
     /// room's traffic. Reports loss, duplicates, order, acks and latency.
     Fanout(fanout::FanoutArgs),
-    /// The three load tests of BRIEF.md in turn, each with a PASS/FAIL verdict and its
+    /// The three load tests the earlier chat backends passed, in turn, each with a PASS/FAIL verdict and its
     /// evidence: (a) 100 clients × 10 msg/s in one room, nothing lost, duplicated or out of
     /// order and every send acked; (b) 10 rooms × 50 clients, isolated and lossless; (c) one
     /// slow client among 100, closed with 4000 while the other 99 receive everything.

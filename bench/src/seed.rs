@@ -1,5 +1,5 @@
-//! `chat-bench seed-suite`: the three load tests the earlier systems passed (BRIEF.md,
-//! "Lessons carried over"), run one after another with the `fanout` machinery, each ending
+//! `chat-bench seed-suite`: the three load tests the earlier chat backends this product grew
+//! out of passed (their write-ups' own load tests), run one after another with the `fanout` machinery, each ending
 //! with a PASS/FAIL verdict and the figures it rests on.
 //!
 //! - (a) 100 clients × 10 msg/s in one room: nothing lost, duplicated or out of order, every

@@ -69,8 +69,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// The next message or control frame. Not cancel-safe across a partially read frame
-    /// only in the sense that the bytes stay buffered; calling again resumes.
+    /// The next message or control frame. Cancel-safe: bytes read so far stay buffered,
+    /// and calling again resumes where the cancelled call stopped.
     pub async fn next(&mut self) -> Result<Incoming, ReadError> {
         Ok(self.next_with_binary().await?.0)
     }
