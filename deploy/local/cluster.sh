@@ -146,7 +146,7 @@ if [[ ${#auth[@]} -eq 0 ]]; then
     demo="off: the demo page uses dev auth (start without CHAT_JWT_SECRET)"
 fi
 cat <<INFO
-[cluster] ready: 1 router, $nodes nodes, Redis $CHAT_REDIS_URL, CQL $CHAT_CQL_NODES (keyspace chat)
+[cluster] ready: 1 router, $nodes nodes, Redis $CHAT_REDIS_URL, CQL $CHAT_CQL_NODES (keyspace ${CHAT_CQL_KEYSPACE:-chat})
   demo page : $demo
   WebSocket : ws://127.0.0.1:$router_port/ws?room=lobby$user_hint
   HTTP API  : http://127.0.0.1:$router_port/v1/rooms/lobby/messages

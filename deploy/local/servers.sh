@@ -203,6 +203,12 @@ start_redis() {
     else
         install_redis
         if tcp_open 127.0.0.1 "$REDIS_PORT"; then
+            # Asked for by name (say, what another checkout's `servers.sh env` printed)
+            # and answering: use it as it is, and leave it running on `stop`.
+            if [[ -n ${CHAT_REDIS_URL:-} ]] && redis_ping "$CHAT_REDIS_URL"; then
+                log redis "using $CHAT_REDIS_URL (answers PING; started elsewhere, not stopped here)"
+                return 0
+            fi
             die redis "port $REDIS_PORT is in use by a process this script did not start" \
                 "(set CHAT_REDIS_PORT, or CHAT_REDIS_URL to use that server)"
         fi
@@ -402,6 +408,10 @@ start_cql() {
         log cql "pid $pid is alive but not listening for CQL yet; waiting"
     else
         if tcp_open 127.0.0.1 "$CQL_PORT"; then
+            if [[ -n ${CHAT_CQL_NODES:-} ]] && cql_nodes_open "$CHAT_CQL_NODES"; then
+                log cql "using $CHAT_CQL_NODES (accepts connections; started elsewhere, not stopped here)"
+                return 0
+            fi
             die cql "port $CQL_PORT is in use by a process this script did not start" \
                 "(set CHAT_CQL_PORT, or CHAT_CQL_NODES to use that server)"
         fi
