@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use anyhow::Context;
+
 use common::{ErrorCode, RoomId, UserId};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -83,11 +85,9 @@ impl Authenticator {
             });
         }
         if let Some(path) = &config.jwt_public_key_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-            let key = DecodingKey::from_rsa_pem(&pem).map_err(|e| {
-                anyhow::anyhow!("{} is not an RSA public key PEM: {e}", path.display())
-            })?;
+            let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let key = DecodingKey::from_rsa_pem(&pem)
+                .with_context(|| format!("{} is not an RSA public key PEM", path.display()))?;
             let mut validation = Validation::new(Algorithm::RS256);
             validation.leeway = LEEWAY_S;
             return Ok(Authenticator::Jwt {

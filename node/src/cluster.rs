@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context;
 use common::membership::{self, Lease, MembershipConfig, Registration, RingWatch, View};
 use common::{metrics as m, CloseCode, NodeInfo, RoomId};
 use tokio::time::Instant;
@@ -98,10 +99,10 @@ impl Cluster {
         };
         let registration = membership::register(&cfg, me.clone())
             .await
-            .map_err(|e| anyhow::anyhow!("joining the cluster through {url}: {e}"))?;
+            .with_context(|| format!("joining the cluster through {url}"))?;
         let ring = membership::watch(cfg, stop)
             .await
-            .map_err(|e| anyhow::anyhow!("watching membership through {url}: {e}"))?;
+            .with_context(|| format!("watching membership through {url}"))?;
         let mut tenure = Tenure::new(me.id, legacy_wait);
         if registration.had_predecessor() {
             // An earlier process at this address did not leave: its last writes may still

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context;
 use common::head::{FirstHead, Prefixed};
 use common::{metrics as m, CloseCode};
 use hyper::server::conn::http1;
@@ -182,7 +183,7 @@ pub async fn run_with_store(
                 background.clone(),
             )
             .await
-            .map_err(|e| anyhow::anyhow!("subscribing to the bus through {url}: {e}"))?,
+            .with_context(|| format!("subscribing to the bus through {url}"))?,
         ),
         None => None,
     };
@@ -203,7 +204,7 @@ pub async fn run_with_store(
     if let (Some(writer), Some(url)) = (presence_writer, &config.redis_url) {
         let conn = presence::connect(url)
             .await
-            .map_err(|e| anyhow::anyhow!("connecting to Redis for presence at {url}: {e}"))?;
+            .with_context(|| format!("connecting to Redis for presence at {url}"))?;
         tokio::spawn(presence::run(
             presence.clone(),
             writer,

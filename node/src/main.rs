@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use chat_node::config::Config;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -54,7 +55,7 @@ fn main() -> ExitCode {
     match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "chat-node failed");
+            tracing::error!(error = format!("{e:#}"), "chat-node failed");
             eprintln!("chat-node: {e:#}");
             ExitCode::FAILURE
         }
@@ -63,7 +64,7 @@ fn main() -> ExitCode {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = listen(config.listen, config.listen_backlog)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
     chat_node::run(config, listener, shutdown).await

@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use chat_router::config::Config;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -49,7 +50,7 @@ fn main() -> ExitCode {
     match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "chat-router failed");
+            tracing::error!(error = format!("{e:#}"), "chat-router failed");
             eprintln!("chat-router: {e:#}");
             ExitCode::FAILURE
         }
@@ -58,7 +59,7 @@ fn main() -> ExitCode {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = listen(config.listen, config.listen_backlog)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
     chat_router::run(config, listener, shutdown).await

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use anyhow::Context;
 use common::{metrics as m, ChatMessage, ClientMsgId, MessageId, RoomId, UserId};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -193,9 +194,7 @@ impl ScyllaStore {
             .connection_timeout(Duration::from_secs(5))
             .build()
             .await
-            .map_err(|e| {
-                anyhow::anyhow!("cannot connect to the CQL store at {:?}: {e}", cfg.nodes)
-            })?;
+            .with_context(|| format!("cannot connect to the CQL store at {:?}", cfg.nodes))?;
         let ks = &cfg.keyspace;
         session
             .query_unpaged(
@@ -206,7 +205,7 @@ impl ScyllaStore {
                 (),
             )
             .await
-            .map_err(|e| anyhow::anyhow!("creating keyspace {ks}: {e}"))?;
+            .with_context(|| format!("creating keyspace {ks}"))?;
         migrate(&session, ks).await?;
         let bucket_ms = i64::try_from(cfg.bucket.as_millis())
             .unwrap_or(i64::MAX)
@@ -219,7 +218,7 @@ impl ScyllaStore {
                 let mut p = session
                     .prepare(cql.clone())
                     .await
-                    .map_err(|e| anyhow::anyhow!("preparing {cql}: {e}"))?;
+                    .with_context(|| format!("preparing {cql}"))?;
                 p.set_consistency(cfg.consistency);
                 p.set_is_idempotent(true);
                 p.set_request_timeout(Some(cfg.request_timeout));
@@ -669,7 +668,7 @@ async fn migrate(session: &Session, ks: &str) -> anyhow::Result<()> {
             (),
         )
         .await
-        .map_err(|e| anyhow::anyhow!("creating {ks}.schema_migrations: {e}"))?;
+        .with_context(|| format!("creating {ks}.schema_migrations"))?;
     let applied: HashSet<i32> = session
         .query_unpaged(format!("SELECT version FROM {ks}.schema_migrations"), ())
         .await?
@@ -685,7 +684,7 @@ async fn migrate(session: &Session, ks: &str) -> anyhow::Result<()> {
             session
                 .query_unpaged(stmt.replace("{ks}", ks), ())
                 .await
-                .map_err(|e| anyhow::anyhow!("schema v{}: {e}", migration.version))?;
+                .with_context(|| format!("schema v{}", migration.version))?;
         }
         session
             .query_unpaged(
