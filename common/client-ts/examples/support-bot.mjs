@@ -80,6 +80,7 @@ const server = createServer((req, res) => {
     }
     // Its own replies come back as webhooks too; and only the rooms it serves.
     if (msg.type !== "message" || msg.from === me || !msg.room.startsWith(rooms)) {
+      console.log(JSON.stringify({ ignored: msg.id, room: msg.room }));
       return done(200, { ignored: true });
     }
     try {

@@ -119,7 +119,9 @@ test("the support bot answers each message once, even when its webhook is retrie
     stored.map((m) => m.id),
   );
   // The bot's own replies came back as webhooks and were ignored (no reply to a reply).
-  await sleep(500);
+  await until("the bot to have seen its own replies", () =>
+    replies.every((m) => botLines.some((l) => l.includes(`"ignored":"${m.id}"`))),
+  );
   assert.equal((await cluster.stored(room)).length, stored.length);
 });
 
