@@ -55,17 +55,13 @@ async fn sent(node: &TestNode, room: &str, user: &str, n: usize, body: &str) -> 
 
 /// The ids the store holds for `room`, oldest first (the history API reads the store).
 async fn stored_ids(node: std::net::SocketAddr, room: &str) -> Vec<u64> {
-    let (status, body) = http(
-        node,
-        "GET",
-        &format!("/v1/rooms/{room}/messages?user=t&limit=1000"),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    json(&body)["messages"]
-        .as_array()
-        .expect("messages")
+    ids(&stored_messages(node, room)
+        .await
+        .unwrap_or_else(|e| panic!("history: {e:?}")))
+}
+
+fn ids(messages: &[serde_json::Value]) -> Vec<u64> {
+    messages
         .iter()
         .map(|m| m["id"].as_str().expect("id").parse().expect("id"))
         .collect()
@@ -549,25 +545,23 @@ async fn deliveries_pending_on_a_killed_node_resume_on_the_new_owner_nothing_mis
     c.nodes.get_mut(&1).expect("node 1").kill9();
     receiver.set_mode(Mode::Take);
     c.wait_ring_size(1).await;
-    // The room is between owners until the new one has it: retry the read until it answers.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let stored = loop {
-        let path = format!("/v1/rooms/{room}/messages?user=t&limit=100");
-        let (status, body) = http(c.router(), "GET", &path, None).await;
-        if status == 200 {
-            break json(&body)["messages"]
-                .as_array()
-                .expect("messages")
-                .iter()
-                .map(|m| m["id"].as_str().expect("id").parse::<u64>().expect("id"))
-                .collect::<Vec<_>>();
+    // The room is between owners until the new one has it: read until it answers.
+    let read = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let router = c.router();
+    eventually("history through the new owner", || {
+        let (read, room) = (read.clone(), room.clone());
+        async move {
+            match stored_messages(router, &room).await {
+                Ok(messages) => {
+                    *read.lock().expect("lock") = ids(&messages);
+                    true
+                }
+                Err(_) => false,
+            }
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "history answered: {status} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await;
+    let stored = read.lock().expect("lock").clone();
     assert_eq!(stored.len(), 10, "every acked message is stored");
     eventually("the new owner delivered everything", || {
         let r = receiver.clone();
@@ -720,120 +714,24 @@ async fn dead_letters_are_listed_replayed_and_deleted_through_a_router() {
     );
 }
 
-/// The real CQL store, except that the first write of a message whose body is
-/// `FAIL_ONCE` fails (a write lost to a timeout, say).
-struct FailsOnce {
-    inner: chat_node::store::scylla::ScyllaStore,
-    failed: std::sync::atomic::AtomicBool,
-}
-
+/// The body of the message whose first write fails in the test below.
 const FAIL_ONCE: &str = "lost the first time";
-
-mod fails_once {
-    use super::*;
-    use chat_node::store::{
-        BoxFuture, DeadLetter, HistoryQuery, HookCursor, MessageStore, RoomState, StoreError,
-        WriteGuard,
-    };
-    use common::{ChatMessage, MessageId, RoomId};
-    use std::sync::atomic::Ordering;
-
-    impl MessageStore for FailsOnce {
-        fn append<'a>(
-            &'a self,
-            room: &'a RoomId,
-            batch: &'a [ChatMessage],
-            guard: &'a dyn WriteGuard,
-        ) -> BoxFuture<'a, Result<(), StoreError>> {
-            Box::pin(async move {
-                if batch.iter().any(|m| m.body == FAIL_ONCE)
-                    && !self.failed.swap(true, Ordering::SeqCst)
-                {
-                    return Err(StoreError::Unavailable("failed once by the test".into()));
-                }
-                self.inner.append(room, batch, guard).await
-            })
-        }
-        fn read<'a>(
-            &'a self,
-            room: &'a RoomId,
-            q: HistoryQuery,
-        ) -> BoxFuture<'a, Result<Vec<ChatMessage>, StoreError>> {
-            self.inner.read(room, q)
-        }
-        fn fence<'a>(
-            &'a self,
-            room: &'a RoomId,
-            after: MessageId,
-            window: Duration,
-        ) -> BoxFuture<'a, Result<(), StoreError>> {
-            self.inner.fence(room, after, window)
-        }
-        fn room_state<'a>(
-            &'a self,
-            room: &'a RoomId,
-        ) -> BoxFuture<'a, Result<RoomState, StoreError>> {
-            self.inner.room_state(room)
-        }
-        fn hook_cursor<'a>(
-            &'a self,
-            room: &'a RoomId,
-        ) -> BoxFuture<'a, Result<Option<HookCursor>, StoreError>> {
-            self.inner.hook_cursor(room)
-        }
-        fn set_hook_cursor<'a>(
-            &'a self,
-            room: &'a RoomId,
-            c: HookCursor,
-        ) -> BoxFuture<'a, Result<(), StoreError>> {
-            self.inner.set_hook_cursor(room, c)
-        }
-        fn clear_hook_cursor<'a>(
-            &'a self,
-            room: &'a RoomId,
-        ) -> BoxFuture<'a, Result<(), StoreError>> {
-            self.inner.clear_hook_cursor(room)
-        }
-        fn hook_rooms(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RoomId>, StoreError>> {
-            self.inner.hook_rooms(limit)
-        }
-        fn put_dead_letter<'a>(
-            &'a self,
-            d: &'a DeadLetter,
-        ) -> BoxFuture<'a, Result<(), StoreError>> {
-            self.inner.put_dead_letter(d)
-        }
-        fn check(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-            self.inner.check()
-        }
-        fn name(&self) -> &'static str {
-            "fails-once"
-        }
-    }
-}
 
 #[tokio::test]
 async fn a_write_that_failed_and_is_retried_after_later_ones_is_still_delivered() {
     let receiver = Receiver::start(Mode::Take).await;
     let cfg = hooked(&receiver, "hooks-late");
     fresh_keyspace().await;
-    let store = std::sync::Arc::new(FailsOnce {
-        inner: chat_node::store::scylla::ScyllaStore::connect(
-            &chat_node::store::scylla::ScyllaConfig {
-                nodes: cql_nodes(),
-                keyspace: keyspace(),
-                replication: cfg.cql_replication.clone(),
-                consistency: scylla::statement::Consistency::LocalQuorum,
-                bucket: cfg.cql_bucket,
-                max_inflight: 8,
-                request_timeout: Duration::from_secs(10),
-                message_ttl: Duration::ZERO,
-            },
-        )
-        .await
-        .expect("connect"),
-        failed: std::sync::atomic::AtomicBool::new(false),
-    });
+    // The real CQL store, except that the first write of that message fails (a write lost
+    // to a timeout, say).
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let store = std::sync::Arc::new(support::faulty::Faulty::failing_batches(
+        chat_node::build_store(&cfg).await.expect("the CQL store"),
+        move |batch| {
+            batch.iter().any(|m| m.body == FAIL_ONCE)
+                && !failed.swap(true, std::sync::atomic::Ordering::SeqCst)
+        },
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -867,28 +765,15 @@ async fn a_write_that_failed_and_is_retried_after_later_ones_is_still_delivered(
             f => panic!("{f:?}"),
         }
     }
-    // The next message is stored (and delivered) before the retry of the failed one.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        c.send_text(room, "b", "after it").await;
-        match c.frame_skip_presence().await {
-            ServerFrame::Message(_) => match c.frame_skip_presence().await {
-                ServerFrame::Ack { .. } => break,
-                f => panic!("{f:?}"),
-            },
-            ServerFrame::Error {
-                code: ErrorCode::StoreUnavailable,
-                ..
-            } => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the store came back"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            f => panic!("{f:?}"),
-        }
-    }
+    // The node refuses sends until its probe sees the store again (readiness turns green);
+    // then the next message is stored (and delivered) before the retry of the failed one.
+    eventually("readyz green again", || async {
+        http(addr, "GET", "/readyz", None).await.0 == 200
+    })
+    .await;
+    c.send_text(room, "b", "after it").await;
+    let (cid, _, _) = c.ack().await;
+    assert_eq!(cid, "b");
     eventually("the later message delivered", || {
         let r = receiver.clone();
         async move { r.taken_once().len() == 2 }

@@ -602,17 +602,9 @@ async fn until_closed(c: &mut Client) -> (Vec<String>, Vec<String>, u16) {
 
 /// The stored cids of a room, read back from the history API.
 async fn stored_cids(node: &TestNode, room: &str) -> HashSet<String> {
-    let (status, body) = http(
-        node.addr,
-        "GET",
-        &format!("/v1/rooms/{room}/messages?user=x&limit=1000"),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    json(&body)["messages"]
-        .as_array()
-        .expect("messages")
+    stored_messages(node.addr, room)
+        .await
+        .unwrap_or_else(|e| panic!("history: {e:?}"))
         .iter()
         .map(|m| m["cid"].as_str().expect("cid").to_owned())
         .collect()

@@ -4,69 +4,18 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use chat_node::config::Config;
 use chat_node::store::memory::MemoryStore;
-use chat_node::store::{BoxFuture, HistoryQuery, MessageStore, StoreError};
-use common::{ChatMessage, ErrorCode, RoomId};
+use common::ErrorCode;
+use support::faulty::Faulty;
 use support::*;
-
-struct Switchable {
-    inner: MemoryStore,
-    down: AtomicBool,
-}
-
-impl Switchable {
-    fn fail(&self) -> Result<(), StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            Err(StoreError::Unavailable("switched off by the test".into()))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl MessageStore for Switchable {
-    fn append<'a>(
-        &'a self,
-        room: &'a RoomId,
-        batch: &'a [ChatMessage],
-        guard: &'a dyn chat_node::store::WriteGuard,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            self.fail()?;
-            self.inner.append(room, batch, guard).await
-        })
-    }
-
-    fn read<'a>(
-        &'a self,
-        room: &'a RoomId,
-        q: HistoryQuery,
-    ) -> BoxFuture<'a, Result<Vec<ChatMessage>, StoreError>> {
-        Box::pin(async move {
-            self.fail()?;
-            self.inner.read(room, q).await
-        })
-    }
-
-    fn check(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move { self.fail() })
-    }
-
-    fn name(&self) -> &'static str {
-        "switchable"
-    }
-}
 
 #[tokio::test]
 async fn a_failing_store_gets_errors_not_acks_and_the_node_resumes() {
-    let store = Arc::new(Switchable {
-        inner: MemoryStore::new(1000),
-        down: AtomicBool::new(false),
-    });
+    let store = Arc::new(Faulty::new(Arc::new(MemoryStore::new(1000))));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod faulty;
 pub mod receiver;
 
 use std::net::SocketAddr;
@@ -387,6 +388,23 @@ pub async fn http_exchange(
         .unwrap_or_else(|| panic!("bad response: {text}"));
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     (status, head.to_string(), body.to_string())
+}
+
+/// A room's stored messages, oldest first, read back over the history API (at most 1000),
+/// or the status and body of a refusal (a room between owners, say).
+pub async fn stored_messages(
+    addr: SocketAddr,
+    room: &str,
+) -> Result<Vec<serde_json::Value>, (u16, String)> {
+    let path = format!("/v1/rooms/{room}/messages?user=reader&limit=1000");
+    let (status, body) = http(addr, "GET", &path, None).await;
+    if status != 200 {
+        return Err((status, body));
+    }
+    Ok(json(&body)["messages"]
+        .as_array()
+        .expect("messages")
+        .clone())
 }
 
 pub fn json(body: &str) -> serde_json::Value {
