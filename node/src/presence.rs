@@ -221,10 +221,7 @@ pub async fn run(
                 let mut pipe = redis::pipe();
                 match op {
                     Op::Online(user, since) => {
-                        let key = presence.key(&user);
-                        pipe.hset(&key, &field, format!("{since}:{}", now_ms()))
-                            .ignore()
-                            .cmd("PEXPIRE").arg(&key).arg(expire_ms).ignore();
+                        mark(&mut pipe, &presence.key(&user), &field, since, now_ms(), expire_ms);
                     }
                     Op::Offline(user) => {
                         pipe.hdel(presence.key(&user), &field).ignore();
@@ -239,10 +236,7 @@ pub async fn run(
                 for chunk in presence.snapshot().chunks(CHUNK) {
                     let mut pipe = redis::pipe();
                     for (user, since) in chunk {
-                        let key = presence.key(user);
-                        pipe.hset(&key, &field, format!("{since}:{now}"))
-                            .ignore()
-                            .cmd("PEXPIRE").arg(&key).arg(expire_ms).ignore();
+                        mark(&mut pipe, &presence.key(user), &field, *since, now, expire_ms);
                     }
                     if let Err(e) = pipe.query_async::<()>(&mut conn).await {
                         tracing::debug!(error = %e, "presence: rewrite failed");
@@ -263,6 +257,16 @@ pub async fn run(
             }
         }
     }
+}
+
+/// This node's field of a user's key, `since:seen`, and the key's expiry renewed.
+fn mark(pipe: &mut redis::Pipeline, key: &str, field: &str, since: u64, seen: u64, expire_ms: u64) {
+    pipe.hset(key, field, format!("{since}:{seen}"))
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(key)
+        .arg(expire_ms)
+        .ignore();
 }
 
 #[cfg(test)]

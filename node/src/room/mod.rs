@@ -29,7 +29,7 @@ use crate::hooks::RoomHook;
 use crate::outbound::{ConnHandle, Out};
 use crate::ownership::{Grant, Refusal};
 use crate::registry::{Registry, RoomCtx};
-use crate::store::{BoxFuture, HistoryQuery, HookCursor, PageFrom, RoomState, StoreError};
+use crate::store::{HistoryQuery, HookCursor, PageFrom, RoomState, StoreError};
 
 /// Messages per store read when replaying to a joiner.
 const REPLAY_PAGE: usize = 500;
@@ -437,13 +437,7 @@ async fn load(
     grant: &Grant,
 ) -> Result<(Loaded, Option<HookCursor>), StoreError> {
     let cfg = &ctx.config;
-    let timed = |f| async move {
-        match tokio::time::timeout(cfg.store_timeout, f).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Timeout),
-        }
-    };
-    let read = |q: HistoryQuery| timed(ctx.store.read(id, q));
+    let read = |q: HistoryQuery| within(cfg.store_timeout, ctx.store.read(id, q));
     let hooked = ctx.hooks.as_ref().is_some_and(|h| h.applies_to(id));
     let (newest, state, cursor) = tokio::join!(
         read(HistoryQuery {
@@ -452,13 +446,10 @@ async fn load(
             limit: cfg.recent_per_room,
             from: PageFrom::Newest,
         }),
-        timed_state(cfg.store_timeout, ctx.store.room_state(id)),
+        within(cfg.store_timeout, ctx.store.room_state(id)),
         async {
             if hooked {
-                match tokio::time::timeout(cfg.store_timeout, ctx.store.hook_cursor(id)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(StoreError::Timeout),
-                }
+                within(cfg.store_timeout, ctx.store.hook_cursor(id)).await
             } else {
                 Ok(None)
             }
@@ -474,13 +465,11 @@ async fn load(
         // An empty room's late writes were minted recently: within the dedupe window (a
         // retry re-persists a failed message under its id) plus the writes' own timeouts.
         let window = cfg.dedupe_window + cfg.store_timeout * 2 + Duration::from_secs(60);
-        match tokio::time::timeout(cfg.store_timeout, ctx.store.fence(id, head, window)).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Timeout),
-        }
-        .inspect_err(|_| {
-            metrics::counter!(m::STORE_ERRORS, "op" => "fence").increment(1);
-        })?;
+        within(cfg.store_timeout, ctx.store.fence(id, head, window))
+            .await
+            .inspect_err(|_| {
+                metrics::counter!(m::STORE_ERRORS, "op" => "fence").increment(1);
+            })?;
     }
     let window_start =
         MessageId::first_at(now_ms().saturating_sub(cfg.dedupe_window.as_millis() as u64));
@@ -505,14 +494,14 @@ async fn load(
     Ok((loaded, cursor))
 }
 
-async fn timed_state(
+/// A store call that has not answered within `timeout` has failed.
+async fn within<T>(
     timeout: Duration,
-    f: BoxFuture<'_, Result<RoomState, StoreError>>,
-) -> Result<RoomState, StoreError> {
-    match tokio::time::timeout(timeout, f).await {
-        Ok(r) => r,
-        Err(_) => Err(StoreError::Timeout),
-    }
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or(Err(StoreError::Timeout))
 }
 
 /// Writes the room's lifecycle state and reports back, with the same grant checks as a
@@ -531,21 +520,13 @@ fn spawn_save_state(
         let result = if !grant.is_valid() {
             Err(NotStored::Fenced)
         } else {
-            match tokio::time::timeout(
-                ctx.config.store_timeout,
-                ctx.store.set_room_state(&room, state, &grant),
-            )
-            .await
-            {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(StoreError::Fenced)) => Err(NotStored::Fenced),
-                Ok(Err(e)) => {
+            let saved = ctx.store.set_room_state(&room, state, &grant);
+            match within(ctx.config.store_timeout, saved).await {
+                Ok(()) => Ok(()),
+                Err(StoreError::Fenced) => Err(NotStored::Fenced),
+                Err(e) => {
                     metrics::counter!(m::STORE_ERRORS, "op" => "append").increment(1);
                     tracing::warn!(%room, error = %e, "saving the room's state failed");
-                    Err(NotStored::Store)
-                }
-                Err(_) => {
-                    metrics::counter!(m::STORE_ERRORS, "op" => "append").increment(1);
                     Err(NotStored::Store)
                 }
             }
@@ -583,11 +564,7 @@ fn spawn_persist(
                     None => append.await,
                 }
             };
-            let result = match tokio::time::timeout(ctx.config.store_timeout, written).await
-            {
-                Ok(r) => r,
-                Err(_) => Err(StoreError::Timeout),
-            };
+            let result = within(ctx.config.store_timeout, written).await;
             metrics::histogram!(m::STORE_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
             if let Err(e @ (StoreError::Unavailable(_) | StoreError::Timeout)) = &result {
                 metrics::counter!(m::STORE_ERRORS, "op" => "append").increment(1);
