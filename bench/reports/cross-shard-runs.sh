@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Issue 12 cost runs: the same cross-shard shapes against a given set of binaries, with the
+# Cross-shard cost runs: the same cross-shard shapes against a given set of binaries, with the
 # cluster cost accounting on. Starts its own Redis (a private redis-server on 6391 with
 # servers.sh's flags, so nobody else's traffic lands in INFO's counters and nobody's Redis
-# restart breaks the run; ISSUE12_REDIS_URL=redis://... uses that one instead) and, per run,
+# restart breaks the run; CROSS_SHARD_REDIS_URL=redis://... uses that one instead) and, per run,
 # a fresh cluster (router 7100, nodes 7101.., memory store, presence off, Redis prefix
 # i12-<suffix>), then stops everything it started.
-#   /tmp/meas/issue12.sh BIN_DIR SUFFIX [SHAPE...]
+#   bench/reports/cross-shard-runs.sh BIN_DIR SUFFIX [SHAPE...]
 # BIN_DIR holds chat-node, chat-router, chat-bench. SUFFIX names the outputs:
-#   $OUT/issue12-SUFFIX-<shape>.{md,json} (OUT defaults to /work/wt-bench/bench/reports).
+#   $OUT/cross-shard-SUFFIX-<shape>.{md,json} (OUT defaults to /work/wt-bench/bench/reports).
 # Shapes: 100x10hz 200x2.5hz 400x0.625hz 100rooms-10x1hz 100x10hz-1node (default: all).
 # Before each run it waits (up to QUIET_WAIT s, 300) for the machine to be quiet (under 0.35
-# of a core busy over 3 s), and writes $OUT/issue12-SUFFIX-<shape>.machine.txt: the CPU the
+# of a core busy over 3 s), and writes $OUT/cross-shard-SUFFIX-<shape>.machine.txt: the CPU the
 # whole machine used during the bench's run, ours (servers + bench) and everyone else's.
-# Environment: OUT, DURATION (20), QUIET_WAIT (300), ISSUE12_REDIS_URL, ROUTER_PORT (7100), NODE_BASE_PORT (7101),
+# Environment: OUT, DURATION (20), QUIET_WAIT (300), CROSS_SHARD_REDIS_URL, ROUTER_PORT (7100), NODE_BASE_PORT (7101),
 #   REPO (/work/wt-bench: the bench runs there, so its reports carry that checkout's git rev;
 #   point it at the checkout the binaries were built from).
 set -euo pipefail
@@ -58,12 +58,12 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-if [[ -n ${ISSUE12_REDIS_URL:-} ]]; then
-    redis_url=$ISSUE12_REDIS_URL
+if [[ -n ${CROSS_SHARD_REDIS_URL:-} ]]; then
+    redis_url=$CROSS_SHARD_REDIS_URL
 else
     redis_port=6391
     if redis-cli -p "$redis_port" ping >/dev/null 2>&1; then
-        echo "port $redis_port already answers: stop that Redis or set ISSUE12_REDIS_URL" >&2
+        echo "port $redis_port already answers: stop that Redis or set CROSS_SHARD_REDIS_URL" >&2
         exit 1
     fi
     mkdir -p "$state/redis"
@@ -98,11 +98,11 @@ wait_quiet() {
         b0=$(busy_ticks); sleep 3; b1=$(busy_ticks)
         busy=$(awk -v d=$((b1 - b0)) -v hz="$hz" 'BEGIN{printf "%.2f", d / hz / 3}')
         if awk -v b="$busy" 'BEGIN{exit !(b < 0.35)}'; then
-            echo "[issue12] machine quiet: $busy cores busy over 3 s" >&2
+            echo "[cross-shard] machine quiet: $busy cores busy over 3 s" >&2
             return 0
         fi
         if ((SECONDS > deadline)); then
-            echo "[issue12] machine still busy ($busy cores) after ${QUIET_WAIT:-300} s; running anyway" >&2
+            echo "[cross-shard] machine still busy ($busy cores) after ${QUIET_WAIT:-300} s; running anyway" >&2
             return 0
         fi
         sleep 5
@@ -148,10 +148,10 @@ for shape in "${shapes[@]}"; do
     *) echo "unknown shape $shape" >&2; exit 64 ;;
     esac
     wait_quiet
-    echo "[issue12] $shape: $nodes node(s), $(cat /proc/loadavg)" >&2
+    echo "[cross-shard] $shape: $nodes node(s), $(cat /proc/loadavg)" >&2
     start_cluster "$nodes" "$shape"
     sleep 2
-    name=$out/issue12-$suffix-$shape
+    name=$out/cross-shard-$suffix-$shape
     ours=("${started[@]}")
     [[ -n $redis_pid ]] && ours+=("$redis_pid")
     b0=$(busy_ticks); p0=$(pid_ticks "${ours[@]}"); w0=$EPOCHREALTIME
@@ -165,14 +165,14 @@ for shape in "${shapes[@]}"; do
     awk -v b=$((b1 - b0)) -v p=$((p1 - p0)) -v bu="$bu" -v bs="$bs" -v hz="$hz" -v w0="$w0" -v w1="$w1" \
         -v shape="$shape" -v r="$redis_pid" 'BEGIN {
         m = b / hz; s = p / hz; c = bu + bs; o = m - s - c; w = w1 - w0
-        printf "issue12 %s: during the bench run (%.1f s wall, connect to close)\n", shape, w
+        printf "cross-shard %s: during the bench run (%.1f s wall, connect to close)\n", shape, w
         printf "machine busy  %7.2f CPU-s (%.2f cores)\n", m, m / w
         printf "servers       %7.2f CPU-s (chat-node*, chat-router%s)\n", s, r != "" ? ", redis" : ""
         printf "chat-bench    %7.2f CPU-s\n", c
         printf "everything else %5.2f CPU-s (%.2f cores): other processes on the machine\n", o, o / w
     }' >"$name.machine.txt"
     cat "$name.machine.txt" >&2
-    echo "[issue12] $shape: wrote $name.{md,json,machine.txt}" >&2
+    echo "[cross-shard] $shape: wrote $name.{md,json,machine.txt}" >&2
     stop_cluster
     sleep 2
 done

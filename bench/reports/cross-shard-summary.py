@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Prints the issue-12 summary table from issue12-SUFFIX-<shape>.json reports.
-   summarize.py DIR SUFFIX"""
+"""Prints the cross-shard cost summary table from cross-shard-SUFFIX-<shape>.json reports.
+   cross-shard-summary.py DIR SUFFIX"""
 import json, sys, os
 d, suffix = sys.argv[1], sys.argv[2]
 shapes = [("100x10hz", "1 room × 100 members × 10 msg/s"),
@@ -15,7 +15,7 @@ def ms(us):
 print("| shape | nodes (local / bridged members) | room messages / deliveries | Redis PUBLISH per room message | Redis bytes out per delivery | all-server CPU-s per 100k deliveries (router share) | local e2e p50 / p99 (ms) | bridged e2e p50 / p99 (ms) | lost |")
 print("|---|---|---|---|---|---|---|---|---|")
 for key, label in shapes:
-    p = os.path.join(d, f"issue12-{suffix}-{key}.json")
+    p = os.path.join(d, f"cross-shard-{suffix}-{key}.json")
     if not os.path.exists(p):
         continue
     j = json.load(open(p))
