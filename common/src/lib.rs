@@ -1,21 +1,15 @@
 //! The API crate of the chat cluster: what nodes, routers and the bench agree on.
 //!
 //! It owns the wire protocol (frames, close and error codes), identifiers (rooms, users,
-//! client message ids, time-ordered message ids) and metric names. Without features it
-//! depends on no server crate and does no I/O, so any client can link it; the servers turn
-//! on `membership` (the ring in Redis) and `edge` (the first-request check and the `Origin` allow-list).
+//! client message ids, time-ordered message ids), the ring and metric names. It depends on no
+//! server crate and does no I/O, so any client can link it; what only the servers need (the
+//! HTTP edge, membership in Redis) is in `chat-server`.
 
 pub mod codes;
 pub mod duration;
-#[cfg(feature = "edge")]
-pub mod head;
 pub mod id;
-#[cfg(feature = "membership")]
-pub mod membership;
 pub mod metrics;
 pub mod names;
-#[cfg(feature = "edge")]
-pub mod origin;
 pub mod protocol;
 pub mod ring;
 

@@ -21,10 +21,11 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 
 use crate::cluster::Route;
-use crate::http::{authenticate, bad, error, json, moved, unavailable, Body, Query};
+use crate::refusal::{authenticate, bad, moved, unavailable};
 use crate::room::{RoomCmd, RoomPresence, StateChange};
+use crate::state::NodeState;
 use crate::store::RoomState;
-use crate::NodeState;
+use chat_server::http::{error, json, Body, Query};
 
 /// Dead letters listed per request by default, and at most.
 const DEAD_PAGE: usize = 100;
@@ -100,7 +101,7 @@ pub(crate) async fn user_presence(
         return error(ErrorCode::MethodNotAllowed, "use GET");
     }
     let query = Query::parse(req.uri().query());
-    if let Err(resp) = authenticate(&req, &query, state) {
+    if let Err(resp) = authenticate(&req, &query, &state.auth) {
         return resp;
     }
     let user = match UserId::new(user) {
@@ -138,7 +139,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// A client's token (or dev user) that allows `room`.
 fn client_of<B>(req: &Request<B>, state: &NodeState, room: &RoomId) -> Result<(), Response<Body>> {
     let query = Query::parse(req.uri().query());
-    match authenticate(req, &query, state) {
+    match authenticate(req, &query, &state.auth) {
         Ok(p) if p.may_use(room) => Ok(()),
         Ok(_) => Err(bad(
             ErrorCode::Forbidden,

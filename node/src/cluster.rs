@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use common::membership::{self, Lease, MembershipConfig, Registration, RingWatch, View};
+use chat_server::membership::{self, Lease, MembershipConfig, Registration, RingWatch, View};
 use common::{metrics as m, CloseCode, NodeInfo, RoomId};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

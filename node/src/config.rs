@@ -42,11 +42,7 @@ impl CqlConsistency {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use chat_server::telemetry::LogFormat;
 
 /// A chat node: owns rooms, their WebSocket members, ordering, fan-out and persistence.
 #[derive(Debug, Clone, Parser)]
@@ -163,7 +159,7 @@ pub struct Config {
     /// development). Requests with another `Origin` get 403 `forbidden`; requests without one
     /// (servers, mobile apps) are not affected. Empty (the default): same-origin pages only.
     #[arg(long, env = "CHAT_ALLOWED_ORIGINS", default_value = "")]
-    pub allowed_origins: common::origin::OriginPolicy,
+    pub allowed_origins: chat_server::origin::OriginPolicy,
     /// Sends, joins and leaves per second one connection may make (token bucket refill rate);
     /// refusals past another bucket of the same size close it with 4029.
     #[arg(long, env = "CHAT_SEND_RATE", default_value_t = 100.0)]
@@ -266,7 +262,11 @@ pub struct Config {
 
 impl Config {
     /// Checks what clap cannot: ranges and combinations. The message is one line.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), chat_server::InvalidConfig> {
+        self.problem().map_err(chat_server::InvalidConfig)
+    }
+
+    fn problem(&self) -> Result<(), String> {
         let auth_modes = usize::from(self.jwt_secret.is_some())
             + usize::from(self.jwt_public_key_file.is_some())
             + usize::from(self.insecure_dev_auth);

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::head::Prefixed;
+use chat_server::head::Prefixed;
 use common::{metrics as m, ClientFrame, CloseCode, ErrorCode, MessageId, RoomId, ServerFrame};
 use hyper_util::rt::TokioIo;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -25,8 +25,8 @@ use crate::outbound::{ConnHandle, Out};
 use crate::reader::{FrameReader, Incoming, ReadError};
 use crate::registry::{RoomHandle, SendFailed};
 use crate::room::{Reply, RoomCmd, Source};
+use crate::state::NodeState;
 use crate::writer::{FrameWriter, BATCH_BYTES, OP_PING, OP_PONG, OP_TEXT};
-use crate::NodeState;
 
 type Reader = FrameReader<OwnedReadHalf>;
 type Writer = FrameWriter<OwnedWriteHalf>;

@@ -9,11 +9,9 @@
 // the `Err` variant would add noise on every path for no gain on this cold code.
 #![allow(clippy::result_large_err)]
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::{metrics as m, ChatMessage, ClientMsgId, ErrorCode, MessageId, RoomId};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -21,90 +19,25 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::auth::{bearer, Principal};
 use crate::cluster::Route;
 use crate::connection::{self, ConnGuard, Session};
+use crate::refusal::{authenticate, bad, moved, unavailable};
 use crate::room::{Reply, RoomCmd, Source};
+use crate::state::NodeState;
 use crate::store::{HistoryQuery, PageFrom};
-use crate::NodeState;
 
-pub type Body = Full<Bytes>;
+pub use chat_server::http::{error, json, Body, Query};
 
 const MAX_HISTORY_PAGE: usize = 1000;
 const DEFAULT_HISTORY_PAGE: usize = 50;
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    code: ErrorCode,
-    message: &'a str,
-    retry: common::Retry,
-}
-
-pub(crate) fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(bytes)))
-        .unwrap_or_else(|_| Response::new(Full::default()))
-}
-
-pub fn error(code: ErrorCode, message: &str) -> Response<Body> {
-    let status =
-        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut resp = json(
-        status,
-        &ErrorBody {
-            code,
-            message,
-            retry: code.retry(),
-        },
-    );
-    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-    }
-    resp
-}
-
-/// The parts of a query string this API reads. Values are used as-is: every accepted value
-/// (ids, tokens) is from a URL-safe alphabet, so percent-encoded input is simply invalid.
-#[derive(Default)]
-pub(crate) struct Query<'a> {
-    pairs: Vec<(&'a str, &'a str)>,
-}
-
-impl<'a> Query<'a> {
-    pub(crate) fn parse(q: Option<&'a str>) -> Self {
-        let pairs = q
-            .unwrap_or("")
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .map(|p| p.split_once('=').unwrap_or((p, "")))
-            .collect();
-        Query { pairs }
-    }
-
-    pub(crate) fn get(&self, key: &str) -> Option<&'a str> {
-        self.pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
-    }
-}
-
-pub async fn handle(
-    req: Request<Incoming>,
-    state: Arc<NodeState>,
-) -> Result<Response<Body>, Infallible> {
+pub async fn handle(req: Request<Incoming>, state: Arc<NodeState>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let route = route_label(&path);
     let resp = route_request(req, &state, &path).await;
-    let class = match resp.status().as_u16() {
-        100..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    };
+    let class = chat_server::http::status_class(resp.status());
     metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => class).increment(1);
-    Ok(resp)
+    resp
 }
 
 fn route_label(path: &str) -> &'static str {
@@ -126,15 +59,12 @@ async fn route_request(
     state: &Arc<NodeState>,
     path: &str,
 ) -> Response<Body> {
+    if let Some(resp) = chat_server::http::own_route(req.method(), path, || readiness(state)) {
+        return resp;
+    }
     match (req.method(), path) {
         (&Method::GET, "/ws") => upgrade(req, state),
-        (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        (&Method::GET, "/readyz") => readyz(state),
-        (&Method::GET, "/metrics") => Response::builder()
-            .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(Full::new(Bytes::from(crate::telemetry::render())))
-            .unwrap_or_else(|_| Response::new(Full::default())),
-        (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => error(
+        (_, "/ws") => error(
             ErrorCode::MethodNotAllowed,
             "method not allowed on this route",
         ),
@@ -181,14 +111,9 @@ async fn route_request(
     }
 }
 
-pub(crate) fn bad(code: ErrorCode, message: &str) -> Response<Body> {
-    metrics::counter!(m::BAD_INPUT, "kind" => code.as_str()).increment(1);
-    error(code, message)
-}
-
-fn readyz(state: &NodeState) -> Response<Body> {
+fn readiness(state: &NodeState) -> (bool, serde_json::Value) {
     let ctx = state.registry.ctx();
-    let ready = crate::is_ready(ctx, &state.cluster);
+    let ready = crate::state::is_ready(ctx, &state.cluster);
     let ring = state.cluster.ring().current();
     let body = serde_json::json!({
         "ready": ready,
@@ -211,65 +136,12 @@ fn readyz(state: &NodeState) -> Response<Body> {
         "bus": state.bus.get().map(|b| serde_json::json!({ "ok": b.is_up() })),
         "shutting_down": state.is_shutting_down(),
     });
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    json(status, &body)
+    (ready, body)
 }
 
-fn lease_remaining_ms(lease: &common::membership::Lease) -> Option<u64> {
+fn lease_remaining_ms(lease: &chat_server::membership::Lease) -> Option<u64> {
     let left = lease.remaining_at(tokio::time::Instant::now());
     (left != Duration::MAX).then_some(left.as_millis() as u64)
-}
-
-/// 503 `room_unavailable` with `Retry-After`: this node owns the room in its ring but holds
-/// no lease (it is fenced until it registers again), or the ring is empty.
-pub(crate) fn unavailable() -> Response<Body> {
-    let code = ErrorCode::RoomUnavailable;
-    let mut resp = json(
-        StatusCode::SERVICE_UNAVAILABLE,
-        &serde_json::json!({
-            "code": code,
-            "message": "this node holds no lease for the room right now; retry shortly with the same cid",
-            "retry": code.retry(),
-        }),
-    );
-    resp.headers_mut()
-        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-    resp
-}
-
-/// 421 `room_moved` with the owner's address, for requests that reached a non-owner.
-pub(crate) fn moved(owner: &common::NodeInfo) -> Response<Body> {
-    let code = ErrorCode::RoomMoved;
-    json(
-        StatusCode::MISDIRECTED_REQUEST,
-        &serde_json::json!({
-            "code": code,
-            "message": "this node does not own the room; connect through the router",
-            "retry": code.retry(),
-            "owner": owner.addr,
-        }),
-    )
-}
-
-pub(crate) fn authenticate<B>(
-    req: &Request<B>,
-    query: &Query<'_>,
-    state: &NodeState,
-) -> Result<Principal, Response<Body>> {
-    let token = query
-        .get("token")
-        .or_else(|| bearer(req.headers().get(header::AUTHORIZATION)));
-    state
-        .auth
-        .authenticate(token, query.get("user"))
-        .map_err(|e| {
-            metrics::counter!(m::BAD_INPUT, "kind" => "unauthorized").increment(1);
-            error(e.code(), &e.to_string())
-        })
 }
 
 fn upgrade(mut req: Request<Incoming>, state: &Arc<NodeState>) -> Response<Body> {
@@ -299,7 +171,7 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<NodeState>) -> Response<Body>
             )
         }
     };
-    let principal = match authenticate(&req, &query, state) {
+    let principal = match authenticate(&req, &query, &state.auth) {
         Ok(p) => p,
         Err(resp) => return resp,
     };
@@ -380,7 +252,7 @@ struct HistoryPage {
 
 async fn history(req: Request<Incoming>, state: &NodeState, room: RoomId) -> Response<Body> {
     let query = Query::parse(req.uri().query());
-    let principal = match authenticate(&req, &query, state) {
+    let principal = match authenticate(&req, &query, &state.auth) {
         Ok(p) => p,
         Err(resp) => return resp,
     };
@@ -493,7 +365,7 @@ fn published(room: RoomId, cid: ClientMsgId, accepted: crate::room::Accepted) ->
 
 async fn publish(req: Request<Incoming>, state: &Arc<NodeState>, room: RoomId) -> Response<Body> {
     let query = Query::parse(req.uri().query());
-    let principal = match authenticate(&req, &query, state) {
+    let principal = match authenticate(&req, &query, &state.auth) {
         Ok(p) => p,
         Err(resp) => return resp,
     };

@@ -18,24 +18,22 @@ pub mod outbound;
 pub mod ownership;
 pub mod presence;
 pub mod reader;
+mod refusal;
 pub mod registry;
 pub mod room;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod writer;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use common::head::{FirstHead, Prefixed};
+use chat_server::http::Acceptor;
 use common::{metrics as m, CloseCode};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -43,69 +41,16 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::cluster::Cluster;
 use crate::config::{Config, StoreKind};
-use crate::outbound::ConnHandle;
 use crate::registry::{Registry, RoomCtx};
 use crate::store::memory::MemoryStore;
 use crate::store::scylla::{ScyllaConfig, ScyllaStore};
 use crate::store::MessageStore;
 
 pub use crate::config::Config as NodeConfig;
+pub use crate::state::{is_ready, NodeState};
 
 /// How often readiness re-checks the store.
 const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
-
-/// State shared by every connection and request of one node.
-pub struct NodeState {
-    pub config: Arc<Config>,
-    pub cluster: Arc<Cluster>,
-    /// Cross-shard forwarding; set in cluster mode once the inbox is subscribed.
-    pub bus: std::sync::OnceLock<Arc<bus::redis::Bus>>,
-    pub registry: Arc<Registry>,
-    pub auth: Authenticator,
-    /// Users online on this node, mirrored to Redis for cluster-wide presence.
-    pub presence: Arc<presence::Presence>,
-    pub open_connections: AtomicUsize,
-    conn_ids: AtomicU64,
-    conns: Mutex<HashMap<u64, Arc<ConnHandle>>>,
-    /// Parent of every connection's token.
-    pub shutdown_conns: CancellationToken,
-    pub conn_tracker: TaskTracker,
-}
-
-impl NodeState {
-    pub fn next_conn_id(&self) -> u64 {
-        self.conn_ids.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub fn is_shutting_down(&self) -> bool {
-        self.registry.ctx().is_draining()
-    }
-
-    pub(crate) fn register_conn(&self, conn: &Arc<ConnHandle>) {
-        if let Ok(mut conns) = self.conns.lock() {
-            conns.insert(conn.id, conn.clone());
-        }
-        self.presence.connected(&conn.user);
-    }
-
-    pub(crate) fn unregister_conn(&self, id: u64) {
-        let gone = self
-            .conns
-            .lock()
-            .ok()
-            .and_then(|mut conns| conns.remove(&id));
-        if let Some(conn) = gone {
-            self.presence.disconnected(&conn.user);
-        }
-    }
-
-    fn snapshot_conns(&self) -> Vec<Arc<ConnHandle>> {
-        self.conns
-            .lock()
-            .map(|c| c.values().cloned().collect())
-            .unwrap_or_default()
-    }
-}
 
 /// Builds the store named by the config, connecting and migrating the schema if needed.
 pub async fn build_store(config: &Config) -> anyhow::Result<Arc<dyn MessageStore>> {
@@ -137,13 +82,37 @@ fn connection_room() -> usize {
     limit.saturating_sub((limit / 10).max(256)).max(1)
 }
 
+impl chat_server::Server for Config {
+    const NAME: &'static str = "chat-node";
+
+    fn check(&self) -> Result<(), chat_server::InvalidConfig> {
+        self.validate()?;
+        // Key files are part of the config: an unreadable one is a config error too.
+        Authenticator::from_config(self)
+            .map(drop)
+            .map_err(|e| chat_server::InvalidConfig(e.to_string()))
+    }
+
+    fn listen(&self) -> (std::net::SocketAddr, u32) {
+        (self.listen, self.listen_backlog)
+    }
+
+    fn log_format(&self) -> chat_server::telemetry::LogFormat {
+        self.log_format
+    }
+
+    async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+        run(self, listener, shutdown).await
+    }
+}
+
 /// Serves until `shutdown` is cancelled, then shuts down gracefully.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    config.validate().map_err(anyhow::Error::msg)?;
+    config.validate()?;
     let store = build_store(&config).await?;
     run_with_store(config, listener, shutdown, store).await
 }
@@ -155,7 +124,7 @@ pub async fn run_with_store(
     shutdown: CancellationToken,
     store: Arc<dyn MessageStore>,
 ) -> anyhow::Result<()> {
-    config.validate().map_err(anyhow::Error::msg)?;
+    config.validate()?;
     let mut config = config;
     let fd_room = connection_room();
     if config.max_connections == 0 {
@@ -170,7 +139,7 @@ pub async fn run_with_store(
     let config = Arc::new(config);
     let auth = Authenticator::from_config(&config)?;
     let background = CancellationToken::new();
-    telemetry::start(background.clone());
+    chat_server::telemetry::start(telemetry::describe_all, background.clone());
     let rooms_shutdown = CancellationToken::new();
     let local = listener.local_addr()?;
     // The inbox first: once this node is in the ring, peers may send to it.
@@ -262,84 +231,25 @@ pub async fn run_with_store(
         "chat-node listening"
     );
 
-    let http_tracker = TaskTracker::new();
     // The listener stays open through the drain so probes and scrapes see `/readyz` turn
     // red (and new upgrades get `going_away`) instead of a refused connection.
-    let stop_accepting = CancellationToken::new();
-    let acceptor = tokio::spawn(accept_loop(
-        listener,
-        state.clone(),
-        http_tracker.clone(),
-        stop_accepting.clone(),
-    ));
+    let acceptor = {
+        let state = state.clone();
+        Acceptor::start(listener, count_bad_http, move |req, _peer| {
+            http::handle(req, state.clone())
+        })
+    };
     shutdown.cancelled().await;
-    shutdown_gracefully(&state, &ctx, &http_tracker, stop_accepting, acceptor).await;
+    shutdown_gracefully(&state, &ctx, acceptor).await;
     background.cancel();
     Ok(())
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    state: Arc<NodeState>,
-    http_tracker: TaskTracker,
-    stop: CancellationToken,
-) {
-    loop {
-        let (stream, _peer) = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors or similar: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let stop = stop.clone();
-        http_tracker.spawn(async move {
-            let mut stream = stream;
-            let head = match common::head::read_first(&mut stream).await {
-                FirstHead::Ok(head) => head,
-                FirstHead::Refused(answer) => {
-                    metrics::counter!(m::BAD_INPUT, "kind" => "bad_http").increment(1);
-                    let _ = stream.write_all(&answer).await;
-                    let _ = stream.shutdown().await;
-                    return;
-                }
-                FirstHead::Gone => return,
-            };
-            let svc = service_fn(move |req| http::handle(req, state.clone()));
-            let conn = http1::Builder::new()
-                .max_buf_size(common::head::MAX_HEAD_BYTES)
-                .serve_connection(TokioIo::new(Prefixed::new(head, stream)), svc)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "http connection ended with an error");
-                    }
-                }
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
+fn count_bad_http() {
+    metrics::counter!(m::BAD_INPUT, "kind" => "bad_http").increment(1);
 }
 
-async fn shutdown_gracefully(
-    state: &Arc<NodeState>,
-    ctx: &Arc<RoomCtx>,
-    http_tracker: &TaskTracker,
-    stop_accepting: CancellationToken,
-    acceptor: tokio::task::JoinHandle<()>,
-) {
+async fn shutdown_gracefully(state: &Arc<NodeState>, ctx: &Arc<RoomCtx>, acceptor: Acceptor) {
     let grace = state.config.shutdown_grace;
     let deadline = tokio::time::Instant::now() + grace;
     ctx.start_draining();
@@ -404,10 +314,7 @@ async fn shutdown_gracefully(
     }
     state.conn_tracker.close();
     let _ = tokio::time::timeout_at(deadline, state.conn_tracker.wait()).await;
-    stop_accepting.cancel();
-    let _ = acceptor.await;
-    http_tracker.close();
-    let _ = tokio::time::timeout_at(deadline, http_tracker.wait()).await;
+    acceptor.stop(deadline).await;
     state.cluster.leave(flushed).await;
     // Rooms flush what they accepted, then exit once empty.
     ctx.shutdown.cancel();
@@ -420,13 +327,6 @@ async fn shutdown_gracefully(
     } else {
         tracing::info!("shutdown complete");
     }
-}
-
-/// Ready to take traffic: the store answers, the node is not draining, and it holds its
-/// lease and is in its own ring view (a node that membership lost gets no traffic from
-/// routers anyway).
-pub fn is_ready(ctx: &RoomCtx, cluster: &Cluster) -> bool {
-    ctx.store_healthy() && !ctx.is_draining() && cluster.in_ring()
 }
 
 async fn probe_store(ctx: Arc<RoomCtx>, cluster: Arc<Cluster>, stop: CancellationToken) {

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::membership::{Lease, View};
+use chat_server::membership::{Lease, View};
 use common::{MessageId, NodeInfo, Ring, RoomId};
 use tokio::time::Instant;
 
@@ -266,7 +266,7 @@ impl Tenure {
 mod tests {
     use std::collections::BTreeMap;
 
-    use common::membership::{Departed, MemberRecord, MemberState};
+    use chat_server::membership::{Departed, MemberRecord, MemberState};
 
     use super::*;
 

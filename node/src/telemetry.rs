@@ -1,96 +1,16 @@
-//! Logs and metrics: the tracing subscriber, the Prometheus recorder and the process
-//! collector (CPU, RSS, open files).
-//!
-//! The metrics recorder is process-global (the `metrics` facade allows one), so it is
-//! installed once and shared by every node in the process; in-process tests that start
-//! several nodes therefore see their sums. Rendering happens in our own `/metrics` route;
-//! no listener of the exporter's is started.
-
-use std::sync::OnceLock;
-use std::time::Duration;
+//! What the node counts: the description of every node metric, and the series alerts and
+//! the dashboard read, created at zero at start-up. The recorder itself (process-global,
+//! shared with any other server in the process) is `chat_server::telemetry`.
 
 use common::metrics as m;
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, LogFormat};
-
-/// Histogram buckets for every `_seconds` metric: 100 µs to 10 s.
-const SECONDS_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-];
-const RATIO_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 0.75, 0.9, 1.0];
-const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0, 1024.0];
-
-struct Metrics {
-    handle: PrometheusHandle,
-    process: metrics_process::Collector,
-}
-
-static METRICS: OnceLock<Metrics> = OnceLock::new();
-
-fn metrics() -> &'static Metrics {
-    METRICS.get_or_init(|| {
-        let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
-            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_ratio".into()), RATIO_BUCKETS))
-            .and_then(|b| {
-                b.set_buckets_for_metric(Matcher::Full(m::BUS_BATCH_ITEMS.into()), BATCH_BUCKETS)
-            });
-        let recorder = match builder {
-            Ok(b) => b.build_recorder(),
-            // Only reachable with an empty bucket list, which the constants are not.
-            Err(_) => PrometheusBuilder::new().build_recorder(),
-        };
-        let handle = recorder.handle();
-        // Fails only if another recorder was installed first (an embedding program's);
-        // then our route renders an empty page rather than crashing the node.
-        if metrics::set_global_recorder(recorder).is_err() {
-            tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
-        }
-        let process = metrics_process::Collector::default();
-        process.describe();
-        describe();
-        describe_ownership();
-        describe_hooks();
-        register_zeroes();
-        Metrics { handle, process }
-    })
-}
-
-/// Installs the recorder if needed and keeps histograms' upkeep running until `shutdown`.
-pub fn start(shutdown: CancellationToken) {
-    let handle = metrics().handle.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => handle.run_upkeep(),
-            }
-        }
-    });
-}
-
-/// The Prometheus text exposition of every metric, process metrics refreshed first.
-pub fn render() -> String {
-    let m = metrics();
-    m.process.collect();
-    m.handle.render()
-}
-
-pub fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CHAT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-    let _ = match config.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+/// Describes the node's metrics and creates the series that must exist from start-up.
+pub fn describe_all() {
+    describe();
+    describe_ownership();
+    describe_hooks();
+    register_zeroes();
 }
 
 fn describe() {

@@ -220,7 +220,7 @@ async fn identical_concurrent_reads_are_answered_together() {
     let now = common::id::now_ms();
     let batch: Vec<_> = (0..50).map(|i| msg(&room, now, i)).collect();
     s.append(&room, &batch, &Unguarded).await.expect("append");
-    let before = chat_node::telemetry::render();
+    let before = chat_server::telemetry::render();
     let coalesced = |text: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with("chat_node_store_reads_coalesced_total"))
@@ -237,7 +237,7 @@ async fn identical_concurrent_reads_are_answered_together() {
     for r in reads {
         assert_eq!(r.await.expect("join").expect("read"), batch);
     }
-    let after = chat_node::telemetry::render();
+    let after = chat_server::telemetry::render();
     assert!(
         coalesced(&after) > coalesced(&before),
         "20 identical reads at once shared at least one query"

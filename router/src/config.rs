@@ -8,15 +8,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use chat_server::membership::MembershipConfig;
+use clap::Parser;
 pub use common::duration::parse_duration;
-use common::membership::MembershipConfig;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use chat_server::telemetry::LogFormat;
 
 /// The chat cluster's stateless front door: sends each room's traffic to its owner node.
 #[derive(Debug, Clone, Parser)]
@@ -61,7 +57,7 @@ pub struct Config {
     /// development). Requests with another `Origin` get 403 `forbidden`; requests without one
     /// (servers, mobile apps) are not affected. Empty (the default): same-origin pages only.
     #[arg(long, env = "CHAT_ALLOWED_ORIGINS", default_value = "")]
-    pub allowed_origins: common::origin::OriginPolicy,
+    pub allowed_origins: chat_server::origin::OriginPolicy,
     /// Serve the demo chat page from this directory at `/demo/` (`/` redirects there):
     /// `common/client-ts/demo` after `npm run build` there. Off by default; for local and
     /// staging clusters.
@@ -83,7 +79,11 @@ pub struct Config {
 
 impl Config {
     /// Checks what clap cannot: ranges and formats. The message is one line.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), chat_server::InvalidConfig> {
+        self.problem().map_err(chat_server::InvalidConfig)
+    }
+
+    fn problem(&self) -> Result<(), String> {
         if !["redis://", "rediss://", "redis+unix://", "unix://"]
             .iter()
             .any(|s| self.redis_url.starts_with(s))

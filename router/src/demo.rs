@@ -9,7 +9,7 @@ use common::ErrorCode;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::http::{error, Body};
+use chat_server::http::{error, Body};
 
 /// `/` and `/demo` send the browser to `/demo/`.
 pub fn redirect() -> Response<Body> {

@@ -6,107 +6,31 @@
 //! node's the same way. Requests the owner must answer are handed to [`crate::proxy`]; this
 //! module never talks to a node itself.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use common::{metrics as m, ErrorCode, NodeInfo, RoomId};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
-use serde::Serialize;
 
 use crate::RouterState;
 
-pub type Body = Full<Bytes>;
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    code: ErrorCode,
-    message: &'a str,
-    retry: common::Retry,
-}
-
-pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(bytes)))
-        .unwrap_or_else(|_| Response::new(Full::default()))
-}
-
-/// An error answer with the code's own status.
-pub fn error(code: ErrorCode, message: &str) -> Response<Body> {
-    let status =
-        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    error_with_status(status, code, message)
-}
-
-/// An error answer with an explicit status: `node_unavailable` is 503 when no node is
-/// known but 502 when the owner did not answer.
-pub fn error_with_status(status: StatusCode, code: ErrorCode, message: &str) -> Response<Body> {
-    let mut resp = json(
-        status,
-        &ErrorBody {
-            code,
-            message,
-            retry: code.retry(),
-        },
-    );
-    if matches!(
-        status,
-        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
-    ) {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    resp
-}
-
-/// The parts of a query string the router reads. Values are used as-is: room ids are from a
-/// URL-safe alphabet, so a percent-encoded room is simply invalid (as on the nodes).
-struct Query<'a> {
-    pairs: Vec<(&'a str, &'a str)>,
-}
-
-impl<'a> Query<'a> {
-    fn parse(q: Option<&'a str>) -> Self {
-        let pairs = q
-            .unwrap_or("")
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .map(|p| p.split_once('=').unwrap_or((p, "")))
-            .collect();
-        Query { pairs }
-    }
-
-    fn get(&self, key: &str) -> Option<&'a str> {
-        self.pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
-    }
-}
+pub use chat_server::http::{error, error_with_status, json, Body, Query};
 
 pub async fn handle(
     req: Request<Incoming>,
     state: Arc<RouterState>,
     peer: SocketAddr,
-) -> Result<Response<Body>, Infallible> {
+) -> Response<Body> {
     let started = Instant::now();
     let route = route_label(req.uri().path());
     let resp = route_request(req, &state, peer).await;
-    let class = match resp.status().as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    };
+    let class = chat_server::http::status_class(resp.status());
     metrics::counter!(m::ROUTER_HTTP_REQUESTS, "route" => route, "status" => class).increment(1);
     metrics::histogram!(m::ROUTER_REQUEST_SECONDS, "route" => route)
         .record(started.elapsed().as_secs_f64());
-    Ok(resp)
+    resp
 }
 
 fn route_label(path: &str) -> &'static str {
@@ -138,14 +62,11 @@ async fn route_request(
     peer: SocketAddr,
 ) -> Response<Body> {
     let path = req.uri().path().to_owned();
+    if let Some(resp) = chat_server::http::own_route(req.method(), &path, || readiness(state)) {
+        return resp;
+    }
     match (req.method(), path.as_str()) {
         (&Method::GET, "/ws") => websocket(req, state, peer).await,
-        (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        (&Method::GET, "/readyz") => readyz(state),
-        (&Method::GET, "/metrics") => Response::builder()
-            .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(Full::new(Bytes::from(crate::telemetry::render())))
-            .unwrap_or_else(|_| Response::new(Full::default())),
         (&Method::GET, "/" | "/demo") if state.config.serve_demo.is_some() => {
             crate::demo::redirect()
         }
@@ -156,7 +77,7 @@ async fn route_request(
                 "no such route (the demo is off: --serve-demo)",
             ),
         },
-        (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => error(
+        (_, "/ws") => error(
             ErrorCode::MethodNotAllowed,
             "method not allowed on this route",
         ),
@@ -164,7 +85,7 @@ async fn route_request(
         // same question goes to the same node while the ring holds).
         (_, p) if p == "/v1/dead-letters" || p.starts_with("/v1/users/") => {
             match state.ring().owner(p).cloned() {
-                Some(node) => crate::proxy::http(req, state, peer, &node).await,
+                Some(node) => crate::proxy::http(req, &state.upstream, peer, &node).await,
                 None => no_node(),
             }
         }
@@ -194,7 +115,7 @@ async fn route_request(
             } else if let Some(node) = owner_of(state, &room) {
                 // Everything else under a room (today `/messages`) is the owner's to answer,
                 // including its 404s and 405s, so new node routes need no router release.
-                crate::proxy::http(req, state, peer, &node).await
+                crate::proxy::http(req, &state.upstream, peer, &node).await
             } else {
                 no_node()
             };
@@ -249,7 +170,7 @@ async fn websocket(
     if state.config.redirect || wants_redirect {
         return redirect(&req, &room, &node);
     }
-    crate::proxy::websocket(req, state, peer, &node).await
+    crate::proxy::websocket(req, &state.upstream, peer, &node).await
 }
 
 /// `307` to the owner, same path and query: the client repeats its upgrade there.
@@ -296,7 +217,7 @@ fn owner(state: &RouterState, room: &RoomId) -> Response<Body> {
     )
 }
 
-fn readyz(state: &RouterState) -> Response<Body> {
+fn readiness(state: &RouterState) -> (bool, serde_json::Value) {
     let ring = state.ring();
     let ready = state.is_ready();
     let body = serde_json::json!({
@@ -306,10 +227,5 @@ fn readyz(state: &RouterState) -> Response<Body> {
         "redis_ok": state.redis_ok(),
         "shutting_down": state.is_draining(),
     });
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    json(status, &body)
+    (ready, body)
 }

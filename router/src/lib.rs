@@ -19,16 +19,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use common::head::{FirstHead, Prefixed};
-use common::membership::{self, RingWatch};
+use chat_server::http::Acceptor;
+use chat_server::membership::{self, RingWatch};
 use common::{metrics as m, Ring};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use crate::config::Config as RouterConfig;
 use crate::config::Config;
@@ -48,10 +43,6 @@ pub struct RouterState {
     empty: Arc<Ring>,
     draining: AtomicBool,
     pub(crate) upstream: proxy::Upstream,
-    /// Every WebSocket splice, so shutdown can wait for them.
-    pub(crate) splices: TaskTracker,
-    /// Cancelled when the grace period ends: cuts the splices still running.
-    pub(crate) cut_splices: CancellationToken,
 }
 
 impl RouterState {
@@ -78,6 +69,26 @@ impl RouterState {
     }
 }
 
+impl chat_server::Server for Config {
+    const NAME: &'static str = "chat-router";
+
+    fn check(&self) -> Result<(), chat_server::InvalidConfig> {
+        self.validate()
+    }
+
+    fn listen(&self) -> (SocketAddr, u32) {
+        (self.listen, self.listen_backlog)
+    }
+
+    fn log_format(&self) -> chat_server::telemetry::LogFormat {
+        self.log_format
+    }
+
+    async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+        run(self, listener, shutdown).await
+    }
+}
+
 /// Serves until `shutdown` is cancelled, then shuts down gracefully: stop accepting, turn
 /// `/readyz` red, let in-flight requests finish, and cut WebSocket splices still open when
 /// the grace period ends (their clients reconnect through another router).
@@ -86,18 +97,16 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    config.validate().map_err(anyhow::Error::msg)?;
+    config.validate()?;
     let config = Arc::new(config);
     let background = CancellationToken::new();
-    telemetry::start(background.clone());
+    chat_server::telemetry::start(telemetry::describe_all, background.clone());
     let state = Arc::new(RouterState {
-        upstream: proxy::Upstream::new(&config),
+        upstream: proxy::Upstream::new(config.clone()),
         config: config.clone(),
         ring: OnceLock::new(),
         empty: Arc::new(Ring::new([], config.vnodes)),
         draining: AtomicBool::new(false),
-        splices: TaskTracker::new(),
-        cut_splices: CancellationToken::new(),
     });
     metrics::gauge!(m::ROUTER_READY).set(0.0);
     tokio::spawn(follow_membership(state.clone(), background.clone()));
@@ -109,16 +118,16 @@ pub async fn run(
         redirect = config.redirect,
         "chat-router listening"
     );
-    let http_tracker = TaskTracker::new();
-    let stop_accepting = CancellationToken::new();
-    let acceptor = tokio::spawn(accept_loop(
-        listener,
-        state.clone(),
-        http_tracker.clone(),
-        stop_accepting.clone(),
-    ));
+    let acceptor = {
+        let state = state.clone();
+        Acceptor::start(
+            listener,
+            || {},
+            move |req, peer| http::handle(req, state.clone(), peer),
+        )
+    };
     shutdown.cancelled().await;
-    shutdown_gracefully(&state, &http_tracker, stop_accepting, acceptor).await;
+    shutdown_gracefully(&state, acceptor).await;
     background.cancel();
     Ok(())
 }
@@ -179,97 +188,15 @@ async fn follow_membership(state: Arc<RouterState>, stop: CancellationToken) {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    state: Arc<RouterState>,
-    http_tracker: TaskTracker,
-    stop: CancellationToken,
-) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors or similar: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        http_tracker.spawn(serve_connection(stream, peer, state.clone(), stop.clone()));
-    }
-}
-
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    state: Arc<RouterState>,
-    stop: CancellationToken,
-) {
-    let mut stream = stream;
-    let head = match common::head::read_first(&mut stream).await {
-        FirstHead::Ok(head) => head,
-        FirstHead::Refused(answer) => {
-            let _ = stream.write_all(&answer).await;
-            let _ = stream.shutdown().await;
-            return;
-        }
-        FirstHead::Gone => return,
-    };
-    let svc = service_fn(move |req| http::handle(req, state.clone(), peer));
-    let conn = http1::Builder::new()
-        .max_buf_size(common::head::MAX_HEAD_BYTES)
-        .serve_connection(TokioIo::new(Prefixed::new(head, stream)), svc)
-        .with_upgrades();
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, %peer, "client connection ended with an error");
-            }
-        }
-        _ = stop.cancelled() => {
-            // Finish the request in flight, then close (keep-alive off).
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
-}
-
-async fn shutdown_gracefully(
-    state: &Arc<RouterState>,
-    http_tracker: &TaskTracker,
-    stop_accepting: CancellationToken,
-    acceptor: tokio::task::JoinHandle<()>,
-) {
+async fn shutdown_gracefully(state: &Arc<RouterState>, acceptor: Acceptor) {
     let grace = state.config.shutdown_grace;
     let deadline = tokio::time::Instant::now() + grace;
     state.draining.store(true, Ordering::Relaxed);
     metrics::gauge!(m::ROUTER_READY).set(0.0);
     tracing::info!(?grace, "shutting down: no new connections");
-    stop_accepting.cancel();
-    let _ = acceptor.await;
-    http_tracker.close();
-    if tokio::time::timeout_at(deadline, http_tracker.wait())
-        .await
-        .is_err()
-    {
+    if !acceptor.stop(deadline).await {
         tracing::warn!("grace period ended with HTTP requests in flight");
     }
-    state.splices.close();
-    if tokio::time::timeout_at(deadline, state.splices.wait())
-        .await
-        .is_err()
-    {
-        tracing::info!(
-            open = state.splices.len(),
-            "grace period over: cutting proxied WebSockets; clients reconnect elsewhere"
-        );
-        state.cut_splices.cancel();
-        let _ = tokio::time::timeout(CUT_UNWIND, state.splices.wait()).await;
-    }
+    state.upstream.finish_splices(deadline, CUT_UNWIND).await;
     tracing::info!("shutdown complete");
 }

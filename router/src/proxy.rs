@@ -14,7 +14,9 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::{metrics as m, ErrorCode, NodeInfo};
@@ -30,11 +32,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::http::{error, error_with_status, Body};
 use crate::telemetry::SpliceGuard;
-use crate::RouterState;
+use chat_server::http::{error, error_with_status, Body};
 
 /// Largest answer body relayed from a node. Node answers are JSON built in memory (a
 /// history page is at most 1000 messages), so they are read whole under the upstream
@@ -94,13 +96,18 @@ impl UpstreamError {
     }
 }
 
-/// The pooled HTTP client for the room API.
+/// The way to the owner nodes: the pooled HTTP client for the room API, and every
+/// WebSocket splice, so shutdown can wait for them and cut the ones still open.
 pub struct Upstream {
+    config: Arc<Config>,
     client: Client<HttpConnector, Full<Bytes>>,
+    splices: TaskTracker,
+    /// Cancelled when the grace period ends: cuts the splices still running.
+    cut: CancellationToken,
 }
 
 impl Upstream {
-    pub fn new(config: &Config) -> Upstream {
+    pub fn new(config: Arc<Config>) -> Upstream {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.upstream_connect_timeout));
         connector.set_nodelay(true);
@@ -109,7 +116,29 @@ impl Upstream {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_IDLE_PER_NODE)
             .build(connector);
-        Upstream { client }
+        Upstream {
+            config,
+            client,
+            splices: TaskTracker::new(),
+            cut: CancellationToken::new(),
+        }
+    }
+
+    /// Waits until `deadline` for the splices to end, then cuts the rest and gives them
+    /// `unwind` to finish; their clients reconnect through another router.
+    pub async fn finish_splices(&self, deadline: tokio::time::Instant, unwind: Duration) {
+        self.splices.close();
+        if tokio::time::timeout_at(deadline, self.splices.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                open = self.splices.len(),
+                "grace period over: cutting proxied WebSockets; clients reconnect elsewhere"
+            );
+            self.cut.cancel();
+            let _ = tokio::time::timeout(unwind, self.splices.wait()).await;
+        }
     }
 }
 
@@ -204,13 +233,13 @@ fn relay(parts: http::response::Parts, body: Bytes) -> Response<Body> {
 /// Proxies one `/ws` upgrade to `node` and, once both sides are upgraded, splices them.
 pub async fn websocket(
     mut req: Request<Incoming>,
-    state: &RouterState,
+    upstream: &Upstream,
     peer: SocketAddr,
     node: &NodeInfo,
 ) -> Response<Body> {
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (parts, _body) = req.into_parts();
-    let config = &state.config;
+    let config = &upstream.config;
     let mut upstream_req = Request::new(Full::<Bytes>::default());
     *upstream_req.method_mut() = parts.method.clone();
     *upstream_req.version_mut() = Version::HTTP_11;
@@ -266,10 +295,10 @@ pub async fn websocket(
     }
     let node_upgrade = hyper::upgrade::on(&mut resp);
     let (parts, _) = resp.into_parts();
-    state.splices.spawn(splice(
+    upstream.splices.spawn(splice(
         client_upgrade,
         node_upgrade,
-        state.cut_splices.clone(),
+        upstream.cut.clone(),
         node.id,
     ));
     // The owner's 101, headers and all (`Sec-WebSocket-Accept` answers the client's key).
@@ -397,11 +426,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
 /// Forwards one room API request to `node` over the pool and relays its answer.
 pub async fn http(
     req: Request<Incoming>,
-    state: &RouterState,
+    upstream: &Upstream,
     peer: SocketAddr,
     node: &NodeInfo,
 ) -> Response<Body> {
-    let config = &state.config;
+    let config = &upstream.config;
     let (parts, body) = req.into_parts();
     let max = config.max_body_bytes;
     let body = match Limited::new(body, max).collect().await {
@@ -428,8 +457,7 @@ pub async fn http(
     *upstream_req.headers_mut() = forward_headers(&parts, node, peer, false);
 
     let exchange = async {
-        let resp = state
-            .upstream
+        let resp = upstream
             .client
             .request(upstream_req)
             .await

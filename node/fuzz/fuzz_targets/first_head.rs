@@ -1,4 +1,4 @@
-//! `common::head::read_first` on arbitrary bytes from an in-memory reader.
+//! `chat_server::head::read_first` on arbitrary bytes from an in-memory reader.
 //!
 //! Input: `[flags] [chunk sizes...] [stream...]`. `flags & 0x0F` chunk size bytes follow
 //! (cycled, in units of 16 bytes; 0 means as much as the reader asks for);
@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
-use common::head::{read_first, FirstHead, MAX_HEAD_BYTES};
+use chat_server::head::{read_first, FirstHead, MAX_HEAD_BYTES};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncRead, ReadBuf};
 

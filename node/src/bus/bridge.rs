@@ -29,7 +29,7 @@ use super::redis::Bus;
 use super::wire::{Batch, Item};
 use crate::outbound::{ConnHandle, Out};
 use crate::room::{Reply, RoomCmd, Source};
-use crate::NodeState;
+use crate::state::NodeState;
 
 /// Owner side: a remote connection bridged into this node's rooms.
 struct Proxy {

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::redis::Bus;
 use super::wire::{self, Item};
-use crate::NodeState;
+use crate::state::NodeState;
 
 /// Items a link holds before it counts as broken.
 const QUEUE: usize = 8192;

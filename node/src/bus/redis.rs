@@ -77,7 +77,7 @@ pub struct Bus {
     /// The node, once it exists: the inbox is subscribed before the node joins the ring
     /// (a peer that sees it in the ring can reach it at once); what arrives before waits
     /// in the subscription until the node is attached.
-    state: std::sync::OnceLock<std::sync::Weak<crate::NodeState>>,
+    state: std::sync::OnceLock<std::sync::Weak<crate::state::NodeState>>,
     attached: tokio::sync::Notify,
 }
 
@@ -115,12 +115,12 @@ impl Bus {
     }
 
     /// Hands the bus its node (see [`Bus::state`]).
-    pub(crate) fn attach(&self, state: std::sync::Weak<crate::NodeState>) {
+    pub(crate) fn attach(&self, state: std::sync::Weak<crate::state::NodeState>) {
         let _ = self.state.set(state);
         self.attached.notify_one();
     }
 
-    fn state(&self) -> Option<Arc<crate::NodeState>> {
+    fn state(&self) -> Option<Arc<crate::state::NodeState>> {
         self.state.get().and_then(std::sync::Weak::upgrade)
     }
 
@@ -397,7 +397,7 @@ async fn serve_inbox(
 
 /// Runs a forwarded send on this node, if it owns the room.
 async fn run_forwarded(
-    state: &crate::NodeState,
+    state: &crate::state::NodeState,
     room: RoomId,
     user: UserId,
     cid: ClientMsgId,

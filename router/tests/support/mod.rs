@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use chat_router::RouterConfig;
-use common::membership::{MembershipConfig, Registration};
+use chat_server::membership::{MembershipConfig, Registration};
 use common::{ChatMessage, ClientFrame, NodeInfo, Ring, ServerFrame};
 use fastwebsockets::{Frame, OpCode, Payload, WebSocket};
 use http_body_util::Empty;
@@ -205,7 +205,7 @@ pub async fn spawn_node_with(id: u16, prefix: &str, env: &[(&str, &str)]) -> Nod
 /// Registers a member the way a node does, for tests of the router alone (no node process
 /// behind the member). Node processes register themselves under the prefix they are given.
 pub async fn register(prefix: &str, node: NodeInfo) -> Registration {
-    common::membership::register(&membership(prefix), node)
+    chat_server::membership::register(&membership(prefix), node)
         .await
         .expect("register the member in the real Redis")
 }

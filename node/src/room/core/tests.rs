@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use common::membership::Lease;
+use chat_server::membership::Lease;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 

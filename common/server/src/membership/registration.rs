@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{Lease, MemberRecord, MemberState, MembershipConfig, MembershipError};
-use crate::ring::NodeInfo;
+use common::ring::NodeInfo;
 
 /// A handle on this node's registration. Cheap to clone; the writer task stops when the
 /// node leaves or every handle is dropped.
@@ -42,7 +42,7 @@ enum Cmd {
 /// A fresh incarnation: Unix ms, strictly increasing within the process.
 fn next_incarnation() -> u64 {
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = crate::id::now_ms();
+    let now = common::id::now_ms();
     let mut last = LAST.load(Ordering::Relaxed);
     loop {
         let next = now.max(last + 1);

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ring::NodeInfo;
+use common::ring::NodeInfo;
 
 mod lease;
 mod registration;

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{MemberRecord, MemberState, MembershipConfig, MembershipError};
-use crate::ring::{NodeInfo, Ring};
+use common::ring::{NodeInfo, Ring};
 
 /// A member that vanished without leaving gracefully.
 #[derive(Debug, Clone, PartialEq, Eq)]
