@@ -28,6 +28,7 @@ use crate::auth::{Auth, AuthArgs};
 use crate::chart::{Chart, Panel, Series};
 use crate::client::{ConnectOptions, Target};
 use crate::connections::{servers_table, validate_spread, Limits};
+use crate::harness::Outcome;
 use crate::idle::{self, SendOutcome};
 use crate::report::{self, close_label, map_or_none, new_histogram, LatencySummary};
 use crate::servers::{self, ServerFigures, Watched};
@@ -470,11 +471,73 @@ pub struct ChurnReport {
 }
 
 impl ChurnReport {
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_default()
+    /// Connects/disconnects per second and connect latency over the run.
+    pub fn chart(&self) -> String {
+        let pts = |f: &dyn Fn(&ChurnPoint) -> f64| -> Vec<(f64, f64)> {
+            self.timeline.iter().map(|p| (p.t_s, f(p))).collect()
+        };
+        Chart {
+            title: format!(
+                "chat-bench churn: {} slots, target {}/s",
+                self.connections, self.target_rate
+            ),
+            subtitle: format!(
+                "git {} · load average at start {} · {}",
+                self.git_rev,
+                self.load_average.as_deref().unwrap_or("n/a"),
+                self.urls.join(", ")
+            ),
+            x_label: "seconds since the start of the churn".into(),
+            marks: Vec::new(),
+            panels: vec![
+                Panel {
+                    y_label: "per second".into(),
+                    series: vec![
+                        Series {
+                            name: "connects".into(),
+                            color: "#1f77b4",
+                            points: pts(&|p| p.connects as f64),
+                        },
+                        Series {
+                            name: "disconnects".into(),
+                            color: "#ff7f0e",
+                            points: pts(&|p| p.disconnects as f64),
+                        },
+                        Series {
+                            name: "failures".into(),
+                            color: "#d62728",
+                            points: pts(&|p| p.failures as f64),
+                        },
+                    ],
+                },
+                Panel {
+                    y_label: "connect latency (ms)".into(),
+                    series: vec![
+                        Series {
+                            name: "p50".into(),
+                            color: "#2ca02c",
+                            points: pts(&|p| p.connect_p50_us as f64 / 1000.0),
+                        },
+                        Series {
+                            name: "p99".into(),
+                            color: "#9467bd",
+                            points: pts(&|p| p.connect_p99_us as f64 / 1000.0),
+                        },
+                        Series {
+                            name: "max".into(),
+                            color: "#8c564b",
+                            points: pts(&|p| p.connect_max_us as f64 / 1000.0),
+                        },
+                    ],
+                },
+            ],
+        }
+        .to_svg()
     }
+}
 
-    pub fn to_markdown(&self) -> String {
+impl Outcome for ChurnReport {
+    fn to_markdown(&self) -> String {
         let mut out = String::new();
         report::title_md(&mut out, "churn", &self.command);
         out.push_str(&format!(
@@ -543,68 +606,8 @@ impl ChurnReport {
         out
     }
 
-    /// Connects/disconnects per second and connect latency over the run.
-    pub fn chart(&self) -> String {
-        let pts = |f: &dyn Fn(&ChurnPoint) -> f64| -> Vec<(f64, f64)> {
-            self.timeline.iter().map(|p| (p.t_s, f(p))).collect()
-        };
-        Chart {
-            title: format!(
-                "chat-bench churn: {} slots, target {}/s",
-                self.connections, self.target_rate
-            ),
-            subtitle: format!(
-                "git {} · load average at start {} · {}",
-                self.git_rev,
-                self.load_average.as_deref().unwrap_or("n/a"),
-                self.urls.join(", ")
-            ),
-            x_label: "seconds since the start of the churn".into(),
-            marks: Vec::new(),
-            panels: vec![
-                Panel {
-                    y_label: "per second".into(),
-                    series: vec![
-                        Series {
-                            name: "connects".into(),
-                            color: "#1f77b4",
-                            points: pts(&|p| p.connects as f64),
-                        },
-                        Series {
-                            name: "disconnects".into(),
-                            color: "#ff7f0e",
-                            points: pts(&|p| p.disconnects as f64),
-                        },
-                        Series {
-                            name: "failures".into(),
-                            color: "#d62728",
-                            points: pts(&|p| p.failures as f64),
-                        },
-                    ],
-                },
-                Panel {
-                    y_label: "connect latency (ms)".into(),
-                    series: vec![
-                        Series {
-                            name: "p50".into(),
-                            color: "#2ca02c",
-                            points: pts(&|p| p.connect_p50_us as f64 / 1000.0),
-                        },
-                        Series {
-                            name: "p99".into(),
-                            color: "#9467bd",
-                            points: pts(&|p| p.connect_p99_us as f64 / 1000.0),
-                        },
-                        Series {
-                            name: "max".into(),
-                            color: "#8c564b",
-                            points: pts(&|p| p.connect_max_us as f64 / 1000.0),
-                        },
-                    ],
-                },
-            ],
-        }
-        .to_svg()
+    fn svg(&self) -> Option<String> {
+        Some(self.chart())
     }
 }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use bytes::Bytes;
+use common::{ErrorCode, Retry};
 use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketRead, WebSocketWrite};
 use http_body_util::Empty;
 use hyper::header::{CONNECTION, HOST, UPGRADE};
@@ -272,6 +273,27 @@ impl Reader {
     }
 }
 
+/// What a client does after an error frame carrying `code`: `common`'s table decides
+/// ([`common::ErrorCode::retry`]), so the bench retries, resumes or gives up exactly where
+/// the protocol says a client should. A code the table does not know (a newer server's) is
+/// not retried.
+pub fn retry(code: &str) -> Retry {
+    ErrorCode::ALL
+        .into_iter()
+        .find(|c| c.as_str() == code)
+        .map_or(Retry::DoNotRetry, ErrorCode::retry)
+}
+
+/// An upgrade refused with HTTP `status` will be refused again: the table answers with that
+/// status only codes that say do not retry (400, 401, 403, 404, 405, 410, 413).
+pub fn refusal_is_final(status: u16) -> bool {
+    let mut codes = ErrorCode::ALL
+        .into_iter()
+        .filter(|c| c.http_status() == status)
+        .peekable();
+    codes.peek().is_some() && codes.all(|c| c.retry() == Retry::DoNotRetry)
+}
+
 /// Writes one text frame from `payload` (masked in place).
 pub async fn send_text(ws: &mut WsWrite, payload: &mut [u8]) -> Result<(), WebSocketError> {
     ws.write_frame(Frame::text(Payload::BorrowedMut(payload)))
@@ -302,5 +324,20 @@ mod tests {
         assert!(Target::resolve("wss://127.0.0.1:1").await.is_err());
         assert!(Target::resolve("127.0.0.1:1").await.is_err());
         assert!(Target::resolve("ws://127.0.0.1:1/ws?room=x").await.is_err());
+    }
+
+    #[test]
+    fn retry_decisions_come_from_the_code_table() {
+        assert_eq!(retry("rate_limited"), Retry::RetryLater);
+        assert_eq!(retry("room_unavailable"), Retry::RetryLater);
+        assert_eq!(retry("room_moved"), Retry::ReconnectAndResume);
+        assert_eq!(retry("forbidden"), Retry::DoNotRetry);
+        assert_eq!(retry("no_such_code"), Retry::DoNotRetry);
+        for final_status in [400, 401, 403, 404, 405, 410, 413] {
+            assert!(refusal_is_final(final_status), "{final_status}");
+        }
+        for retried in [421, 429, 500, 502, 503, 200] {
+            assert!(!refusal_is_final(retried), "{retried}");
+        }
     }
 }

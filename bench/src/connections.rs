@@ -29,6 +29,7 @@ use crate::args::{seconds, MAX_SECONDS};
 use crate::auth::{Auth, AuthArgs};
 use crate::chart::{latency_panel, Chart, Panel, Series};
 use crate::client::{ConnectOptions, Target};
+use crate::harness::Outcome;
 use crate::idle::{self, Live};
 use crate::report::{self, map_or_none, new_histogram, LatencySummary};
 use crate::servers::{self, ServerFigures, Watched};
@@ -351,6 +352,9 @@ pub struct ConnectionsReport {
     pub notes: Vec<String>,
     /// Per second from the start of the ramp to the end of the hold, all workers merged.
     pub timeline: Vec<ConnectionsPoint>,
+    /// `--max-connect-failures`: more failures make the run fail (not in the JSON).
+    #[serde(skip)]
+    pub max_connect_failures: u64,
 }
 
 /// One second of a `connections` run.
@@ -456,10 +460,6 @@ pub(crate) fn servers_table(out: &mut String, servers: &[ServerFigures], loaded:
 }
 
 impl ConnectionsReport {
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_default()
-    }
-
     /// Connections open, connects/s and connect latency per second of the ramp and hold.
     pub fn chart(&self) -> String {
         let t = &self.timeline;
@@ -506,8 +506,10 @@ impl ConnectionsReport {
         }
         .to_svg()
     }
+}
 
-    pub fn to_markdown(&self) -> String {
+impl Outcome for ConnectionsReport {
+    fn to_markdown(&self) -> String {
         let mut out = String::new();
         report::title_md(&mut out, "connections", &self.command);
         out.push_str(&format!(
@@ -593,6 +595,23 @@ impl ConnectionsReport {
         }
         report::notes_md(&mut out, &self.notes);
         out
+    }
+
+    fn svg(&self) -> Option<String> {
+        Some(self.chart())
+    }
+
+    fn verdict(&self) -> Result<(), BenchError> {
+        if self.failed > self.max_connect_failures {
+            return Err(crate::harness::failed(format!(
+                "{} of {} connections failed (allowed: {}): {}",
+                self.failed,
+                self.attempted,
+                self.max_connect_failures,
+                report::map_or_none(&self.failures)
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -742,6 +761,7 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
         members_per_room: args.members,
         processes: args.processes,
         source_addresses: sources.iter().map(ToString::to_string).collect(),
+        max_connect_failures: args.max_connect_failures,
         ..Default::default()
     };
     let mut ramp_cpu = Some(0.0);

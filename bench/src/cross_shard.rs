@@ -32,6 +32,7 @@ use crate::auth::{Auth, AuthArgs};
 use crate::client::Target;
 use crate::cluster_cost::ClusterCostArgs;
 use crate::fanout::{self, FanoutArgs, GroupResult, Groups};
+use crate::harness::Outcome;
 use crate::http::HttpClient;
 pub use crate::owner::{lookup, Lookup, Owner};
 use crate::report::{self, map_or_none, new_histogram, LatencySummary, Report};
@@ -234,12 +235,8 @@ pub struct CrossShardReport {
     pub notes: Vec<String>,
 }
 
-impl CrossShardReport {
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_default()
-    }
-
-    pub fn to_markdown(&self) -> String {
+impl Outcome for CrossShardReport {
+    fn to_markdown(&self) -> String {
         use std::fmt::Write as _;
         let mut o = self.fanout.to_markdown().replacen(
             "## chat-bench fanout",
@@ -290,6 +287,10 @@ impl CrossShardReport {
         }
         report::notes_md(&mut o, &self.notes);
         o
+    }
+
+    fn svg(&self) -> Option<String> {
+        Some(crate::fanout::chart(&self.fanout))
     }
 }
 

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use hdrhistogram::Histogram;
@@ -26,6 +26,7 @@ use crate::auth::{Auth, AuthArgs};
 use crate::chart::{latency_panel, Chart, Panel, Series};
 use crate::client::{self, ControlRx, Incoming, Reader, Target, WsWrite};
 use crate::cluster_cost::{ClusterCost, ClusterCostArgs, ClusterSample, Probe};
+use crate::harness::{self, flag, CpuMeter, Progress};
 use crate::metrics_scrape::{self, ServerSample};
 use crate::payload::{
     decode_body, parse_cid, FrameView, OwnedView, SendFrameEncoder, BODY_HEADER_LEN, MAX_SENDER,
@@ -193,12 +194,6 @@ fn ns_since(base: Instant, t: Instant) -> u64 {
     u64::try_from(t.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// Resolves once the flag is (or already was) set, or its sender is gone. Returns `()` so
-/// no watch guard is held across the `select!` that awaits it (the guard is not `Send`).
-async fn flag_set(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|set| *set).await;
-}
-
 /// State every task of the run shares.
 struct Shared {
     base: Instant,
@@ -257,10 +252,51 @@ pub struct GroupResult {
 /// Group counters. The e2e histogram is locked per delivery: groups are for runs sized to
 /// study a cluster's paths, not for the largest fan-outs.
 struct GroupState {
+    names: Vec<String>,
     of: Vec<usize>,
     e2e: Vec<Mutex<Histogram<u64>>>,
     expected: Vec<AtomicU64>,
     delivered: Vec<AtomicU64>,
+}
+
+impl GroupState {
+    fn new(g: Groups) -> GroupState {
+        let each = |f: fn() -> _| g.names.iter().map(|_| f()).collect();
+        GroupState {
+            e2e: g
+                .names
+                .iter()
+                .map(|_| Mutex::new(new_histogram()))
+                .collect(),
+            expected: each(|| AtomicU64::new(0)),
+            delivered: each(|| AtomicU64::new(0)),
+            names: g.names,
+            of: g.of,
+        }
+    }
+
+    /// Each group's share, with `sizes[k]` joined members in group `k`.
+    fn results(&self, sizes: &[u64]) -> Vec<GroupResult> {
+        self.names
+            .iter()
+            .enumerate()
+            .map(|(k, name)| {
+                let expected = self.expected[k].load(Relaxed);
+                let delivered = self.delivered[k].load(Relaxed);
+                GroupResult {
+                    name: name.clone(),
+                    members: sizes.get(k).copied().unwrap_or(0),
+                    expected_deliveries: expected,
+                    delivered,
+                    lost: expected.saturating_sub(delivered),
+                    e2e_latency_us: self.e2e[k]
+                        .lock()
+                        .map(|h| LatencySummary::from_histogram(&h))
+                        .unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
 }
 
 impl Shared {
@@ -461,7 +497,7 @@ impl ReaderTask {
             let incoming = tokio::select! {
                 biased;
                 r = reader.next() => r,
-                _ = flag_set(&mut hard_stop) => break,
+                _ = flag(&mut hard_stop) => break,
             };
             let finishing = self.shared.finishing.load(Relaxed);
             match incoming {
@@ -732,8 +768,8 @@ async fn write_loop(
                 }
                 None => return,
             },
-            _ = flag_set(&mut finish) => break,
-            _ = flag_set(&mut hard_stop) => return,
+            _ = flag(&mut finish) => break,
+            _ = flag(&mut hard_stop) => return,
         }
     }
     let _ = client::send_close(&mut ws, 1000, "bench done").await;
@@ -846,18 +882,11 @@ async fn connect_one(plan: Arc<ConnectPlan>, index: usize) -> Result<Ready, Stri
     }
 }
 
-/// Prints one progress line per second on stderr until `stop`.
-async fn progress(shared: Arc<Shared>, total: usize, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    tick.tick().await;
-    let (mut last_sent, mut last_recv) = (0u64, 0u64);
-    let mut last_at = Instant::now();
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = flag_set(&mut stop) => return,
-        }
+/// The progress line: phase, send and delivery rates, live p99, errors, closes, open
+/// connections.
+fn progress_line(shared: Arc<Shared>, total: usize) -> impl FnMut() -> String + Send {
+    let (mut last_sent, mut last_recv, mut last_at) = (0u64, 0u64, Instant::now());
+    move || {
         let now = Instant::now();
         let dt = now.duration_since(last_at).as_secs_f64().max(1e-3);
         last_at = now;
@@ -882,7 +911,7 @@ async fn progress(shared: Arc<Shared>, total: usize, mut stop: watch::Receiver<b
         } else {
             "drain"
         };
-        eprintln!(
+        let line = format!(
             "[{:>7.1}s {phase:<7}] sent {:>8.0}/s  delivered {:>9.0}/s  p99 {:>9}  errors {}  closes {}  open {}/{total}",
             t as f64 / 1e9,
             (sent - last_sent) as f64 / dt,
@@ -892,8 +921,8 @@ async fn progress(shared: Arc<Shared>, total: usize, mut stop: watch::Receiver<b
             shared.closes.load(Relaxed),
             shared.open.load(Relaxed),
         );
-        last_sent = sent;
-        last_recv = recv;
+        (last_sent, last_recv) = (sent, recv);
+        line
     }
 }
 
@@ -906,107 +935,145 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
 /// [`run`], with deliveries and e2e latency also reported per group of connections, and
 /// with `targets`, connection `i` (`room × members + member`) opened to `targets[i]`
 /// instead of `--url` (which still serves the owner lookups and the server metrics).
+///
+/// The steps: [`Setup::prepare`], [`connect_all`], [`start_sending`], [`measure`],
+/// [`drain`], [`close`], [`assemble`].
 pub async fn run_grouped(
     args: FanoutArgs,
     command: String,
     groups: Option<Groups>,
     targets: Option<Vec<Arc<Target>>>,
 ) -> Result<(Report, Vec<GroupResult>), BenchError> {
-    args.validate().map_err(BenchError::Config)?;
-    if let Some(t) = &targets {
-        if t.len() != args.rooms * args.members {
-            return Err(BenchError::Failed(anyhow::anyhow!(
-                "{} connection targets for {} connections",
-                t.len(),
-                args.rooms * args.members
-            )));
-        }
-    }
-    let load_average = report::load_average();
-    let sink = match args.webhook_sink {
-        Some(addr) => Some(
-            crate::webhook_sink::Sink::start(addr)
-                .await
-                .map_err(|e| BenchError::Config(format!("--webhook-sink {addr}: {e}")))?,
-        ),
-        None => None,
-    };
-    let target = Arc::new(
-        Target::resolve(&args.url)
-            .await
-            .map_err(|e| BenchError::Config(format!("--url: {e:#}")))?,
-    );
-    // Which nodes, Redis and processes the cost accounting samples: settled before any
-    // connection, so its owner lookups stay out of the measured window.
-    let probe = if args.wants_cost() {
-        Some(
-            Probe::prepare(&args.cost, &target)
-                .await
-                .map_err(BenchError::Config)?,
-        )
-    } else {
-        None
-    };
-    let started_unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let room_prefix = args.room_prefix();
     let total = args.rooms * args.members;
-    // Each connection is a file descriptor; the usual soft limit (1024) is far too low.
-    let fd_note = match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) if limit < total as u64 + 64 => Some(format!(
-            "the open-file limit ({limit}) is below the {total} connections asked for"
-        )),
-        Ok(_) => None,
-        Err(e) => Some(format!("cannot raise the open-file limit: {e}")),
-    };
-    if let Some(n) = &fd_note {
-        eprintln!("chat-bench: {n}");
+    if let Some(t) = targets.as_ref().filter(|t| t.len() != total) {
+        return Err(harness::failed(format!(
+            "{} connection targets for {total} connections",
+            t.len()
+        )));
     }
+    let setup = Setup::prepare(&args, targets.is_some()).await?;
     let mut shared = Shared::new(args.members);
-    let group_names = groups.as_ref().map(|g| g.names.clone()).unwrap_or_default();
-    shared.groups = groups.map(|g| GroupState {
-        e2e: g
-            .names
-            .iter()
-            .map(|_| Mutex::new(new_histogram()))
-            .collect(),
-        expected: g.names.iter().map(|_| AtomicU64::new(0)).collect(),
-        delivered: g.names.iter().map(|_| AtomicU64::new(0)).collect(),
-        of: g.of,
-    });
+    shared.groups = groups.map(GroupState::new);
     let shared = Arc::new(shared);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (finish_tx, finish_rx) = watch::channel(false);
-    if !args.quiet {
-        tokio::spawn(progress(shared.clone(), total, stop_rx.clone()));
-    }
-
-    // Connect and join, bounded in concurrency and time.
-    let direct = targets.is_some();
+    let progress = Progress::start(args.quiet, progress_line(shared.clone(), total));
     let plan = Arc::new(ConnectPlan {
         shared: shared.clone(),
-        target: target.clone(),
+        target: setup.target.clone(),
         targets,
         room_names: Arc::new(
             (0..args.rooms)
-                .map(|r| Arc::from(format!("{room_prefix}-{r}")))
+                .map(|r| Arc::from(format!("{}-{r}", setup.room_prefix)))
                 .collect(),
         ),
         user_prefix: Arc::from(args.user_prefix.as_str()),
-        auth: Arc::new(Auth::from_args(&args.auth).map_err(BenchError::Config)?),
+        auth: Arc::new(harness::auth(&args.auth)?),
         rate: args.rate,
         bridge: args.bridge,
         timeout: Duration::from_secs_f64(args.connect_timeout),
         hard_stop: stop_rx.clone(),
         abandon: Arc::new(AtomicBool::new(false)),
     });
+    let connected = connect_all(&args, &plan, &stop_tx).await?;
+    let running = start_sending(&args, &plan, connected.ready, finish_rx, stop_rx);
+    if let Some(sink) = &setup.sink {
+        sink.set_window(running.measure_start, running.send_end);
+    }
+    let mut window = measure(&setup, &running).await;
+    window.drained = drain(&args, &shared, &setup, &running).await;
+    let closed = close(&shared, running, &finish_tx, &stop_tx).await;
+    drop(progress);
+    Ok(assemble(
+        &args,
+        command,
+        setup,
+        &shared,
+        connected.outcome,
+        window,
+        closed,
+    ))
+}
+
+/// What a run settles before its first connection.
+struct Setup {
+    started_unix_ms: u64,
+    load_average: Option<String>,
+    room_prefix: String,
+    target: Arc<Target>,
+    /// Which nodes, Redis and processes the cost accounting samples: settled before any
+    /// connection, so its owner lookups stay out of the measured window.
+    probe: Option<Probe>,
+    sink: Option<crate::webhook_sink::Sink>,
+    fd_note: Option<String>,
+    direct: bool,
+}
+
+impl Setup {
+    async fn prepare(args: &FanoutArgs, direct: bool) -> Result<Setup, BenchError> {
+        args.validate().map_err(BenchError::Config)?;
+        let load_average = report::load_average();
+        let sink = match args.webhook_sink {
+            Some(addr) => Some(
+                crate::webhook_sink::Sink::start(addr)
+                    .await
+                    .map_err(|e| BenchError::Config(format!("--webhook-sink {addr}: {e}")))?,
+            ),
+            None => None,
+        };
+        let target = Arc::new(harness::target(&args.url).await?);
+        let probe = match args.wants_cost() {
+            true => Some(
+                Probe::prepare(&args.cost, &target)
+                    .await
+                    .map_err(BenchError::Config)?,
+            ),
+            false => None,
+        };
+        let fd_note = harness::raise_open_files(args.rooms * args.members, "connections asked for");
+        if let Some(n) = &fd_note {
+            eprintln!("chat-bench: {n}");
+        }
+        Ok(Setup {
+            started_unix_ms: harness::unix_ms(),
+            load_average,
+            room_prefix: args.room_prefix(),
+            target,
+            probe,
+            sink,
+            fd_note,
+            direct,
+        })
+    }
+}
+
+/// The connect phase's outcome, as the report carries it.
+struct ConnectOutcome {
+    attempted: u64,
+    failed: u64,
+    failures: BTreeMap<String, u64>,
+    phase_s: f64,
+    latency: Histogram<u64>,
+}
+
+struct Connected {
+    ready: Vec<Ready>,
+    outcome: ConnectOutcome,
+}
+
+/// Connects and joins every member, bounded in concurrency and time; more failures than
+/// `--max-connect-failures` abandon the run.
+async fn connect_all(
+    args: &FanoutArgs,
+    plan: &Arc<ConnectPlan>,
+    stop: &watch::Sender<bool>,
+) -> Result<Connected, BenchError> {
+    let total = args.rooms * args.members;
     let permits = Arc::new(Semaphore::new(args.connect_concurrency));
-    let connect_phase = Instant::now();
+    let started = Instant::now();
     let mut connects = JoinSet::new();
     for index in 0..total {
-        let plan = plan.clone();
-        let permits = permits.clone();
+        let (plan, permits) = (plan.clone(), permits.clone());
         connects.spawn(async move {
             let _permit = permits
                 .acquire_owned()
@@ -1019,49 +1086,81 @@ pub async fn run_grouped(
     let mut failures: BTreeMap<String, u64> = BTreeMap::new();
     let mut failed = 0u64;
     while let Some(res) = connects.join_next().await {
-        match res {
-            Ok(Ok(r)) => ready.push(r),
-            Ok(Err(reason)) => {
-                failed += 1;
-                *failures.entry(reason).or_default() += 1;
-                if failed > args.max_connect_failures {
-                    plan.abandon.store(true, Relaxed);
-                }
+        let reason = match res {
+            Ok(Ok(r)) => {
+                ready.push(r);
+                continue;
             }
-            Err(e) => {
-                failed += 1;
-                *failures.entry(format!("connect task: {e}")).or_default() += 1;
-            }
+            Ok(Err(reason)) => reason,
+            Err(e) => format!("connect task: {e}"),
+        };
+        failed += 1;
+        *failures.entry(reason).or_default() += 1;
+        if failed > args.max_connect_failures {
+            plan.abandon.store(true, Relaxed);
         }
     }
-    let connect_phase_s = connect_phase.elapsed().as_secs_f64();
-    let mut connect_hist = new_histogram();
-    for r in &ready {
-        let _ = connect_hist.record(r.connect_us.max(1));
-    }
+    let phase_s = started.elapsed().as_secs_f64();
     if failed > args.max_connect_failures {
-        shared.finishing.store(true, Relaxed);
+        plan.shared.finishing.store(true, Relaxed);
         for r in &mut ready {
             let _ = client::send_close(&mut r.ws, 1000, "bench abandoned").await;
             r.reader.abort();
         }
-        let _ = stop_tx.send(true);
+        let _ = stop.send(true);
         let reasons = failures
             .iter()
             .map(|(k, v)| format!("{v}× {k}"))
             .collect::<Vec<_>>()
             .join("; ");
-        return Err(BenchError::Failed(anyhow::anyhow!(
+        return Err(harness::failed(format!(
             "{failed} of {total} connections failed (allowed: {}): {reasons}",
             args.max_connect_failures
         )));
     }
+    let mut latency = new_histogram();
+    for r in &ready {
+        let _ = latency.record(r.connect_us.max(1));
+    }
+    ready.sort_by_key(|r| r.index);
+    Ok(Connected {
+        ready,
+        outcome: ConnectOutcome {
+            attempted: total as u64,
+            failed,
+            failures,
+            phase_s,
+            latency,
+        },
+    })
+}
 
-    // The schedule: every writer starts at its own phase within the first period, so sends
-    // are spread evenly instead of arriving in bursts.
+/// The writers and readers at work, and the schedule they follow.
+struct Running {
+    measure_start: Instant,
+    send_end: Instant,
+    writers: Vec<JoinHandle<()>>,
+    readers: Vec<JoinHandle<ReaderStats>>,
+    timeline: JoinHandle<Vec<TimelinePoint>>,
+    timeline_stop: watch::Sender<bool>,
+    /// Joined members per group.
+    group_sizes: Vec<u64>,
+}
+
+/// Starts every joined member's writer. Each starts at its own phase within the first
+/// period, so sends are spread evenly instead of arriving in bursts.
+fn start_sending(
+    args: &FanoutArgs,
+    plan: &ConnectPlan,
+    ready: Vec<Ready>,
+    finish: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+) -> Running {
+    let shared = &plan.shared;
+    let groups = shared.groups.as_ref().map_or(0, |g| g.expected.len());
     let mut per_room = vec![0u64; args.rooms];
-    let mut group_members = vec![vec![0u64; group_names.len()]; args.rooms];
-    let mut group_sizes = vec![0u64; group_names.len()];
+    let mut group_members = vec![vec![0u64; groups]; args.rooms];
+    let mut group_sizes = vec![0u64; groups];
     for r in &ready {
         per_room[r.room] += 1;
         if let Some(&k) = shared.groups.as_ref().and_then(|g| g.of.get(r.index)) {
@@ -1069,33 +1168,26 @@ pub async fn run_grouped(
             group_sizes[k] += 1;
         }
     }
-    ready.sort_by_key(|r| r.index);
     let period = Duration::from_secs_f64(1.0 / args.rate);
     let start = Instant::now() + START_DELAY;
     let measure_start = start + Duration::from_secs_f64(args.warmup);
     let send_end = measure_start + Duration::from_secs_f64(args.duration);
-    if let Some(sink) = &sink {
-        sink.set_window(measure_start, send_end);
-    }
-    shared
-        .measure_start_ns
-        .store(ns_since(shared.base, measure_start), Relaxed);
-    shared
-        .send_end_ns
-        .store(ns_since(shared.base, send_end), Relaxed);
-    let writers = ready.len();
-    let (timeline_stop_tx, timeline_stop_rx) = watch::channel(false);
-    let timeline_task = tokio::spawn(timeline(
+    let ns = |t: Instant| ns_since(shared.base, t);
+    shared.measure_start_ns.store(ns(measure_start), Relaxed);
+    shared.send_end_ns.store(ns(send_end), Relaxed);
+    let (timeline_stop, timeline_rx) = watch::channel(false);
+    let timeline = tokio::spawn(timeline(
         shared.clone(),
         start,
         (measure_start, send_end),
-        timeline_stop_rx,
+        timeline_rx,
     ));
-    let mut writer_tasks = Vec::with_capacity(writers);
-    let mut reader_tasks = Vec::with_capacity(writers);
+    let n = ready.len();
+    let mut writers = Vec::with_capacity(n);
+    let mut readers = Vec::with_capacity(n);
     for (k, r) in ready.into_iter().enumerate() {
-        let offset = period.mul_f64(k as f64 / writers.max(1) as f64);
-        let plan = WriterPlan {
+        let offset = period.mul_f64(k as f64 / n.max(1) as f64);
+        let writer = WriterPlan {
             shared: shared.clone(),
             ring: r.ring,
             room_name: plan.room_names[r.room].clone(),
@@ -1108,50 +1200,69 @@ pub async fn run_grouped(
             room_members: per_room[r.room],
             group_members: group_members[r.room].clone(),
         };
-        writer_tasks.push(tokio::spawn(write_loop(
-            plan,
-            r.ws,
-            r.control,
-            finish_rx.clone(),
-            stop_rx.clone(),
+        let (finish, stop) = (finish.clone(), stop.clone());
+        writers.push(tokio::spawn(write_loop(
+            writer, r.ws, r.control, finish, stop,
         )));
-        reader_tasks.push(r.reader);
+        readers.push(r.reader);
     }
+    Running {
+        measure_start,
+        send_end,
+        writers,
+        readers,
+        timeline,
+        timeline_stop,
+        group_sizes,
+    }
+}
 
-    // Measured window: CPU of both sides sampled at its edges.
-    sleep_until(measure_start.into()).await;
-    let cpu0 = report::self_cpu_seconds();
-    let t0 = Instant::now();
-    let ((srv0, srv0_err), cluster0) = tokio::join!(
-        metrics_scrape::sample(&target, SCRAPE_TIMEOUT),
-        cluster_sample(probe.as_ref())
-    );
+/// What the measured window cost, sampled at its edges: the bench's CPU, the server's
+/// metrics and the cluster's cost; and whether the drain after it ended complete.
+struct Window {
+    bench_cpu: Option<f64>,
+    drained: bool,
+    server: [(ServerSample, Option<String>); 2],
+    server_wall_s: f64,
+    cluster: [Option<ClusterSample>; 2],
+}
+
+async fn measure(setup: &Setup, running: &Running) -> Window {
+    let sample = || async {
+        tokio::join!(
+            metrics_scrape::sample(&setup.target, SCRAPE_TIMEOUT),
+            cluster_sample(setup.probe.as_ref())
+        )
+    };
+    sleep_until(running.measure_start.into()).await;
+    let cpu = CpuMeter::start();
+    let (srv0, cluster0) = sample().await;
     let s0 = Instant::now();
-    sleep_until(send_end.into()).await;
-    let cpu1 = report::self_cpu_seconds();
-    let t1 = Instant::now();
-    let ((srv1, srv1_err), cluster1) = tokio::join!(
-        metrics_scrape::sample(&target, SCRAPE_TIMEOUT),
-        cluster_sample(probe.as_ref())
-    );
-    let s1 = Instant::now();
+    sleep_until(running.send_end.into()).await;
+    let bench_cpu = cpu.percent();
+    let (srv1, cluster1) = sample().await;
+    Window {
+        bench_cpu,
+        drained: false,
+        server: [srv0, srv1],
+        server_wall_s: s0.elapsed().as_secs_f64(),
+        cluster: [cluster0, cluster1],
+    }
+}
 
-    // Drain: until everything expected arrived and every send was answered, or the limit.
-    let drain_deadline = send_end + Duration::from_secs_f64(args.drain);
-    let mut drained = false;
-    while Instant::now() < drain_deadline {
-        if shared.writers_done.load(Relaxed) == writers as u64
+/// Waits until everything expected arrived and every send was answered, or `--drain`
+/// passed; then for webhooks, which trail the acks, until they stop arriving (up to
+/// `--drain` again). True when the first wait ended complete.
+async fn drain(args: &FanoutArgs, shared: &Shared, setup: &Setup, running: &Running) -> bool {
+    let writers = running.writers.len() as u64;
+    let deadline = running.send_end + Duration::from_secs_f64(args.drain);
+    let drained = harness::wait_until(deadline, Duration::from_millis(20), || {
+        shared.writers_done.load(Relaxed) == writers
             && shared.delivered_measured.load(Relaxed) >= shared.expected_measured.load(Relaxed)
             && shared.answered_measured.load(Relaxed) >= shared.sent_measured.load(Relaxed)
-        {
-            drained = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-
-    // Webhooks trail the acks: wait (up to --drain again) until deliveries stop arriving.
-    if let Some(sink) = &sink {
+    })
+    .await;
+    if let Some(sink) = &setup.sink {
         let deadline = Instant::now() + Duration::from_secs_f64(args.drain);
         let mut last = (sink.unique(), Instant::now());
         while Instant::now() < deadline && last.1.elapsed() < Duration::from_millis(500) {
@@ -1162,62 +1273,70 @@ pub async fn run_grouped(
             }
         }
     }
+    drained
+}
 
-    // Close: ask every writer to send 1000, give servers a moment to answer, then stop.
-    let _ = timeline_stop_tx.send(true);
-    let timeline_points = tokio::time::timeout(Duration::from_secs(2), timeline_task)
+/// What the readers handed back at the close.
+struct Closed {
+    readers: Vec<ReaderStats>,
+    lost_tasks: u64,
+    timeline: Vec<TimelinePoint>,
+    writers: u64,
+    group_sizes: Vec<u64>,
+}
+
+/// Asks every writer to send 1000, gives servers [`CLOSE_GRACE`] to answer, then stops the
+/// rest. A writer still running is stuck on a full socket; its counts are in `shared`.
+async fn close(
+    shared: &Shared,
+    running: Running,
+    finish: &watch::Sender<bool>,
+    stop: &watch::Sender<bool>,
+) -> Closed {
+    let _ = running.timeline_stop.send(true);
+    let timeline = harness::within(Duration::from_secs(2), running.timeline)
         .await
-        .ok()
         .and_then(Result::ok)
         .unwrap_or_default();
     shared.finishing.store(true, Relaxed);
-    let _ = finish_tx.send(true);
-    let close_deadline = tokio::time::Instant::now() + CLOSE_GRACE;
-    let mut readers = Vec::with_capacity(writers);
-    let mut unfinished = Vec::new();
-    let mut lost_tasks = 0u64;
-    for mut h in reader_tasks {
-        match tokio::time::timeout_at(close_deadline, &mut h).await {
-            Ok(Ok(stats)) => readers.push(stats),
-            Ok(Err(_)) => lost_tasks += 1,
-            Err(_) => unfinished.push(h),
-        }
-    }
-    // Readers whose server never answered the close stop now and hand in their counts.
-    let _ = stop_tx.send(true);
-    for mut h in unfinished {
-        match tokio::time::timeout(Duration::from_secs(1), &mut h).await {
-            Ok(Ok(stats)) => readers.push(stats),
-            Ok(Err(_)) => lost_tasks += 1,
-            Err(_) => {
-                h.abort();
-                lost_tasks += 1;
-            }
-        }
-    }
-    for mut h in writer_tasks {
-        // A writer still running is stuck on a full socket; its counts are in `shared`.
-        if tokio::time::timeout(Duration::from_millis(100), &mut h)
+    let _ = finish.send(true);
+    let writers = running.writers.len() as u64;
+    let (readers, lost_tasks) = harness::collect(running.readers, CLOSE_GRACE, stop).await;
+    for mut h in running.writers {
+        if harness::within(Duration::from_millis(100), &mut h)
             .await
-            .is_err()
+            .is_none()
         {
             h.abort();
         }
     }
+    Closed {
+        readers,
+        lost_tasks,
+        timeline,
+        writers,
+        group_sizes: running.group_sizes,
+    }
+}
 
-    let window_s = args.duration;
-    let bench_cpu = match (cpu0, cpu1) {
-        (Some(a), Some(b)) => Some((b - a) / t1.duration_since(t0).as_secs_f64() * 100.0),
-        _ => None,
-    };
+/// The report from what every step recorded.
+fn assemble(
+    args: &FanoutArgs,
+    command: String,
+    setup: Setup,
+    shared: &Shared,
+    connects: ConnectOutcome,
+    window: Window,
+    closed: Closed,
+) -> (Report, Vec<GroupResult>) {
     let mut r = Report {
         scenario: "fanout".into(),
         command,
         git_rev: report::git_rev(),
         nproc: report::nproc(),
-        started_unix_ms,
-        load_average,
-        timeline: timeline_points,
+        started_unix_ms: setup.started_unix_ms,
+        load_average: setup.load_average,
+        timeline: closed.timeline,
         config: RunConfig {
             url: args.url.clone(),
             rooms: args.rooms,
@@ -1227,20 +1346,27 @@ pub async fn run_grouped(
             warmup_s: args.warmup,
             duration_s: args.duration,
             drain_s: args.drain,
-            room_prefix,
+            room_prefix: setup.room_prefix,
             user_prefix: args.user_prefix.clone(),
             connect_concurrency: args.connect_concurrency,
             bridge: args.bridge,
-            direct,
+            direct: setup.direct,
         },
         ..Default::default()
     };
-    r.connections.attempted = total as u64;
-    r.connections.joined = writers as u64;
-    r.connections.failed = failed;
-    r.connections.failures = failures;
+    let c = &mut r.connections;
+    c.attempted = connects.attempted;
+    c.joined = closed.writers;
+    c.failed = connects.failed;
+    c.failures = connects.failures;
+    c.connect_phase_s = connects.phase_s;
+    c.connects_per_second = if connects.phase_s > 0.0 {
+        c.joined as f64 / connects.phase_s
+    } else {
+        0.0
+    };
     let m = &mut r.messages;
-    m.target_sends = (writers as f64 * args.rate * args.duration).round() as u64;
+    m.target_sends = (closed.writers as f64 * args.rate * args.duration).round() as u64;
     m.sent = shared.sent_measured.load(Relaxed);
     m.sends_late = shared.sends_late.load(Relaxed);
     m.late_threshold_ms = LATE_THRESHOLD.as_secs_f64() * 1000.0;
@@ -1248,7 +1374,7 @@ pub async fn run_grouped(
     m.send_failures = shared.send_failures.load(Relaxed);
     m.expected_deliveries = shared.expected_measured.load(Relaxed);
     let mut gap_overflow = 0;
-    for s in &readers {
+    for s in &closed.readers {
         m.delivered += s.delivered;
         m.duplicated += s.duplicated;
         m.out_of_order += s.out_of_order;
@@ -1260,53 +1386,74 @@ pub async fn run_grouped(
         m.ack_duplicates += s.ack_duplicates;
         m.rejected += s.rejected;
         gap_overflow += s.gap_overflow;
-        for (k, v) in &s.errors {
-            *m.errors.entry(k.clone()).or_default() += v;
-        }
+        report::add_counts(&mut m.errors, &s.errors);
         if let Some(c) = &s.close {
             *r.connections.closes.entry(c.clone()).or_default() += 1;
         }
     }
     m.lost = m.expected_deliveries.saturating_sub(m.delivered);
     m.missing_acks = m.sent.saturating_sub(m.acks + m.rejected);
-    let (lost, rejected, members_hint) = (m.lost, m.rejected, args.members as u64);
-    let (sent, skipped, late) = (m.sent, m.sends_skipped, m.sends_late);
     r.e2e_latency_us = LatencySummary::from_histogram(&merged(&shared.e2e));
     r.ack_latency_us = LatencySummary::from_histogram(&merged(&shared.ack));
-    r.connect_latency_us = LatencySummary::from_histogram(&connect_hist);
-    r.connections.connect_phase_s = connect_phase_s;
-    r.connections.connects_per_second = if connect_phase_s > 0.0 {
-        r.connections.joined as f64 / connect_phase_s
-    } else {
-        0.0
-    };
+    r.connect_latency_us = LatencySummary::from_histogram(&connects.latency);
+    let window_s = args.duration;
     r.throughput.window_s = window_s;
-    r.throughput.sends_per_s = sent as f64 / window_s;
+    r.throughput.sends_per_s = r.messages.sent as f64 / window_s;
     r.throughput.deliveries_per_s = r.messages.delivered as f64 / window_s;
-    r.bench.cpu_percent = bench_cpu;
-    r.bench_saturated = bench_cpu.is_some_and(|c| report::is_saturated(c, r.nproc));
-    r.server.cpu_percent =
-        metrics_scrape::cpu_percent(&srv0, &srv1, s1.duration_since(s0).as_secs_f64());
+    r.bench.cpu_percent = window.bench_cpu;
+    r.bench_saturated = window
+        .bench_cpu
+        .is_some_and(|c| report::is_saturated(c, r.nproc));
+    let [(srv0, srv0_err), (srv1, srv1_err)] = &window.server;
+    r.server.cpu_percent = metrics_scrape::cpu_percent(srv0, srv1, window.server_wall_s);
     let rss = |s: &ServerSample| s.resident_bytes.map(|b| b as u64);
-    r.server.rss_bytes_before = rss(&srv0);
-    r.server.rss_bytes_after = rss(&srv1);
-
-    if let (Some(probe), Some(a), Some(b)) = (&probe, &cluster0, &cluster1) {
+    r.server.rss_bytes_before = rss(srv0);
+    r.server.rss_bytes_after = rss(srv1);
+    if let (Some(probe), [Some(a), Some(b)]) = (&setup.probe, &window.cluster) {
         let mut cost = ClusterCost::between(a, b, r.messages.acks, r.messages.delivered);
         cost.notes.splice(0..0, probe.notes.iter().cloned());
         r.cluster_cost = Some(cost);
     }
+    r.webhook = setup.sink.as_ref().map(|s| s.summary(window_s));
+    let mut notes = vec![report::load_note(r.load_average.as_deref(), r.nproc)];
+    notes.extend(setup.fd_note);
+    notes.extend(run_notes(
+        args,
+        &r,
+        window.drained,
+        gap_overflow,
+        closed.lost_tasks,
+    ));
+    notes.extend(server_notes(
+        &window,
+        srv0_err.as_ref().or(srv1_err.as_ref()),
+    ));
+    r.notes = notes;
+    let groups = shared
+        .groups
+        .as_ref()
+        .map(|g| g.results(&closed.group_sizes))
+        .unwrap_or_default();
+    (r, groups)
+}
 
-    r.webhook = sink.as_ref().map(|s| s.summary(window_s));
-
-    let notes = &mut r.notes;
-    notes.push(report::load_note(r.load_average.as_deref(), r.nproc));
-    notes.extend(fd_note);
+/// What a reader of the report must know about how the run went.
+fn run_notes(
+    args: &FanoutArgs,
+    r: &Report,
+    drained: bool,
+    gap_overflow: u64,
+    lost_tasks: u64,
+) -> Vec<String> {
+    let m = &r.messages;
+    let (lost, rejected) = (m.lost, m.rejected);
+    let (sent, skipped, late) = (m.sent, m.sends_skipped, m.sends_late);
+    let mut notes = Vec::new();
     if r.bench_saturated {
         notes.push(format!(
             "load generator saturated: the bench used {:.0}% of one core on {} cores; \
              latency and throughput may reflect the bench, not the server",
-            bench_cpu.unwrap_or_default(),
+            r.bench.cpu_percent.unwrap_or_default(),
             r.nproc
         ));
     }
@@ -1320,7 +1467,7 @@ pub async fn run_grouped(
         notes.push(format!(
             "up to {} of the {lost} lost deliveries belong to the {rejected} sends the \
              server rejected with an error frame",
-            rejected * members_hint
+            rejected * args.members as u64
         ));
     }
     if lost > 0 && !drained {
@@ -1336,6 +1483,7 @@ pub async fn run_grouped(
              received); they sent and received nothing after that"
         ));
     }
+    let failed = r.connections.failed;
     if failed > 0 {
         notes.push(format!(
             "{failed} connections failed and were left out (allowed by --max-connect-failures)"
@@ -1352,19 +1500,26 @@ pub async fn run_grouped(
             "{lost_tasks} reader tasks did not stop in time; their counts are missing"
         ));
     }
-    let server_wall = s1.duration_since(s0).as_secs_f64();
+    notes
+}
+
+/// How far the server's figures can be trusted.
+fn server_notes(window: &Window, error: Option<&String>) -> Vec<String> {
+    let mut notes = Vec::new();
+    let [(srv0, _), (srv1, _)] = &window.server;
+    let wall = window.server_wall_s;
     if let (Some(a), Some(b)) = (srv0.cpu_seconds, srv1.cpu_seconds) {
-        if a.fract() == 0.0 && b.fract() == 0.0 && server_wall > 0.0 {
+        if a.fract() == 0.0 && b.fract() == 0.0 && wall > 0.0 {
             // metrics-process exports the counter as whole seconds.
             notes.push(format!(
                 "server CPU comes from a whole-second {} counter: ±{:.0}% of one core over \
-                 this {server_wall:.1} s window; a longer --duration narrows it",
+                 this {wall:.1} s window; a longer --duration narrows it",
                 metrics_scrape::CPU_SECONDS,
-                100.0 / server_wall
+                100.0 / wall
             ));
         }
     }
-    if let Some(e) = srv0_err.or(srv1_err) {
+    if let Some(e) = error {
         notes.push(format!("server metrics n/a: {e}"));
     } else if srv0.cpu_seconds.is_none() {
         notes.push(format!(
@@ -1372,29 +1527,7 @@ pub async fn run_grouped(
             metrics_scrape::CPU_SECONDS
         ));
     }
-    let group_results = match &shared.groups {
-        Some(g) => group_names
-            .iter()
-            .enumerate()
-            .map(|(k, name)| {
-                let expected = g.expected[k].load(Relaxed);
-                let delivered = g.delivered[k].load(Relaxed);
-                GroupResult {
-                    name: name.clone(),
-                    members: group_sizes[k],
-                    expected_deliveries: expected,
-                    delivered,
-                    lost: expected.saturating_sub(delivered),
-                    e2e_latency_us: g.e2e[k]
-                        .lock()
-                        .map(|h| LatencySummary::from_histogram(&h))
-                        .unwrap_or_default(),
-                }
-            })
-            .collect(),
-        None => Vec::new(),
-    };
-    Ok((r, group_results))
+    notes
 }
 
 async fn cluster_sample(probe: Option<&Probe>) -> Option<ClusterSample> {
@@ -1429,7 +1562,7 @@ async fn timeline(
     while out.len() < 86_400 {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = flag_set(&mut stop) => break,
+            _ = flag(&mut stop) => break,
         }
         let now = Instant::now();
         let dt = now.duration_since(last_at).as_secs_f64().max(1e-3);

@@ -22,6 +22,7 @@ use crate::args::seconds;
 use crate::auth::{Auth, AuthArgs};
 use crate::chart::{latency_panel, Chart, Panel, Series};
 use crate::client::Target;
+use crate::harness::Outcome;
 use crate::http::{HistoryPage, HttpClient};
 use crate::report::{self, map_or_none, new_histogram, LatencySummary};
 use crate::timeline::{Batch, Seconds, SharedSeconds};
@@ -279,12 +280,10 @@ impl HistoryReport {
         }
         .to_svg()
     }
+}
 
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_default()
-    }
-
-    pub fn to_markdown(&self) -> String {
+impl Outcome for HistoryReport {
+    fn to_markdown(&self) -> String {
         use std::fmt::Write as _;
         let c = &self.config;
         let s = &self.seeding;
@@ -349,6 +348,10 @@ impl HistoryReport {
         }
         report::notes_md(&mut o, &self.notes);
         o
+    }
+
+    fn svg(&self) -> Option<String> {
+        Some(self.chart())
     }
 }
 

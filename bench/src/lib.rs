@@ -17,6 +17,7 @@ pub mod cluster_cost;
 pub mod connections;
 pub mod cross_shard;
 pub mod fanout;
+pub mod harness;
 pub mod history;
 pub mod http;
 pub mod idle;
@@ -30,6 +31,8 @@ pub mod servers;
 pub mod timeline;
 pub mod webhook_sink;
 pub mod workers;
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
@@ -113,133 +116,45 @@ impl std::fmt::Display for BenchError {
 }
 
 /// Runs the chosen scenario, prints its Markdown report on stdout and writes the files
-/// asked for. `command` is the command line recorded in the report.
+/// asked for ([`harness::emit`]). `command` is the command line recorded in the report.
 pub async fn run(cli: Cli, command: String) -> Result<(), BenchError> {
+    use harness::{emit, Outputs};
+    let out =
+        |json: &Option<PathBuf>, markdown: &Option<PathBuf>, chart: &Option<PathBuf>| Outputs {
+            json: json.clone(),
+            markdown: markdown.clone(),
+            chart: chart.clone(),
+        };
     match cli.command {
-        Command::Fanout(args) => {
-            let (json, markdown, chart) =
-                (args.json.clone(), args.markdown.clone(), args.chart.clone());
-            let report = fanout::run(args, command).await?;
-            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)?;
-            if let Some(path) = chart {
-                write_chart(&path, &fanout::chart(&report))?;
-            }
-            Ok(())
+        Command::Fanout(a) => {
+            let o = out(&a.json, &a.markdown, &a.chart);
+            emit(&fanout::run(a, command).await?, o)
         }
-        Command::SeedSuite(args) => {
-            let (json, markdown) = (args.json.clone(), args.markdown.clone());
-            let suite = seed::run(args, command).await?;
-            write_reports(&suite.to_markdown(), &suite.to_json(), json, markdown)?;
-            if suite.pass {
-                Ok(())
-            } else {
-                let failed: Vec<&str> = suite
-                    .tests
-                    .iter()
-                    .filter(|t| !t.verdict.pass)
-                    .map(|t| t.id)
-                    .collect();
-                Err(BenchError::Failed(anyhow::anyhow!(
-                    "seed suite failed: test(s) {}",
-                    failed.join(", ")
-                )))
-            }
+        Command::SeedSuite(a) => {
+            let o = out(&a.json, &a.markdown, &None);
+            emit(&seed::run(a, command).await?, o)
         }
-        Command::Baseline(args) => baseline::run(args).await,
-        Command::Connections(args) => {
-            let (json, markdown, chart) =
-                (args.json.clone(), args.markdown.clone(), args.chart.clone());
-            let allowed = args.max_connect_failures;
-            let report = connections::run(args, command).await?;
-            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)?;
-            if let Some(path) = chart {
-                write_chart(&path, &report.chart())?;
-            }
-            if report.failed > allowed {
-                return Err(BenchError::Failed(anyhow::anyhow!(
-                    "{} of {} connections failed (allowed: {allowed}): {}",
-                    report.failed,
-                    report.attempted,
-                    report::map_or_none(&report.failures)
-                )));
-            }
-            Ok(())
+        Command::Baseline(a) => baseline::run(a).await,
+        Command::Connections(a) => {
+            let o = out(&a.json, &a.markdown, &a.chart);
+            emit(&connections::run(a, command).await?, o)
         }
-        Command::Churn(args) => {
-            let (json, markdown, chart) =
-                (args.json.clone(), args.markdown.clone(), args.chart.clone());
-            let report = churn::run(args, command).await?;
-            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)?;
-            if let Some(path) = chart {
-                write_chart(&path, &report.chart())?;
-            }
-            Ok(())
+        Command::Churn(a) => {
+            let o = out(&a.json, &a.markdown, &a.chart);
+            emit(&churn::run(a, command).await?, o)
         }
         Command::Worker => connections::run_worker().await,
-        Command::CrossShard(args) => {
-            let (json, markdown, chart) =
-                (args.json.clone(), args.markdown.clone(), args.chart.clone());
-            let report = cross_shard::run(args, command).await?;
-            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)?;
-            if let Some(path) = chart {
-                write_chart(&path, &fanout::chart(&report.fanout))?;
-            }
-            Ok(())
+        Command::CrossShard(a) => {
+            let o = out(&a.json, &a.markdown, &a.chart);
+            emit(&cross_shard::run(a, command).await?, o)
         }
-        Command::History(args) => {
-            let (json, markdown, chart) =
-                (args.json.clone(), args.markdown.clone(), args.chart.clone());
-            let report = history::run(args, command).await?;
-            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)?;
-            if let Some(path) = chart {
-                write_chart(&path, &report.chart())?;
-            }
-            Ok(())
+        Command::History(a) => {
+            let o = out(&a.json, &a.markdown, &a.chart);
+            emit(&history::run(a, command).await?, o)
         }
-        Command::Rebalance(args) => {
-            let (json, markdown, chart) =
-                (args.json.clone(), args.markdown.clone(), args.chart.clone());
-            let report = rebalance::run(args, command).await?;
-            write_reports(&report.to_markdown(), &report.to_json(), json, markdown)?;
-            // Written before the verdict: a failed run's chart is the one to look at.
-            if let Some(path) = chart {
-                write_chart(&path, &report.chart())?;
-            }
-            if report.pass() {
-                Ok(())
-            } else {
-                Err(BenchError::Failed(anyhow::anyhow!(
-                    "{}",
-                    report.failure_line()
-                )))
-            }
+        Command::Rebalance(a) => {
+            let o = out(&a.json, &a.markdown, &a.chart);
+            emit(&rebalance::run(a, command).await?, o)
         }
     }
-}
-
-/// Writes an SVG chart.
-fn write_chart(path: &std::path::Path, svg: &str) -> Result<(), BenchError> {
-    std::fs::write(path, svg)
-        .map_err(|e| BenchError::Failed(anyhow::anyhow!("writing {}: {e}", path.display())))
-}
-
-/// Prints the Markdown on stdout and writes the files asked for.
-fn write_reports(
-    md: &str,
-    json: &str,
-    json_path: Option<std::path::PathBuf>,
-    md_path: Option<std::path::PathBuf>,
-) -> Result<(), BenchError> {
-    println!("{md}");
-    let write = |path: &std::path::Path, text: String| {
-        std::fs::write(path, text)
-            .map_err(|e| BenchError::Failed(anyhow::anyhow!("writing {}: {e}", path.display())))
-    };
-    if let Some(path) = json_path {
-        write(&path, format!("{json}\n"))?;
-    }
-    if let Some(path) = md_path {
-        write(&path, md.to_owned())?;
-    }
-    Ok(())
 }

@@ -38,9 +38,10 @@ use crate::args::seconds;
 use crate::auth::{Auth, AuthArgs};
 use crate::chart::{latency_panel, Chart, Mark, Panel, Series};
 use crate::client::{self, Incoming, Target, WsWrite};
+use crate::harness::{self, CpuMeter, Outcome, Progress};
 use crate::http::HttpClient;
 use crate::payload::FrameView;
-use crate::report::{self, close_label, map_or_none, new_histogram, LatencySummary};
+use crate::report::{self, close_label, map_or_none, LatencySummary};
 use crate::timeline::Seconds;
 use crate::BenchError;
 use bridged::{join_refusal, HomeSearch, JoinRefusal, SharedJoin};
@@ -418,6 +419,24 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(rate: f64) -> Shared {
+        let zero = || AtomicU64::new(0);
+        Shared {
+            base: Instant::now(),
+            start_ns: AtomicU64::new(u64::MAX),
+            end_ns: AtomicU64::new(u64::MAX),
+            period_ns: (1e9 / rate) as u64,
+            joined_once: zero(),
+            finishing: AtomicBool::new(false),
+            sent: zero(),
+            acked: zero(),
+            received: zero(),
+            disconnects: zero(),
+            stalled: zero(),
+            connected: zero(),
+        }
+    }
+
     fn now_ns(&self) -> u64 {
         u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
@@ -553,36 +572,14 @@ enum SessionEnd {
     Lost(String),
 }
 
-/// Error codes after which a send is retried later with the same cid (PROTOCOL.md).
-/// `room_unavailable` comes with the cid of every send queued at a room that could not be
-/// acquired (between owners, or the node fenced): nothing was stored, resend.
-fn retry_later(code: &str) -> bool {
-    matches!(
-        code,
-        "rate_limited"
-            | "overloaded"
-            | "store_unavailable"
-            | "room_moved"
-            | "room_unavailable"
-            | "node_unavailable"
-            | "going_away"
-            | "internal"
-    )
-}
-
-/// Codes that, without a cid, mean the connection no longer serves the room: reconnect.
-/// `room_unavailable` is the upgrade's own join refused after the upgrade (PROTOCOL.md: "A
-/// join refused after the upgrade": close, reconnect, join again with the same `since`).
-fn resume_needed(code: &str) -> bool {
-    matches!(
-        code,
-        "room_moved"
-            | "room_unavailable"
-            | "node_unavailable"
-            | "going_away"
-            | "store_unavailable"
-            | "internal"
-    )
+/// After an error frame with `code`: whether the member tries again, a send with the same
+/// cid or, without a cid, its join by reconnecting. Decided by `common`'s table
+/// ([`client::retry`]): everything but do-not-retry. `room_unavailable` comes with the cid
+/// of every send queued at a room that could not be acquired (nothing was stored: resend),
+/// or without one for the upgrade's own join refused after the upgrade (PROTOCOL.md: close,
+/// reconnect, join again with the same `since`).
+fn tries_again(code: &str) -> bool {
+    client::retry(code) != common::Retry::DoNotRetry
 }
 
 struct Member {
@@ -608,6 +605,23 @@ struct Member {
 }
 
 impl Member {
+    fn new(p: MemberPlan, join: Option<SharedJoin>) -> Member {
+        Member {
+            p,
+            out: MemberOutcome::default(),
+            seen: HashSet::new(),
+            silent_since: None,
+            pending: BTreeMap::new(),
+            next_seq: 0,
+            last_seen: 0,
+            catch_up_to: None,
+            joined: false,
+            reached_joined: false,
+            open_episode: None,
+            join,
+        }
+    }
+
     fn cid(&self, seq: u64) -> String {
         format!("m{}-{seq}", self.p.index)
     }
@@ -910,7 +924,7 @@ impl Member {
                 *self.out.errors.entry(code.clone()).or_default() += 1;
                 match v.cid.and_then(|c| self.seq_of(c)) {
                     Some(seq) => {
-                        if retry_later(&code) {
+                        if tries_again(&code) {
                             if let Some(p) = self.pending.get_mut(&seq) {
                                 p.retry_at = Some(Instant::now() + RETRY_LATER);
                             }
@@ -920,7 +934,7 @@ impl Member {
                         None
                     }
                     None if self.join.is_some() && in_room => self.join_refused(&code),
-                    None if resume_needed(&code) => Some(format!("error {code}")),
+                    None if tries_again(&code) => Some(format!("error {code}")),
                     None => None,
                 }
             }
@@ -933,7 +947,7 @@ impl Member {
     fn on_home(&mut self, v: &FrameView<'_>) -> Option<String> {
         let code = v.code.filter(|_| v.kind == "error" && v.cid.is_none())?;
         *self.out.errors.entry(code.to_owned()).or_default() += 1;
-        resume_needed(code).then(|| format!("error {code} (home room)"))
+        tries_again(code).then(|| format!("error {code} (home room)"))
     }
 
     /// `--bridged`: the room's join was refused (or its replay failed, and the member is no
@@ -1051,8 +1065,8 @@ impl Member {
         let end = loop {
             tokio::select! {
                 biased;
-                _ = flag(&mut stop) => break SessionEnd::Done,
-                _ = flag(&mut finish) => {
+                _ = harness::flag(&mut stop) => break SessionEnd::Done,
+                _ = harness::flag(&mut finish) => {
                     let _ = tokio::time::timeout(
                         Duration::from_millis(500),
                         client::send_close(&mut ws, 1000, "bench done"),
@@ -1173,8 +1187,8 @@ impl Member {
             let wait = backoff.mul_f64(jitter);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = flag(&mut stop) => break,
-                _ = flag(&mut finish) => break,
+                _ = harness::flag(&mut stop) => break,
+                _ = harness::flag(&mut finish) => break,
             }
             backoff = (backoff * 2).min(self.p.max_backoff);
         }
@@ -1193,11 +1207,13 @@ fn member_jitter(index: usize) -> f64 {
     1.0 + (index % 10) as f64 / 20.0
 }
 
-/// Refusals no retry fixes (bad user, auth, forbidden).
+/// Refusals no retry fixes (bad user, auth, forbidden, room ended): an upgrade refused
+/// with a status `common`'s table gives only to do-not-retry codes.
 fn permanent_refusal(label: &str) -> bool {
-    ["HTTP 400", "HTTP 401", "HTTP 403", "HTTP 404", "HTTP 405"]
-        .iter()
-        .any(|p| label.starts_with(p))
+    label
+        .strip_prefix("HTTP ")
+        .and_then(|s| s.get(..3)?.parse().ok())
+        .is_some_and(client::refusal_is_final)
 }
 
 fn body(size: usize, index: usize, seq: u64) -> String {
@@ -1207,10 +1223,6 @@ fn body(size: usize, index: usize, seq: u64) -> String {
     }
     b.truncate(size);
     b
-}
-
-async fn flag(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|v| *v).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1585,10 +1597,6 @@ impl RebalanceReport {
         format!("rebalance FAIL: {}", parts.join(", "))
     }
 
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_default()
-    }
-
     /// The timeline as an SVG chart: ack latency, acks/s and members, with the command's
     /// run and each fault shaded and the end of sending marked.
     pub fn chart(&self) -> String {
@@ -1666,8 +1674,10 @@ impl RebalanceReport {
         }
         .to_svg()
     }
+}
 
-    pub fn to_markdown(&self) -> String {
+impl Outcome for RebalanceReport {
+    fn to_markdown(&self) -> String {
         use std::fmt::Write as _;
         let c = &self.config;
         let d = &self.disruption;
@@ -1934,18 +1944,22 @@ impl RebalanceReport {
         }
         o
     }
+
+    fn svg(&self) -> Option<String> {
+        Some(self.chart())
+    }
+
+    fn verdict(&self) -> Result<(), BenchError> {
+        if self.pass() {
+            Ok(())
+        } else {
+            Err(crate::harness::failed(self.failure_line()))
+        }
+    }
 }
 
 /// Members listed by name in the Markdown's gaps section (the JSON lists all).
 const MEMBERS_LISTED: usize = 10;
-
-fn summary(samples: impl IntoIterator<Item = u64>) -> LatencySummary {
-    let mut h = new_histogram();
-    for v in samples {
-        h.saturating_record(v.max(1));
-    }
-    LatencySummary::from_histogram(&h)
-}
 
 // ---------------------------------------------------------------------------------------
 // The run.
@@ -1999,20 +2013,14 @@ fn watch_recoveries(
     recoveries: &mut Vec<Recovery>,
     records: &[FaultRecord],
     lives: &[Arc<Live>],
-    members: usize,
-    rooms: usize,
+    args: &RebalanceArgs,
     now_ns: u64,
 ) {
     for (i, rec) in records.iter().enumerate() {
         let Some(end) = rec.restored_ns else { continue };
         if recoveries.len() <= i {
-            let mut acked = vec![0u64; rooms];
-            for (j, l) in lives.iter().enumerate() {
-                let r = j / members;
-                acked[r] = acked[r].max(l.max_acked.load(Relaxed));
-            }
             recoveries.push(Recovery {
-                acked_by_end: acked,
+                acked_by_end: max_acked_by_room(lives, args),
                 ..Default::default()
             });
         }
@@ -2027,7 +2035,7 @@ fn watch_recoveries(
         let all = lives.iter().enumerate().all(|(j, l)| {
             l.resumed.load(Relaxed)
                 && l.oldest_pending_ns.load(Relaxed) > end
-                && l.last_seen.load(Relaxed) >= w.acked_by_end[j / members]
+                && l.last_seen.load(Relaxed) >= w.acked_by_end[j / args.members]
         });
         if all {
             w.recovered_ns = Some(now_ns);
@@ -2101,7 +2109,7 @@ pub struct Load {
     base_start_ns: u64,
     finish_ns: u64,
     outcomes: Vec<MemberOutcome>,
-    lost_tasks: usize,
+    lost_tasks: u64,
     command_outcome: Option<CommandOutcome>,
     command_start_ns: Option<u64>,
     fault_records: Vec<FaultRecord>,
@@ -2125,16 +2133,24 @@ impl Load {
     }
 }
 
-/// The load: members join, send on schedule through the command and the faults, and drain.
-/// Every fault is undone before it returns (or when it is dropped).
-pub async fn load(args: RebalanceArgs, command: String) -> Result<Load, BenchError> {
+/// What a run settles before its first member connects.
+struct Prepared {
+    auth: Arc<Auth>,
+    target: Arc<Target>,
+    plan: Option<FaultPlan>,
+    started_unix_ms: u64,
+    room_prefix: String,
+    notes: Vec<String>,
+    /// `--bridged`: every member's home room, by member index.
+    homes: Vec<String>,
+    bridged: Option<BridgedStats>,
+}
+
+/// Checks the flags and the pid to pause, and chooses the home rooms (`--bridged`).
+async fn prepare(args: &RebalanceArgs) -> Result<Prepared, BenchError> {
     args.validate().map_err(BenchError::Config)?;
-    let auth = Arc::new(Auth::from_args(&args.auth).map_err(BenchError::Config)?);
-    let target = Arc::new(
-        Target::resolve(&args.url)
-            .await
-            .map_err(|e| BenchError::Config(format!("--url: {e:#}")))?,
-    );
+    let auth = Arc::new(harness::auth(&args.auth)?);
+    let target = Arc::new(harness::target(&args.url).await?);
     let plan = args.fault_plan();
     if let Some(FaultAction::Pause { pid }) = plan.as_ref().map(|p| &p.action) {
         if *pid == std::process::id() {
@@ -2145,58 +2161,52 @@ pub async fn load(args: RebalanceArgs, command: String) -> Result<Load, BenchErr
         faults::signal(*pid, "0")
             .map_err(|e| BenchError::Config(format!("--pause-pid {pid}: {e}")))?;
     }
-    let started_unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let started_unix_ms = harness::unix_ms();
     let room_prefix = args.room_prefix();
     let total = args.rooms * args.members;
     let mut notes = vec![report::current_load_note()];
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) if limit < total as u64 + 64 => notes.push(format!(
-            "the open-file limit ({limit}) is below the {total} connections asked for"
-        )),
-        Ok(_) => {}
-        Err(e) => notes.push(format!("cannot raise the open-file limit: {e}")),
-    }
-    let mut bridged = None;
-    let mut homes = Vec::new();
+    notes.extend(harness::raise_open_files(total, "connections asked for"));
+    let (mut homes, mut bridged) = (Vec::new(), None);
     if args.bridged {
         let bound = HOME_LOOKUP_BOUND + Duration::from_millis(10 * total as u64);
-        let chosen = tokio::time::timeout(
+        let (chosen, stats) = harness::within(
             bound,
             choose_homes(&target, &room_prefix, args.rooms, args.members),
         )
         .await
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("not done within {bound:?}")))
+        .unwrap_or_else(|| Err(anyhow::anyhow!("not done within {bound:?}")))
         .map_err(|e| {
             BenchError::Failed(e.context("choosing the home rooms (--bridged; is --url a router?)"))
         })?;
         if !args.quiet {
-            let b = &chosen.1;
             eprintln!(
                 "[rebalance] --bridged: {} of {} members have their home room on another node                  (ring of {}; {} owner lookups in {:.2} s)",
-                b.bridged, b.members, b.ring_size, b.owner_lookups, b.lookup_s
+                stats.bridged, stats.members, stats.ring_size, stats.owner_lookups, stats.lookup_s
             );
         }
-        homes = chosen.0;
-        bridged = Some(chosen.1);
+        (homes, bridged) = (chosen, Some(stats));
     }
-    let shared = Arc::new(Shared {
-        base: Instant::now(),
-        start_ns: AtomicU64::new(u64::MAX),
-        end_ns: AtomicU64::new(u64::MAX),
-        period_ns: (1e9 / args.rate) as u64,
-        joined_once: AtomicU64::new(0),
-        finishing: AtomicBool::new(false),
-        sent: AtomicU64::new(0),
-        acked: AtomicU64::new(0),
-        received: AtomicU64::new(0),
-        disconnects: AtomicU64::new(0),
-        stalled: AtomicU64::new(0),
-        connected: AtomicU64::new(0),
-    });
-    let (finish_tx, finish_rx) = watch::channel(false);
-    let (stop_tx, stop_rx) = watch::channel(false);
+    Ok(Prepared {
+        auth,
+        target,
+        plan,
+        started_unix_ms,
+        room_prefix,
+        notes,
+        homes,
+        bridged,
+    })
+}
+
+/// Starts every member's task; each keeps its live state where the coordinator polls it.
+fn spawn_members(
+    args: &RebalanceArgs,
+    p: &Prepared,
+    shared: &Arc<Shared>,
+    finish: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+) -> (Vec<Arc<Live>>, Vec<JoinHandle<MemberOutcome>>) {
+    let total = args.rooms * args.members;
     let permits = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let dead_after = (args.dead_after > 0.0).then(|| Duration::from_secs_f64(args.dead_after));
     let max_backoff = Duration::from_secs_f64(args.max_backoff);
@@ -2206,150 +2216,208 @@ pub async fn load(args: RebalanceArgs, command: String) -> Result<Load, BenchErr
         let (room, member) = (index / args.members, index % args.members);
         let live = Arc::new(Live::default());
         lives.push(live.clone());
-        let m = Member {
-            p: MemberPlan {
-                shared: shared.clone(),
-                live,
-                target: target.clone(),
-                permits: permits.clone(),
-                index,
-                room,
-                room_name: format!("{room_prefix}-{room}"),
-                home: homes.get(index).cloned(),
-                user: format!("{}-{room}-{member}", args.user_prefix),
-                auth: auth.clone(),
-                size: args.size,
-                connect_timeout: Duration::from_secs_f64(args.connect_timeout),
-                resend_after: Duration::from_secs_f64(args.resend_after),
-                dead_after,
-                max_backoff,
-                finish: finish_rx.clone(),
-                stop: stop_rx.clone(),
-            },
-            out: MemberOutcome::default(),
-            seen: HashSet::new(),
-            silent_since: None,
-            pending: BTreeMap::new(),
-            next_seq: 0,
-            last_seen: 0,
-            catch_up_to: None,
-            joined: false,
-            reached_joined: false,
-            open_episode: None,
-            join: args
-                .bridged
-                .then(|| SharedJoin::new(FIRST_BACKOFF, max_backoff, member_jitter(index))),
+        let plan = MemberPlan {
+            shared: shared.clone(),
+            live,
+            target: p.target.clone(),
+            permits: permits.clone(),
+            index,
+            room,
+            room_name: format!("{}-{room}", p.room_prefix),
+            home: p.homes.get(index).cloned(),
+            user: format!("{}-{room}-{member}", args.user_prefix),
+            auth: p.auth.clone(),
+            size: args.size,
+            connect_timeout: Duration::from_secs_f64(args.connect_timeout),
+            resend_after: Duration::from_secs_f64(args.resend_after),
+            dead_after,
+            max_backoff,
+            finish: finish.clone(),
+            stop: stop.clone(),
         };
-        tasks.push(tokio::spawn(m.run()));
+        let join = args
+            .bridged
+            .then(|| SharedJoin::new(FIRST_BACKOFF, max_backoff, member_jitter(index)));
+        tasks.push(tokio::spawn(Member::new(plan, join).run()));
     }
-    let (progress_stop, progress_rx) = watch::channel(false);
-    if !args.quiet {
-        tokio::spawn(progress(shared.clone(), total, progress_rx));
-    }
+    (lives, tasks)
+}
 
-    // Everyone joins before sending starts; members that cannot are a failed run.
-    let connect_deadline = Instant::now()
+/// Waits until every member has joined once: members that cannot are a failed run (with
+/// why, by reason).
+async fn all_joined(
+    args: &RebalanceArgs,
+    shared: &Shared,
+    tasks: Vec<JoinHandle<MemberOutcome>>,
+    stop: &watch::Sender<bool>,
+) -> Result<Vec<JoinHandle<MemberOutcome>>, BenchError> {
+    let total = (args.rooms * args.members) as u64;
+    let deadline = Instant::now()
         + Duration::from_secs_f64(args.connect_timeout * 2.0)
-        + Duration::from_millis(20 * total as u64);
-    while shared.joined_once.load(Relaxed) < total as u64 && Instant::now() < connect_deadline {
-        if tasks.iter().any(|t| t.is_finished()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        + Duration::from_millis(20 * total);
+    harness::wait_until(deadline, Duration::from_millis(20), || {
+        shared.joined_once.load(Relaxed) >= total || tasks.iter().any(|t| t.is_finished())
+    })
+    .await;
     let joined = shared.joined_once.load(Relaxed);
-    if joined < total as u64 {
-        let _ = stop_tx.send(true);
-        let _ = progress_stop.send(true);
-        let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
-        for t in tasks {
-            if let Ok(Ok(o)) = tokio::time::timeout(Duration::from_secs(2), t).await {
-                if o.view.join_point.is_none() {
-                    let why = o
-                        .gave_up
-                        .or_else(|| o.refusals.keys().next_back().cloned())
-                        .or_else(|| o.closes.keys().next_back().cloned())
-                        .unwrap_or_else(|| "no joined frame in time".into());
-                    *reasons.entry(why).or_default() += 1;
-                }
+    if joined >= total {
+        return Ok(tasks);
+    }
+    let _ = stop.send(true);
+    let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+    for t in tasks {
+        if let Some(Ok(o)) = harness::within(Duration::from_secs(2), t).await {
+            if o.view.join_point.is_none() {
+                let why = o
+                    .gave_up
+                    .or_else(|| o.refusals.keys().next_back().cloned())
+                    .or_else(|| o.closes.keys().next_back().cloned())
+                    .unwrap_or_else(|| "no joined frame in time".into());
+                *reasons.entry(why).or_default() += 1;
             }
         }
-        return Err(BenchError::Failed(anyhow::anyhow!(
-            "only {joined} of {total} members joined: {}",
-            map_or_none(&reasons)
-        )));
     }
+    Err(harness::failed(format!(
+        "only {joined} of {total} members joined: {}",
+        map_or_none(&reasons)
+    )))
+}
+
+/// The cluster changes of a run: `--command` in its own task and the faults on their own
+/// thread, so each fault's recovery is sampled from the members' live state while they run.
+struct Changes {
+    command: Option<JoinHandle<(u64, CommandOutcome)>>,
+    faults: Option<FaultRunner>,
+    recoveries: Vec<Recovery>,
+}
+
+impl Changes {
+    fn start(
+        args: &RebalanceArgs,
+        shared: &Arc<Shared>,
+        plan: Option<FaultPlan>,
+        start: Instant,
+    ) -> Result<Changes, BenchError> {
+        let command = args.command.clone().map(|cmd| {
+            let at = start + Duration::from_secs_f64(args.command_at);
+            let timeout = Duration::from_secs_f64(args.command_timeout);
+            let (shared, quiet) = (shared.clone(), args.quiet);
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at.into()).await;
+                let start_ns = shared.now_ns();
+                if !quiet {
+                    eprintln!("[rebalance] running: {cmd}");
+                }
+                let mut out = tokio::task::spawn_blocking(move || run_command(&cmd, timeout))
+                    .await
+                    .unwrap_or_else(|e| CommandOutcome {
+                        error: Some(format!("command task: {e}")),
+                        ..Default::default()
+                    });
+                out.started_at_s = at.duration_since(start).as_secs_f64();
+                if !quiet {
+                    eprintln!(
+                        "[rebalance] command ended: exit {:?}{} after {:.2} s",
+                        out.exit_code,
+                        if out.timed_out { " (timed out)" } else { "" },
+                        out.duration_s
+                    );
+                }
+                (start_ns, out)
+            })
+        });
+        let faults = match plan {
+            Some(p) => {
+                if !args.quiet {
+                    eprintln!(
+                        "[rebalance] {} × {} of {:?} ({}) from {:?}",
+                        p.repeat,
+                        p.action.kind(),
+                        p.length,
+                        p.action.target(),
+                        p.first_at
+                    );
+                }
+                Some(
+                    FaultRunner::start(p, shared.base, start)
+                        .map_err(|e| harness::failed(format!("starting the fault thread: {e}")))?,
+                )
+            }
+            None => None,
+        };
+        Ok(Changes {
+            command,
+            faults,
+            recoveries: Vec::new(),
+        })
+    }
+
+    fn sample(&mut self, shared: &Shared, lives: &[Arc<Live>], args: &RebalanceArgs) {
+        if let Some(f) = &self.faults {
+            let now = shared.now_ns();
+            watch_recoveries(&mut self.recoveries, &f.records(), lives, args, now);
+        }
+    }
+
+    /// The command and the last heal have ended (each is bounded by --command-timeout).
+    fn done(&self) -> bool {
+        self.command.as_ref().is_none_or(|t| t.is_finished())
+            && self.faults.as_ref().is_none_or(|f| f.is_done())
+    }
+
+    /// What `--command` did, and when it started (ns since base).
+    async fn command_outcome(
+        &mut self,
+        args: &RebalanceArgs,
+    ) -> (Option<CommandOutcome>, Option<u64>) {
+        let Some(task) = self.command.take() else {
+            return (None, None);
+        };
+        match task.await {
+            Ok((at, out)) => (Some(out), Some(at)),
+            Err(e) => {
+                let out = CommandOutcome {
+                    command: args.command.clone().unwrap_or_default(),
+                    error: Some(format!("command task: {e}")),
+                    ..Default::default()
+                };
+                (Some(out), None)
+            }
+        }
+    }
+}
+
+/// Per room, the newest id acked to any of its members.
+fn max_acked_by_room(lives: &[Arc<Live>], args: &RebalanceArgs) -> Vec<u64> {
+    let mut acked = vec![0u64; args.rooms];
+    for (i, l) in lives.iter().enumerate() {
+        let r = i / args.members;
+        acked[r] = acked[r].max(l.max_acked.load(Relaxed));
+    }
+    acked
+}
+
+/// The load: members join, send on schedule through the command and the faults, and drain.
+/// Every fault is undone before it returns (or when it is dropped). The steps:
+/// [`prepare`], [`spawn_members`], [`all_joined`], the sending window with its [`Changes`],
+/// the drain, and collecting the members' outcomes.
+pub async fn load(args: RebalanceArgs, command: String) -> Result<Load, BenchError> {
+    let p = prepare(&args).await?;
+    let total = args.rooms * args.members;
+    let shared = Arc::new(Shared::new(args.rate));
+    let (finish_tx, finish_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (lives, tasks) = spawn_members(&args, &p, &shared, finish_rx, stop_rx);
+    let progress = Progress::start(args.quiet, progress_line(shared.clone(), total));
+    let tasks = all_joined(&args, &shared, tasks, &stop_tx).await?;
 
     let start = Instant::now() + Duration::from_millis(200);
     let end = start + Duration::from_secs_f64(args.duration);
     let ns = |t: Instant| u64::try_from(t.duration_since(shared.base).as_nanos()).unwrap_or(0);
     shared.end_ns.store(ns(end), Relaxed);
     shared.start_ns.store(ns(start), Relaxed);
-    let cpu0 = report::self_cpu_seconds();
-    let t0 = Instant::now();
-
-    // The command runs in its own task and the faults on their own thread, so the members'
-    // recovery from each fault is sampled while they run.
-    let mut command_task = args.command.clone().map(|cmd| {
-        let at = start + Duration::from_secs_f64(args.command_at);
-        let timeout = Duration::from_secs_f64(args.command_timeout);
-        let (shared, quiet) = (shared.clone(), args.quiet);
-        tokio::spawn(async move {
-            tokio::time::sleep_until(at.into()).await;
-            let start_ns = shared.now_ns();
-            if !quiet {
-                eprintln!("[rebalance] running: {cmd}");
-            }
-            let mut out = tokio::task::spawn_blocking(move || run_command(&cmd, timeout))
-                .await
-                .unwrap_or_else(|e| CommandOutcome {
-                    error: Some(format!("command task: {e}")),
-                    ..Default::default()
-                });
-            out.started_at_s = at.duration_since(start).as_secs_f64();
-            if !quiet {
-                eprintln!(
-                    "[rebalance] command ended: exit {:?}{} after {:.2} s",
-                    out.exit_code,
-                    if out.timed_out { " (timed out)" } else { "" },
-                    out.duration_s
-                );
-            }
-            (start_ns, out)
-        })
-    });
-    let fault_runner = match plan {
-        Some(p) => {
-            if !args.quiet {
-                eprintln!(
-                    "[rebalance] {} × {} of {:?} ({}) from {:?}",
-                    p.repeat,
-                    p.action.kind(),
-                    p.length,
-                    p.action.target(),
-                    p.first_at
-                );
-            }
-            Some(FaultRunner::start(p, shared.base, start).map_err(|e| {
-                BenchError::Failed(anyhow::anyhow!("starting the fault thread: {e}"))
-            })?)
-        }
-        None => None,
-    };
-    let mut recoveries = Vec::new();
-    let sample = |recoveries: &mut Vec<Recovery>| {
-        if let Some(f) = &fault_runner {
-            let now = shared.now_ns();
-            watch_recoveries(
-                recoveries,
-                &f.records(),
-                &lives,
-                args.members,
-                args.rooms,
-                now,
-            );
-        }
-    };
+    let cpu = CpuMeter::start();
+    let mut changes = Changes::start(&args, &shared, p.plan, start)?;
     let mut tick = tokio::time::interval(WAKE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let sending_ends = tokio::time::sleep_until(end.into());
@@ -2357,162 +2425,78 @@ pub async fn load(args: RebalanceArgs, command: String) -> Result<Load, BenchErr
     loop {
         tokio::select! {
             _ = &mut sending_ends => break,
-            _ = tick.tick() => sample(&mut recoveries),
+            _ = tick.tick() => changes.sample(&shared, &lives, &args),
         }
     }
-    let cpu1 = report::self_cpu_seconds();
-    let t1 = Instant::now();
+    let bench_cpu = cpu.percent();
     // A command that outlived the sending window, or a heal still running, is waited for
-    // (each is bounded by --command-timeout) and gets the whole drain after it ends.
-    while !(command_task.as_ref().is_none_or(|t| t.is_finished())
-        && fault_runner.as_ref().is_none_or(|f| f.is_done()))
-    {
+    // and gets the whole drain after it ends.
+    while !changes.done() {
         tick.tick().await;
-        sample(&mut recoveries);
+        changes.sample(&shared, &lives, &args);
     }
-    let mut command_outcome = None;
-    let mut command_start_ns = None;
-    if let Some(t) = command_task.take() {
-        match t.await {
-            Ok((at, out)) => {
-                command_start_ns = Some(at);
-                command_outcome = Some(out);
-            }
-            Err(e) => {
-                command_outcome = Some(CommandOutcome {
-                    command: args.command.clone().unwrap_or_default(),
-                    error: Some(format!("command task: {e}")),
-                    ..Default::default()
-                })
-            }
-        }
-    }
+    let (command_outcome, command_start_ns) = changes.command_outcome(&args).await;
 
     // Drain: every member joined, caught up to its room's newest acked id, nothing pending.
     let drain_deadline = Instant::now().max(end) + Duration::from_secs_f64(args.drain);
-    let mut drained = false;
-    loop {
-        sample(&mut recoveries);
-        let mut max_acked = vec![0u64; args.rooms];
-        for (i, l) in lives.iter().enumerate() {
-            let r = i / args.members;
-            max_acked[r] = max_acked[r].max(l.max_acked.load(Relaxed));
-        }
+    let drained = loop {
+        changes.sample(&shared, &lives, &args);
+        let max_acked = max_acked_by_room(&lives, &args);
         let done = lives.iter().enumerate().all(|(i, l)| {
             l.settled.load(Relaxed)
                 && l.pending.load(Relaxed) == 0
                 && l.last_seen.load(Relaxed) >= max_acked[i / args.members]
         });
-        if done {
-            drained = true;
-            break;
-        }
-        if Instant::now() >= drain_deadline {
-            break;
+        if done || Instant::now() >= drain_deadline {
+            break done;
         }
         tick.tick().await;
-    }
+    };
     // The drain's last state is the last chance for a fault's recovery to be seen.
-    sample(&mut recoveries);
-    let fault_records = fault_runner.map(FaultRunner::finish).unwrap_or_default();
+    changes.sample(&shared, &lives, &args);
+    let fault_records = changes
+        .faults
+        .take()
+        .map(FaultRunner::finish)
+        .unwrap_or_default();
     let finish_ns = shared.now_ns();
     shared.finishing.store(true, Relaxed);
     let _ = finish_tx.send(true);
-    let mut outcomes = Vec::with_capacity(total);
-    let close_deadline = tokio::time::Instant::now() + CLOSE_GRACE;
-    let mut lost_tasks = 0;
-    for mut t in tasks {
-        match tokio::time::timeout_at(close_deadline, &mut t).await {
-            Ok(Ok(o)) => outcomes.push(o),
-            Ok(Err(_)) => lost_tasks += 1,
-            Err(_) => {
-                let _ = stop_tx.send(true);
-                match tokio::time::timeout(Duration::from_secs(1), &mut t).await {
-                    Ok(Ok(o)) => outcomes.push(o),
-                    _ => {
-                        t.abort();
-                        lost_tasks += 1;
-                    }
-                }
-            }
-        }
-    }
-    let _ = stop_tx.send(true);
-    let _ = progress_stop.send(true);
-    let bench_cpu = match (cpu0, cpu1) {
-        (Some(a), Some(b)) => Some((b - a) / t1.duration_since(t0).as_secs_f64() * 100.0),
-        _ => None,
-    };
+    let (outcomes, lost_tasks) = harness::collect(tasks, CLOSE_GRACE, &stop_tx).await;
+    drop(progress);
     Ok(Load {
         base_start_ns: ns(start),
         args,
         command,
-        auth,
-        target,
-        room_prefix,
-        started_unix_ms,
+        auth: p.auth,
+        target: p.target,
+        room_prefix: p.room_prefix,
+        started_unix_ms: p.started_unix_ms,
         finish_ns,
         outcomes,
         lost_tasks,
         command_outcome,
         command_start_ns,
         fault_records,
-        recoveries,
+        recoveries: changes.recoveries,
         drained,
         bench_cpu,
-        bridged,
-        notes,
+        bridged: p.bridged,
+        notes: p.notes,
     })
 }
 
 /// The oracle's side: reads every room back (history API, and CQL when asked), judges what
-/// the members saw against it, and writes the report.
+/// the members saw against it, and writes the report. The steps: [`read_back`], the
+/// oracle's [`account`], [`Tally::of`] for what members lived through, [`fault_reports`],
+/// [`warnings`].
 pub async fn judge(load: Load) -> RebalanceReport {
-    let Load {
-        args,
-        command,
-        auth,
-        target,
-        room_prefix,
-        started_unix_ms,
-        base_start_ns,
-        finish_ns,
-        outcomes,
-        lost_tasks,
-        command_outcome,
-        command_start_ns,
-        fault_records,
-        recoveries,
-        drained,
-        bench_cpu,
-        bridged,
-        mut notes,
-    } = load;
+    let args = &load.args;
     let rooms: Vec<String> = (0..args.rooms)
-        .map(|r| format!("{room_prefix}-{r}"))
+        .map(|r| format!("{}-{r}", load.room_prefix))
         .collect();
-    let timeout = Duration::from_secs_f64(args.history_timeout);
-    let mut http = HttpClient::for_target(&target);
-    let reader_user = format!("{}-reader", args.user_prefix);
-    let history = match auth.credentials(&reader_user) {
-        Ok(creds) => {
-            let deadline = tokio::time::Instant::now() + timeout;
-            store::read_history(&mut http, &rooms, &creds, HISTORY_LIMIT, deadline).await
-        }
-        Err(e) => store::Reading {
-            rooms: vec![Vec::new(); rooms.len()],
-            error: Some(format!("signing a token: {e}")),
-            ..Default::default()
-        },
-    };
-    let cql = match &args.cql_keyspace {
-        Some(ks) if !args.cql_nodes.is_empty() => {
-            let deadline = tokio::time::Instant::now() + timeout;
-            Some(store::read_cql(&args.cql_nodes, ks, &rooms, deadline).await)
-        }
-        _ => None,
-    };
-    let views: Vec<MemberView> = outcomes.iter().map(|o| o.view.clone()).collect();
+    let (history, cql) = read_back(args, &load.auth, &load.target, &rooms).await;
+    let views: Vec<MemberView> = load.outcomes.iter().map(|o| o.view.clone()).collect();
     let correctness = match &cql {
         Some(c) => account("cql", &c.rooms, &views),
         None => account("history", &history.rooms, &views),
@@ -2531,264 +2515,19 @@ pub async fn judge(load: Load) -> RebalanceReport {
             _ => None,
         },
     };
-
-    // Disruption figures.
-    let first_change_ns = command_start_ns
-        .into_iter()
-        .chain(fault_records.first().map(|f| f.started_ns))
-        .min();
-    let mut d = Disruption {
-        all_resumed: true,
-        ..Default::default()
-    };
-    let mut resume = Vec::new();
-    let mut rejoin = Vec::new();
-    let mut last_resumed = 0u64;
-    let mut last_disconnect = 0u64;
-    let mut sends = SendStats::default();
-    let mut stream = StreamStats::default();
-    let mut ack_us = Vec::new();
-    let mut first_attempts = 0;
-    // The fault whose window (its start until the next one's) holds `at`.
-    let fault_of = |at: u64| fault_records.iter().rposition(|f| f.started_ns <= at);
-    let mut per_fault = vec![(0u64, 0u64, 0u64); fault_records.len()];
-    for o in &outcomes {
-        if !o.episodes.is_empty() {
-            d.clients_disconnected += 1;
-        }
-        if !o.stalled_ns.is_empty() {
-            d.clients_stalled += 1;
-        }
-        d.stalled_reconnects += o.stalled_ns.len() as u64;
-        d.sessions += o.sessions;
-        let mut cut_by: HashSet<usize> = HashSet::new();
-        for e in &o.episodes {
-            d.disconnections += 1;
-            if (args.command.is_some() || !fault_records.is_empty())
-                && first_change_ns.is_none_or(|c| e.at_ns < c)
-            {
-                d.disconnections_before_command += 1;
-            }
-            if let Some(f) = fault_of(e.at_ns) {
-                per_fault[f].1 += 1;
-                cut_by.insert(f);
-            }
-            last_disconnect = last_disconnect.max(e.at_ns);
-            if let Some(r) = e.rejoined_ns {
-                rejoin.push(r.saturating_sub(e.at_ns) / 1000);
-            }
-            match e.resumed_ns {
-                Some(r) => {
-                    resume.push(r.saturating_sub(e.at_ns) / 1000);
-                    last_resumed = last_resumed.max(r);
-                }
-                None => {
-                    d.not_resumed += 1;
-                    d.all_resumed = false;
-                }
-            }
-        }
-        for f in cut_by {
-            per_fault[f].0 += 1;
-        }
-        for &at in &o.stalled_ns {
-            if let Some(f) = fault_of(at) {
-                per_fault[f].2 += 1;
-            }
-        }
-        for (k, v) in &o.closes {
-            *d.closes.entry(k.clone()).or_default() += v;
-        }
-        for (k, v) in &o.refusals {
-            *d.refusals.entry(k.clone()).or_default() += v;
-        }
-        sends.sent += o.sent;
-        sends.attempts += o.attempts;
-        first_attempts += o.first_attempts;
-        sends.acked += o.view.acked.len() as u64;
-        sends.ack_duplicates += o.ack_duplicates;
-        sends.ack_id_changed += o.ack_id_changed;
-        sends.rejected += o.rejected;
-        sends.unanswered += o.unanswered;
-        for (k, v) in &o.errors {
-            *sends.errors.entry(k.clone()).or_default() += v;
-        }
-        ack_us.extend(o.acks.iter().map(|a| a.1));
-        stream.received += o.view.received.len() as u64;
-        stream.duplicates += o.duplicates;
-        stream.out_of_order += o.out_of_order;
-        stream.misrouted += o.misrouted;
-    }
-    sends.resends = sends.attempts.saturating_sub(first_attempts);
-    sends.ack_latency_us = summary(ack_us);
-    d.resume_us = summary(resume);
-    d.rejoin_us = summary(rejoin);
-    if let Some(c) = command_start_ns {
-        if d.disconnections > 0 {
-            d.command_to_last_disconnect_s = Some(last_disconnect.saturating_sub(c) as f64 / 1e9);
-            if d.all_resumed {
-                d.command_to_all_resumed_s = Some(last_resumed.saturating_sub(c) as f64 / 1e9);
-            }
-        }
-    }
-    let secs = |ns: u64| ns.saturating_sub(base_start_ns) as f64 / 1e9;
+    let tally = Tally::of(&load);
     let plan = args.fault_plan();
-    let faults: Vec<FaultReport> = fault_records
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            let (cut_off, disconnections, stalled) = per_fault[i];
-            FaultReport {
-                number: f.index + 1,
-                kind: plan.as_ref().map_or("", |p| p.action.kind()).into(),
-                target: plan.as_ref().map(|p| p.action.target()).unwrap_or_default(),
-                started_at_s: secs(f.started_ns),
-                ended_at_s: f.restored_ns.map(secs),
-                early: f.early,
-                clients_cut_off: cut_off,
-                disconnections,
-                stalled_reconnects: stalled,
-                end_to_all_resumed_s: match (f.restored_ns, recoveries.get(i)) {
-                    (Some(end), Some(r)) => {
-                        r.recovered_ns.map(|t| t.saturating_sub(end) as f64 / 1e9)
-                    }
-                    _ => None,
-                },
-                inject_error: f.inject_error.clone(),
-                restore_error: f.restore_error.clone(),
-                cut: f.cut.clone(),
-                heal: f.heal.clone(),
-            }
-        })
-        .collect();
-
+    let faults = fault_reports(&load, &tally.per_fault, plan.as_ref());
     let nproc = report::nproc();
-    let bench_saturated = bench_cpu.is_some_and(|c| report::is_saturated(c, nproc));
-    let mut warnings = Vec::new();
-    let k = &correctness;
-    for (kind, n) in k.failures() {
-        if n > 0 {
-            warnings.push(format!("FAIL: {kind} = {n} (see the examples)"));
-        }
-    }
-    if let Some(x) = read_back.disagreement.as_ref().filter(|x| x.any()) {
-        warnings.push(format!(
-            "the history API and the CQL store disagree: {} rows only in the history, {} \
-             only in CQL, {} differing",
-            x.history_only, x.cql_only, x.differing
-        ));
-    }
-    if cql.is_some() {
-        if let Some(e) = &read_back.history_error {
-            warnings.push(format!(
-                "the history API could not be read (the run was judged by CQL): {e}"
-            ));
-        }
-    }
-    if stream.duplicates > 0 {
-        warnings.push(format!("members received {} duplicates", stream.duplicates));
-    }
-    if sends.unanswered > 0 {
-        warnings.push(format!(
-            "{} sends had no ack at the end of the drain",
-            sends.unanswered
-        ));
-    }
-    if sends.ack_id_changed > 0 {
-        warnings.push(format!(
-            "{} cids were acked under two different ids",
-            sends.ack_id_changed
-        ));
-    }
-    if !d.all_resumed {
-        warnings.push(format!(
-            "{} disruptions had not resumed by the end of the drain",
-            d.not_resumed
-        ));
-    }
-    if d.disconnections_before_command > 0 {
-        warnings.push(format!(
-            "{} disconnections happened before the command or the first fault",
-            d.disconnections_before_command
-        ));
-    }
-    if let Some(c) = &command_outcome {
-        if !c.ok() {
-            warnings.push("the command failed or timed out (see its output tail)".into());
-        }
-    }
-    for f in &faults {
-        if let Some(e) = &f.inject_error {
-            warnings.push(format!("{} {}: injecting failed: {e}", f.kind, f.number));
-        }
-        if let Some(e) = &f.restore_error {
-            warnings.push(format!("{} {}: undoing failed: {e}", f.kind, f.number));
-        }
-        if f.end_to_all_resumed_s.is_none() {
-            warnings.push(format!(
-                "{} {}: the members had not all resumed and caught up before the next fault \
-                 or the end of the drain",
-                f.kind, f.number
-            ));
-        }
-    }
-    if let Some(p) = &plan {
-        if fault_records.len() < p.repeat as usize {
-            warnings.push(format!(
-                "only {} of {} faults ran",
-                fault_records.len(),
-                p.repeat
-            ));
-        }
-    }
-    if let Some(b) = &bridged {
-        if b.bridged < b.members {
-            let why = if b.ring_size <= 1 {
-                "the ring had one node at the start"
-            } else {
-                "no candidate home room was owned by another node"
-            };
-            warnings.push(format!(
-                "--bridged: only {} of {} members were bridged ({why})",
-                b.bridged, b.members
-            ));
-        }
-        notes.push(
-            "--bridged: home rooms were chosen from the router's ring at the start; a ring \
-             change during the run is not followed"
-                .into(),
-        );
-    }
-    if !drained {
-        warnings.push(format!(
-            "the drain ended after {} s with clients not settled or sends unanswered",
-            args.drain
-        ));
-    }
-    if bench_saturated {
-        notes.push(format!(
-            "load generator saturated: the bench used {:.0}% of one core on {nproc} cores",
-            bench_cpu.unwrap_or_default()
-        ));
-    }
-    if lost_tasks > 0 {
-        notes.push(format!(
-            "{lost_tasks} member tasks did not stop in time; their counts are missing"
-        ));
-    }
-    if k.unreceived_tail > 0 {
-        notes.push(format!(
-            "{} stored messages came after the last message some member received (not \
-             gaps: those members had not caught up when the run ended)",
-            k.unreceived_tail
-        ));
-    }
+    let bench_saturated = load
+        .bench_cpu
+        .is_some_and(|c| report::is_saturated(c, nproc));
     let mut r = RebalanceReport {
         scenario: "rebalance".into(),
-        command,
+        command: load.command.clone(),
         git_rev: report::git_rev(),
         nproc,
-        started_unix_ms,
+        started_unix_ms: load.started_unix_ms,
         verdict: String::new(),
         config: RebalanceConfig {
             url: args.url.clone(),
@@ -2812,38 +2551,328 @@ pub async fn judge(load: Load) -> RebalanceReport {
             cql_nodes: args.cql_nodes.clone(),
             cql_keyspace: args.cql_keyspace.clone(),
             bridged: args.bridged,
-            room_prefix,
+            room_prefix: load.room_prefix.clone(),
             user_prefix: args.user_prefix.clone(),
         },
-        external_command: command_outcome,
+        external_command: load.command_outcome.clone(),
         faults,
-        bridged,
-        disruption: d,
-        sends,
-        stream,
+        bridged: load.bridged.clone(),
+        disruption: tally.disruption,
+        sends: tally.sends,
+        stream: tally.stream,
         correctness,
         read_back,
-        drained,
-        bench_cpu_percent: bench_cpu,
+        drained: load.drained,
+        bench_cpu_percent: load.bench_cpu,
         bench_saturated,
-        warnings,
-        notes,
-        timeline: timeline(&outcomes, base_start_ns, finish_ns),
+        warnings: Vec::new(),
+        notes: load.notes.clone(),
+        timeline: timeline(&load.outcomes, load.base_start_ns, load.finish_ns),
     };
+    warnings(&mut r, &load, cql.is_some(), plan.as_ref());
     r.verdict = if r.pass() { "PASS" } else { "FAIL" }.into();
     r
 }
 
-/// One progress line per second on stderr.
-async fn progress(shared: Arc<Shared>, total: usize, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = flag(&mut stop) => return,
+/// Every room read back through the history API at `--url` and, with `--cql-nodes`, from
+/// the CQL store; each within `--history-timeout`.
+async fn read_back(
+    args: &RebalanceArgs,
+    auth: &Auth,
+    target: &Target,
+    rooms: &[String],
+) -> (store::Reading, Option<store::Reading>) {
+    let timeout = Duration::from_secs_f64(args.history_timeout);
+    let mut http = HttpClient::for_target(target);
+    let history = match auth.credentials(&format!("{}-reader", args.user_prefix)) {
+        Ok(creds) => {
+            let deadline = tokio::time::Instant::now() + timeout;
+            store::read_history(&mut http, rooms, &creds, HISTORY_LIMIT, deadline).await
         }
-        eprintln!(
+        Err(e) => store::Reading {
+            rooms: vec![Vec::new(); rooms.len()],
+            error: Some(format!("signing a token: {e}")),
+            ..Default::default()
+        },
+    };
+    let cql = match &args.cql_keyspace {
+        Some(ks) if !args.cql_nodes.is_empty() => {
+            let deadline = tokio::time::Instant::now() + timeout;
+            Some(store::read_cql(&args.cql_nodes, ks, rooms, deadline).await)
+        }
+        _ => None,
+    };
+    (history, cql)
+}
+
+/// What the members lived through, summed: disruptions, sends and streams, and per fault
+/// `(clients cut off, disconnections, stalled reconnects)` in its window.
+struct Tally {
+    disruption: Disruption,
+    sends: SendStats,
+    stream: StreamStats,
+    per_fault: Vec<(u64, u64, u64)>,
+}
+
+impl Tally {
+    fn of(load: &Load) -> Tally {
+        let records = &load.fault_records;
+        let first_change_ns = load
+            .command_start_ns
+            .into_iter()
+            .chain(records.first().map(|f| f.started_ns))
+            .min();
+        let changed = load.args.command.is_some() || !records.is_empty();
+        let mut d = Disruption {
+            all_resumed: true,
+            ..Default::default()
+        };
+        let (mut resume, mut rejoin, mut ack_us) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut last_resumed, mut last_disconnect) = (0u64, 0u64);
+        let mut sends = SendStats::default();
+        let mut stream = StreamStats::default();
+        let mut first_attempts = 0;
+        // The fault whose window (its start until the next one's) holds `at`.
+        let fault_of = |at: u64| records.iter().rposition(|f| f.started_ns <= at);
+        let mut per_fault = vec![(0u64, 0u64, 0u64); records.len()];
+        for o in &load.outcomes {
+            d.clients_disconnected += u64::from(!o.episodes.is_empty());
+            d.clients_stalled += u64::from(!o.stalled_ns.is_empty());
+            d.stalled_reconnects += o.stalled_ns.len() as u64;
+            d.sessions += o.sessions;
+            let mut cut_by: HashSet<usize> = HashSet::new();
+            for e in &o.episodes {
+                d.disconnections += 1;
+                if changed && first_change_ns.is_none_or(|c| e.at_ns < c) {
+                    d.disconnections_before_command += 1;
+                }
+                if let Some(f) = fault_of(e.at_ns) {
+                    per_fault[f].1 += 1;
+                    cut_by.insert(f);
+                }
+                last_disconnect = last_disconnect.max(e.at_ns);
+                if let Some(r) = e.rejoined_ns {
+                    rejoin.push(r.saturating_sub(e.at_ns) / 1000);
+                }
+                match e.resumed_ns {
+                    Some(r) => {
+                        resume.push(r.saturating_sub(e.at_ns) / 1000);
+                        last_resumed = last_resumed.max(r);
+                    }
+                    None => {
+                        d.not_resumed += 1;
+                        d.all_resumed = false;
+                    }
+                }
+            }
+            for f in cut_by {
+                per_fault[f].0 += 1;
+            }
+            for f in o.stalled_ns.iter().filter_map(|&at| fault_of(at)) {
+                per_fault[f].2 += 1;
+            }
+            report::add_counts(&mut d.closes, &o.closes);
+            report::add_counts(&mut d.refusals, &o.refusals);
+            sends.sent += o.sent;
+            sends.attempts += o.attempts;
+            first_attempts += o.first_attempts;
+            sends.acked += o.view.acked.len() as u64;
+            sends.ack_duplicates += o.ack_duplicates;
+            sends.ack_id_changed += o.ack_id_changed;
+            sends.rejected += o.rejected;
+            sends.unanswered += o.unanswered;
+            report::add_counts(&mut sends.errors, &o.errors);
+            ack_us.extend(o.acks.iter().map(|a| a.1));
+            stream.received += o.view.received.len() as u64;
+            stream.duplicates += o.duplicates;
+            stream.out_of_order += o.out_of_order;
+            stream.misrouted += o.misrouted;
+        }
+        sends.resends = sends.attempts.saturating_sub(first_attempts);
+        sends.ack_latency_us = report::summary(ack_us);
+        d.resume_us = report::summary(resume);
+        d.rejoin_us = report::summary(rejoin);
+        if let Some(c) = load.command_start_ns.filter(|_| d.disconnections > 0) {
+            d.command_to_last_disconnect_s = Some(last_disconnect.saturating_sub(c) as f64 / 1e9);
+            if d.all_resumed {
+                d.command_to_all_resumed_s = Some(last_resumed.saturating_sub(c) as f64 / 1e9);
+            }
+        }
+        Tally {
+            disruption: d,
+            sends,
+            stream,
+            per_fault,
+        }
+    }
+}
+
+/// Each injected fault, what it cost and how soon the members recovered from it.
+fn fault_reports(
+    load: &Load,
+    per_fault: &[(u64, u64, u64)],
+    plan: Option<&FaultPlan>,
+) -> Vec<FaultReport> {
+    let secs = |ns: u64| ns.saturating_sub(load.base_start_ns) as f64 / 1e9;
+    load.fault_records
+        .iter()
+        .zip(per_fault)
+        .enumerate()
+        .map(
+            |(i, (f, &(cut_off, disconnections, stalled)))| FaultReport {
+                number: f.index + 1,
+                kind: plan.map_or("", |p| p.action.kind()).into(),
+                target: plan.map(|p| p.action.target()).unwrap_or_default(),
+                started_at_s: secs(f.started_ns),
+                ended_at_s: f.restored_ns.map(secs),
+                early: f.early,
+                clients_cut_off: cut_off,
+                disconnections,
+                stalled_reconnects: stalled,
+                end_to_all_resumed_s: match (f.restored_ns, load.recoveries.get(i)) {
+                    (Some(end), Some(r)) => {
+                        r.recovered_ns.map(|t| t.saturating_sub(end) as f64 / 1e9)
+                    }
+                    _ => None,
+                },
+                inject_error: f.inject_error.clone(),
+                restore_error: f.restore_error.clone(),
+                cut: f.cut.clone(),
+                heal: f.heal.clone(),
+            },
+        )
+        .collect()
+}
+
+/// The report's warnings (and the notes that go with them), from its figures.
+fn warnings(r: &mut RebalanceReport, load: &Load, cql_read: bool, plan: Option<&FaultPlan>) {
+    let mut w = Vec::new();
+    let k = &r.correctness;
+    for (kind, n) in k.failures() {
+        if n > 0 {
+            w.push(format!("FAIL: {kind} = {n} (see the examples)"));
+        }
+    }
+    if let Some(x) = r.read_back.disagreement.as_ref().filter(|x| x.any()) {
+        w.push(format!(
+            "the history API and the CQL store disagree: {} rows only in the history, {} \
+             only in CQL, {} differing",
+            x.history_only, x.cql_only, x.differing
+        ));
+    }
+    if let Some(e) = r.read_back.history_error.as_ref().filter(|_| cql_read) {
+        w.push(format!(
+            "the history API could not be read (the run was judged by CQL): {e}"
+        ));
+    }
+    let (s, d) = (&r.sends, &r.disruption);
+    if r.stream.duplicates > 0 {
+        w.push(format!(
+            "members received {} duplicates",
+            r.stream.duplicates
+        ));
+    }
+    if s.unanswered > 0 {
+        w.push(format!(
+            "{} sends had no ack at the end of the drain",
+            s.unanswered
+        ));
+    }
+    if s.ack_id_changed > 0 {
+        w.push(format!(
+            "{} cids were acked under two different ids",
+            s.ack_id_changed
+        ));
+    }
+    if !d.all_resumed {
+        w.push(format!(
+            "{} disruptions had not resumed by the end of the drain",
+            d.not_resumed
+        ));
+    }
+    if d.disconnections_before_command > 0 {
+        w.push(format!(
+            "{} disconnections happened before the command or the first fault",
+            d.disconnections_before_command
+        ));
+    }
+    if r.external_command.as_ref().is_some_and(|c| !c.ok()) {
+        w.push("the command failed or timed out (see its output tail)".into());
+    }
+    for f in &r.faults {
+        if let Some(e) = &f.inject_error {
+            w.push(format!("{} {}: injecting failed: {e}", f.kind, f.number));
+        }
+        if let Some(e) = &f.restore_error {
+            w.push(format!("{} {}: undoing failed: {e}", f.kind, f.number));
+        }
+        if f.end_to_all_resumed_s.is_none() {
+            w.push(format!(
+                "{} {}: the members had not all resumed and caught up before the next fault \
+                 or the end of the drain",
+                f.kind, f.number
+            ));
+        }
+    }
+    if let Some(p) = plan.filter(|p| load.fault_records.len() < p.repeat as usize) {
+        w.push(format!(
+            "only {} of {} faults ran",
+            load.fault_records.len(),
+            p.repeat
+        ));
+    }
+    let notes = &mut r.notes;
+    if let Some(b) = &r.bridged {
+        if b.bridged < b.members {
+            let why = if b.ring_size <= 1 {
+                "the ring had one node at the start"
+            } else {
+                "no candidate home room was owned by another node"
+            };
+            w.push(format!(
+                "--bridged: only {} of {} members were bridged ({why})",
+                b.bridged, b.members
+            ));
+        }
+        notes.push(
+            "--bridged: home rooms were chosen from the router's ring at the start; a ring \
+             change during the run is not followed"
+                .into(),
+        );
+    }
+    if !r.drained {
+        w.push(format!(
+            "the drain ended after {} s with clients not settled or sends unanswered",
+            load.args.drain
+        ));
+    }
+    if r.bench_saturated {
+        notes.push(format!(
+            "load generator saturated: the bench used {:.0}% of one core on {} cores",
+            r.bench_cpu_percent.unwrap_or_default(),
+            r.nproc
+        ));
+    }
+    if load.lost_tasks > 0 {
+        notes.push(format!(
+            "{} member tasks did not stop in time; their counts are missing",
+            load.lost_tasks
+        ));
+    }
+    if k.unreceived_tail > 0 {
+        notes.push(format!(
+            "{} stored messages came after the last message some member received (not \
+             gaps: those members had not caught up when the run ended)",
+            k.unreceived_tail
+        ));
+    }
+    r.warnings = w;
+}
+
+/// The progress line: members connected, sends, acks, messages received, disruptions.
+fn progress_line(shared: Arc<Shared>, total: usize) -> impl FnMut() -> String + Send {
+    move || {
+        format!(
             "[{:>7.1}s rebalance] connected {}/{total}  sent {}  acked {}  received {}  disruptions {}  stalled {}",
             shared.base.elapsed().as_secs_f64(),
             shared.connected.load(Relaxed),
@@ -2852,7 +2881,7 @@ async fn progress(shared: Arc<Shared>, total: usize, mut stop: watch::Receiver<b
             shared.received.load(Relaxed),
             shared.disconnects.load(Relaxed),
             shared.stalled.load(Relaxed),
-        );
+        )
     }
 }
 
@@ -3128,51 +3157,26 @@ mod tests {
     async fn test_member(index: usize) -> Member {
         let (_, finish) = watch::channel(false);
         let (_, stop) = watch::channel(false);
-        Member {
-            p: MemberPlan {
-                shared: Arc::new(Shared {
-                    base: Instant::now(),
-                    start_ns: AtomicU64::new(u64::MAX),
-                    end_ns: AtomicU64::new(u64::MAX),
-                    period_ns: 1_000_000_000,
-                    joined_once: AtomicU64::new(0),
-                    finishing: AtomicBool::new(false),
-                    sent: AtomicU64::new(0),
-                    acked: AtomicU64::new(0),
-                    received: AtomicU64::new(0),
-                    disconnects: AtomicU64::new(0),
-                    stalled: AtomicU64::new(0),
-                    connected: AtomicU64::new(0),
-                }),
-                live: Arc::new(Live::default()),
-                target: Arc::new(Target::resolve("ws://127.0.0.1:9").await.expect("target")),
-                permits: Arc::new(Semaphore::new(1)),
-                index,
-                room: 0,
-                room_name: "r-0".into(),
-                home: None,
-                user: "u".into(),
-                auth: Arc::new(Auth::Dev),
-                size: 8,
-                connect_timeout: Duration::from_secs(1),
-                resend_after: Duration::from_secs(5),
-                dead_after: Some(Duration::from_secs(10)),
-                max_backoff: Duration::from_secs(1),
-                finish,
-                stop,
-            },
-            out: MemberOutcome::default(),
-            seen: HashSet::new(),
-            silent_since: None,
-            pending: BTreeMap::new(),
-            next_seq: 0,
-            last_seen: 0,
-            catch_up_to: None,
-            joined: false,
-            reached_joined: false,
-            open_episode: None,
-            join: None,
-        }
+        let plan = MemberPlan {
+            shared: Arc::new(Shared::new(1.0)),
+            live: Arc::new(Live::default()),
+            target: Arc::new(Target::resolve("ws://127.0.0.1:9").await.expect("target")),
+            permits: Arc::new(Semaphore::new(1)),
+            index,
+            room: 0,
+            room_name: "r-0".into(),
+            home: None,
+            user: "u".into(),
+            auth: Arc::new(Auth::Dev),
+            size: 8,
+            connect_timeout: Duration::from_secs(1),
+            resend_after: Duration::from_secs(5),
+            dead_after: Some(Duration::from_secs(10)),
+            max_backoff: Duration::from_secs(1),
+            finish,
+            stop,
+        };
+        Member::new(plan, None)
     }
 
     /// [`test_member`] with `--bridged`: home room `r-0-home-0`.
@@ -3562,8 +3566,9 @@ mod tests {
             ..Default::default()
         };
         let mut w = Vec::new();
+        let two_rooms = args(&["--rooms", "2", "--members", "1"]);
         let sample = |w: &mut Vec<Recovery>, now: u64, records: &[FaultRecord]| {
-            watch_recoveries(w, records, &lives, 1, 2, now);
+            watch_recoveries(w, records, &lives, &two_rooms, now);
         };
         // Still open: nothing to watch.
         sample(&mut w, 500, &[FaultRecord::default()]);
@@ -3660,12 +3665,11 @@ mod tests {
 
     #[test]
     fn cids_round_trip_and_codes_classify() {
-        assert!(retry_later("room_moved") && retry_later("rate_limited"));
-        assert!(retry_later("room_unavailable"));
-        assert!(!retry_later("bad_json") && !retry_later("not_joined"));
-        assert!(resume_needed("room_moved") && !resume_needed("rate_limited"));
-        assert!(resume_needed("room_unavailable"));
-        assert!(permanent_refusal("HTTP 401") && !permanent_refusal("HTTP 503"));
+        assert!(tries_again("room_moved") && tries_again("rate_limited"));
+        assert!(tries_again("room_unavailable"));
+        assert!(!tries_again("bad_json") && !tries_again("not_joined"));
+        assert!(permanent_refusal("HTTP 401") && permanent_refusal("HTTP 410 Gone"));
+        assert!(!permanent_refusal("HTTP 503") && !permanent_refusal("connect timed out"));
         assert_eq!(body(10, 3, 7), "rb 3 7 xxx");
         assert_eq!(body(3, 3, 7).len(), 3);
     }

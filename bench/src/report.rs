@@ -11,6 +11,8 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::harness::Outcome;
+
 /// Latency histograms record microseconds from 1 µs to 60 s at 3 significant digits.
 pub const HIST_MAX_US: u64 = 60_000_000;
 
@@ -313,6 +315,22 @@ pub fn map_or_none(m: &BTreeMap<String, u64>) -> String {
         .join(", ")
 }
 
+/// Adds the counts of `from` into `into`, key by key.
+pub fn add_counts(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
+    for (k, v) in from {
+        *into.entry(k.clone()).or_default() += v;
+    }
+}
+
+/// Latency percentiles of `samples` (µs; 0 counts as 1).
+pub fn summary(samples: impl IntoIterator<Item = u64>) -> LatencySummary {
+    let mut h = new_histogram();
+    for v in samples {
+        h.saturating_record(v.max(1));
+    }
+    LatencySummary::from_histogram(&h)
+}
+
 /// A report's title and the command line that produced it, each followed by a blank line.
 pub fn title_md(out: &mut String, title: &str, command: &str) {
     let _ = writeln!(out, "## chat-bench {title}\n");
@@ -386,10 +404,10 @@ pub fn latency_table_ms(out: &mut String, rows: &[(&str, &LatencySummary)]) {
     }
 }
 
-impl Report {
+impl Outcome for Report {
     /// The Markdown report: a header with the command, revision and machine, a results
     /// table, a latency table and the notes.
-    pub fn to_markdown(&self) -> String {
+    fn to_markdown(&self) -> String {
         let c = &self.config;
         let m = &self.messages;
         let mut out = String::new();
@@ -492,9 +510,8 @@ impl Report {
         out
     }
 
-    pub fn to_json(&self) -> String {
-        // Only strings, numbers, options and string-keyed maps: serialization cannot fail.
-        serde_json::to_string_pretty(self).unwrap_or_default()
+    fn svg(&self) -> Option<String> {
+        Some(crate::fanout::chart(self))
     }
 }
 

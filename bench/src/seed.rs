@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use crate::client::{self, Incoming, Target};
 use crate::fanout::{self, FanoutArgs};
+use crate::harness::Outcome;
 use crate::payload::FrameView;
 use crate::report::{self, close_label, Report};
 use crate::BenchError;
@@ -223,12 +224,8 @@ fn pass_word(p: bool) -> &'static str {
     }
 }
 
-impl SuiteReport {
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_default()
-    }
-
-    pub fn to_markdown(&self) -> String {
+impl Outcome for SuiteReport {
+    fn to_markdown(&self) -> String {
         let mut s = String::new();
         let passed = self.tests.iter().filter(|t| t.verdict.pass).count();
         s += &format!(
@@ -318,6 +315,22 @@ impl SuiteReport {
             }
         }
         s
+    }
+
+    fn verdict(&self) -> Result<(), BenchError> {
+        if self.pass {
+            return Ok(());
+        }
+        let failed: Vec<&str> = self
+            .tests
+            .iter()
+            .filter(|t| !t.verdict.pass)
+            .map(|t| t.id)
+            .collect();
+        Err(crate::harness::failed(format!(
+            "seed suite failed: test(s) {}",
+            failed.join(", ")
+        )))
     }
 }
 

@@ -8,6 +8,7 @@ mod support;
 
 use std::time::Duration;
 
+use chat_bench::harness::Outcome as _;
 use chat_bench::rebalance::{self, RebalanceArgs};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;

@@ -9,6 +9,7 @@ mod support;
 use std::time::Duration;
 
 use chat_bench::cross_shard::CrossShardArgs;
+use chat_bench::harness::Outcome as _;
 use chat_bench::http::HttpClient;
 use support::*;
 

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use chat_bench::fanout::FanoutArgs;
+use chat_bench::harness::Outcome as _;
 use common::{ChatMessage, ClientFrame, ServerFrame};
 use fastwebsockets::{Frame, OpCode, Payload};
 use http_body_util::Full;

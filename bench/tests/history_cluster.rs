@@ -4,6 +4,7 @@
 
 mod support;
 
+use chat_bench::harness::Outcome as _;
 use chat_bench::history::HistoryArgs;
 use chat_bench::BenchError;
 use support::*;

@@ -17,6 +17,7 @@ mod support;
 
 use std::time::Duration;
 
+use chat_bench::harness::Outcome as _;
 use chat_bench::rebalance::RebalanceArgs;
 use support::netns::{http_json, NetnsCluster, NetnsOptions};
 use support::*;

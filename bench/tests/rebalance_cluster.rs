@@ -6,6 +6,7 @@
 
 mod support;
 
+use chat_bench::harness::Outcome as _;
 use chat_bench::rebalance::RebalanceArgs;
 use support::*;
 

@@ -28,6 +28,7 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
+use chat_bench::harness::Outcome as _;
 use chat_bench::rebalance::{RebalanceArgs, RebalanceReport};
 use support::*;
 

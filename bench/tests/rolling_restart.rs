@@ -11,6 +11,7 @@
 
 mod support;
 
+use chat_bench::harness::Outcome as _;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -11,6 +11,8 @@
 
 use std::time::{Duration, Instant};
 
+use common::Retry;
+
 /// Home room names tried per member before settling for one on the shared room's owner.
 /// With two nodes or more a candidate misses with probability about 1 − 1/nodes, so 32
 /// misses in a row do not happen in practice; the report counts members left local.
@@ -103,15 +105,14 @@ pub enum JoinRefusal {
     Reconnect,
 }
 
-/// The answer to a refused shared-room join, by its code; `None` for codes that say
-/// nothing about the join (do-not-retry codes a correct member never provokes).
+/// The answer to a refused shared-room join, by its code, as `common`'s table says
+/// ([`crate::client::retry`]): retry later is joining again, reconnect and resume is
+/// reconnecting; `None` for do-not-retry codes (a correct member never provokes them).
 pub fn join_refusal(code: &str) -> Option<JoinRefusal> {
-    match code {
-        "room_unavailable" | "node_unavailable" | "store_unavailable" | "overloaded" => {
-            Some(JoinRefusal::JoinAgain)
-        }
-        "room_moved" | "going_away" | "internal" => Some(JoinRefusal::Reconnect),
-        _ => None,
+    match crate::client::retry(code) {
+        Retry::RetryLater => Some(JoinRefusal::JoinAgain),
+        Retry::ReconnectAndResume => Some(JoinRefusal::Reconnect),
+        Retry::DoNotRetry => None,
     }
 }
 
@@ -279,13 +280,15 @@ mod tests {
             "node_unavailable",
             "store_unavailable",
             "overloaded",
+            // A join over the rate is joined again later: the table says retry later.
+            "rate_limited",
         ] {
             assert_eq!(join_refusal(c), Some(JoinRefusal::JoinAgain), "{c}");
         }
         for c in ["room_moved", "going_away", "internal"] {
             assert_eq!(join_refusal(c), Some(JoinRefusal::Reconnect), "{c}");
         }
-        for c in ["forbidden", "invalid_field", "not_joined", "rate_limited"] {
+        for c in ["forbidden", "invalid_field", "not_joined", "room_ended"] {
             assert_eq!(join_refusal(c), None, "{c}");
         }
     }

@@ -23,6 +23,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use chat_bench::client::Target;
+use chat_bench::harness::Outcome as _;
 use chat_bench::http::HttpClient;
 
 /// Upper bound for anything a test waits for; reaching it fails the test.
