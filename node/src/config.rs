@@ -373,7 +373,7 @@ impl Config {
             return Err("--user-presence-ttl must be at least 1s".into());
         }
         if let Some(url) = &self.webhook_url {
-            if crate::hooks::Endpoint::parse(url).is_none() {
+            if Endpoint::parse(url).is_none() {
                 return Err(format!(
                     "--webhook-url {url:?} must be http://host[:port]/path (no TLS: put a proxy in front for https)"
                 ));
@@ -410,6 +410,20 @@ impl Config {
         c.redis_url = None;
         c.shutdown_grace = Duration::from_secs(5);
         c
+    }
+}
+
+/// A `--webhook-url`: an `http://host[:port]/path` endpoint.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub uri: http::Uri,
+}
+
+impl Endpoint {
+    pub fn parse(url: &str) -> Option<Endpoint> {
+        let uri: http::Uri = url.parse().ok()?;
+        (uri.scheme_str() == Some("http") && uri.host().is_some_and(|h| !h.is_empty()))
+            .then_some(Endpoint { uri })
     }
 }
 

@@ -24,18 +24,17 @@ use bytes::Bytes;
 use common::id::now_ms;
 use common::{metrics as m, ChatMessage, MessageId, RoomId, UserId};
 use hmac::{Hmac, Mac};
-use http::{header, Request, Uri};
+use http::{header, Request};
 use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use sha2::Sha256;
-use tokio::sync::{mpsc, oneshot, watch, Mutex, Notify, Semaphore};
+use tokio::sync::{watch, Mutex, Notify, Semaphore};
 
-use crate::config::Config;
+use crate::config::{Config, Endpoint};
 use crate::ownership::Grant;
-use crate::room::{RoomCmd, RoomPresence};
 use crate::store::{DeadLetter, HistoryQuery, HookCursor, MessageStore, PageFrom, StoreError};
 
 /// The header carrying `sha256=<hex HMAC-SHA256 of the body with the shared secret>`.
@@ -53,20 +52,6 @@ const BUFFERED_MAX: usize = 1000;
 /// A room saves its cursor at most this often while its deliveries succeed (a crash
 /// redelivers at most this much); every failed attempt saves at once.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
-
-/// An `http://host[:port]/path` endpoint.
-#[derive(Debug, Clone)]
-pub struct Endpoint {
-    uri: Uri,
-}
-
-impl Endpoint {
-    pub fn parse(url: &str) -> Option<Endpoint> {
-        let uri: Uri = url.parse().ok()?;
-        (uri.scheme_str() == Some("http") && uri.host().is_some_and(|h| !h.is_empty()))
-            .then_some(Endpoint { uri })
-    }
-}
 
 /// The body of a delivery.
 #[derive(Serialize)]
@@ -282,7 +267,7 @@ impl RoomHook {
         grant: Grant,
         cursor: Option<HookCursor>,
         head: MessageId,
-        room_tx: mpsc::WeakSender<RoomCmd>,
+        online_now: Online,
     ) -> RoomHook {
         let (delivered, marked) = start_at(cursor.as_ref(), head);
         let idle = delivered >= head && !marked;
@@ -305,7 +290,7 @@ impl RoomHook {
             store,
             grant,
             attempts,
-            room_tx,
+            online_now,
         ));
         RoomHook { shared, task }
     }
@@ -409,7 +394,7 @@ async fn deliver(
     store: Arc<dyn MessageStore>,
     grant: Grant,
     mut attempts: u32,
-    room_tx: mpsc::WeakSender<RoomCmd>,
+    online_now: Online,
 ) {
     let mut durable_rx = s.durable.subscribe();
     let mut last_saved = tokio::time::Instant::now();
@@ -450,7 +435,7 @@ async fn deliver(
             s.delivered.store(durable.0, Ordering::Relaxed);
             continue;
         }
-        let mut online = online(&room_tx).await;
+        let mut online = (online_now)().await;
         metrics::gauge!(m::WEBHOOK_QUEUE).increment(page.len() as f64);
         let mut left = page.len();
         for msg in &page {
@@ -462,7 +447,7 @@ async fn deliver(
                 hooks: &hooks,
                 store: store.as_ref(),
                 grant: &grant,
-                room_tx: &room_tx,
+                online_now: &online_now,
             };
             if !deliver_one(&s, &to, msg, &mut online, &mut attempts).await {
                 metrics::gauge!(m::WEBHOOK_QUEUE).decrement(left as f64);
@@ -509,7 +494,7 @@ struct Target<'a> {
     hooks: &'a Webhooks,
     store: &'a dyn MessageStore,
     grant: &'a Grant,
-    room_tx: &'a mpsc::WeakSender<RoomCmd>,
+    online_now: &'a Online,
 }
 
 /// Delivers one message, retrying until the endpoint takes it or it is dead-lettered.
@@ -525,7 +510,7 @@ async fn deliver_one(
         hooks,
         store,
         grant,
-        room_tx,
+        online_now,
     } = *to;
     let mut retrying = false;
     loop {
@@ -534,7 +519,7 @@ async fn deliver_one(
         }
         // A retry says who is online at its own time.
         if retrying {
-            *online = self::online(room_tx).await;
+            *online = (online_now)().await;
         }
         retrying = true;
         *attempts += 1;
@@ -639,21 +624,13 @@ async fn caught_up(
     let _ = durable_rx.changed().await;
 }
 
-/// Who is in the room now, asked of the room itself; nobody if it does not answer soon.
-async fn online(room_tx: &mpsc::WeakSender<RoomCmd>) -> Vec<UserId> {
-    let Some(tx) = room_tx.upgrade() else {
-        return Vec::new();
-    };
-    let (reply, answer) = oneshot::channel();
-    if tx.try_send(RoomCmd::Presence { reply }).is_err() {
-        return Vec::new();
-    }
-    drop(tx);
-    match tokio::time::timeout(Duration::from_secs(1), answer).await {
-        Ok(Ok(RoomPresence { users, .. })) => users,
-        _ => Vec::new(),
-    }
-}
+/// Asks the room who is connected now, for a delivery's `online` (the room supplies it,
+/// so deliveries never reach into the room).
+pub(crate) type Online = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<UserId>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Every `--webhook-sweep`, wakes the rooms this node owns that have a cursor row and are
 /// not running here, so deliveries a crashed or departed owner left resume.

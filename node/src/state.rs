@@ -14,7 +14,8 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::outbound::ConnHandle;
 use crate::presence::Presence;
-use crate::registry::{Registry, RoomCtx};
+use crate::registry::Registry;
+use crate::room::RoomCtx;
 
 /// State shared by every connection and request of one node.
 pub struct NodeState {

@@ -36,13 +36,13 @@ use common::{
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::cmd::{Accepted, Reply, RoomCmd, RoomPresence, Source, StateChange, PRESENCE_LIST_MAX};
+use super::ctx::RoomCtx;
 use super::dedupe::{self, State};
-use super::{Reply, RoomCmd, RoomPresence, Source, StateChange};
 use crate::bus::link::Link;
 use crate::bus::wire::Item;
 use crate::outbound::{ConnHandle, Out};
 use crate::ownership::Grant;
-use crate::registry::RoomCtx;
 use crate::store::RoomState;
 
 /// The answer to senders whose message this room will never store.
@@ -346,7 +346,7 @@ impl RoomCore {
                     w.ack(
                         &self.id,
                         &msg.cid,
-                        super::Accepted {
+                        Accepted {
                             id,
                             duplicate: i > 0,
                         },
@@ -731,7 +731,7 @@ impl RoomCore {
     fn presence_list(&self) -> RoomPresence {
         let mut users: Vec<UserId> = self.users.keys().cloned().collect();
         users.sort_unstable();
-        users.truncate(super::PRESENCE_LIST_MAX);
+        users.truncate(PRESENCE_LIST_MAX);
         RoomPresence {
             members: self.users.len() as u32,
             users,
@@ -1049,7 +1049,7 @@ impl RoomCore {
                 State::Durable => reply.ack(
                     &self.id,
                     &cid,
-                    super::Accepted {
+                    Accepted {
                         id,
                         duplicate: true,
                     },

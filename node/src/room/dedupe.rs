@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::{ChatMessage, ClientMsgId, MessageId, UserId};
 use tokio::time::Instant;
 
-use super::Reply;
+use super::cmd::Reply;
 
 /// A 128-bit digest of (sender, cid) rather than the two strings: one allocation-free key
 /// per remembered message, for windows of up to `--dedupe-max-per-room` entries. Two

@@ -1,4 +1,4 @@
-//! One room's owner task and the types the rest of the node uses to talk to rooms.
+//! One room's owner task; the commands the rest of the node sends rooms are in `cmd.rs`.
 //!
 //! [`run`] is the driver of a room: it first asks the cluster for the room's [`Grant`]
 //! (`RoomOwnership::acquire`) and refuses everything queued if the room is not this node's
@@ -11,24 +11,28 @@
 //! it is idle or done. It makes no decision about ordering, acks or the fence itself, except
 //! one: a write whose grant lapsed before it reached the store is not made.
 
+mod cmd;
 mod core;
+mod ctx;
 mod dedupe;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::id::now_ms;
-use common::{
-    metrics as m, ClientMsgId, CloseCode, ErrorCode, MessageId, RoomId, ServerFrame, UserId,
-};
+use common::{metrics as m, ErrorCode, MessageId, RoomId, ServerFrame};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+pub use self::cmd::{
+    Accepted, Reply, RoomCmd, RoomPresence, Source, StateChange, PRESENCE_LIST_MAX,
+};
 use self::core::{Action, Loaded, NotStored, RoomCore};
+use self::ctx::ActiveRoomGuard;
+pub use self::ctx::RoomCtx;
 use crate::hooks::RoomHook;
 use crate::outbound::{ConnHandle, Out};
 use crate::ownership::{Grant, Refusal};
-use crate::registry::{Registry, RoomCtx};
 use crate::store::{HistoryQuery, HookCursor, PageFrom, RoomState, StoreError};
 
 /// Messages per store read when replaying to a joiner.
@@ -36,194 +40,45 @@ const REPLAY_PAGE: usize = 500;
 /// Commands handled per wake-up before the task checks its other inputs.
 const COMMANDS_PER_WAKE: usize = 256;
 
-/// Where the outcome of a send goes.
-pub enum Reply {
-    /// A WebSocket sender: gets an `ack` or `error` frame on its outbound queue.
-    Conn(Arc<ConnHandle>),
-    /// An HTTP publish waiting for its answer.
-    Http(oneshot::Sender<Result<Accepted, ErrorCode>>),
-}
-
-/// The users connected to a room: `members` of them, the first [`PRESENCE_LIST_MAX`] by
-/// name in `users`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct RoomPresence {
-    pub members: u32,
-    pub users: Vec<UserId>,
-}
-
-/// Most users a presence answer lists.
-pub const PRESENCE_LIST_MAX: usize = 1000;
-
-/// A change to a room's lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StateChange {
-    /// End it now.
-    End,
-    /// End it at `at` (Unix ms), which is `within` from when the change was asked.
-    ExpireAt { at: u64, within: Duration },
-    /// Clear its expiry.
-    KeepForever,
-}
-
-/// A send the store has made durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Accepted {
-    pub id: MessageId,
-    pub duplicate: bool,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub enum Source {
-    Ws,
-    Http,
-    /// Forwarded from another node over the bus.
-    Bus,
-}
-
-impl Source {
-    fn label(self) -> &'static str {
-        match self {
-            Source::Ws => "ws",
-            Source::Http => "http",
-            Source::Bus => "bus",
-        }
-    }
-}
-
-pub enum RoomCmd {
-    Join {
-        conn: Arc<ConnHandle>,
-        since: Option<MessageId>,
-    },
-    Leave {
-        conn_id: u64,
-        /// Answer with a `left` frame (an explicit leave, not a disconnect).
-        notify: bool,
-    },
-    Send {
-        from: UserId,
-        cid: ClientMsgId,
-        body: String,
-        reply: Reply,
-        source: Source,
-    },
-    /// A replay task finished reading the store for a joiner.
-    ReplayDone { conn_id: u64, ok: bool },
-    /// Who is connected to the room, bridged members included.
-    Presence {
-        reply: oneshot::Sender<RoomPresence>,
-    },
-    /// Ends the room, or sets or clears its expiry; answered once the store has it.
-    SetState {
-        change: StateChange,
-        reply: oneshot::Sender<Result<RoomState, ErrorCode>>,
-    },
-    /// Does nothing: starts the room if it is not running (to deliver its pending webhooks).
-    Wake,
-    /// Stop accepting, flush what was accepted, then (with `close`) close every member with
-    /// that code and end. Sent on a ring change (`room_moved`) and on shutdown (no close:
-    /// the node closes connections itself once every room has flushed).
-    Handoff {
-        close: Option<CloseCode>,
-        /// Where the room went, for `room_moved` answers.
-        owner: Option<String>,
-        /// The new owner's id: members bridged from other nodes are moved there by their
-        /// node instead of being closed.
-        owner_id: Option<u16>,
-    },
-}
-
-impl RoomCmd {
-    /// Answers a command the room could not take.
-    pub fn refuse(self, room: &RoomId, code: ErrorCode, message: &str) {
-        self.refuse_with_owner(room, code, message, None);
-    }
-
-    /// [`RoomCmd::refuse`] with the new owner's address for `room_moved`.
-    pub fn refuse_with_owner(
-        self,
-        room: &RoomId,
-        code: ErrorCode,
-        message: &str,
-        owner: Option<&str>,
-    ) {
-        match self {
-            RoomCmd::Join { conn, .. } => {
-                conn.send_frame(&ServerFrame::Error {
-                    code,
-                    message: message.into(),
-                    cid: None,
-                    room: Some(room.to_string()),
-                    owner: owner.map(str::to_owned),
-                });
-            }
-            RoomCmd::Send { reply, cid, .. } => {
-                reply.error_with_owner(room, &cid, code, message, owner)
-            }
-            RoomCmd::SetState { reply, .. } => {
-                let _ = reply.send(Err(code));
-            }
-            // An empty answer: nobody is connected to a room that is not running here.
-            RoomCmd::Presence { .. }
-            | RoomCmd::Wake
-            | RoomCmd::Leave { .. }
-            | RoomCmd::ReplayDone { .. }
-            | RoomCmd::Handoff { .. } => {}
-        }
-    }
-}
-
-impl Reply {
-    fn ack(self, room: &RoomId, cid: &ClientMsgId, accepted: Accepted) {
-        match self {
-            Reply::Conn(conn) => {
-                conn.send_frame(&ServerFrame::Ack {
-                    room: room.clone(),
-                    cid: cid.clone(),
-                    id: accepted.id,
-                    duplicate: accepted.duplicate,
-                });
-            }
-            Reply::Http(tx) => {
-                let _ = tx.send(Ok(accepted));
-            }
-        }
-    }
-
-    pub fn error(self, room: &RoomId, cid: &ClientMsgId, code: ErrorCode, message: &str) {
-        self.error_with_owner(room, cid, code, message, None);
-    }
-
-    pub fn error_with_owner(
-        self,
-        room: &RoomId,
-        cid: &ClientMsgId,
-        code: ErrorCode,
-        message: &str,
-        owner: Option<&str>,
-    ) {
-        match self {
-            Reply::Conn(conn) => {
-                conn.send_frame(&ServerFrame::Error {
-                    code,
-                    message: message.into(),
-                    cid: Some(cid.to_string()),
-                    room: Some(room.to_string()),
-                    owner: owner.map(str::to_owned),
-                });
-            }
-            Reply::Http(tx) => {
-                let _ = tx.send(Err(code));
-            }
-        }
-    }
-}
-
 /// A store write's result, on its way back to the room.
 struct Persisted {
     batch: Vec<common::ChatMessage>,
     result: Result<(), NotStored>,
+}
+
+/// Who is in the room now, asked of the room's own task (for webhook deliveries); nobody
+/// if it does not answer within a second.
+fn online_now(room: mpsc::WeakSender<RoomCmd>) -> crate::hooks::Online {
+    Arc::new(move || {
+        let room = room.clone();
+        Box::pin(async move {
+            let Some(tx) = room.upgrade() else {
+                return Vec::new();
+            };
+            let (reply, answer) = oneshot::channel();
+            if tx.try_send(RoomCmd::Presence { reply }).is_err() {
+                return Vec::new();
+            }
+            drop(tx);
+            match tokio::time::timeout(Duration::from_secs(1), answer).await {
+                Ok(Ok(RoomPresence { users, .. })) => users,
+                _ => Vec::new(),
+            }
+        })
+    })
+}
+
+/// What a command forwarded to a room's next task resolves with.
+pub(crate) type Forwarded = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// How a room's task leaves the registry that started it: the registry hands each task
+/// its seat, so a room never imports the registry.
+pub(crate) trait Seat: Send + Sync {
+    /// Removes the room's entry if it is still this task's (`generation`) and
+    /// `still_idle()` holds while the registry's lock is held.
+    fn vacate(&self, room: &RoomId, generation: u64, still_idle: &mut dyn FnMut() -> bool) -> bool;
+    /// Delivers a command that reached a closing room to the room's next task.
+    fn forward(self: Arc<Self>, room: RoomId, cmd: RoomCmd) -> Forwarded;
 }
 
 /// Runs a room until it is idle (no members, nothing to persist) past the idle timeout, or
@@ -231,12 +86,12 @@ struct Persisted {
 pub(crate) async fn run(
     id: RoomId,
     generation: u64,
-    registry: Arc<Registry>,
+    seat: Arc<dyn Seat>,
+    ctx: Arc<RoomCtx>,
     mut rx: mpsc::Receiver<RoomCmd>,
     self_tx: mpsc::WeakSender<RoomCmd>,
 ) {
-    let ctx = registry.ctx().clone();
-    let _active = crate::registry::ActiveRoomGuard::new();
+    let _active = ActiveRoomGuard::new();
     // Ownership before anything else: a room that is not ours must not even be loaded, or
     // its recent window and dedupe state could predate the real owner's writes.
     let asked = Instant::now();
@@ -261,7 +116,7 @@ pub(crate) async fn run(
             };
             metrics::counter!(m::ROOM_ACQUIRE_REFUSED, "reason" => reason).increment(1);
             tracing::debug!(room = %id, reason, ?owner, "room not acquired");
-            registry.remove_if(&id, generation, || true);
+            seat.vacate(&id, generation, &mut || true);
             rx.close();
             while let Ok(cmd) = rx.try_recv() {
                 cmd.refuse_with_owner(&id, code, message, owner.as_deref());
@@ -274,7 +129,7 @@ pub(crate) async fn run(
         Err(e) => {
             metrics::counter!(m::STORE_ERRORS, "op" => "read").increment(1);
             tracing::warn!(room = %id, error = %e, "room activation failed");
-            registry.remove_if(&id, generation, || true);
+            seat.vacate(&id, generation, &mut || true);
             rx.close();
             while let Ok(cmd) = rx.try_recv() {
                 cmd.refuse(
@@ -295,7 +150,7 @@ pub(crate) async fn run(
             grant.clone(),
             cursor,
             head,
-            self_tx.clone(),
+            online_now(self_tx.clone()),
         ))
     });
     let mut core = RoomCore::new(id, ctx.clone(), grant.clone(), loaded, Instant::now());
@@ -327,7 +182,7 @@ pub(crate) async fn run(
             }
         }
         if core.is_ended() {
-            registry.remove_if(core.id(), generation, || true);
+            seat.vacate(core.id(), generation, &mut || true);
             rx.close();
             // What was queued meanwhile is answered by the core: `room_moved` (with the
             // owner when known) or `going_away`.
@@ -389,14 +244,14 @@ pub(crate) async fn run(
                 // Exit only if nobody can have queued a command for us: checked under the
                 // registry lock, so a concurrent lookup either sees us gone or sees a
                 // non-empty inbox.
-                if registry.remove_if(core.id(), generation, || rx.is_empty()) {
+                if seat.vacate(core.id(), generation, &mut || rx.is_empty()) {
                     rx.close();
                     let mut leftovers = Vec::new();
                     while let Ok(cmd) = rx.try_recv() {
                         leftovers.push(cmd);
                     }
                     for cmd in leftovers {
-                        registry.dispatch(core.id(), cmd).await;
+                        seat.clone().forward(core.id().clone(), cmd).await;
                     }
                     break;
                 }
@@ -663,10 +518,13 @@ mod tests {
 
     use tokio_util::sync::CancellationToken;
 
+    use common::{ClientMsgId, UserId};
+
     use super::core::tests::NoStore;
     use super::*;
     use crate::config::Config;
     use crate::ownership::RoomOwnership;
+    use crate::registry::Registry;
     use crate::store::BoxFuture;
 
     struct Refusing(Refusal);
