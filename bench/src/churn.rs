@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use clap::Args;
 use hdrhistogram::Histogram;
@@ -27,12 +27,12 @@ use crate::args::seconds_ok;
 use crate::auth::{Auth, AuthArgs};
 use crate::chart::{Chart, Panel, Series};
 use crate::client::{ConnectOptions, Target};
-use crate::connections::{servers_table, validate_spread, Limits};
-use crate::harness::Outcome;
+use crate::harness::{self, CpuMeter, Outcome, Progress, RunFacts};
 use crate::idle::{self, SendOutcome};
 use crate::report::{self, close_label, map_or_none, new_histogram, LatencySummary};
 use crate::servers::{self, ServerFigures, Watched};
-use crate::workers;
+use crate::timeline::Seconds;
+use crate::workers::{self, validate_spread, Limits};
 use crate::BenchError;
 
 /// Options of `chat-bench churn`.
@@ -110,8 +110,6 @@ pub struct ChurnArgs {
 }
 
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-/// Timeline buckets kept (one per second); longer runs keep the first hour.
-const MAX_BUCKETS: usize = 3600;
 /// Longest a connection open at the end waits for the end-of-storm sample.
 const RELEASE_WAIT: Duration = Duration::from_secs(15);
 
@@ -121,13 +119,7 @@ impl ChurnArgs {
     }
 
     fn sources(&self) -> Vec<IpAddr> {
-        if !self.source_address_list.is_empty() {
-            self.source_address_list.clone()
-        } else if self.source_addresses > 1 {
-            workers::loopback_sources(self.source_addresses)
-        } else {
-            Vec::new()
-        }
+        workers::sources(&self.source_address_list, self.source_addresses)
     }
 
     /// Mean lifetime of a connection, in seconds.
@@ -219,14 +211,6 @@ pub fn slot_rng(seed: u64, slot: usize) -> SplitMix64 {
     r
 }
 
-fn quantile(h: &Histogram<u64>, q: f64) -> u64 {
-    if h.is_empty() {
-        0
-    } else {
-        h.value_at_quantile(q)
-    }
-}
-
 /// One second of the run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ChurnPoint {
@@ -240,17 +224,16 @@ pub struct ChurnPoint {
     pub connect_max_us: u64,
 }
 
-struct Bucket {
-    connects: u64,
-    disconnects: u64,
-    failures: u64,
-    hist: Histogram<u64>,
-}
+// Per-second counts of the timeline.
+const CONNECTS: usize = 0;
+const DISCONNECTS: usize = 1;
+const FAILURES: usize = 2;
 
 /// What every slot adds to.
 struct Tally {
     started: tokio::time::Instant,
-    buckets: Mutex<Vec<Bucket>>,
+    /// Connects (with their latency), disconnects and failures by second.
+    seconds: Mutex<Seconds<3>>,
     stats: Mutex<Stats>,
 }
 
@@ -275,20 +258,11 @@ struct Stats {
 }
 
 impl Tally {
-    fn bucket(&self, f: impl FnOnce(&mut Bucket)) {
+    /// Adds to the second the run is in now.
+    fn second(&self, f: impl FnOnce(&mut Seconds<3>, usize)) {
         let i = self.started.elapsed().as_secs() as usize;
-        if let Ok(mut b) = self.buckets.lock() {
-            if i < MAX_BUCKETS {
-                while b.len() <= i {
-                    b.push(Bucket {
-                        connects: 0,
-                        disconnects: 0,
-                        failures: 0,
-                        hist: new_histogram(),
-                    });
-                }
-                f(&mut b[i]);
-            }
+        if let Ok(mut s) = self.seconds.lock() {
+            f(&mut s, i);
         }
     }
 
@@ -346,7 +320,7 @@ async fn slot(p: Arc<SlotPlan>, slot: usize) {
         let mut j = match idle::connect_joined(target, &room, &opts, p.connect_timeout).await {
             Ok(j) => j,
             Err(kind) => {
-                p.tally.bucket(|b| b.failures += 1);
+                p.tally.second(|s, i| s.count(i, FAILURES, 1));
                 p.tally.stats(|s| *s.failures.entry(kind).or_default() += 1);
                 // Back off before retrying, so a refusing server is not hammered.
                 let pause = p.mean.min(Duration::from_secs(1)) / 2;
@@ -355,9 +329,9 @@ async fn slot(p: Arc<SlotPlan>, slot: usize) {
             }
         };
         let us = j.connect_us.max(1);
-        p.tally.bucket(|b| {
-            b.connects += 1;
-            b.hist.saturating_record(us);
+        p.tally.second(|s, i| {
+            s.count(i, CONNECTS, 1);
+            s.latency(i, us);
         });
         p.tally.stats(|s| {
             s.connects += 1;
@@ -373,9 +347,7 @@ async fn slot(p: Arc<SlotPlan>, slot: usize) {
                     .await;
             p.tally.stats(|s| {
                 s.sends += 1;
-                for (k, v) in errors {
-                    *s.errors.entry(k).or_default() += v;
-                }
+                report::add_counts(&mut s.errors, &errors);
                 match outcome {
                     SendOutcome::Acked { micros } => {
                         s.acks += 1;
@@ -400,9 +372,7 @@ async fn slot(p: Arc<SlotPlan>, slot: usize) {
         let end = live.finish(CLOSE_GRACE).await;
         p.tally.stats(|s| {
             if let Some(e) = &end {
-                for (k, v) in &e.errors {
-                    *s.errors.entry(k.clone()).or_default() += v;
-                }
+                report::add_counts(&mut s.errors, &e.errors);
             }
             if by_server {
                 let label = end
@@ -419,7 +389,7 @@ async fn slot(p: Arc<SlotPlan>, slot: usize) {
             }
         });
         if by_server || !at_end {
-            p.tally.bucket(|b| b.disconnects += 1);
+            p.tally.second(|s, i| s.count(i, DISCONNECTS, 1));
         }
     }
 }
@@ -427,10 +397,8 @@ async fn slot(p: Arc<SlotPlan>, slot: usize) {
 /// Everything one `churn` run reports.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ChurnReport {
-    pub scenario: String,
-    pub command: String,
-    pub git_rev: String,
-    pub nproc: usize,
+    #[serde(flatten)]
+    pub run: RunFacts,
     pub load_average: Option<String>,
     pub started_unix_ms: u64,
     pub urls: Vec<String>,
@@ -483,7 +451,7 @@ impl ChurnReport {
             ),
             subtitle: format!(
                 "git {} · load average at start {} · {}",
-                self.git_rev,
+                self.run.git_rev,
                 self.load_average.as_deref().unwrap_or("n/a"),
                 self.urls.join(", ")
             ),
@@ -539,12 +507,12 @@ impl ChurnReport {
 impl Outcome for ChurnReport {
     fn to_markdown(&self) -> String {
         let mut out = String::new();
-        report::title_md(&mut out, "churn", &self.command);
+        report::title_md(&mut out, "churn", &self.run.command);
         out.push_str(&format!(
             "git `{}` · nproc {} · load average at start {} · {} slots, target {} reconnects/s \
              (mean lifetime {:.2} s) for {} s, {} rooms, {} · seed {} · {}\n\n",
-            self.git_rev,
-            self.nproc,
+            self.run.git_rev,
+            self.run.nproc,
             self.load_average.as_deref().unwrap_or("n/a"),
             self.connections,
             self.target_rate,
@@ -601,7 +569,7 @@ impl Outcome for ChurnReport {
             ],
         );
         out.push('\n');
-        servers_table(&mut out, &self.servers, "at the end of the storm");
+        servers::table(&mut out, &self.servers, "at the end of the storm");
         report::notes_md(&mut out, &self.notes);
         out
     }
@@ -615,25 +583,12 @@ pub async fn run(args: ChurnArgs, command: String) -> Result<ChurnReport, BenchE
     args.validate(Limits::of_this_machine())
         .map_err(BenchError::Config)?;
     let load_average = report::load_average();
-    let started_unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let nofile_note = match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) if n < args.connections as u64 + 64 => Some(format!(
-            "the open-file limit ({n}) is below the {} slots",
-            args.connections
-        )),
-        Ok(_) => None,
-        Err(e) => Some(format!("cannot raise the open-file limit: {e}")),
-    };
-    let auth = Arc::new(Auth::from_args(&args.auth).map_err(BenchError::Config)?);
+    let started_unix_ms = harness::unix_ms();
+    let nofile_note = harness::raise_open_files(args.connections, "slots");
+    let auth = Arc::new(harness::auth(&args.auth)?);
     let mut targets = Vec::new();
     for u in &args.urls {
-        targets.push(
-            Target::resolve(u)
-                .await
-                .map_err(|e| BenchError::Config(format!("--url: {e:#}")))?,
-        );
+        targets.push(harness::target(u).await?);
     }
     let sources = args.sources();
     let watched = Watched::resolve(servers::metrics_urls(&args.urls, &args.metrics_urls)).await;
@@ -642,7 +597,7 @@ pub async fn run(args: ChurnArgs, command: String) -> Result<ChurnReport, BenchE
     let end = started + Duration::from_secs_f64(args.duration);
     let tally = Arc::new(Tally {
         started,
-        buckets: Mutex::new(Vec::new()),
+        seconds: Mutex::new(Seconds::default()),
         stats: Mutex::new(Stats {
             connect_hist: Some(new_histogram()),
             ack_hist: Some(new_histogram()),
@@ -666,38 +621,33 @@ pub async fn run(args: ChurnArgs, command: String) -> Result<ChurnReport, BenchE
         ack_timeout: Duration::from_secs_f64(args.ack_timeout),
         release: release_rx,
     });
-    let cpu0 = report::self_cpu_seconds();
-    let t0 = Instant::now();
+    let cpu = CpuMeter::start();
     let mut slots = tokio::task::JoinSet::new();
     for s in 0..args.connections {
         slots.spawn(slot(plan.clone(), s));
     }
-    if !args.quiet {
+    let line = {
         let tally = tally.clone();
-        let quiet_end = end;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            tick.tick().await;
-            while tokio::time::Instant::now() < quiet_end {
-                tick.tick().await;
-                if let Ok(s) = tally.stats.lock() {
-                    eprintln!(
-                        "[{:>6.1}s churn] connects {}  disconnects {}  failures {}  server closes {}  acks {}/{}",
-                        tally.started.elapsed().as_secs_f64(),
-                        s.connects,
-                        s.disconnects,
-                        s.failures.values().sum::<u64>(),
-                        s.server_closes.values().sum::<u64>(),
-                        s.acks,
-                        s.sends
-                    );
-                }
-            }
-        });
-    }
+        move || {
+            match tally.stats.lock() {
+            Ok(s) => format!(
+                "[{:>6.1}s churn] connects {}  disconnects {}  failures {}  server closes {}  acks {}/{}",
+                tally.started.elapsed().as_secs_f64(),
+                s.connects,
+                s.disconnects,
+                s.failures.values().sum::<u64>(),
+                s.server_closes.values().sum::<u64>(),
+                s.acks,
+                s.sends
+            ),
+            Err(_) => "[churn] counts unavailable".into(),
+        }
+        }
+    };
+    let progress = Progress::start(args.quiet, line);
     tokio::time::sleep_until(end).await;
-    let cpu1 = report::self_cpu_seconds();
-    let t1 = Instant::now();
+    drop(progress);
+    let bench_cpu_percent = cpu.percent();
     let loaded = watched.sample().await;
     let _ = release_tx.send(true);
     // Every slot ends within its current step's bound after `end`.
@@ -721,10 +671,7 @@ pub async fn run(args: ChurnArgs, command: String) -> Result<ChurnReport, BenchE
     let after = watched.sample().await;
 
     let mut r = ChurnReport {
-        scenario: "churn".into(),
-        command,
-        git_rev: report::git_rev(),
-        nproc: report::nproc(),
+        run: RunFacts::new("churn", command),
         load_average,
         started_unix_ms,
         urls: args.urls.clone(),
@@ -763,41 +710,40 @@ pub async fn run(args: ChurnArgs, command: String) -> Result<ChurnReport, BenchE
     r.connects_per_s = r.connects as f64 / args.duration;
     let server_closed: u64 = r.server_closes.values().sum();
     r.disconnects_per_s = (r.disconnects + server_closed) as f64 / args.duration;
-    if let Ok(b) = tally.buckets.lock() {
-        r.timeline = b
+    if let Ok(s) = tally.seconds.lock() {
+        r.timeline = s
             .iter()
-            .enumerate()
             .filter(|(i, _)| (*i as f64) < args.duration)
-            .map(|(i, b)| ChurnPoint {
-                t_s: i as f64,
-                connects: b.connects,
-                disconnects: b.disconnects,
-                failures: b.failures,
-                connect_p50_us: quantile(&b.hist, 0.5),
-                connect_p99_us: quantile(&b.hist, 0.99),
-                connect_max_us: b.hist.max(),
+            .map(|(i, x)| {
+                let l = x.latency();
+                ChurnPoint {
+                    t_s: i as f64,
+                    connects: x.counts[CONNECTS],
+                    disconnects: x.counts[DISCONNECTS],
+                    failures: x.counts[FAILURES],
+                    connect_p50_us: l.p50,
+                    connect_p99_us: l.p99,
+                    connect_max_us: l.max,
+                }
             })
             .collect();
     }
-    r.bench_cpu_percent = match (cpu0, cpu1) {
-        (Some(a), Some(b)) => Some((b - a) / t1.duration_since(t0).as_secs_f64() * 100.0),
-        _ => None,
-    };
+    r.bench_cpu_percent = bench_cpu_percent;
     r.bench_saturated = r
         .bench_cpu_percent
-        .is_some_and(|c| report::is_saturated(c, r.nproc));
+        .is_some_and(|c| report::is_saturated(c, r.run.nproc));
     r.servers = servers::figures(&watched.servers, &before, &loaded, &after);
     r.rss_retained_bytes = servers::rss_retained(&r.servers);
 
     let notes = &mut r.notes;
-    notes.push(report::load_note(r.load_average.as_deref(), r.nproc));
+    notes.push(report::load_note(r.load_average.as_deref(), r.run.nproc));
     notes.extend(nofile_note);
     if r.bench_saturated {
         notes.push(format!(
             "load generator saturated ({:.0}% of one core on {} cores): the rates and latency \
              measure the bench as much as the servers",
             r.bench_cpu_percent.unwrap_or_default(),
-            r.nproc
+            r.run.nproc
         ));
     }
     if r.connects_per_s < args.rate * 0.8 {
@@ -878,7 +824,7 @@ mod tests {
     #[test]
     fn report_and_chart_render() {
         let mut r = ChurnReport {
-            scenario: "churn".into(),
+            run: RunFacts::new("churn", String::new()),
             connects: 100,
             disconnects: 90,
             connects_per_s: 10.0,

@@ -284,14 +284,38 @@ pub fn retry(code: &str) -> Retry {
         .map_or(Retry::DoNotRetry, ErrorCode::retry)
 }
 
+/// An HTTP answer with `status` is worth sending again after a backoff: the table gives
+/// that status to a code that says retry later or reconnect (421, 429, 500, 502, 503).
+pub fn status_retried(status: u16) -> bool {
+    ErrorCode::ALL
+        .into_iter()
+        .any(|c| c.http_status() == status && c.retry() != Retry::DoNotRetry)
+}
+
 /// An upgrade refused with HTTP `status` will be refused again: the table answers with that
 /// status only codes that say do not retry (400, 401, 403, 404, 405, 410, 413).
 pub fn refusal_is_final(status: u16) -> bool {
-    let mut codes = ErrorCode::ALL
-        .into_iter()
-        .filter(|c| c.http_status() == status)
-        .peekable();
-    codes.peek().is_some() && codes.all(|c| c.retry() == Retry::DoNotRetry)
+    !status_retried(status) && ErrorCode::ALL.iter().any(|c| c.http_status() == status)
+}
+
+/// Forwards the control frames the read half owes the peer until `until` resolves, with
+/// its output; `None` when the reader ended or a write failed first (the connection is
+/// gone).
+pub async fn forward_control<T>(
+    ws: &mut WsWrite,
+    control: &mut ControlRx,
+    until: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            biased;
+            c = control.recv() => {
+                ws.write_frame(c?).await.ok()?;
+            }
+            v = &mut until => return Some(v),
+        }
+    }
 }
 
 /// Writes one text frame from `payload` (masked in place).
@@ -336,8 +360,12 @@ mod tests {
         for final_status in [400, 401, 403, 404, 405, 410, 413] {
             assert!(refusal_is_final(final_status), "{final_status}");
         }
-        for retried in [421, 429, 500, 502, 503, 200] {
-            assert!(!refusal_is_final(retried), "{retried}");
+        for retried in [421, 429, 500, 502, 503] {
+            assert!(
+                !refusal_is_final(retried) && status_retried(retried),
+                "{retried}"
+            );
         }
+        assert!(!refusal_is_final(200) && !status_retried(200) && !status_retried(404));
     }
 }

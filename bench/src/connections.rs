@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
@@ -29,12 +29,12 @@ use crate::args::{seconds, MAX_SECONDS};
 use crate::auth::{Auth, AuthArgs};
 use crate::chart::{latency_panel, Chart, Panel, Series};
 use crate::client::{ConnectOptions, Target};
-use crate::harness::Outcome;
+use crate::harness::{self, unix_ms, Outcome, RunFacts};
 use crate::idle::{self, Live};
 use crate::report::{self, map_or_none, new_histogram, LatencySummary};
 use crate::servers::{self, ServerFigures, Watched};
 use crate::timeline::{second_of, Seconds};
-use crate::workers::{self, WorkerEvent, WorkerPlan, WorkerResult};
+use crate::workers::{self, validate_spread, Limits, WorkerEvent, WorkerPlan, WorkerResult};
 use crate::BenchError;
 
 /// Options of `chat-bench connections`.
@@ -118,126 +118,10 @@ pub struct ConnectionsArgs {
 
 const MAX_CONNECTIONS: usize = 1_000_000;
 const MAX_RATE: f64 = 100_000.0;
-const MAX_PROCESSES: usize = 64;
 /// How long the server gets to echo our close frames.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// Time for worker processes to start before their ramp deadline counts.
 const START_GRACE: Duration = Duration::from_secs(20);
-
-/// The machine limits a plan is checked against (a parameter so tests fix them).
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub nofile_hard: u64,
-    pub ports_per_source: u64,
-}
-
-impl Limits {
-    pub fn of_this_machine() -> Limits {
-        Limits {
-            nofile_hard: workers::nofile_hard_limit(),
-            ports_per_source: workers::ephemeral_ports(),
-        }
-    }
-
-    /// Connections one process may hold.
-    pub fn per_process(&self) -> u64 {
-        self.nofile_hard.saturating_sub(workers::FD_RESERVE).max(1)
-    }
-
-    /// Connections one source address (or, unbound, one destination) may carry.
-    pub fn per_source(&self) -> u64 {
-        self.ports_per_source
-            .saturating_sub(workers::PORT_RESERVE)
-            .max(1)
-    }
-}
-
-fn is_loopback_url(url: &str) -> bool {
-    let Ok(uri) = url.parse::<hyper::Uri>() else {
-        return false;
-    };
-    match uri.host() {
-        Some("localhost") => true,
-        Some(h) => h
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback()),
-        None => false,
-    }
-}
-
-/// Checks the shared settings of a plan: the URLs and the source addresses for `total`
-/// connections held by `processes` processes. The message names the flag to change.
-pub fn validate_spread(
-    urls: &[String],
-    total: usize,
-    processes: usize,
-    source_addresses: usize,
-    source_list: &[IpAddr],
-    limits: Limits,
-) -> Result<(), String> {
-    if urls.is_empty() {
-        return Err("--url is required".into());
-    }
-    for u in urls {
-        let uri: hyper::Uri = u.parse().map_err(|e| format!("--url {u:?}: {e}"))?;
-        if !matches!(uri.scheme_str(), Some("ws") | Some("http")) || uri.host().is_none() {
-            return Err(format!("--url {u:?} must look like ws://host:port"));
-        }
-    }
-    if !(1..=MAX_PROCESSES).contains(&processes) {
-        return Err(format!("--processes must be between 1 and {MAX_PROCESSES}"));
-    }
-    let per_process = total.div_ceil(processes) as u64;
-    if per_process > limits.per_process() {
-        return Err(format!(
-            "--processes {processes} gives {per_process} connections per process, more than the \
-             {} one process can hold (open-file hard limit {} minus {} for itself); use \
-             --processes {} or more",
-            limits.per_process(),
-            limits.nofile_hard,
-            workers::FD_RESERVE,
-            (total as u64).div_ceil(limits.per_process())
-        ));
-    }
-    if source_list.is_empty() {
-        if !(1..=254).contains(&source_addresses) {
-            return Err("--source-addresses must be between 1 and 254".into());
-        }
-        if source_addresses > 1 {
-            if let Some(u) = urls.iter().find(|u| !is_loopback_url(u)) {
-                return Err(format!(
-                    "--source-addresses binds to 127.0.0.x, which only reaches loopback \
-                     targets, and --url {u} is not one; name local addresses with \
-                     --source-address instead"
-                ));
-            }
-        }
-    }
-    let sources = if source_list.is_empty() {
-        source_addresses
-    } else {
-        source_list.len()
-    };
-    // Unbound, the kernel picks ports per destination; bound, per source address.
-    let (lanes, what) = if source_list.is_empty() && source_addresses == 1 {
-        (urls.len(), "destination (one source address)")
-    } else {
-        (sources, "source address")
-    };
-    let per_lane = total.div_ceil(lanes) as u64;
-    if per_lane > limits.per_source() {
-        return Err(format!(
-            "--source-addresses: {per_lane} connections per {what} is more than its {} \
-             ephemeral ports allow (less {} kept free); use --source-addresses {} or more",
-            limits.ports_per_source,
-            workers::PORT_RESERVE,
-            (total as u64).div_ceil(limits.per_source())
-        ));
-    }
-    Ok(())
-}
 
 impl ConnectionsArgs {
     pub fn room_prefix(&self) -> String {
@@ -245,13 +129,7 @@ impl ConnectionsArgs {
     }
 
     pub fn sources(&self) -> Vec<IpAddr> {
-        if !self.source_address_list.is_empty() {
-            self.source_address_list.clone()
-        } else if self.source_addresses > 1 {
-            workers::loopback_sources(self.source_addresses)
-        } else {
-            Vec::new()
-        }
+        workers::sources(&self.source_address_list, self.source_addresses)
     }
 
     /// Checks every flag against `limits`; the message names the flag.
@@ -306,10 +184,8 @@ impl ConnectionsArgs {
 /// Everything one `connections` run reports.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ConnectionsReport {
-    pub scenario: String,
-    pub command: String,
-    pub git_rev: String,
-    pub nproc: usize,
+    #[serde(flatten)]
+    pub run: RunFacts,
     /// `/proc/loadavg` (1/5/15 min) when the run started.
     pub load_average: Option<String>,
     pub started_unix_ms: u64,
@@ -379,12 +255,6 @@ pub struct ConnectionsPoint {
 const CONNECTS: usize = 0;
 const FAILURES: usize = 1;
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// The worker's `Instant` for the parent's timeline origin (same machine, same clock), or
 /// its own start without one.
 fn timeline_origin(origin_unix_ms: Option<u64>, own_start: Instant) -> Instant {
@@ -431,34 +301,6 @@ pub struct WorkerSummary {
     pub nofile: String,
 }
 
-pub(crate) fn servers_table(out: &mut String, servers: &[ServerFigures], loaded: &str) {
-    out.push_str(&format!(
-        "| server | RSS before | RSS {loaded} | RSS after close | connections gauge before / {loaded} / after | RSS growth per own connection | CPU (% of one core) |\n|---|---|---|---|---|---|---|\n"
-    ));
-    let g = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.0}"));
-    for s in servers {
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {} / {} / {} | {} | {} |\n",
-            s.metrics_url,
-            report::opt_mib(s.rss_before),
-            report::opt_mib(s.rss_loaded),
-            report::opt_mib(s.rss_after),
-            g(s.connections_before),
-            g(s.connections_loaded),
-            g(s.connections_after),
-            s.rss_per_own_connection
-                .map_or_else(|| "n/a".to_owned(), |b| format!("{:.1} KiB", b / 1024.0)),
-            report::opt_pct(s.cpu_percent),
-        ));
-        if let Some(e) = &s.error {
-            out.push_str(&format!(
-                "| ↳ {} metrics n/a: {e} | | | | | | |\n",
-                s.metrics_url
-            ));
-        }
-    }
-}
-
 impl ConnectionsReport {
     /// Connections open, connects/s and connect latency per second of the ramp and hold.
     pub fn chart(&self) -> String {
@@ -471,7 +313,7 @@ impl ConnectionsReport {
             ),
             subtitle: format!(
                 "git {} · load average at start {} · {}",
-                self.git_rev,
+                self.run.git_rev,
                 self.load_average.as_deref().unwrap_or("n/a"),
                 self.urls.join(", ")
             ),
@@ -511,12 +353,12 @@ impl ConnectionsReport {
 impl Outcome for ConnectionsReport {
     fn to_markdown(&self) -> String {
         let mut out = String::new();
-        report::title_md(&mut out, "connections", &self.command);
+        report::title_md(&mut out, "connections", &self.run.command);
         out.push_str(&format!(
             "git `{}` · nproc {} · load average at start {} · {} connections at {} /s, held {} s, \
              {} per room · {} process(es) · source addresses: {} · {}\n\n",
-            self.git_rev,
-            self.nproc,
+            self.run.git_rev,
+            self.run.nproc,
             self.load_average.as_deref().unwrap_or("n/a"),
             self.target_connections,
             self.target_rate,
@@ -578,7 +420,7 @@ impl Outcome for ConnectionsReport {
             &[("connect (TCP + upgrade + joined)", &self.connect_latency_us)],
         );
         out.push('\n');
-        servers_table(&mut out, &self.servers, "held");
+        servers::table(&mut out, &self.servers, "held");
         out.push_str("\n| worker | attempted | joined | failed | ramp s | ramp CPU s | open files |\n|---|---|---|---|---|---|---|\n");
         for w in &self.workers {
             out.push_str(&format!(
@@ -622,13 +464,11 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
     args.validate(Limits::of_this_machine())
         .map_err(BenchError::Config)?;
     let load_average = report::load_average();
-    let started_unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let started_unix_ms = unix_ms();
     let room_prefix = args.room_prefix();
     let sources = args.sources();
     let watched = Watched::resolve(servers::metrics_urls(&args.urls, &args.metrics_urls)).await;
-    let auth = Auth::from_args(&args.auth).map_err(BenchError::Config)?;
+    let auth = harness::auth(&args.auth)?;
 
     let before = watched.sample().await;
     let overflows0 = report::listen_overflows();
@@ -747,10 +587,7 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
     let after = watched.sample().await;
 
     let mut r = ConnectionsReport {
-        scenario: "connections".into(),
-        command,
-        git_rev: report::git_rev(),
-        nproc: report::nproc(),
+        run: RunFacts::new("connections", command),
         load_average,
         started_unix_ms,
         urls: args.urls.clone(),
@@ -769,15 +606,9 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
         r.attempted += w.attempted;
         r.joined += w.joined;
         r.failed += w.failed;
-        for (k, v) in &w.failures {
-            *r.failures.entry(k.clone()).or_default() += v;
-        }
-        for (k, v) in &w.server_closes {
-            *r.server_closes.entry(k.clone()).or_default() += v;
-        }
-        for (k, v) in &w.errors {
-            *r.errors.entry(k.clone()).or_default() += v;
-        }
+        report::add_counts(&mut r.failures, &w.failures);
+        report::add_counts(&mut r.server_closes, &w.server_closes);
+        report::add_counts(&mut r.errors, &w.errors);
         r.closed_cleanly += w.closed_cleanly;
         r.close_unanswered += w.close_unanswered;
         r.ramp_s = r.ramp_s.max(w.ramp_s);
@@ -807,7 +638,7 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
         .map(|c| c / r.ramp_s * 100.0);
     r.bench_saturated = r
         .bench_ramp_cpu_percent
-        .is_some_and(|c| report::is_saturated(c, r.nproc));
+        .is_some_and(|c| report::is_saturated(c, r.run.nproc));
     r.servers = servers::figures(&watched.servers, &before, &loaded, &after);
     r.rss_per_connection_bytes = servers::rss_per_connection(&r.servers, r.joined);
     r.rss_retained_bytes = servers::rss_retained(&r.servers);
@@ -817,7 +648,7 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
     };
 
     let notes = &mut r.notes;
-    notes.push(report::load_note(r.load_average.as_deref(), r.nproc));
+    notes.push(report::load_note(r.load_average.as_deref(), r.run.nproc));
     notes.extend(problems);
     if let Some(n) = r.listen_overflows_during_ramp.filter(|n| *n > 0) {
         notes.push(format!(
@@ -842,7 +673,7 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
             "load generator saturated during the ramp ({:.0}% of one core on {} cores): the \
              connect rate and latency measure the bench as much as the servers",
             r.bench_ramp_cpu_percent.unwrap_or_default(),
-            r.nproc
+            r.run.nproc
         ));
     }
     if r.achieved_rate < args.rate * 0.9 && r.joined > 0 {
@@ -1170,20 +1001,9 @@ mod tests {
     }
 
     #[test]
-    fn loopback_detection() {
-        assert!(is_loopback_url("ws://127.0.0.1:7000"));
-        assert!(is_loopback_url("ws://127.9.0.1:7000/ws"));
-        assert!(is_loopback_url("ws://localhost:7000"));
-        assert!(is_loopback_url("ws://[::1]:7000"));
-        assert!(!is_loopback_url("ws://10.1.1.1:7000"));
-        assert!(!is_loopback_url("ws://example.com:7000"));
-    }
-
-    #[test]
     fn report_renders() {
         let mut r = ConnectionsReport {
-            scenario: "connections".into(),
-            command: "chat-bench connections".into(),
+            run: RunFacts::new("connections", "chat-bench connections".into()),
             load_average: Some("0.50 0.40 0.30".into()),
             joined: 10,
             attempted: 11,

@@ -28,11 +28,11 @@ use clap::Args;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::auth::{Auth, AuthArgs};
+use crate::auth::AuthArgs;
 use crate::client::Target;
 use crate::cluster_cost::ClusterCostArgs;
 use crate::fanout::{self, FanoutArgs, GroupResult, Groups};
-use crate::harness::Outcome;
+use crate::harness::{self, Outcome};
 use crate::http::HttpClient;
 pub use crate::owner::{lookup, Lookup, Owner};
 use crate::report::{self, map_or_none, new_histogram, LatencySummary, Report};
@@ -344,10 +344,8 @@ async fn publisher(
 
 pub async fn run(args: CrossShardArgs, command: String) -> Result<CrossShardReport, BenchError> {
     args.validate().map_err(BenchError::Config)?;
-    let auth = Auth::from_args(&args.auth).map_err(BenchError::Config)?;
-    let target = Target::resolve(&args.url)
-        .await
-        .map_err(|e| BenchError::Config(format!("--url: {e:#}")))?;
+    let auth = harness::auth(&args.auth)?;
+    let target = harness::target(&args.url).await?;
     let prefix = args.room_prefix();
     let fail = |e: anyhow::Error| BenchError::Failed(e.context("owner lookup"));
 

@@ -26,7 +26,7 @@ use crate::auth::{Auth, AuthArgs};
 use crate::chart::{latency_panel, Chart, Panel, Series};
 use crate::client::{self, ControlRx, Incoming, Reader, Target, WsWrite};
 use crate::cluster_cost::{ClusterCost, ClusterCostArgs, ClusterSample, Probe};
-use crate::harness::{self, flag, CpuMeter, Progress};
+use crate::harness::{self, flag, CpuMeter, Progress, RunFacts};
 use crate::metrics_scrape::{self, ServerSample};
 use crate::payload::{
     decode_body, parse_cid, FrameView, OwnedView, SendFrameEncoder, BODY_HEADER_LEN, MAX_SENDER,
@@ -757,22 +757,15 @@ async fn write_loop(
     if !alive {
         return;
     }
-    loop {
+    let finished = client::forward_control(&mut ws, &mut control, async {
         tokio::select! {
-            biased;
-            c = control.recv() => match c {
-                Some(f) => {
-                    if ws.write_frame(f).await.is_err() {
-                        return;
-                    }
-                }
-                None => return,
-            },
-            _ = flag(&mut finish) => break,
-            _ = flag(&mut hard_stop) => return,
+            _ = flag(&mut finish) => true,
+            _ = flag(&mut hard_stop) => false,
         }
+    });
+    if finished.await == Some(true) {
+        let _ = client::send_close(&mut ws, 1000, "bench done").await;
     }
-    let _ = client::send_close(&mut ws, 1000, "bench done").await;
 }
 
 /// A joined connection waiting for the start.
@@ -1330,10 +1323,7 @@ fn assemble(
     closed: Closed,
 ) -> (Report, Vec<GroupResult>) {
     let mut r = Report {
-        scenario: "fanout".into(),
-        command,
-        git_rev: report::git_rev(),
-        nproc: report::nproc(),
+        run: RunFacts::new("fanout", command),
         started_unix_ms: setup.started_unix_ms,
         load_average: setup.load_average,
         timeline: closed.timeline,
@@ -1403,7 +1393,7 @@ fn assemble(
     r.bench.cpu_percent = window.bench_cpu;
     r.bench_saturated = window
         .bench_cpu
-        .is_some_and(|c| report::is_saturated(c, r.nproc));
+        .is_some_and(|c| report::is_saturated(c, r.run.nproc));
     let [(srv0, srv0_err), (srv1, srv1_err)] = &window.server;
     r.server.cpu_percent = metrics_scrape::cpu_percent(srv0, srv1, window.server_wall_s);
     let rss = |s: &ServerSample| s.resident_bytes.map(|b| b as u64);
@@ -1415,7 +1405,7 @@ fn assemble(
         r.cluster_cost = Some(cost);
     }
     r.webhook = setup.sink.as_ref().map(|s| s.summary(window_s));
-    let mut notes = vec![report::load_note(r.load_average.as_deref(), r.nproc)];
+    let mut notes = vec![report::load_note(r.load_average.as_deref(), r.run.nproc)];
     notes.extend(setup.fd_note);
     notes.extend(run_notes(
         args,
@@ -1454,7 +1444,7 @@ fn run_notes(
             "load generator saturated: the bench used {:.0}% of one core on {} cores; \
              latency and throughput may reflect the bench, not the server",
             r.bench.cpu_percent.unwrap_or_default(),
-            r.nproc
+            r.run.nproc
         ));
     }
     if skipped > 0 || late * 100 > sent {
@@ -1619,7 +1609,7 @@ pub fn chart(r: &Report) -> String {
         subtitle: format!(
             "{} · git {} · load average at start {} · warmup {} s, measured {} s",
             c.url,
-            r.git_rev,
+            r.run.git_rev,
             r.load_average.as_deref().unwrap_or("n/a"),
             c.warmup_s,
             c.duration_s

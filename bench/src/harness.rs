@@ -43,6 +43,27 @@ pub trait Outcome: Serialize {
     }
 }
 
+/// What every report starts with: which scenario, the command line that ran it, the
+/// revision and the machine's cores (flattened into the report's JSON).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunFacts {
+    pub scenario: String,
+    pub command: String,
+    pub git_rev: String,
+    pub nproc: usize,
+}
+
+impl RunFacts {
+    pub fn new(scenario: &str, command: String) -> RunFacts {
+        RunFacts {
+            scenario: scenario.into(),
+            command,
+            git_rev: report::git_rev(),
+            nproc: report::nproc(),
+        }
+    }
+}
+
 /// The files a run writes besides the Markdown it prints (`--json`, `--markdown`, `--chart`).
 #[derive(Debug, Clone, Default)]
 pub struct Outputs {

@@ -12,17 +12,17 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::args::seconds;
-use crate::auth::{Auth, AuthArgs};
+use crate::auth::AuthArgs;
 use crate::chart::{latency_panel, Chart, Panel, Series};
 use crate::client::Target;
-use crate::harness::Outcome;
+use crate::harness::{self, CpuMeter, Outcome, RunFacts};
 use crate::http::{HistoryPage, HttpClient};
 use crate::report::{self, map_or_none, new_histogram, LatencySummary};
 use crate::timeline::{Batch, Seconds, SharedSeconds};
@@ -197,10 +197,8 @@ pub struct Reading {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct HistoryReport {
-    pub scenario: String,
-    pub command: String,
-    pub git_rev: String,
-    pub nproc: usize,
+    #[serde(flatten)]
+    pub run: RunFacts,
     pub started_unix_ms: u64,
     pub config: HistoryConfig,
     pub seeding: Seeding,
@@ -258,7 +256,7 @@ impl HistoryReport {
                 "chat-bench history: {} readers, {} rooms × {} messages, limit {}",
                 c.readers, c.rooms, c.messages_per_room, c.limit
             ),
-            subtitle: format!("{} · git {}", c.url, self.git_rev),
+            subtitle: format!("{} · git {}", c.url, self.run.git_rev),
             x_label: "seconds since reading started".into(),
             panels: vec![
                 latency_panel(
@@ -289,13 +287,13 @@ impl Outcome for HistoryReport {
         let s = &self.seeding;
         let r = &self.reading;
         let mut o = String::new();
-        report::title_md(&mut o, "history", &self.command);
+        report::title_md(&mut o, "history", &self.run.command);
         let _ = writeln!(
             o,
             "git `{}` · nproc {} · {} · {} rooms × {} messages of {} B, {} readers, limit {}, \
              {} s of reading\n",
-            self.git_rev,
-            self.nproc,
+            self.run.git_rev,
+            self.run.nproc,
             c.url,
             c.rooms,
             c.messages_per_room,
@@ -426,7 +424,7 @@ async fn seed(
                                 .ok_or_else(|| anyhow::anyhow!("publish answer without id"))?;
                             break id;
                         }
-                        Ok(a) if matches!(a.status, 421 | 429 | 502 | 503) => {
+                        Ok(a) if crate::client::status_retried(a.status) => {
                             *retries.entry(format!("HTTP {}", a.status)).or_default() += 1;
                         }
                         Ok(a) => {
@@ -605,15 +603,11 @@ impl Walker<'_> {
 pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, BenchError> {
     args.validate().map_err(BenchError::Config)?;
     // One token for the run (its --jwt-ttl must cover the run).
-    let creds = Auth::from_args(&args.auth)
-        .and_then(|a| a.credentials(&args.user))
+    let creds = harness::auth(&args.auth)?
+        .credentials(&args.user)
         .map_err(BenchError::Config)?;
-    let target = Target::resolve(&args.url)
-        .await
-        .map_err(|e| BenchError::Config(format!("--url: {e:#}")))?;
-    let started_unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let target = harness::target(&args.url).await?;
+    let started_unix_ms = harness::unix_ms();
     let load = report::current_load_note();
     let prefix = args.room_prefix();
     let rooms: Vec<String> = (0..args.rooms).map(|r| format!("{prefix}-{r}")).collect();
@@ -632,7 +626,7 @@ pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, Be
         eprintln!("[history] reading for {} s", args.duration);
     }
 
-    let cpu0 = report::self_cpu_seconds();
+    let cpu = CpuMeter::start();
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs_f64(args.duration);
     let rooms = Arc::new(rooms);
@@ -707,9 +701,7 @@ pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, Be
         };
         reading.pages += o.pages;
         reading.messages += o.messages;
-        for (k, v) in o.errors {
-            *reading.errors.entry(k).or_default() += v;
-        }
+        report::add_counts(&mut reading.errors, &o.errors);
         reading.walks_ok += o.ok;
         reading.walks_mismatched += o.mismatched;
         reading.walks_failed += o.failed;
@@ -721,7 +713,7 @@ pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, Be
             let _ = lat.add(&h);
         }
     }
-    let cpu1 = report::self_cpu_seconds();
+    let bench_cpu = cpu.percent();
     let wall = t0.elapsed().as_secs_f64();
     let mut per_second = seconds.snapshot();
     per_second.extend_to(wall.ceil() as usize);
@@ -729,10 +721,6 @@ pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, Be
     reading.messages_per_s = reading.messages as f64 / wall;
     reading.page_latency_us = LatencySummary::from_histogram(&lat);
     reading.mismatch_examples.truncate(10);
-    let bench_cpu = match (cpu0, cpu1) {
-        (Some(a), Some(b)) if wall > 0.0 => Some((b - a) / wall * 100.0),
-        _ => None,
-    };
     let nproc = report::nproc();
     let bench_saturated = bench_cpu.is_some_and(|c| report::is_saturated(c, nproc));
     let mut notes = vec![load];
@@ -756,10 +744,7 @@ pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, Be
             .into(),
     );
     Ok(HistoryReport {
-        scenario: "history".into(),
-        command,
-        git_rev: report::git_rev(),
-        nproc,
+        run: RunFacts::new("history", command),
         started_unix_ms,
         config: HistoryConfig {
             url: args.url.clone(),

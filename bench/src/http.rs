@@ -150,7 +150,8 @@ fn id_from_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> 
 }
 
 /// Reads a room's whole history oldest first (`after=` paging, `limit` per page) through
-/// `client`, retrying refusals that mean "try again" (421, 502, 503) until `deadline`.
+/// `client`, retrying answers `common`'s table says to retry ([`crate::client::status_retried`])
+/// until `deadline`.
 /// `credentials` (`user=U` or `token=JWT`, see [`crate::auth::Auth::credentials`])
 /// authenticate. Returns the entries and the number of pages.
 pub async fn read_history(
@@ -192,7 +193,7 @@ pub async fn read_history(
                 }
                 false
             }
-            Ok(a) if matches!(a.status, 421 | 502 | 503) => true,
+            Ok(a) if crate::client::status_retried(a.status) => true,
             Ok(a) => anyhow::bail!(
                 "history of {room}: HTTP {} {}",
                 a.status,

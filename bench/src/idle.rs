@@ -187,24 +187,15 @@ pub fn hold(j: Joined) -> Live {
         mut control,
         ..
     } = j;
-    let (close_tx, mut close_rx) = oneshot::channel::<()>();
+    let (close_tx, close_rx) = oneshot::channel::<()>();
     let writer = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                biased;
-                c = control.recv() => match c {
-                    Some(f) => {
-                        if ws.write_frame(f).await.is_err() {
-                            return;
-                        }
-                    }
-                    None => return,
-                },
-                // Asked to close, or the owner is gone: close either way.
-                _ = &mut close_rx => break,
-            }
+        // Asked to close, or the owner is gone: close either way.
+        if client::forward_control(&mut ws, &mut control, close_rx)
+            .await
+            .is_some()
+        {
+            let _ = client::send_close(&mut ws, 1000, "bench done").await;
         }
-        let _ = client::send_close(&mut ws, 1000, "bench done").await;
     });
     let reader = tokio::spawn(async move {
         let mut end = ReadEnd::default();

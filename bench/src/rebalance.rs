@@ -38,7 +38,7 @@ use crate::args::seconds;
 use crate::auth::{Auth, AuthArgs};
 use crate::chart::{latency_panel, Chart, Mark, Panel, Series};
 use crate::client::{self, Incoming, Target, WsWrite};
-use crate::harness::{self, CpuMeter, Outcome, Progress};
+use crate::harness::{self, CpuMeter, Outcome, Progress, RunFacts};
 use crate::http::HttpClient;
 use crate::payload::FrameView;
 use crate::report::{self, close_label, map_or_none, LatencySummary};
@@ -1454,10 +1454,8 @@ pub struct StreamStats {
 /// Everything one `rebalance` run reports.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RebalanceReport {
-    pub scenario: String,
-    pub command: String,
-    pub git_rev: String,
-    pub nproc: usize,
+    #[serde(flatten)]
+    pub run: RunFacts,
     pub started_unix_ms: u64,
     /// `PASS` when the store judged was read and shows no failure, else `FAIL`.
     pub verdict: String,
@@ -1642,7 +1640,12 @@ impl RebalanceReport {
                 "chat-bench rebalance: {} rooms × {} members × {} msg/s",
                 c.rooms, c.members, c.rate_per_member
             ),
-            subtitle: format!("{} · git {} · {}", c.url, self.git_rev, changes.join(" · ")),
+            subtitle: format!(
+                "{} · git {} · {}",
+                c.url,
+                self.run.git_rev,
+                changes.join(" · ")
+            ),
             x_label: "seconds since the first scheduled send".into(),
             panels: vec![
                 latency_panel(
@@ -1688,14 +1691,14 @@ impl Outcome for RebalanceReport {
         report::title_md(
             &mut o,
             &format!("rebalance: {}", self.verdict),
-            &self.command,
+            &self.run.command,
         );
         let _ = writeln!(
             o,
             "git `{}` · nproc {} · {} · {} rooms × {} members at {} msg/s each, {} B bodies, \
              {} s of sending, drain up to {} s, dead after {}\n",
-            self.git_rev,
-            self.nproc,
+            self.run.git_rev,
+            self.run.nproc,
             c.url,
             c.rooms,
             c.members,
@@ -2523,10 +2526,7 @@ pub async fn judge(load: Load) -> RebalanceReport {
         .bench_cpu
         .is_some_and(|c| report::is_saturated(c, nproc));
     let mut r = RebalanceReport {
-        scenario: "rebalance".into(),
-        command: load.command.clone(),
-        git_rev: report::git_rev(),
-        nproc,
+        run: RunFacts::new("rebalance", load.command.clone()),
         started_unix_ms: load.started_unix_ms,
         verdict: String::new(),
         config: RebalanceConfig {
@@ -2850,7 +2850,7 @@ fn warnings(r: &mut RebalanceReport, load: &Load, cql_read: bool, plan: Option<&
         notes.push(format!(
             "load generator saturated: the bench used {:.0}% of one core on {} cores",
             r.bench_cpu_percent.unwrap_or_default(),
-            r.nproc
+            r.run.nproc
         ));
     }
     if load.lost_tasks > 0 {

@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::harness::Outcome;
+use crate::harness::{Outcome, RunFacts};
 
 /// Latency histograms record microseconds from 1 µs to 60 s at 3 significant digits.
 pub const HIST_MAX_US: u64 = 60_000_000;
@@ -237,10 +237,8 @@ pub struct TimelinePoint {
 /// Everything one `fanout` run reports.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
-    pub scenario: String,
-    pub command: String,
-    pub git_rev: String,
-    pub nproc: usize,
+    #[serde(flatten)]
+    pub run: RunFacts,
     /// `/proc/loadavg` (1/5/15 min) when the run started: other processes share the cores.
     pub load_average: Option<String>,
     pub started_unix_ms: u64,
@@ -411,13 +409,13 @@ impl Outcome for Report {
         let c = &self.config;
         let m = &self.messages;
         let mut out = String::new();
-        title_md(&mut out, &self.scenario, &self.command);
+        title_md(&mut out, &self.run.scenario, &self.run.command);
         let _ = writeln!(
             out,
             "git `{}` · nproc {} · {} rooms × {} members at {} msg/s each, {} B bodies, \
              {} s warmup + {} s measured\n",
-            self.git_rev,
-            self.nproc,
+            self.run.git_rev,
+            self.run.nproc,
             c.rooms,
             c.members,
             c.rate_per_member,
@@ -834,10 +832,12 @@ mod tests {
     #[test]
     fn report_renders_markdown_and_json() {
         let mut r = Report {
-            scenario: "fanout".into(),
-            command: "chat-bench fanout --rooms 2".into(),
-            git_rev: "abc1234".into(),
-            nproc: 2,
+            run: RunFacts {
+                scenario: "fanout".into(),
+                command: "chat-bench fanout --rooms 2".into(),
+                git_rev: "abc1234".into(),
+                nproc: 2,
+            },
             ..Default::default()
         };
         r.config.rooms = 2;

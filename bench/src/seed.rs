@@ -13,15 +13,15 @@
 //! Verdicts are pure functions of the reports, so they are unit-tested without a server.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
 
 use crate::client::{self, Incoming, Target};
 use crate::fanout::{self, FanoutArgs};
-use crate::harness::Outcome;
-use crate::payload::FrameView;
+use crate::harness::{self, Outcome};
+use crate::idle::{self, Joined};
 use crate::report::{self, close_label, Report};
 use crate::BenchError;
 
@@ -413,55 +413,26 @@ async fn fanout_test(
     })
 }
 
-/// The slow member: connected with a small receive buffer and joined, then left unread.
-struct SlowClient {
-    reader: client::Reader,
-    // Held so the socket stays open (dropping the write half shuts it down) and so owed
-    // pongs have somewhere to go while the client is not reading.
-    _ws: client::WsWrite,
-    _control: client::ControlRx,
-}
-
+/// The slow member: connected with a small receive buffer and joined, then left unread
+/// (its write half is held, so the socket stays open and owed pongs have somewhere to go).
 async fn slow_connect(
     target: &Target,
     room: &str,
     recv_buffer: u32,
     auth: &crate::auth::Auth,
-) -> anyhow::Result<SlowClient> {
-    let timeout = Duration::from_secs(10);
+) -> anyhow::Result<Joined> {
     let opts = client::ConnectOptions {
         credentials: auth.credentials("seed-slow").map_err(anyhow::Error::msg)?,
         source: None,
         recv_buffer: Some(recv_buffer),
     };
-    let (rd, ws) = client::connect_as(target, room, &opts, timeout).await?;
-    let (mut reader, control) = client::reader(rd);
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let next = tokio::time::timeout_at(deadline, reader.next())
-            .await
-            .map_err(|_| anyhow::anyhow!("slow client: no joined frame in time"))?;
-        match next? {
-            Incoming::Data(b) => {
-                if FrameView::parse(&b).is_some_and(|v| v.kind == "joined" && v.room == Some(room))
-                {
-                    return Ok(SlowClient {
-                        reader,
-                        _ws: ws,
-                        _control: control,
-                    });
-                }
-            }
-            Incoming::Close(code) => {
-                anyhow::bail!("slow client closed before joined: {}", close_label(code))
-            }
-            Incoming::Fragment | Incoming::Other => {}
-        }
-    }
+    idle::connect_joined(target, room, &opts, Duration::from_secs(10))
+        .await
+        .map_err(|e| anyhow::anyhow!("slow client: {e}"))
 }
 
 /// Resumes reading until the close frame, the end of the connection or `wait`.
-async fn slow_drain(mut slow: SlowClient, wait: Duration) -> SlowOutcome {
+async fn slow_drain(mut slow: Joined, wait: Duration) -> SlowOutcome {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + wait;
     let mut out = SlowOutcome {
@@ -504,9 +475,7 @@ async fn slow_test(
     let room_prefix = format!("{prefix}-c");
     let fargs = args.fanout(1, 99, args.slow_rate, args.slow_size, room_prefix.clone());
     fargs.validate().map_err(BenchError::Config)?;
-    let target = Target::resolve(&args.url)
-        .await
-        .map_err(|e| BenchError::Config(format!("--url: {e:#}")))?;
+    let target = harness::target(&args.url).await?;
     let failed = |e: String, title: String| TestResult {
         id: "c",
         title,
@@ -516,7 +485,7 @@ async fn slow_test(
         report: None,
     };
     eprintln!("chat-bench seed-suite: (c) {title}");
-    let auth = crate::auth::Auth::from_args(&args.auth).map_err(BenchError::Config)?;
+    let auth = harness::auth(&args.auth)?;
     let slow = match slow_connect(
         &target,
         &format!("{room_prefix}-0"),
@@ -550,9 +519,7 @@ async fn slow_test(
 pub async fn run(args: SeedSuiteArgs, command: String) -> Result<SuiteReport, BenchError> {
     args.validate().map_err(BenchError::Config)?;
     let load_average = report::load_average();
-    let started_unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let started_unix_ms = harness::unix_ms();
     let prefix = args
         .room_prefix
         .clone()

@@ -179,6 +179,35 @@ pub fn rss_retained(servers: &[ServerFigures]) -> Option<i64> {
     (!servers.is_empty()).then_some(delta)
 }
 
+/// The servers' figures as a Markdown table; `loaded` names the loaded sample ("held").
+pub fn table(out: &mut String, servers: &[ServerFigures], loaded: &str) {
+    out.push_str(&format!(
+        "| server | RSS before | RSS {loaded} | RSS after close | connections gauge before / {loaded} / after | RSS growth per own connection | CPU (% of one core) |\n|---|---|---|---|---|---|---|\n"
+    ));
+    let g = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.0}"));
+    for s in servers {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} / {} / {} | {} | {} |\n",
+            s.metrics_url,
+            crate::report::opt_mib(s.rss_before),
+            crate::report::opt_mib(s.rss_loaded),
+            crate::report::opt_mib(s.rss_after),
+            g(s.connections_before),
+            g(s.connections_loaded),
+            g(s.connections_after),
+            s.rss_per_own_connection
+                .map_or_else(|| "n/a".to_owned(), |b| format!("{:.1} KiB", b / 1024.0)),
+            crate::report::opt_pct(s.cpu_percent),
+        ));
+        if let Some(e) = &s.error {
+            out.push_str(&format!(
+                "| ↳ {} metrics n/a: {e} | | | | | | |\n",
+                s.metrics_url
+            ));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,134 @@ use crate::auth::AuthArgs;
 use crate::report::new_histogram;
 use crate::timeline::WireSecond;
 
+/// The machine limits a plan is checked against (a parameter so tests fix them).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub nofile_hard: u64,
+    pub ports_per_source: u64,
+}
+
+impl Limits {
+    pub fn of_this_machine() -> Limits {
+        Limits {
+            nofile_hard: nofile_hard_limit(),
+            ports_per_source: ephemeral_ports(),
+        }
+    }
+
+    /// Connections one process may hold.
+    pub fn per_process(&self) -> u64 {
+        self.nofile_hard.saturating_sub(FD_RESERVE).max(1)
+    }
+
+    /// Connections one source address (or, unbound, one destination) may carry.
+    pub fn per_source(&self) -> u64 {
+        self.ports_per_source.saturating_sub(PORT_RESERVE).max(1)
+    }
+}
+
+fn is_loopback_url(url: &str) -> bool {
+    let Ok(uri) = url.parse::<hyper::Uri>() else {
+        return false;
+    };
+    match uri.host() {
+        Some("localhost") => true,
+        Some(h) => h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    }
+}
+
+/// Checks the shared settings of a plan: the URLs and the source addresses for `total`
+/// connections held by `processes` processes. The message names the flag to change.
+pub fn validate_spread(
+    urls: &[String],
+    total: usize,
+    processes: usize,
+    source_addresses: usize,
+    source_list: &[IpAddr],
+    limits: Limits,
+) -> Result<(), String> {
+    if urls.is_empty() {
+        return Err("--url is required".into());
+    }
+    for u in urls {
+        let uri: hyper::Uri = u.parse().map_err(|e| format!("--url {u:?}: {e}"))?;
+        if !matches!(uri.scheme_str(), Some("ws") | Some("http")) || uri.host().is_none() {
+            return Err(format!("--url {u:?} must look like ws://host:port"));
+        }
+    }
+    if !(1..=MAX_PROCESSES).contains(&processes) {
+        return Err(format!("--processes must be between 1 and {MAX_PROCESSES}"));
+    }
+    let per_process = total.div_ceil(processes) as u64;
+    if per_process > limits.per_process() {
+        return Err(format!(
+            "--processes {processes} gives {per_process} connections per process, more than the \
+             {} one process can hold (open-file hard limit {} minus {} for itself); use \
+             --processes {} or more",
+            limits.per_process(),
+            limits.nofile_hard,
+            FD_RESERVE,
+            (total as u64).div_ceil(limits.per_process())
+        ));
+    }
+    if source_list.is_empty() {
+        if !(1..=254).contains(&source_addresses) {
+            return Err("--source-addresses must be between 1 and 254".into());
+        }
+        if source_addresses > 1 {
+            if let Some(u) = urls.iter().find(|u| !is_loopback_url(u)) {
+                return Err(format!(
+                    "--source-addresses binds to 127.0.0.x, which only reaches loopback \
+                     targets, and --url {u} is not one; name local addresses with \
+                     --source-address instead"
+                ));
+            }
+        }
+    }
+    let sources = if source_list.is_empty() {
+        source_addresses
+    } else {
+        source_list.len()
+    };
+    // Unbound, the kernel picks ports per destination; bound, per source address.
+    let (lanes, what) = if source_list.is_empty() && source_addresses == 1 {
+        (urls.len(), "destination (one source address)")
+    } else {
+        (sources, "source address")
+    };
+    let per_lane = total.div_ceil(lanes) as u64;
+    if per_lane > limits.per_source() {
+        return Err(format!(
+            "--source-addresses: {per_lane} connections per {what} is more than its {} \
+             ephemeral ports allow (less {} kept free); use --source-addresses {} or more",
+            limits.ports_per_source,
+            PORT_RESERVE,
+            (total as u64).div_ceil(limits.per_source())
+        ));
+    }
+    Ok(())
+}
+
+/// The local addresses to bind to in turn: `list` when given, else 127.0.0.1..127.0.0.K
+/// for `k` above 1, else none (unbound).
+pub fn sources(list: &[IpAddr], k: usize) -> Vec<IpAddr> {
+    if !list.is_empty() {
+        list.to_vec()
+    } else if k > 1 {
+        loopback_sources(k)
+    } else {
+        Vec::new()
+    }
+}
+
+/// Most worker processes one run may start.
+const MAX_PROCESSES: usize = 64;
+
 /// The hidden subcommand a worker runs as.
 pub const WORKER_SUBCOMMAND: &str = "__worker";
 
@@ -286,6 +414,16 @@ mod tests {
         assert_eq!(w.iter().sum::<u64>(), 7);
         assert_eq!(s, vec![4, 3]);
         assert_eq!(counts(3, 0, 0), (vec![3], vec![3]));
+    }
+
+    #[test]
+    fn loopback_detection() {
+        assert!(is_loopback_url("ws://127.0.0.1:7000"));
+        assert!(is_loopback_url("ws://127.9.0.1:7000/ws"));
+        assert!(is_loopback_url("ws://localhost:7000"));
+        assert!(is_loopback_url("ws://[::1]:7000"));
+        assert!(!is_loopback_url("ws://10.1.1.1:7000"));
+        assert!(!is_loopback_url("ws://example.com:7000"));
     }
 
     #[test]
