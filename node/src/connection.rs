@@ -21,7 +21,8 @@ use tracing::Instrument;
 
 use crate::auth::Principal;
 use crate::cluster::Route;
-use crate::outbound::{ConnHandle, Out};
+use crate::frames::Out;
+use crate::outbound::ConnHandle;
 use crate::reader::{FrameReader, Incoming, ReadError};
 use crate::registry::{RoomHandle, SendFailed};
 use crate::room::{Reply, RoomCmd, Source};
@@ -157,7 +158,7 @@ pub async fn serve(
         }
         if !r.bridged_owners.is_empty() {
             if let Some(bus) = state.bus.get() {
-                bus.bridges.conn_ended(&state, conn_id, &r.bridged_owners);
+                bus.conn_ended(conn_id, &r.bridged_owners);
             }
         }
         state.unregister_conn(conn_id);
@@ -270,7 +271,7 @@ impl ReaderState {
                 }
                 if let Some(owner) = self.remote.remove(&room) {
                     if let Some(bus) = self.state.bus.get() {
-                        bus.bridges.leave(&self.state, &self.conn, owner, room);
+                        bus.leave(&self.conn, owner, room);
                     }
                     return;
                 }
@@ -297,8 +298,7 @@ impl ReaderState {
                         return;
                     }
                     if let Some(bus) = self.state.bus.get() {
-                        bus.bridges
-                            .send(&self.state, &self.conn, owner, room, cid, body);
+                        bus.send(&self.conn, owner, room, cid, body);
                     }
                     return;
                 }
@@ -450,10 +450,7 @@ impl ReaderState {
             return;
         };
         self.bridged_owners.insert(owner);
-        if bus
-            .bridges
-            .join(&self.state, &self.conn, owner, room.clone(), since)
-        {
+        if bus.join(&self.conn, owner, room.clone(), since) {
             self.remote.insert(room, owner);
         }
     }

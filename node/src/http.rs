@@ -133,7 +133,7 @@ fn readiness(state: &NodeState) -> (bool, serde_json::Value) {
         },
         // The bus carries only cross-shard traffic: local rooms keep working without it, so
         // it is reported here but does not make the node unready.
-        "bus": state.bus.get().map(|b| serde_json::json!({ "ok": b.is_up() })),
+        "bus": state.bus.get().map(|b| serde_json::json!({ "ok": b.bus().is_up() })),
         "shutting_down": state.is_shutting_down(),
     });
     (ready, body)
@@ -427,6 +427,7 @@ async fn publish(req: Request<Incoming>, state: &Arc<NodeState>, room: RoomId) -
     if let (Some(owner), Some(bus)) = (owner_elsewhere, state.bus.get()) {
         let wait = state.config.store_timeout * 2 + Duration::from_secs(1);
         let result = bus
+            .bus()
             .forward_send(
                 owner.id,
                 room.clone(),

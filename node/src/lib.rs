@@ -12,6 +12,7 @@ pub mod bus;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod frames;
 pub mod hooks;
 pub mod http;
 pub mod outbound;
@@ -219,9 +220,9 @@ pub async fn run_with_store(
     }
     cluster.spawn_lease_guard(state.registry.clone(), background.clone());
     if let Some(bus) = bus {
-        bus.attach(Arc::downgrade(&state));
-        bus::bridge::spawn_ring_watch(bus.clone(), state.clone(), background.clone());
-        let _ = state.bus.set(bus);
+        let bridges = bus::bridge::Bridges::attach(bus, cluster.clone(), state.registry.clone());
+        bus::bridge::spawn_ring_watch(bridges.clone(), background.clone());
+        let _ = state.bus.set(bridges);
     }
     tracing::info!(
         addr = %local,
@@ -302,10 +303,10 @@ async fn shutdown_gracefully(state: &Arc<NodeState>, ctx: &Arc<RoomCtx>, accepto
     }
     // Remote members bridged into this node's rooms go the same way.
     if let Some(bus) = state.bus.get() {
-        bus.bridges.close_all_proxies(CloseCode::GoingAway);
+        bus.close_all_proxies(CloseCode::GoingAway);
         // Their closes travel in the links: give the writers a moment to publish them.
         let flushed_by = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
-        while bus.bridges.queued() > 0 && tokio::time::Instant::now() < flushed_by {
+        while bus.queued() > 0 && tokio::time::Instant::now() < flushed_by {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

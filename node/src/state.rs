@@ -21,8 +21,9 @@ use crate::room::RoomCtx;
 pub struct NodeState {
     pub config: Arc<Config>,
     pub cluster: Arc<Cluster>,
-    /// Cross-shard forwarding; set in cluster mode once the inbox is subscribed.
-    pub bus: std::sync::OnceLock<Arc<bus::redis::Bus>>,
+    /// Cross-shard traffic (forwarded publishes, bridged rooms); set in cluster mode once
+    /// the inbox is subscribed.
+    pub bus: std::sync::OnceLock<Arc<bus::bridge::Bridges>>,
     pub registry: Arc<Registry>,
     pub auth: Authenticator,
     /// Users online on this node, mirrored to Redis for cluster-wide presence.

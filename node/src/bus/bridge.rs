@@ -24,12 +24,15 @@ use std::sync::{Arc, Mutex};
 use common::{metrics as m, CloseCode, ErrorCode, MessageId, RoomId, ServerFrame, UserId};
 use tokio_util::sync::CancellationToken;
 
-use super::link::Link;
-use super::redis::Bus;
+use super::link::{Carrier, Link, Published};
+use super::redis::{Bus, Handled, Inbox};
 use super::wire::{Batch, Item};
-use crate::outbound::{ConnHandle, Out};
+use crate::cluster::{Cluster, Route};
+use crate::frames::Out;
+use crate::outbound::ConnHandle;
+use crate::registry::Registry;
+use crate::room::Accepted;
 use crate::room::{Reply, RoomCmd, Source};
-use crate::state::NodeState;
 
 /// Owner side: a remote connection bridged into this node's rooms.
 struct Proxy {
@@ -132,8 +135,14 @@ impl Requester {
     }
 }
 
-#[derive(Default)]
+/// This node's end of cross-shard traffic: the transport, both ends of bridged
+/// connections, and the node's rooms and ring it serves them from.
 pub struct Bridges {
+    bus: Arc<Bus>,
+    cluster: Arc<Cluster>,
+    registry: Arc<Registry>,
+    /// Itself, for the links (they hold it weakly, as their [`Carrier`]).
+    me: std::sync::Weak<Bridges>,
     links: Mutex<HashMap<u16, Arc<Link>>>,
     /// Owner side: proxies of remote connections, by (node, connection).
     proxies: Mutex<HashMap<(u16, u64), Proxy>>,
@@ -183,19 +192,46 @@ fn dup(out: &Out) -> Out {
 }
 
 impl Bridges {
+    /// Serves `bus`'s inbox from the node's rooms (`registry`) and ring (`cluster`).
+    pub fn attach(bus: Arc<Bus>, cluster: Arc<Cluster>, registry: Arc<Registry>) -> Arc<Bridges> {
+        let bridges = Arc::new_cyclic(|me| Bridges {
+            bus,
+            cluster,
+            registry,
+            me: me.clone(),
+            links: Mutex::default(),
+            proxies: Mutex::default(),
+            requester: Mutex::default(),
+        });
+        let inbox: Arc<dyn Inbox> = bridges.clone();
+        bridges.bus.attach(Arc::downgrade(&inbox));
+        bridges
+    }
+
+    /// The transport (forwarded publishes, whether the inbox is live).
+    pub fn bus(&self) -> &Arc<Bus> {
+        &self.bus
+    }
+
+    /// The link to `owner` while the inbox is live (a node whose subscription is down
+    /// would not hear the answers).
+    fn live_link(&self, owner: u16) -> Option<Arc<Link>> {
+        self.bus.is_up().then(|| self.link(owner)).flatten()
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.registry.ctx().is_draining()
+    }
+
     /// The link to `peer`, started on first use.
-    fn link(&self, bus: &Arc<Bus>, state: &Arc<NodeState>, peer: u16) -> Option<Arc<Link>> {
+    fn link(&self, peer: u16) -> Option<Arc<Link>> {
         let mut links = self.links.lock().ok()?;
         Some(
             links
                 .entry(peer)
                 .or_insert_with(|| {
-                    Link::start(
-                        peer,
-                        Arc::downgrade(bus),
-                        Arc::downgrade(state),
-                        bus.stop_token(),
-                    )
+                    let carrier: std::sync::Weak<dyn Carrier> = self.me.clone();
+                    Link::start(peer, carrier, self.bus.stop_token())
                 })
                 .clone(),
         )
@@ -209,7 +245,6 @@ impl Bridges {
     /// owner cannot take it.
     pub fn join(
         &self,
-        state: &Arc<NodeState>,
         conn: &Arc<ConnHandle>,
         owner: u16,
         room: RoomId,
@@ -224,11 +259,8 @@ impl Bridges {
             user: conn.user.clone(),
             since,
         };
-        let placed = state
-            .bus
-            .get()
-            .filter(|bus| bus.is_up())
-            .and_then(|bus| self.link(bus, state, owner))
+        let placed = self
+            .live_link(owner)
             .and_then(|link| link.push_counted(item));
         match placed {
             Some(at) => {
@@ -263,7 +295,6 @@ impl Bridges {
     /// A `send` from a bridged connection, answered (ack or error) by the owner.
     pub fn send(
         &self,
-        state: &Arc<NodeState>,
         conn: &Arc<ConnHandle>,
         owner: u16,
         room: RoomId,
@@ -280,25 +311,22 @@ impl Bridges {
             cid,
             body,
         };
-        self.push(state, owner, item, conn, Some(&cid_text), &room)
+        self.push(owner, item, conn, Some(&cid_text), &room)
     }
 
     /// The connection left a remote room: it stops getting the room's frames at once.
-    pub fn leave(&self, state: &Arc<NodeState>, conn: &Arc<ConnHandle>, owner: u16, room: RoomId) {
+    pub fn leave(&self, conn: &Arc<ConnHandle>, owner: u16, room: RoomId) {
         let owner = self.owner_of(conn.id, &room).unwrap_or(owner);
         self.untrack(conn.id, &room);
         let item = Item::Leave {
             conn: conn.id,
             room: room.clone(),
         };
-        self.push(state, owner, item, conn, None, &room);
+        self.push(owner, item, conn, None, &room);
     }
 
     /// The connection ended: every owner it joined through forgets it.
-    pub fn conn_ended(&self, state: &Arc<NodeState>, conn: u64, owners: &HashSet<u16>) {
-        let Some(bus) = state.bus.get() else {
-            return;
-        };
+    pub fn conn_ended(&self, conn: u64, owners: &HashSet<u16>) {
         let mut owners = owners.clone();
         if let Ok(mut r) = self.requester.lock() {
             if let Some(b) = r.remove(conn) {
@@ -306,7 +334,7 @@ impl Bridges {
             }
         }
         for owner in owners {
-            if let Some(link) = self.link(bus, state, owner) {
+            if let Some(link) = self.link(owner) {
                 // A link that cannot take it resets, which forgets the connection too.
                 link.push(Item::Gone { conn });
             }
@@ -331,19 +359,13 @@ impl Bridges {
 
     fn push(
         &self,
-        state: &Arc<NodeState>,
         owner: u16,
         item: Item,
         conn: &ConnHandle,
         cid: Option<&str>,
         room: &RoomId,
     ) -> bool {
-        let ok = state
-            .bus
-            .get()
-            .filter(|bus| bus.is_up())
-            .and_then(|bus| self.link(bus, state, owner))
-            .is_some_and(|link| link.push(item));
+        let ok = self.live_link(owner).is_some_and(|link| link.push(item));
         if !ok {
             unreachable_owner(conn, cid, room);
         }
@@ -356,9 +378,9 @@ impl Bridges {
 
     /// Takes one batch from `batch.from`'s link, in order. A batch out of sequence means one
     /// was lost: everything bridged with that peer is reset, and the batch dropped.
-    pub(crate) async fn on_batch(&self, bus: &Arc<Bus>, state: &Arc<NodeState>, batch: Batch) {
+    pub(crate) async fn on_batch(&self, batch: Batch) {
         let from = batch.from;
-        if from == bus.me() {
+        if from == self.bus.me() {
             return;
         }
         // A batch that starts with a reset is the peer starting over with us: taken whatever
@@ -398,19 +420,17 @@ impl Bridges {
                     seq = batch.seq,
                     "link gap; resetting what is bridged with the peer"
                 );
-                self.reset_peer(state, from, "gap", None);
-                if let Some(link) = self.link(bus, state, from) {
+                self.reset_peer(from, "gap", None);
+                if let Some(link) = self.link(from) {
                     link.push(self.reset_item(from));
                 }
                 return;
             }
-            Some(Verdict::Restarted { known: true }) => {
-                self.reset_peer(state, from, "restarted", None)
-            }
+            Some(Verdict::Restarted { known: true }) => self.reset_peer(from, "restarted", None),
             Some(Verdict::Baseline) => {
                 // The peer may still hold what an earlier process of this node had bridged
                 // with it: have it forget that, but not the joins of this batch or later.
-                if let Some(link) = self.link(bus, state, from) {
+                if let Some(link) = self.link(from) {
                     link.push(Item::Forget {
                         epoch: batch.epoch,
                         upto: batch.seq - 1,
@@ -463,26 +483,25 @@ impl Bridges {
                 | Item::Close { .. }
                 | Item::Moved { .. }
                 | Item::Refused { .. } => {
-                    let then = self.on_owner_item(from, bus.me(), item);
-                    self.then(bus, state, then);
+                    let then = self.on_owner_item(from, self.bus.me(), item);
+                    self.then(then);
                 }
                 Item::Reset { epoch, upto } | Item::Forget { epoch, upto } => {
                     // Our joins the peer had taken when it reset are gone there; later
                     // ones stand. Joins from an earlier incarnation of ours are not ours.
                     let whole = matches!(item, Item::Reset { .. });
-                    let upto = if epoch == bus.epoch() {
-                        self.link(bus, state, from)
-                            .and_then(|link| link.covered_by(upto))
+                    let upto = if epoch == self.bus.epoch() {
+                        self.link(from).and_then(|link| link.covered_by(upto))
                     } else {
                         Some(0)
                     };
                     if whole {
-                        self.reset_peer(state, from, "peer", upto)
+                        self.reset_peer(from, "peer", upto)
                     } else {
                         self.forget_joins(from, "peer", upto);
                     }
                 }
-                request => self.on_request(bus, state, from, request).await,
+                request => self.on_request(from, request).await,
             }
         }
     }
@@ -638,7 +657,7 @@ impl Bridges {
         Then::Nothing
     }
 
-    fn then(&self, bus: &Arc<Bus>, state: &Arc<NodeState>, then: Then) {
+    fn then(&self, then: Then) {
         let Then::Rejoin {
             conn,
             room,
@@ -654,7 +673,7 @@ impl Bridges {
             user: conn.user.clone(),
             since: Some(since),
         };
-        match self.link(bus, state, to).and_then(|l| l.push_counted(item)) {
+        match self.link(to).and_then(|l| l.push_counted(item)) {
             Some(at) => {
                 if let Ok(mut r) = self.requester.lock() {
                     if let Some(remote) = r
@@ -679,13 +698,7 @@ impl Bridges {
     /// and this node's connections bridged to its rooms (those whose join is at or before
     /// `upto` in the link; all with `None`) are closed with 4002 so their clients resume
     /// with `since`.
-    pub(crate) fn reset_peer(
-        &self,
-        state: &Arc<NodeState>,
-        peer: u16,
-        reason: &'static str,
-        upto: Option<u64>,
-    ) {
+    pub(crate) fn reset_peer(&self, peer: u16, reason: &'static str, upto: Option<u64>) {
         let closed = self.forget_joins(peer, reason, upto);
         let dropped: Vec<u64> = self
             .proxies
@@ -707,7 +720,7 @@ impl Bridges {
             );
         }
         for conn in dropped {
-            self.drop_proxy(state, peer, conn);
+            self.drop_proxy(peer, conn);
         }
     }
 
@@ -750,7 +763,7 @@ impl Bridges {
 
     /// The bus subscription dropped: anything from any peer may be lost. Resets every peer
     /// and tells each.
-    pub(crate) fn interrupt_all(&self, state: &Arc<NodeState>) {
+    pub(crate) fn interrupt_all(&self) {
         let mut peers: HashSet<u16> = self
             .requester
             .lock()
@@ -771,7 +784,7 @@ impl Bridges {
             .map(|l| l.values().cloned().collect())
             .unwrap_or_default();
         for peer in peers {
-            self.reset_peer(state, peer, "unsubscribed", None);
+            self.reset_peer(peer, "unsubscribed", None);
         }
         for link in links {
             link.push(self.reset_item(link.peer()));
@@ -780,8 +793,8 @@ impl Bridges {
 
     /// Requester side: closes connections whose remote rooms changed owner; owner side:
     /// drops proxies of nodes that left the ring.
-    fn on_ring_change(&self, state: &Arc<NodeState>) {
-        let ring = state.cluster.ring().current();
+    fn on_ring_change(&self) {
+        let ring = self.cluster.ring().current();
         let moved = self
             .requester
             .lock()
@@ -811,7 +824,7 @@ impl Bridges {
             })
             .unwrap_or_default();
         for (node, conn) in gone {
-            self.drop_proxy(state, node, conn);
+            self.drop_proxy(node, conn);
         }
     }
 
@@ -820,15 +833,8 @@ impl Bridges {
     // ------------------------------------------------------------------------------------
 
     /// The proxy of (node, conn), created on first use.
-    fn proxy(
-        &self,
-        bus: &Arc<Bus>,
-        state: &Arc<NodeState>,
-        node: u16,
-        conn: u64,
-        user: &UserId,
-    ) -> Option<Arc<ConnHandle>> {
-        let link = self.link(bus, state, node)?;
+    fn proxy(&self, node: u16, conn: u64, user: &UserId) -> Option<Arc<ConnHandle>> {
+        let link = self.link(node)?;
         let mut proxies = self.proxies.lock().ok()?;
         if let Some(p) = proxies.get(&(node, conn)) {
             if !p.handle.is_closed() {
@@ -870,7 +876,7 @@ impl Bridges {
     }
 
     /// Removes a proxy and its memberships.
-    fn drop_proxy(&self, state: &NodeState, node: u16, conn: u64) {
+    fn drop_proxy(&self, node: u16, conn: u64) {
         let proxy = self
             .proxies
             .lock()
@@ -880,7 +886,7 @@ impl Bridges {
         metrics::gauge!(m::BRIDGE_PROXIES).decrement(1.0);
         proxy.handle.cancel_silently();
         for room in proxy.rooms {
-            let registry = state.registry.clone();
+            let registry = self.registry.clone();
             let conn_id = proxy.handle.id;
             tokio::spawn(async move {
                 registry
@@ -925,7 +931,7 @@ impl Bridges {
     }
 
     /// A request from connection `conn` of node `from`.
-    async fn on_request(&self, bus: &Arc<Bus>, state: &Arc<NodeState>, from: u16, item: Item) {
+    async fn on_request(&self, from: u16, item: Item) {
         match item {
             Item::Join {
                 conn,
@@ -933,10 +939,10 @@ impl Bridges {
                 user,
                 since,
             } => {
-                let refusal = if state.is_shutting_down() {
+                let refusal = if self.is_shutting_down() {
                     Some((ErrorCode::GoingAway, None))
                 } else {
-                    match state.cluster.route(&room) {
+                    match self.cluster.route(&room) {
                         crate::cluster::Route::Local => None,
                         crate::cluster::Route::Elsewhere(owner) => {
                             Some((ErrorCode::RoomMoved, Some(owner.addr)))
@@ -947,7 +953,7 @@ impl Bridges {
                     }
                 };
                 if let Some((code, owner)) = refusal {
-                    if let Some(link) = self.link(bus, state, from) {
+                    if let Some(link) = self.link(from) {
                         link.push(Item::Refused {
                             conn,
                             room,
@@ -957,12 +963,11 @@ impl Bridges {
                     }
                     return;
                 }
-                let Some(proxy) = self.proxy(bus, state, from, conn, &user) else {
+                let Some(proxy) = self.proxy(from, conn, &user) else {
                     return;
                 };
                 self.proxy_rooms(from, conn, &room, true);
-                state
-                    .registry
+                self.registry
                     .dispatch(&room, RoomCmd::Join { conn: proxy, since })
                     .await;
             }
@@ -975,7 +980,7 @@ impl Bridges {
             } => {
                 // Without a proxy (its join failed or was never seen) the proxy is created
                 // now, so the room's `not_joined` answer reaches the sender, not silence.
-                let Some(proxy) = self.proxy(bus, state, from, conn, &user) else {
+                let Some(proxy) = self.proxy(from, conn, &user) else {
                     return;
                 };
                 let cmd = RoomCmd::Send {
@@ -985,7 +990,7 @@ impl Bridges {
                     reply: Reply::Conn(proxy.clone()),
                     source: Source::Bus,
                 };
-                if let Err(cmd) = state.registry.try_dispatch(&room, cmd) {
+                if let Err(cmd) = self.registry.try_dispatch(&room, cmd) {
                     cmd.refuse(
                         &room,
                         ErrorCode::Overloaded,
@@ -1001,8 +1006,7 @@ impl Bridges {
                     .and_then(|p| p.get(&(from, conn)).map(|p| p.handle.id));
                 if let Some(conn_id) = proxy {
                     self.proxy_rooms(from, conn, &room, false);
-                    state
-                        .registry
+                    self.registry
                         .dispatch_existing(
                             &room,
                             RoomCmd::Leave {
@@ -1021,7 +1025,7 @@ impl Bridges {
                     }
                 }
             }
-            Item::Gone { conn } => self.drop_proxy(state, from, conn),
+            Item::Gone { conn } => self.drop_proxy(from, conn),
             _ => {}
         }
     }
@@ -1039,15 +1043,94 @@ fn unreachable_owner(conn: &ConnHandle, cid: Option<&str>, room: &RoomId) {
 }
 
 /// Keeps bridges consistent with the ring: see [`Bridges::on_ring_change`].
-pub fn spawn_ring_watch(bus: Arc<Bus>, state: Arc<NodeState>, stop: CancellationToken) {
-    let mut ring = state.cluster.ring().ring.clone();
+pub fn spawn_ring_watch(bridges: Arc<Bridges>, stop: CancellationToken) {
+    let mut ring = bridges.cluster.ring().ring.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 changed = ring.changed() => if changed.is_err() { return },
             }
-            bus.bridges.on_ring_change(&state);
+            bridges.on_ring_change();
         }
     });
+}
+
+/// What this node does with what its inbox receives.
+impl Inbox for Bridges {
+    fn batch(&self, batch: Batch) -> Handled<'_, ()> {
+        Box::pin(self.on_batch(batch))
+    }
+
+    fn send(
+        &self,
+        room: RoomId,
+        user: UserId,
+        cid: common::ClientMsgId,
+        body: String,
+    ) -> Handled<'static, Result<Accepted, ErrorCode>> {
+        let cluster = self.cluster.clone();
+        let registry = self.registry.clone();
+        Box::pin(run_forwarded(cluster, registry, room, user, cid, body))
+    }
+
+    fn lost(&self) {
+        self.interrupt_all();
+    }
+}
+
+/// The links publish through the transport and reset what is bridged when they break.
+impl Carrier for Bridges {
+    fn me(&self) -> u16 {
+        self.bus.me()
+    }
+
+    fn epoch(&self) -> u64 {
+        self.bus.epoch()
+    }
+
+    fn publish<'a>(&'a self, peer: u16, payload: &'a [u8]) -> Published<'a> {
+        Box::pin(self.bus.publish_raw(peer, payload))
+    }
+
+    fn reset(&self, peer: u16, reason: &'static str) -> Item {
+        self.reset_peer(peer, reason, None);
+        self.reset_item(peer)
+    }
+}
+
+/// Runs a forwarded send on this node, if it owns the room.
+async fn run_forwarded(
+    cluster: Arc<Cluster>,
+    registry: Arc<Registry>,
+    room: RoomId,
+    user: UserId,
+    cid: common::ClientMsgId,
+    body: String,
+) -> Result<Accepted, ErrorCode> {
+    if registry.ctx().is_draining() {
+        return Err(ErrorCode::GoingAway);
+    }
+    match cluster.route(&room) {
+        Route::Local => {}
+        Route::Elsewhere(_) => return Err(ErrorCode::RoomMoved),
+        Route::Unavailable => return Err(ErrorCode::RoomUnavailable),
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let cmd = RoomCmd::Send {
+        from: user,
+        cid,
+        body,
+        reply: Reply::Http(tx),
+        source: Source::Bus,
+    };
+    if registry.try_dispatch(&room, cmd).is_err() {
+        return Err(ErrorCode::Overloaded);
+    }
+    let wait = registry.ctx().config.store_timeout * 2 + std::time::Duration::from_secs(1);
+    match tokio::time::timeout(wait, rx).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(ErrorCode::Internal),
+        Err(_) => Err(ErrorCode::StoreUnavailable),
+    }
 }

@@ -24,9 +24,7 @@ use common::metrics as m;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::redis::Bus;
 use super::wire::{self, Item};
-use crate::state::NodeState;
 
 /// Items a link holds before it counts as broken.
 const QUEUE: usize = 8192;
@@ -39,6 +37,24 @@ const SENT_KEPT: usize = 4096;
 /// An idle link sends an empty batch this often, so a lost batch is noticed by its
 /// number within this time even when nothing else follows it.
 const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// What a publish resolves with: how many subscribers heard it.
+pub(crate) type Published<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<u64, redis::RedisError>> + Send + 'a>,
+>;
+
+/// What a link's writer needs of the node above it: its identity on the bus, a way to
+/// publish to a peer's inbox, and what to do when the link broke (`Bridges` implements it,
+/// so a link never reaches into the bridges or the transport itself).
+pub(crate) trait Carrier: Send + Sync {
+    fn me(&self) -> u16;
+    /// This process's incarnation on the links.
+    fn epoch(&self) -> u64;
+    fn publish<'a>(&'a self, peer: u16, payload: &'a [u8]) -> Published<'a>;
+    /// Forgets everything bridged with `peer` after the link to it broke, and returns the
+    /// `Reset` to tell it.
+    fn reset(&self, peer: u16, reason: &'static str) -> Item;
+}
 
 pub(crate) struct Link {
     peer: u16,
@@ -63,8 +79,7 @@ impl Link {
     /// A link to `peer` and its writer task.
     pub(crate) fn start(
         peer: u16,
-        bus: Weak<Bus>,
-        state: Weak<NodeState>,
+        carrier: Weak<dyn Carrier>,
         stop: CancellationToken,
     ) -> Arc<Link> {
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -77,7 +92,7 @@ impl Link {
             reason: Mutex::new(""),
             wake: Notify::new(),
         });
-        tokio::spawn(write(link.clone(), rx, bus, state, stop));
+        tokio::spawn(write(link.clone(), rx, carrier, stop));
         link
     }
 
@@ -174,8 +189,7 @@ impl Link {
 async fn write(
     link: Arc<Link>,
     mut rx: mpsc::Receiver<Item>,
-    bus: Weak<Bus>,
-    state: Weak<NodeState>,
+    carrier: Weak<dyn Carrier>,
     stop: CancellationToken,
 ) {
     let mut seq = 0u64;
@@ -194,13 +208,11 @@ async fn write(
             while rx.try_recv().is_ok() {
                 taken += 1;
             }
-            let (Some(bus), Some(state)) = (bus.upgrade(), state.upgrade()) else {
+            let Some(bus) = carrier.upgrade() else {
                 return;
             };
             let reason = link.reason.lock().map(|r| *r).unwrap_or("");
-            bus.bridges.reset_peer(&state, link.peer, reason, None);
-            drop(state);
-            let reset = bus.bridges.reset_item(link.peer);
+            let reset = bus.reset(link.peer, reason);
             link.broken.store(false, Ordering::Release);
             // Tell the peer now, retrying while Redis cannot be reached, with the same
             // number each time so a reset that arrived but timed out is not taken twice.
@@ -212,7 +224,7 @@ async fn write(
                 wire::start(&mut buf, bus.me(), bus.epoch(), seq);
                 wire::put_item(&mut buf, &reset);
                 wire::finish(&mut buf, 1);
-                match bus.publish_raw(link.peer, &buf).await {
+                match bus.publish(link.peer, &buf).await {
                     Ok(heard) => {
                         reset_pending = (heard == 0).then_some(reset);
                         break;
@@ -242,7 +254,7 @@ async fn write(
         heartbeat
             .as_mut()
             .reset(tokio::time::Instant::now() + HEARTBEAT);
-        let Some(bus) = bus.upgrade() else { return };
+        let Some(bus) = carrier.upgrade() else { return };
         seq += 1;
         wire::start(&mut buf, bus.me(), bus.epoch(), seq);
         let mut n = 0u32;
@@ -268,7 +280,7 @@ async fn write(
         }
         wire::finish(&mut buf, n);
         link.record(seq, taken);
-        match bus.publish_raw(link.peer, &buf).await {
+        match bus.publish(link.peer, &buf).await {
             Ok(heard) if heard > 0 => reset_pending = None,
             // A heartbeat nobody hears loses nothing; the peer is down or resubscribing.
             Ok(_) if n == 0 => {}

@@ -30,7 +30,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::room::{Accepted, Reply, RoomCmd, Source};
+use super::wire::Batch;
+use crate::room::Accepted;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
@@ -61,6 +62,27 @@ type Waiters = Mutex<HashMap<u64, oneshot::Sender<Result<Accepted, ErrorCode>>>>
 /// Longest a publish or a subscription may take before it counts as failed.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// What a future of the inbox resolves with.
+pub(crate) type Handled<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Where what arrives on this node's inbox goes (`bridge.rs` implements it): the transport
+/// never reaches into rooms or bridges itself.
+pub(crate) trait Inbox: Send + Sync {
+    /// A batch of another node's link.
+    fn batch(&self, batch: Batch) -> Handled<'_, ()>;
+    /// A send forwarded by another node for a room this node should own.
+    fn send(
+        &self,
+        room: RoomId,
+        user: UserId,
+        cid: ClientMsgId,
+        body: String,
+    ) -> Handled<'static, Result<Accepted, ErrorCode>>;
+    /// The subscription was lost: what arrived meanwhile is gone.
+    fn lost(&self);
+}
+
 /// This node's end of the bus.
 pub struct Bus {
     prefix: String,
@@ -72,12 +94,10 @@ pub struct Bus {
     /// This process's incarnation on the links (a restarted node starts new ones).
     epoch: u64,
     stop: CancellationToken,
-    /// Both ends of bridged connections (see `bridge.rs`).
-    pub(crate) bridges: super::bridge::Bridges,
-    /// The node, once it exists: the inbox is subscribed before the node joins the ring
-    /// (a peer that sees it in the ring can reach it at once); what arrives before waits
-    /// in the subscription until the node is attached.
-    state: std::sync::OnceLock<std::sync::Weak<crate::state::NodeState>>,
+    /// Where what arrives goes, once the node exists: the inbox is subscribed before the
+    /// node joins the ring (a peer that sees it in the ring can reach it at once); what
+    /// arrives before waits in the subscription until the node is attached.
+    inbox: std::sync::OnceLock<std::sync::Weak<dyn Inbox>>,
     attached: tokio::sync::Notify,
 }
 
@@ -104,8 +124,7 @@ impl Bus {
             up: AtomicBool::new(false),
             epoch: new_epoch(),
             stop: stop.clone(),
-            bridges: super::bridge::Bridges::default(),
-            state: std::sync::OnceLock::new(),
+            inbox: std::sync::OnceLock::new(),
             attached: tokio::sync::Notify::new(),
         });
         let first = subscribe(&client, &Bus::inbox(prefix, me)).await?;
@@ -114,14 +133,14 @@ impl Bus {
         Ok(bus)
     }
 
-    /// Hands the bus its node (see [`Bus::state`]).
-    pub(crate) fn attach(&self, state: std::sync::Weak<crate::state::NodeState>) {
-        let _ = self.state.set(state);
+    /// Hands the bus what its inbox delivers to (see the `inbox` field).
+    pub(crate) fn attach(&self, inbox: std::sync::Weak<dyn Inbox>) {
+        let _ = self.inbox.set(inbox);
         self.attached.notify_one();
     }
 
-    fn state(&self) -> Option<Arc<crate::state::NodeState>> {
-        self.state.get().and_then(std::sync::Weak::upgrade)
+    fn receiver(&self) -> Option<Arc<dyn Inbox>> {
+        self.inbox.get().and_then(std::sync::Weak::upgrade)
     }
 
     /// Whether the inbox subscription is live.
@@ -290,7 +309,7 @@ async fn serve_inbox(
 ) {
     let channel = Bus::inbox(&bus.prefix, bus.me);
     let mut backoff = Duration::from_millis(100);
-    while bus.state.get().is_none() {
+    while bus.inbox.get().is_none() {
         tokio::select! {
             _ = stop.cancelled() => return,
             () = bus.attached.notified() => {}
@@ -306,9 +325,11 @@ async fn serve_inbox(
             metrics::counter!(m::BUS_RECEIVED).increment(1);
             let payload = msg.get_payload_bytes();
             if payload.first() == Some(&super::wire::MAGIC) {
-                let Some(state) = bus.state() else { continue };
+                let Some(inbox) = bus.receiver() else {
+                    continue;
+                };
                 match super::wire::decode(bytes::Bytes::copy_from_slice(payload)) {
-                    Ok(batch) => bus.bridges.on_batch(&bus, &state, batch).await,
+                    Ok(batch) => inbox.batch(batch).await,
                     Err(e) => {
                         metrics::counter!(m::BUS_ERRORS, "kind" => "decode").increment(1);
                         tracing::warn!(error = %e, "undecodable link batch");
@@ -338,10 +359,13 @@ async fn serve_inbox(
                     cid,
                     body,
                 }) => {
-                    let Some(state) = bus.state() else { continue };
+                    let Some(inbox) = bus.receiver() else {
+                        continue;
+                    };
                     let bus = bus.clone();
+                    let forwarded = inbox.send(room, user, cid, body);
                     tokio::spawn(async move {
-                        let result = run_forwarded(&state, room, user, cid, body).await;
+                        let result = forwarded.await;
                         let reply = match result {
                             Ok(a) => Envelope::Reply {
                                 req,
@@ -371,8 +395,8 @@ async fn serve_inbox(
         // The subscription ended: Redis went away. Bridged connections may have missed
         // frames: close them so their clients resume with `since`. Resubscribe with backoff.
         bus.set_up(false);
-        if let Some(state) = bus.state() {
-            bus.bridges.interrupt_all(&state);
+        if let Some(inbox) = bus.receiver() {
+            inbox.lost();
         }
         tracing::warn!("bus subscription lost; reconnecting");
         loop {
@@ -392,40 +416,5 @@ async fn serve_inbox(
                 Err(_) => backoff = (backoff * 2).min(Duration::from_secs(5)),
             }
         }
-    }
-}
-
-/// Runs a forwarded send on this node, if it owns the room.
-async fn run_forwarded(
-    state: &crate::state::NodeState,
-    room: RoomId,
-    user: UserId,
-    cid: ClientMsgId,
-    body: String,
-) -> Result<Accepted, ErrorCode> {
-    if state.is_shutting_down() {
-        return Err(ErrorCode::GoingAway);
-    }
-    match state.cluster.route(&room) {
-        crate::cluster::Route::Local => {}
-        crate::cluster::Route::Elsewhere(_) => return Err(ErrorCode::RoomMoved),
-        crate::cluster::Route::Unavailable => return Err(ErrorCode::RoomUnavailable),
-    }
-    let (tx, rx) = oneshot::channel();
-    let cmd = RoomCmd::Send {
-        from: user,
-        cid,
-        body,
-        reply: Reply::Http(tx),
-        source: Source::Bus,
-    };
-    if state.registry.try_dispatch(&room, cmd).is_err() {
-        return Err(ErrorCode::Overloaded);
-    }
-    let wait = state.config.store_timeout * 2 + Duration::from_secs(1);
-    match tokio::time::timeout(wait, rx).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(_)) => Err(ErrorCode::Internal),
-        Err(_) => Err(ErrorCode::StoreUnavailable),
     }
 }

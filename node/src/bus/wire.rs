@@ -15,7 +15,7 @@
 use bytes::{BufMut, Bytes};
 use common::{ClientMsgId, ErrorCode, MessageId, RoomId, UserId};
 
-use crate::outbound::Out;
+use crate::frames::Out;
 
 /// First byte of a link batch (JSON envelopes start with `{`).
 pub(crate) const MAGIC: u8 = 0xB1;

@@ -41,7 +41,8 @@ use super::ctx::RoomCtx;
 use super::dedupe::{self, State};
 use crate::bus::link::Link;
 use crate::bus::wire::Item;
-use crate::outbound::{ConnHandle, Out};
+use crate::frames::Out;
+use crate::outbound::ConnHandle;
 use crate::ownership::Grant;
 use crate::store::RoomState;
 

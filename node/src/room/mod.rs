@@ -30,8 +30,9 @@ pub use self::cmd::{
 use self::core::{Action, Loaded, NotStored, RoomCore};
 use self::ctx::ActiveRoomGuard;
 pub use self::ctx::RoomCtx;
+use crate::frames::Out;
 use crate::hooks::RoomHook;
-use crate::outbound::{ConnHandle, Out};
+use crate::outbound::ConnHandle;
 use crate::ownership::{Grant, Refusal};
 use crate::store::{HistoryQuery, HookCursor, PageFrom, RoomState, StoreError};
 
