@@ -62,6 +62,12 @@ pub fn parse<A: clap::Args + clap::FromArgMatches>(extra: &[&str]) -> A {
     A::from_arg_matches(&matches).expect("parses")
 }
 
+/// A test's flags written as one line (no value in it holds a space).
+#[cfg(test)]
+pub fn flags(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -626,25 +626,7 @@ pub async fn run(args: ChurnArgs, command: String) -> Result<ChurnReport, BenchE
     for s in 0..args.connections {
         slots.spawn(slot(plan.clone(), s));
     }
-    let line = {
-        let tally = tally.clone();
-        move || {
-            match tally.stats.lock() {
-            Ok(s) => format!(
-                "[{:>6.1}s churn] connects {}  disconnects {}  failures {}  server closes {}  acks {}/{}",
-                tally.started.elapsed().as_secs_f64(),
-                s.connects,
-                s.disconnects,
-                s.failures.values().sum::<u64>(),
-                s.server_closes.values().sum::<u64>(),
-                s.acks,
-                s.sends
-            ),
-            Err(_) => "[churn] counts unavailable".into(),
-        }
-        }
-    };
-    let progress = Progress::start(args.quiet, line);
+    let progress = Progress::start(args.quiet, progress_line(tally.clone()));
     tokio::time::sleep_until(end).await;
     drop(progress);
     let bench_cpu_percent = cpu.percent();
@@ -655,18 +637,17 @@ pub async fn run(args: ChurnArgs, command: String) -> Result<ChurnReport, BenchE
         + Duration::from_secs_f64(args.connect_timeout + args.ack_timeout)
         + CLOSE_GRACE * 2
         + Duration::from_secs(5);
-    let mut stuck = 0usize;
-    loop {
+    let stuck = loop {
         match tokio::time::timeout_at(bound, slots.join_next()).await {
             Ok(Some(_)) => {}
-            Ok(None) => break,
+            Ok(None) => break 0,
             Err(_) => {
-                stuck = slots.len();
+                let n = slots.len();
                 slots.abort_all();
-                break;
+                break n;
             }
         }
-    }
+    };
     tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
     let after = watched.sample().await;
 
@@ -686,6 +667,39 @@ pub async fn run(args: ChurnArgs, command: String) -> Result<ChurnReport, BenchE
         source_addresses: sources.iter().map(ToString::to_string).collect(),
         ..Default::default()
     };
+    counts(&mut r, &tally, args.duration);
+    r.bench_cpu_percent = bench_cpu_percent;
+    r.bench_saturated = r
+        .bench_cpu_percent
+        .is_some_and(|c| report::is_saturated(c, r.run.nproc));
+    r.servers = servers::figures(&watched.servers, &before, &loaded, &after);
+    r.rss_retained_bytes = servers::rss_retained(&r.servers);
+
+    r.notes = notes(&args, &r, nofile_note, stuck);
+    Ok(r)
+}
+
+/// The progress line: connects, disconnects, failures, server closes and acks so far.
+fn progress_line(tally: Arc<Tally>) -> impl FnMut() -> String + Send {
+    move || {
+        let Ok(s) = tally.stats.lock() else {
+            return "[churn] counts unavailable".into();
+        };
+        format!(
+            "[{:>6.1}s churn] connects {}  disconnects {}  failures {}  server closes {}  acks {}/{}",
+            tally.started.elapsed().as_secs_f64(),
+            s.connects,
+            s.disconnects,
+            s.failures.values().sum::<u64>(),
+            s.server_closes.values().sum::<u64>(),
+            s.acks,
+            s.sends
+        )
+    }
+}
+
+/// What the slots tallied, into the report: counts, latencies, rates and the timeline.
+fn counts(r: &mut ChurnReport, tally: &Tally, duration: f64) {
     if let Ok(mut s) = tally.stats.lock() {
         r.attempts = s.attempts;
         r.connects = s.connects;
@@ -707,13 +721,13 @@ pub async fn run(args: ChurnArgs, command: String) -> Result<ChurnReport, BenchE
         }
     }
     // Connects count as they happen within the run; so do the churn disconnects.
-    r.connects_per_s = r.connects as f64 / args.duration;
+    r.connects_per_s = r.connects as f64 / duration;
     let server_closed: u64 = r.server_closes.values().sum();
-    r.disconnects_per_s = (r.disconnects + server_closed) as f64 / args.duration;
+    r.disconnects_per_s = (r.disconnects + server_closed) as f64 / duration;
     if let Ok(s) = tally.seconds.lock() {
         r.timeline = s
             .iter()
-            .filter(|(i, _)| (*i as f64) < args.duration)
+            .filter(|(i, _)| (*i as f64) < duration)
             .map(|(i, x)| {
                 let l = x.latency();
                 ChurnPoint {
@@ -728,15 +742,16 @@ pub async fn run(args: ChurnArgs, command: String) -> Result<ChurnReport, BenchE
             })
             .collect();
     }
-    r.bench_cpu_percent = bench_cpu_percent;
-    r.bench_saturated = r
-        .bench_cpu_percent
-        .is_some_and(|c| report::is_saturated(c, r.run.nproc));
-    r.servers = servers::figures(&watched.servers, &before, &loaded, &after);
-    r.rss_retained_bytes = servers::rss_retained(&r.servers);
+}
 
-    let notes = &mut r.notes;
-    notes.push(report::load_note(r.load_average.as_deref(), r.run.nproc));
+/// What a reader of the report must know about how the run went.
+fn notes(
+    args: &ChurnArgs,
+    r: &ChurnReport,
+    nofile_note: Option<String>,
+    stuck: usize,
+) -> Vec<String> {
+    let mut notes = vec![report::load_note(r.load_average.as_deref(), r.run.nproc)];
     notes.extend(nofile_note);
     if r.bench_saturated {
         notes.push(format!(
@@ -770,12 +785,13 @@ pub async fn run(args: ChurnArgs, command: String) -> Result<ChurnReport, BenchE
             "{stuck} slots did not stop in time and were aborted"
         ));
     }
-    Ok(r)
+    notes
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::args::flags;
     fn args(extra: &[&str]) -> ChurnArgs {
         crate::args::parse(extra)
     }
@@ -796,10 +812,7 @@ mod tests {
             // 200 slots at 1/s: 200 s lifetimes do not fit in 30 s.
             (vec!["--rate", "1"], "--rate"),
             (vec!["--rooms", "0"], "--rooms"),
-            (
-                vec!["--connections", "30000", "--rate", "10000"],
-                "--connections",
-            ),
+            (flags("--connections 30000 --rate 10000"), "--connections"),
             (vec!["--source-addresses", "300"], "--source-addresses"),
             (vec!["--jwt-ttl", "0"], "--jwt-ttl"),
         ] {

@@ -459,25 +459,70 @@ impl Outcome for ConnectionsReport {
 
 /// Runs the scenario from the parent: plan, start workers, sample, merge. `Err(Failed)`
 /// only when the run could not be carried out; failures beyond the allowance are reported
-/// and then turned into exit status 1 by the caller (see [`ConnectionsReport`] and `lib.rs`).
+/// and then turned into exit status 1 by the report's verdict. The steps:
+/// [`start_workers`], [`ramp`], the hold, [`collect_workers`], [`assemble`].
 pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsReport, BenchError> {
     args.validate(Limits::of_this_machine())
         .map_err(BenchError::Config)?;
     let load_average = report::load_average();
     let started_unix_ms = unix_ms();
-    let room_prefix = args.room_prefix();
-    let sources = args.sources();
     let watched = Watched::resolve(servers::metrics_urls(&args.urls, &args.metrics_urls)).await;
     let auth = harness::auth(&args.auth)?;
-
     let before = watched.sample().await;
     let overflows0 = report::listen_overflows();
-    let ramp_wall = args.connections as f64 / args.rate;
-    let ramp_deadline = Duration::from_secs_f64(ramp_wall + args.connect_timeout) + START_GRACE;
-    let max_hold_s = ramp_deadline.as_secs_f64() + args.hold + 60.0;
-    let mut procs = Vec::with_capacity(args.processes);
+    let ramp_deadline =
+        Duration::from_secs_f64(args.connections as f64 / args.rate + args.connect_timeout)
+            + START_GRACE;
     let started = Instant::now();
+    let mut procs = start_workers(&args, ramp_deadline).await?;
+    let mut problems = ramp(&args, &mut procs, ramp_deadline).await;
+    let overflows1 = report::listen_overflows();
+    if !args.quiet {
+        eprintln!(
+            "chat-bench connections: {}/{} workers ramped in {:.2} s; holding {} s",
+            args.processes - problems.len().min(args.processes),
+            args.processes,
+            started.elapsed().as_secs_f64(),
+            args.hold
+        );
+    }
+    tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+    let hold_end = Instant::now();
+    let loaded = watched.sample().await;
+    let results = collect_workers(&mut procs, &mut problems).await;
+    tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
+    let after = watched.sample().await;
+    let mut r = ConnectionsReport {
+        run: RunFacts::new("connections", command),
+        load_average,
+        started_unix_ms,
+        urls: args.urls.clone(),
+        auth: auth.describe().into(),
+        target_connections: args.connections as u64,
+        target_rate: args.rate,
+        hold_s: args.hold,
+        members_per_room: args.members,
+        processes: args.processes,
+        source_addresses: args.sources().iter().map(ToString::to_string).collect(),
+        max_connect_failures: args.max_connect_failures,
+        servers: servers::figures(&watched.servers, &before, &loaded, &after),
+        listen_overflows_during_ramp: overflows0.zip(overflows1).map(|(a, b)| b.saturating_sub(a)),
+        timeline: timeline(&results, hold_end.duration_since(started)),
+        ..Default::default()
+    };
+    assemble(&mut r, &results);
+    r.notes = notes(&args, &r, problems);
+    Ok(r)
+}
+
+/// Starts the worker processes, each with its plan; the parent's start is the timeline's
+/// origin for all of them.
+async fn start_workers(
+    args: &ConnectionsArgs,
+    ramp_deadline: Duration,
+) -> Result<Vec<workers::WorkerProc>, BenchError> {
     let origin_unix_ms = unix_ms();
+    let mut procs = Vec::with_capacity(args.processes);
     for w in 0..args.processes {
         let plan = WorkerPlan {
             worker: w,
@@ -486,33 +531,39 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
             connections: args.connections,
             rate: args.rate,
             members: args.members,
-            room_prefix: room_prefix.clone(),
+            room_prefix: args.room_prefix(),
             user_prefix: args.user_prefix.clone(),
-            sources: sources.clone(),
+            sources: args.sources(),
             connect_concurrency: args.connect_concurrency,
             connect_timeout_s: args.connect_timeout,
-            max_hold_s,
+            max_hold_s: ramp_deadline.as_secs_f64() + args.hold + 60.0,
             auth: args.auth.clone(),
             timeline_origin_unix_ms: Some(origin_unix_ms),
         };
         let p = workers::spawn(&plan)
             .await
-            .map_err(|e| BenchError::Failed(anyhow::anyhow!("starting worker {w}: {e:#}")))?;
+            .map_err(|e| harness::failed(format!("starting worker {w}: {e:#}")))?;
         procs.push(p);
     }
+    Ok(procs)
+}
 
-    // Ramp: every worker reports `ramped` (or fails) before the deadline.
+/// Waits for every worker to report `ramped` (or fail) before the deadline; what went wrong,
+/// one line a worker.
+async fn ramp(
+    args: &ConnectionsArgs,
+    procs: &mut [workers::WorkerProc],
+    ramp_deadline: Duration,
+) -> Vec<String> {
     let deadline = tokio::time::Instant::now() + ramp_deadline;
-    let mut ramped = 0usize;
     let mut problems = Vec::new();
-    for p in &mut procs {
+    for p in procs {
         match tokio::time::timeout_at(deadline, p.next_event()).await {
             Ok(Some(WorkerEvent::Ramped {
                 worker,
                 joined,
                 failed,
             })) => {
-                ramped += 1;
                 if !args.quiet {
                     eprintln!("chat-bench connections: worker {worker} ramped: {joined} joined, {failed} failed");
                 }
@@ -531,78 +582,50 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
             )),
         }
     }
-    let ramp_end = Instant::now();
-    let overflows1 = report::listen_overflows();
-    if !args.quiet {
-        eprintln!(
-            "chat-bench connections: {ramped}/{} workers ramped in {:.2} s; holding {} s",
-            args.processes,
-            ramp_end.duration_since(started).as_secs_f64(),
-            args.hold
-        );
-    }
-    tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
-    let hold_end = Instant::now();
-    let loaded = watched.sample().await;
+    problems
+}
 
-    // Close: every worker closes its connections and reports.
-    for p in &mut procs {
+/// Tells every worker to close its connections and collects what each reports.
+async fn collect_workers(
+    procs: &mut [workers::WorkerProc],
+    problems: &mut Vec<String>,
+) -> Vec<WorkerResult> {
+    for p in procs.iter_mut() {
         p.close().await;
     }
     let done_deadline = tokio::time::Instant::now() + CLOSE_GRACE + Duration::from_secs(30);
-    let mut results: Vec<WorkerResult> = Vec::with_capacity(procs.len());
-    for p in &mut procs {
+    let mut results = Vec::with_capacity(procs.len());
+    for p in procs {
         loop {
-            match tokio::time::timeout_at(done_deadline, p.next_event()).await {
+            let problem = match tokio::time::timeout_at(done_deadline, p.next_event()).await {
                 Ok(Some(WorkerEvent::Done(r))) => {
                     results.push(r);
                     break;
                 }
+                Ok(Some(WorkerEvent::Ramped { .. })) => continue,
                 Ok(Some(WorkerEvent::Failed { worker, message })) => {
-                    problems.push(format!("worker {worker}: {message}"));
-                    break;
+                    format!("worker {worker}: {message}")
                 }
-                Ok(Some(WorkerEvent::Ramped { .. })) => {}
-                Ok(None) => {
-                    problems.push(format!("worker {} ended without its counts", p.worker));
-                    break;
-                }
-                Err(_) => {
-                    problems.push(format!(
-                        "worker {} did not report after the close",
-                        p.worker
-                    ));
-                    break;
-                }
-            }
+                Ok(None) => format!("worker {} ended without its counts", p.worker),
+                Err(_) => format!("worker {} did not report after the close", p.worker),
+            };
+            problems.push(problem);
+            break;
         }
-        if tokio::time::timeout(Duration::from_secs(5), p.child.wait())
+        if harness::within(Duration::from_secs(5), p.child.wait())
             .await
-            .is_err()
+            .is_none()
         {
             let _ = p.child.start_kill();
         }
     }
-    tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
-    let after = watched.sample().await;
+    results
+}
 
-    let mut r = ConnectionsReport {
-        run: RunFacts::new("connections", command),
-        load_average,
-        started_unix_ms,
-        urls: args.urls.clone(),
-        auth: auth.describe().into(),
-        target_connections: args.connections as u64,
-        target_rate: args.rate,
-        hold_s: args.hold,
-        members_per_room: args.members,
-        processes: args.processes,
-        source_addresses: sources.iter().map(ToString::to_string).collect(),
-        max_connect_failures: args.max_connect_failures,
-        ..Default::default()
-    };
+/// The workers' counts merged into the report.
+fn assemble(r: &mut ConnectionsReport, results: &[WorkerResult]) {
     let mut ramp_cpu = Some(0.0);
-    for w in &results {
+    for w in results {
         r.attempted += w.attempted;
         r.joined += w.joined;
         r.failed += w.failed;
@@ -612,10 +635,7 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
         r.closed_cleanly += w.closed_cleanly;
         r.close_unanswered += w.close_unanswered;
         r.ramp_s = r.ramp_s.max(w.ramp_s);
-        ramp_cpu = match (ramp_cpu, w.ramp_cpu_s) {
-            (Some(a), Some(b)) => Some(a + b),
-            _ => None,
-        };
+        ramp_cpu = ramp_cpu.zip(w.ramp_cpu_s).map(|(a, b)| a + b);
         r.workers.push(WorkerSummary {
             worker: w.worker,
             attempted: w.attempted,
@@ -631,24 +651,20 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
     } else {
         0.0
     };
-    r.connect_latency_us = LatencySummary::from_histogram(&workers::merged_histogram(&results));
-    r.timeline = timeline(&results, hold_end.duration_since(started));
+    r.connect_latency_us = LatencySummary::from_histogram(&workers::merged_histogram(results));
     r.bench_ramp_cpu_percent = ramp_cpu
         .filter(|_| r.ramp_s > 0.0 && !results.is_empty())
         .map(|c| c / r.ramp_s * 100.0);
     r.bench_saturated = r
         .bench_ramp_cpu_percent
         .is_some_and(|c| report::is_saturated(c, r.run.nproc));
-    r.servers = servers::figures(&watched.servers, &before, &loaded, &after);
     r.rss_per_connection_bytes = servers::rss_per_connection(&r.servers, r.joined);
     r.rss_retained_bytes = servers::rss_retained(&r.servers);
-    r.listen_overflows_during_ramp = match (overflows0, overflows1) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-        _ => None,
-    };
+}
 
-    let notes = &mut r.notes;
-    notes.push(report::load_note(r.load_average.as_deref(), r.run.nproc));
+/// What a reader of the report must know about how the run went.
+fn notes(args: &ConnectionsArgs, r: &ConnectionsReport, problems: Vec<String>) -> Vec<String> {
+    let mut notes = vec![report::load_note(r.load_average.as_deref(), r.run.nproc)];
     notes.extend(problems);
     if let Some(n) = r.listen_overflows_during_ramp.filter(|n| *n > 0) {
         notes.push(format!(
@@ -702,7 +718,7 @@ pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsRe
             r.failed, args.max_connect_failures
         ));
     }
-    Ok(r)
+    notes
 }
 
 /// Runs a worker: reads its plan from stdin, opens its slice on schedule, reports
@@ -844,10 +860,7 @@ async fn worker_body(
     }
     out.joined = live.len() as u64;
     out.ramp_s = last_joined_ns.load(Relaxed) as f64 / 1e9;
-    out.ramp_cpu_s = match (cpu0, report::self_cpu_seconds()) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
+    out.ramp_cpu_s = cpu0.zip(report::self_cpu_seconds()).map(|(a, b)| b - a);
     emit(WorkerEvent::Ramped {
         worker: plan.worker,
         joined: out.joined,
@@ -863,17 +876,23 @@ async fn worker_body(
         }
     })
     .await;
+    close_all(live, &mut out).await;
+    out.connect_us = workers::histogram_pairs(&hist);
+    out.timeline = seconds.to_wire();
+    out.cpu_s = report::self_cpu_seconds();
+    Ok(out)
+}
+
+/// Closes every held connection (those the server already closed are counted as such)
+/// and counts how each close went.
+async fn close_all(live: Vec<Live>, out: &mut WorkerResult) {
     let mut closing = Vec::with_capacity(live.len());
     for l in live {
-        if l.ended_by_server() {
-            if let Some(end) = l.finish(Duration::ZERO).await {
-                *out.server_closes.entry(end.close).or_default() += 1;
-                for (k, v) in end.errors {
-                    *out.errors.entry(k).or_default() += v;
-                }
-            }
-        } else {
+        if !l.ended_by_server() {
             closing.push(l);
+        } else if let Some(end) = l.finish(Duration::ZERO).await {
+            *out.server_closes.entry(end.close).or_default() += 1;
+            report::add_counts(&mut out.errors, &end.errors);
         }
     }
     for l in &mut closing {
@@ -887,22 +906,17 @@ async fn worker_body(
         match res {
             Ok(Some(end)) => {
                 out.closed_cleanly += 1;
-                for (k, v) in end.errors {
-                    *out.errors.entry(k).or_default() += v;
-                }
+                report::add_counts(&mut out.errors, &end.errors);
             }
             _ => out.close_unanswered += 1,
         }
     }
-    out.connect_us = workers::histogram_pairs(&hist);
-    out.timeline = seconds.to_wire();
-    out.cpu_s = report::self_cpu_seconds();
-    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::args::flags;
     fn args(extra: &[&str]) -> ConnectionsArgs {
         crate::args::parse(extra)
     }
@@ -917,12 +931,9 @@ mod tests {
         assert_eq!(args(&[]).validate(LIMITS), Ok(()));
         assert!(args(&[]).sources().is_empty());
         assert_eq!(args(&["--source-addresses", "3"]).sources().len(), 3);
-        let a = args(&[
-            "--url",
-            "ws://127.0.0.1:1,ws://127.0.0.1:2",
-            "--url",
-            "ws://127.0.0.1:3",
-        ]);
+        let a = args(&flags(
+            "--url ws://127.0.0.1:1,ws://127.0.0.1:2 --url ws://127.0.0.1:3",
+        ));
         assert_eq!(a.urls.len(), 3);
     }
 
@@ -940,18 +951,18 @@ mod tests {
             (vec!["--processes", "65"], "--processes"),
             // 40,000 in one process: over the open-file limit.
             (
-                vec!["--connections", "40000", "--source-addresses", "2"],
+                flags("--connections 40000 --source-addresses 2"),
                 "--processes",
             ),
             // 40,000 over 3 processes but one source address: over its ports.
             (
-                vec!["--connections", "40000", "--processes", "3"],
+                flags("--connections 40000 --processes 3"),
                 "--source-addresses",
             ),
             (vec!["--source-addresses", "0"], "--source-addresses"),
             (vec!["--source-addresses", "255"], "--source-addresses"),
             (
-                vec!["--url", "ws://10.0.0.5:7001", "--source-addresses", "2"],
+                flags("--url ws://10.0.0.5:7001 --source-addresses 2"),
                 "--source-addresses",
             ),
             (vec!["--url", "http//x"], "--url"),
@@ -970,31 +981,12 @@ mod tests {
     #[test]
     fn plans_within_the_limits_pass() {
         for flags in [
-            vec![
-                "--connections",
-                "40000",
-                "--processes",
-                "3",
-                "--source-addresses",
-                "2",
-            ],
-            vec!["--connections", "19000", "--source-addresses", "1"],
+            flags("--connections 40000 --processes 3 --source-addresses 2"),
+            flags("--connections 19000 --source-addresses 1"),
             // Two destinations unbound: 2 × 20,000 ports.
-            vec![
-                "--connections",
-                "40000",
-                "--processes",
-                "3",
-                "--url",
-                "ws://127.0.0.1:1,ws://127.0.0.1:2",
-            ],
+            flags("--connections 40000 --processes 3 --url ws://127.0.0.1:1,ws://127.0.0.1:2"),
             // An explicit list may name non-loopback addresses.
-            vec![
-                "--url",
-                "ws://10.0.0.5:7001",
-                "--source-address",
-                "10.0.0.9,10.0.0.10",
-            ],
+            flags("--url ws://10.0.0.5:7001 --source-address 10.0.0.9,10.0.0.10"),
         ] {
             assert_eq!(args(&flags).validate(LIMITS), Ok(()), "{flags:?}");
         }

@@ -28,7 +28,7 @@ use clap::Args;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::auth::AuthArgs;
+use crate::auth::{Auth, AuthArgs};
 use crate::client::Target;
 use crate::cluster_cost::ClusterCostArgs;
 use crate::fanout::{self, FanoutArgs, GroupResult, Groups};
@@ -295,6 +295,9 @@ impl Outcome for CrossShardReport {
 }
 
 /// One HTTP publisher: posts to `room` on `node` (not its owner) at `rate` until `stop`.
+/// A publisher's publish latencies, duplicates answered and errors by kind.
+type PublisherOutcome = (hdrhistogram::Histogram<u64>, u64, BTreeMap<String, u64>);
+
 async fn publisher(
     node: SocketAddr,
     room: String,
@@ -303,7 +306,7 @@ async fn publisher(
     rate: f64,
     size: usize,
     mut stop: watch::Receiver<bool>,
-) -> (hdrhistogram::Histogram<u64>, u64, BTreeMap<String, u64>) {
+) -> PublisherOutcome {
     let mut http = HttpClient::new(node, node.to_string());
     let mut lat = new_histogram();
     let mut dups = 0;
@@ -342,107 +345,35 @@ async fn publisher(
     (lat, dups, errors)
 }
 
+/// Runs the scenario. The steps: [`owners`], [`Publishers::start`], `fanout --bridge`
+/// with the members grouped, [`Publishers::finish`].
 pub async fn run(args: CrossShardArgs, command: String) -> Result<CrossShardReport, BenchError> {
     args.validate().map_err(BenchError::Config)?;
     let auth = harness::auth(&args.auth)?;
     let target = harness::target(&args.url).await?;
     let prefix = args.room_prefix();
-    let fail = |e: anyhow::Error| BenchError::Failed(e.context("owner lookup"));
-
-    // Who owns what: the same names fanout --bridge uses.
     let mut http = HttpClient::for_target(&target);
-    let mut room_owners = Vec::with_capacity(args.rooms);
-    let mut home_owners = Vec::with_capacity(args.rooms);
-    let mut nodes: BTreeMap<u64, String> = BTreeMap::new();
-    for r in 0..args.rooms {
-        let room = format!("{prefix}-{r}");
-        let o = owner(&mut http, &room).await.map_err(fail)?;
-        nodes.insert(o.id, o.addr.clone());
-        let mut homes = Vec::with_capacity(args.members);
-        for m in 0..args.members {
-            let h = owner(&mut http, &format!("{room}-home-{m}"))
-                .await
-                .map_err(fail)?;
-            nodes.insert(h.id, h.addr.clone());
-            homes.push(h.id);
-        }
-        room_owners.push(o);
-        home_owners.push(homes);
-    }
+    let (room_owners, home_owners, nodes) = owners(&args, &mut http, &prefix).await?;
     let of = classify(
         &room_owners.iter().map(|o| o.id).collect::<Vec<_>>(),
         &home_owners,
     );
-    let targets = if args.direct {
-        Some(
+    let targets = match args.direct {
+        true => Some(
             direct_targets(&home_owners, &nodes)
                 .await
                 .map_err(BenchError::Failed)?,
-        )
-    } else {
-        None
+        ),
+        false => None,
     };
-
-    // Publishers, each to a room of its own on a node that does not own it.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut publishers = Vec::new();
-    let mut posted_to = Vec::new();
-    let mut notes: Vec<String> = Vec::new();
-    for p in 0..args.http_publishers {
-        let room = format!("{prefix}-http-{p}");
-        let o = owner(&mut http, &room).await.map_err(fail)?;
-        let Some((_, addr)) = nodes.iter().find(|(id, _)| **id != o.id) else {
-            notes.push("only one node is known: HTTP publishers were not started".into());
-            break;
-        };
-        let Ok(node) = addr.parse::<SocketAddr>() else {
-            notes.push(format!(
-                "node address {addr:?} is not host:port; publishers skipped"
-            ));
-            break;
-        };
-        posted_to.push(addr.clone());
-        publishers.push(tokio::spawn(publisher(
-            node,
-            room,
-            auth.credentials(&format!("{}-http-{p}", args.user_prefix))
-                .map_err(BenchError::Config)?,
-            args.http_rate,
-            args.size,
-            stop_rx.clone(),
-        )));
-    }
-    let pub_started = Instant::now();
-
+    let mut notes = Vec::new();
+    let publishers = Publishers::start(&args, &auth, &mut http, &nodes, &mut notes).await?;
     let groups = Groups {
         names: vec!["local".into(), "bridged".into()],
         of,
     };
     let result = fanout::run_grouped(args.fanout(&prefix), command, Some(groups), targets).await;
-    let _ = stop_tx.send(true);
-    let pub_wall = pub_started.elapsed().as_secs_f64();
-    let mut stats = HttpPublishStats {
-        publishers: publishers.len(),
-        posted_to,
-        ..Default::default()
-    };
-    let mut lat = new_histogram();
-    for t in publishers {
-        if let Ok(Ok((h, d, e))) = tokio::time::timeout(Duration::from_secs(15), t).await {
-            let _ = lat.add(&h);
-            stats.duplicates += d;
-            for (k, v) in e {
-                *stats.errors.entry(k).or_default() += v;
-            }
-        }
-    }
-    stats.published = lat.len();
-    stats.latency_us = LatencySummary::from_histogram(&lat);
-    stats.publishes_per_s = if pub_wall > 0.0 {
-        stats.published as f64 / pub_wall
-    } else {
-        0.0
-    };
+    let stats = publishers.finish().await;
     let (fanout, mut groups) = result?;
     let bridged = groups.pop().unwrap_or_default();
     let local = groups.pop().unwrap_or_default();
@@ -479,6 +410,118 @@ pub async fn run(args: CrossShardArgs, command: String) -> Result<CrossShardRepo
         fanout,
         notes,
     })
+}
+
+fn lookup_failed(e: anyhow::Error) -> BenchError {
+    BenchError::Failed(e.context("owner lookup"))
+}
+
+/// Who owns what, by the names `fanout --bridge` uses: each room's owner, each member's
+/// home room's owner, and every node seen (id → address).
+async fn owners(
+    args: &CrossShardArgs,
+    http: &mut HttpClient,
+    prefix: &str,
+) -> Result<(Vec<Owner>, Vec<Vec<u64>>, BTreeMap<u64, String>), BenchError> {
+    let mut room_owners = Vec::with_capacity(args.rooms);
+    let mut home_owners = Vec::with_capacity(args.rooms);
+    let mut nodes: BTreeMap<u64, String> = BTreeMap::new();
+    for r in 0..args.rooms {
+        let room = format!("{prefix}-{r}");
+        let o = owner(http, &room).await.map_err(lookup_failed)?;
+        nodes.insert(o.id, o.addr.clone());
+        let mut homes = Vec::with_capacity(args.members);
+        for m in 0..args.members {
+            let h = owner(http, &format!("{room}-home-{m}"))
+                .await
+                .map_err(lookup_failed)?;
+            nodes.insert(h.id, h.addr.clone());
+            homes.push(h.id);
+        }
+        room_owners.push(o);
+        home_owners.push(homes);
+    }
+    Ok((room_owners, home_owners, nodes))
+}
+
+/// The HTTP publishers (`--http-publishers`), each posting to a room of its own on a node
+/// that does not own it.
+struct Publishers {
+    tasks: Vec<tokio::task::JoinHandle<PublisherOutcome>>,
+    posted_to: Vec<String>,
+    stop: watch::Sender<bool>,
+    started: Instant,
+}
+
+impl Publishers {
+    async fn start(
+        args: &CrossShardArgs,
+        auth: &Auth,
+        http: &mut HttpClient,
+        nodes: &BTreeMap<u64, String>,
+        notes: &mut Vec<String>,
+    ) -> Result<Publishers, BenchError> {
+        let (stop, stop_rx) = watch::channel(false);
+        let (mut tasks, mut posted_to) = (Vec::new(), Vec::new());
+        let prefix = args.room_prefix();
+        for p in 0..args.http_publishers {
+            let room = format!("{prefix}-http-{p}");
+            let o = owner(http, &room).await.map_err(lookup_failed)?;
+            let Some((_, addr)) = nodes.iter().find(|(id, _)| **id != o.id) else {
+                notes.push("only one node is known: HTTP publishers were not started".into());
+                break;
+            };
+            let Ok(node) = addr.parse::<SocketAddr>() else {
+                notes.push(format!(
+                    "node address {addr:?} is not host:port; publishers skipped"
+                ));
+                break;
+            };
+            posted_to.push(addr.clone());
+            tasks.push(tokio::spawn(publisher(
+                node,
+                room,
+                auth.credentials(&format!("{}-http-{p}", args.user_prefix))
+                    .map_err(BenchError::Config)?,
+                args.http_rate,
+                args.size,
+                stop_rx.clone(),
+            )));
+        }
+        Ok(Publishers {
+            tasks,
+            posted_to,
+            stop,
+            started: Instant::now(),
+        })
+    }
+
+    /// Stops the publishers and sums what they did.
+    async fn finish(self) -> HttpPublishStats {
+        let _ = self.stop.send(true);
+        let wall = self.started.elapsed().as_secs_f64();
+        let mut stats = HttpPublishStats {
+            publishers: self.tasks.len(),
+            posted_to: self.posted_to,
+            ..Default::default()
+        };
+        let mut lat = new_histogram();
+        for t in self.tasks {
+            if let Some(Ok((h, d, e))) = harness::within(Duration::from_secs(15), t).await {
+                let _ = lat.add(&h);
+                stats.duplicates += d;
+                report::add_counts(&mut stats.errors, &e);
+            }
+        }
+        stats.published = lat.len();
+        stats.latency_us = LatencySummary::from_histogram(&lat);
+        stats.publishes_per_s = if wall > 0.0 {
+            stats.published as f64 / wall
+        } else {
+            0.0
+        };
+        stats
+    }
 }
 
 #[cfg(test)]

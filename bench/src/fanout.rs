@@ -1640,6 +1640,7 @@ pub fn chart(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::args::flags;
     fn args(extra: &[&str]) -> FanoutArgs {
         crate::args::parse(extra)
     }
@@ -1663,7 +1664,7 @@ mod tests {
             (vec!["--user-prefix", "a b"], "--user-prefix"),
             (vec!["--room-prefix", "r/1"], "--room-prefix"),
             (vec!["--connect-concurrency", "0"], "--connect-concurrency"),
-            (vec!["--rooms", "1000", "--members", "1000"], "--rooms"),
+            (flags("--rooms 1000 --members 1000"), "--rooms"),
         ] {
             let e = args(&flags).validate().expect_err(needle);
             assert!(e.contains(needle), "{flags:?}: {e}");

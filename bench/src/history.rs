@@ -599,43 +599,23 @@ impl Walker<'_> {
     }
 }
 
-/// Runs the scenario.
-pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, BenchError> {
-    args.validate().map_err(BenchError::Config)?;
-    // One token for the run (its --jwt-ttl must cover the run).
-    let creds = harness::auth(&args.auth)?
-        .credentials(&args.user)
-        .map_err(BenchError::Config)?;
-    let target = harness::target(&args.url).await?;
-    let started_unix_ms = harness::unix_ms();
-    let load = report::current_load_note();
-    let prefix = args.room_prefix();
-    let rooms: Vec<String> = (0..args.rooms).map(|r| format!("{prefix}-{r}")).collect();
-    let mut seeding = Seeding::default();
-    if !args.quiet && args.messages > 0 {
-        eprintln!(
-            "[history] seeding {} rooms × {} messages",
-            args.rooms, args.messages
-        );
-    }
-    let expected = seed(&args, &creds, &target, &rooms, &mut seeding)
-        .await
-        .map_err(|e| BenchError::Failed(e.context("seeding")))?;
-    let expected = Arc::new(expected);
-    if !args.quiet {
-        eprintln!("[history] reading for {} s", args.duration);
-    }
-
-    let cpu = CpuMeter::start();
-    let t0 = Instant::now();
+/// `--readers` readers walking the rooms until `--duration` from `t0` passes: what they
+/// read, and by second.
+async fn read(
+    args: &HistoryArgs,
+    creds: &str,
+    target: &Target,
+    rooms: Arc<Vec<String>>,
+    expected: Arc<Vec<Vec<u64>>>,
+    t0: Instant,
+) -> (Reading, Arc<SharedSeconds<2>>) {
     let end = t0 + Duration::from_secs_f64(args.duration);
-    let rooms = Arc::new(rooms);
     let seconds = SharedSeconds::<2>::new(t0);
     let mut tasks = Vec::new();
     for k in 0..args.readers {
         let (rooms, expected) = (rooms.clone(), expected.clone());
-        let http = HttpClient::for_target(&target);
-        let creds = creds.clone();
+        let http = HttpClient::for_target(target);
+        let creds = creds.to_owned();
         let (limit, timeout) = (args.limit, Duration::from_secs_f64(args.request_timeout));
         let seconds = Batch::new(seconds.clone());
         tasks.push(tokio::spawn(async move {
@@ -713,13 +693,46 @@ pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, Be
             let _ = lat.add(&h);
         }
     }
+    reading.page_latency_us = LatencySummary::from_histogram(&lat);
+    (reading, seconds)
+}
+
+/// Runs the scenario.
+pub async fn run(args: HistoryArgs, command: String) -> Result<HistoryReport, BenchError> {
+    args.validate().map_err(BenchError::Config)?;
+    // One token for the run (its --jwt-ttl must cover the run).
+    let creds = harness::auth(&args.auth)?
+        .credentials(&args.user)
+        .map_err(BenchError::Config)?;
+    let target = harness::target(&args.url).await?;
+    let started_unix_ms = harness::unix_ms();
+    let load = report::current_load_note();
+    let prefix = args.room_prefix();
+    let rooms: Vec<String> = (0..args.rooms).map(|r| format!("{prefix}-{r}")).collect();
+    let mut seeding = Seeding::default();
+    if !args.quiet && args.messages > 0 {
+        eprintln!(
+            "[history] seeding {} rooms × {} messages",
+            args.rooms, args.messages
+        );
+    }
+    let expected = seed(&args, &creds, &target, &rooms, &mut seeding)
+        .await
+        .map_err(|e| BenchError::Failed(e.context("seeding")))?;
+    let expected = Arc::new(expected);
+    if !args.quiet {
+        eprintln!("[history] reading for {} s", args.duration);
+    }
+
+    let cpu = CpuMeter::start();
+    let t0 = Instant::now();
+    let (mut reading, seconds) = read(&args, &creds, &target, Arc::new(rooms), expected, t0).await;
     let bench_cpu = cpu.percent();
     let wall = t0.elapsed().as_secs_f64();
     let mut per_second = seconds.snapshot();
     per_second.extend_to(wall.ceil() as usize);
     reading.pages_per_s = reading.pages as f64 / wall;
     reading.messages_per_s = reading.messages as f64 / wall;
-    reading.page_latency_us = LatencySummary::from_histogram(&lat);
     reading.mismatch_examples.truncate(10);
     let nproc = report::nproc();
     let bench_saturated = bench_cpu.is_some_and(|c| report::is_saturated(c, nproc));

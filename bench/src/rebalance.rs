@@ -1677,41 +1677,11 @@ impl RebalanceReport {
         }
         .to_svg()
     }
-}
 
-impl Outcome for RebalanceReport {
-    fn to_markdown(&self) -> String {
+    /// The command's run, the faults' table and the bridged members, as configured.
+    fn changes_md(&self, o: &mut String) {
         use std::fmt::Write as _;
         let c = &self.config;
-        let d = &self.disruption;
-        let s = &self.sends;
-        let k = &self.correctness;
-        let rb = &self.read_back;
-        let mut o = String::new();
-        report::title_md(
-            &mut o,
-            &format!("rebalance: {}", self.verdict),
-            &self.run.command,
-        );
-        let _ = writeln!(
-            o,
-            "git `{}` · nproc {} · {} · {} rooms × {} members at {} msg/s each, {} B bodies, \
-             {} s of sending, drain up to {} s, dead after {}\n",
-            self.run.git_rev,
-            self.run.nproc,
-            c.url,
-            c.rooms,
-            c.members,
-            c.rate_per_member,
-            c.body_bytes,
-            c.duration_s,
-            c.drain_s,
-            if c.dead_after_s > 0.0 {
-                format!("{} s of silence", c.dead_after_s)
-            } else {
-                "never (--dead-after 0)".into()
-            }
-        );
         match &self.external_command {
             Some(x) => {
                 let _ = writeln!(
@@ -1797,11 +1767,17 @@ impl Outcome for RebalanceReport {
                 b.bridged, b.members, b.ring_size, b.owner_lookups, b.lookup_s
             );
         }
-        let judged = match k.judged_by.as_str() {
-            "cql" => "the CQL store",
-            _ => "the history API",
-        };
-        let _ = writeln!(o, "Judged by {judged}, read back after the drain.\n");
+    }
+
+    /// The results table's rows: the store's verdict first, then what members lived through.
+    fn rows(&self) -> Vec<(&'static str, String)> {
+        let (d, s, k, rb) = (
+            &self.disruption,
+            &self.sends,
+            &self.correctness,
+            &self.read_back,
+        );
+        let opt_s = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.2} s"));
         let disagreement = match &rb.disagreement {
             Some(x) => format!(
                 "{} only in the history, {} only in CQL, {} differing",
@@ -1809,7 +1785,7 @@ impl Outcome for RebalanceReport {
             ),
             None => "not compared".into(),
         };
-        let rows: Vec<(&str, String)> = vec![
+        vec![
             ("**acked_lost**", k.acked_lost.to_string()),
             ("**stored_twice**", k.stored_twice.to_string()),
             (
@@ -1899,17 +1875,14 @@ impl Outcome for RebalanceReport {
                 "bench CPU (% of one core)",
                 report::bench_cpu_cell(self.bench_cpu_percent, self.bench_saturated),
             ),
-        ];
-        report::metric_table(&mut o, rows);
-        let _ = writeln!(o);
-        report::latency_table(
-            &mut o,
-            &[
-                ("resume (loss → caught up)", &d.resume_us),
-                ("rejoin (loss → joined)", &d.rejoin_us),
-                ("ack (first send → ack)", &s.ack_latency_us),
-            ],
-        );
+        ]
+    }
+
+    /// Why the store could not be read, examples of each failure, gaps by member, the
+    /// history's disagreements with CQL, the warnings and the notes.
+    fn details_md(&self, o: &mut String, judged: &str) {
+        use std::fmt::Write as _;
+        let (k, rb) = (&self.correctness, &self.read_back);
         if let Some(e) = self.store_error() {
             let _ = writeln!(o, "\n**The store ({judged}) could not be read:** {e}");
         }
@@ -1945,6 +1918,58 @@ impl Outcome for RebalanceReport {
                 }
             }
         }
+    }
+}
+
+impl Outcome for RebalanceReport {
+    fn to_markdown(&self) -> String {
+        use std::fmt::Write as _;
+        let c = &self.config;
+        let d = &self.disruption;
+        let s = &self.sends;
+        let k = &self.correctness;
+        let mut o = String::new();
+        report::title_md(
+            &mut o,
+            &format!("rebalance: {}", self.verdict),
+            &self.run.command,
+        );
+        let _ = writeln!(
+            o,
+            "git `{}` · nproc {} · {} · {} rooms × {} members at {} msg/s each, {} B bodies, \
+             {} s of sending, drain up to {} s, dead after {}\n",
+            self.run.git_rev,
+            self.run.nproc,
+            c.url,
+            c.rooms,
+            c.members,
+            c.rate_per_member,
+            c.body_bytes,
+            c.duration_s,
+            c.drain_s,
+            if c.dead_after_s > 0.0 {
+                format!("{} s of silence", c.dead_after_s)
+            } else {
+                "never (--dead-after 0)".into()
+            }
+        );
+        self.changes_md(&mut o);
+        let judged = match k.judged_by.as_str() {
+            "cql" => "the CQL store",
+            _ => "the history API",
+        };
+        let _ = writeln!(o, "Judged by {judged}, read back after the drain.\n");
+        report::metric_table(&mut o, self.rows());
+        let _ = writeln!(o);
+        report::latency_table(
+            &mut o,
+            &[
+                ("resume (loss → caught up)", &d.resume_us),
+                ("rejoin (loss → joined)", &d.rejoin_us),
+                ("ack (first send → ack)", &s.ack_latency_us),
+            ],
+        );
+        self.details_md(&mut o, judged);
         o
     }
 
@@ -2888,6 +2913,7 @@ fn progress_line(shared: Arc<Shared>, total: usize) -> impl FnMut() -> String + 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::args::flags;
     fn args(extra: &[&str]) -> RebalanceArgs {
         crate::args::parse(extra)
     }
@@ -2896,40 +2922,17 @@ mod tests {
     fn defaults_validate() {
         assert_eq!(args(&[]).validate(), Ok(()));
         assert_eq!(
-            args(&["--command", "true", "--command-at", "1"]).validate(),
+            args(&flags("--command true --command-at 1")).validate(),
             Ok(())
         );
         assert!(args(&[]).room_prefix().starts_with("rebalance-"));
         assert_eq!(args(&[]).dead_after, 10.0);
         assert_eq!(args(&[]).fault_plan(), None);
         for ok in [
-            vec!["--pause-pid", "123", "--pause-secs", "5"],
-            vec![
-                "--pause-pid",
-                "123",
-                "--pause-secs",
-                "5",
-                "--fault-at",
-                "2",
-                "--fault-repeat",
-                "3",
-                "--fault-every",
-                "8",
-            ],
-            vec![
-                "--cut-command",
-                "down",
-                "--heal-command",
-                "up",
-                "--cut-secs",
-                "3",
-            ],
-            vec![
-                "--cql-nodes",
-                "127.0.0.1:9042,db:9042",
-                "--cql-keyspace",
-                "chat",
-            ],
+            flags("--pause-pid 123 --pause-secs 5"),
+            flags("--pause-pid 123 --pause-secs 5 --fault-at 2 --fault-repeat 3 --fault-every 8"),
+            flags("--cut-command down --heal-command up --cut-secs 3"),
+            flags("--cql-nodes 127.0.0.1:9042,db:9042 --cql-keyspace chat"),
             vec!["--dead-after", "0"],
             vec!["--bridged"],
         ] {
@@ -2944,39 +2947,19 @@ mod tests {
             .expect_err("home rooms too long");
         assert!(e.contains("--room-prefix"), "{e}");
         // The first fault defaults to --command-at; repeats follow --fault-every.
-        let p = args(&[
-            "--pause-pid",
-            "123",
-            "--pause-secs",
-            "5",
-            "--command-at",
-            "4",
-        ])
-        .fault_plan()
-        .expect("plan");
+        let p = args(&flags("--pause-pid 123 --pause-secs 5 --command-at 4"))
+            .fault_plan()
+            .expect("plan");
         assert_eq!(p.action, FaultAction::Pause { pid: 123 });
         assert_eq!((p.first_at, p.repeat), (Duration::from_secs(4), 1));
         assert_eq!(p.length, Duration::from_secs(5));
-        let p = args(&[
-            "--cut-command",
-            "down",
-            "--heal-command",
-            "up",
-            "--cut-secs",
-            "2",
-            "--fault-at",
-            "1",
-            "--fault-repeat",
-            "3",
-            "--fault-every",
-            "9",
-        ])
+        let p = args(&flags("--cut-command down --heal-command up --cut-secs 2 --fault-at 1 --fault-repeat 3 --fault-every 9"))
         .fault_plan()
         .expect("plan");
         assert_eq!(p.action.kind(), "cut");
         assert_eq!(p.end(), Duration::from_secs(21));
         assert_eq!(
-            args(&["--cql-nodes", "a:1,b:2", "--cql-keyspace", "k"]).cql_nodes,
+            args(&flags("--cql-nodes a:1,b:2 --cql-keyspace k")).cql_nodes,
             ["a:1", "b:2"]
         );
     }
@@ -2986,7 +2969,7 @@ mod tests {
         for (flags, needle) in [
             (vec!["--rooms", "0"], "--rooms"),
             (vec!["--members", "0"], "--members"),
-            (vec!["--rooms", "1000", "--members", "100"], "--rooms"),
+            (flags("--rooms 1000 --members 100"), "--rooms"),
             (vec!["--rate", "0"], "--rate"),
             (vec!["--rate", "1000"], "--rate"),
             (vec!["--rate", "NaN"], "--rate"),
@@ -3002,14 +2985,7 @@ mod tests {
             (vec!["--history-timeout", "0"], "--history-timeout"),
             (vec!["--command", "  "], "--command"),
             (
-                vec![
-                    "--command",
-                    "true",
-                    "--command-at",
-                    "40",
-                    "--duration",
-                    "30",
-                ],
+                flags("--command true --command-at 40 --duration 30"),
                 "--command-at",
             ),
             (vec!["--user-prefix", "a b"], "--user-prefix"),
@@ -3017,38 +2993,17 @@ mod tests {
             (vec!["--dead-after=-1"], "--dead-after"),
             (vec!["--pause-pid", "12"], "--pause-secs"),
             (vec!["--pause-secs", "3"], "--pause-pid"),
-            (vec!["--pause-pid", "0", "--pause-secs", "3"], "--pause-pid"),
+            (flags("--pause-pid 0 --pause-secs 3"), "--pause-pid"),
+            (flags("--pause-pid 12 --pause-secs 0"), "--pause-secs"),
             (
-                vec!["--pause-pid", "12", "--pause-secs", "0"],
-                "--pause-secs",
-            ),
-            (
-                vec![
-                    "--pause-pid",
-                    "12",
-                    "--pause-secs",
-                    "3",
-                    "--cut-command",
-                    "x",
-                    "--heal-command",
-                    "y",
-                    "--cut-secs",
-                    "3",
-                ],
+                flags(
+                    "--pause-pid 12 --pause-secs 3 --cut-command x --heal-command y --cut-secs 3",
+                ),
                 "--pause-pid and --cut-command",
             ),
-            (
-                vec!["--cut-command", "x", "--cut-secs", "3"],
-                "--heal-command",
-            ),
-            (
-                vec!["--heal-command", "y", "--cut-secs", "3"],
-                "--cut-command",
-            ),
-            (
-                vec!["--cut-command", "x", "--heal-command", "y"],
-                "--cut-secs",
-            ),
+            (flags("--cut-command x --cut-secs 3"), "--heal-command"),
+            (flags("--heal-command y --cut-secs 3"), "--cut-command"),
+            (flags("--cut-command x --heal-command y"), "--cut-secs"),
             (
                 vec![
                     "--cut-command",
@@ -3064,70 +3019,38 @@ mod tests {
             (vec!["--fault-repeat", "2"], "--fault-repeat"),
             (vec!["--fault-every", "2"], "--fault-every"),
             (
-                vec![
-                    "--pause-pid",
-                    "12",
-                    "--pause-secs",
-                    "3",
-                    "--fault-repeat",
-                    "0",
-                ],
+                flags("--pause-pid 12 --pause-secs 3 --fault-repeat 0"),
                 "--fault-repeat",
             ),
             (
-                vec![
-                    "--pause-pid",
-                    "12",
-                    "--pause-secs",
-                    "3",
-                    "--fault-repeat",
-                    "2",
-                ],
+                flags("--pause-pid 12 --pause-secs 3 --fault-repeat 2"),
                 "--fault-every",
             ),
             (
-                vec![
-                    "--pause-pid",
-                    "12",
-                    "--pause-secs",
-                    "3",
-                    "--fault-repeat",
-                    "2",
-                    "--fault-every",
-                    "3",
-                ],
+                flags("--pause-pid 12 --pause-secs 3 --fault-repeat 2 --fault-every 3"),
                 "--fault-every",
             ),
             (
-                vec!["--pause-pid", "12", "--pause-secs", "3", "--fault-at=-1"],
+                flags("--pause-pid 12 --pause-secs 3 --fault-at=-1"),
                 "--fault-at",
             ),
             // 10 + 2 × 8 + 5 = 31 s > 30 s of sending.
             (
-                vec![
-                    "--pause-pid",
-                    "12",
-                    "--pause-secs",
-                    "5",
-                    "--fault-repeat",
-                    "3",
-                    "--fault-every",
-                    "8",
-                ],
+                flags("--pause-pid 12 --pause-secs 5 --fault-repeat 3 --fault-every 8"),
                 "--duration",
             ),
             (
-                vec!["--pause-pid", "12", "--pause-secs", "25", "--fault-at", "6"],
+                flags("--pause-pid 12 --pause-secs 25 --fault-at 6"),
                 "--duration",
             ),
             (vec!["--cql-nodes", "127.0.0.1:9042"], "--cql-keyspace"),
             (vec!["--cql-keyspace", "chat"], "--cql-nodes"),
             (
-                vec!["--cql-nodes", "127.0.0.1", "--cql-keyspace", "chat"],
+                flags("--cql-nodes 127.0.0.1 --cql-keyspace chat"),
                 "--cql-nodes",
             ),
             (
-                vec!["--cql-nodes", "127.0.0.1:9042", "--cql-keyspace", "chat-x"],
+                flags("--cql-nodes 127.0.0.1:9042 --cql-keyspace chat-x"),
                 "--cql-keyspace",
             ),
         ] {
@@ -3566,7 +3489,7 @@ mod tests {
             ..Default::default()
         };
         let mut w = Vec::new();
-        let two_rooms = args(&["--rooms", "2", "--members", "1"]);
+        let two_rooms = args(&flags("--rooms 2 --members 1"));
         let sample = |w: &mut Vec<Recovery>, now: u64, records: &[FaultRecord]| {
             watch_recoveries(w, records, &lives, &two_rooms, now);
         };

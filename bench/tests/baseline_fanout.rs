@@ -17,51 +17,15 @@ async fn fanout_against_baseline_loses_nothing() {
         let _ = stop_rx.await;
     }));
     let url = format!("ws://{addr}");
-    let args: FanoutArgs = support::parse_args(&[
-        "--url",
-        &url,
-        "--rooms",
-        "2",
-        "--members",
-        "5",
-        "--rate",
-        "5",
-        "--warmup",
-        "0.5",
-        "--duration",
-        "2",
-        "--drain",
-        "2",
-        "--quiet",
-    ]);
+    let line = format!(
+        "--url {url} --rooms 2 --members 5 --rate 5 --warmup 0.5 --duration 2 --drain 2 --quiet"
+    );
+    let args: FanoutArgs = support::parse_line(&line, &[]);
     let r = chat_bench::fanout::run(args, "test".into())
         .await
         .expect("run");
-    let m = &r.messages;
-    assert_eq!(r.connections.joined, 10, "{r:#?}");
-    // 10 senders × 5/s × 2 s; pacing may shift a send across a window edge.
-    assert!((90..=110).contains(&m.sent), "{r:#?}");
-    assert_eq!(m.expected_deliveries, m.sent * 5);
-    assert_eq!(m.delivered, m.expected_deliveries, "{r:#?}");
-    assert_eq!(
-        (
-            m.lost,
-            m.duplicated,
-            m.out_of_order,
-            m.misrouted,
-            m.undecodable,
-            m.id_regressions
-        ),
-        (0, 0, 0, 0, 0, 0),
-        "{r:#?}"
-    );
-    assert_eq!(m.acks, m.sent, "{r:#?}");
-    assert_eq!(m.missing_acks, 0);
-    assert!(
-        m.errors.is_empty() && r.connections.closes.is_empty(),
-        "{r:#?}"
-    );
-    assert_eq!(r.e2e_latency_us.count, m.delivered);
+    // 10 senders × 5/s × 2 s.
+    support::assert_clean_fanout(&r, 10, 100);
     // The baseline answers /metrics with its (here: this test process's) CPU and RSS.
     assert!(r.server.cpu_percent.is_some(), "{r:#?}");
     assert!(r.server.rss_bytes_after.is_some_and(|b| b > 0), "{r:#?}");

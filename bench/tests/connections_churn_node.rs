@@ -6,6 +6,11 @@ mod support;
 
 use support::{run_bench, spawn_standalone_node, unique};
 
+/// [`run_bench`] with the arguments written as one line (no value in it holds a space).
+fn run_line(line: &str) -> (std::process::ExitStatus, serde_json::Value) {
+    run_bench(&line.split_whitespace().collect::<Vec<_>>())
+}
+
 fn u(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
 }
@@ -17,29 +22,10 @@ fn connections_over_two_processes_and_two_source_addresses() {
     let prefix = unique("conn");
     let chart = std::env::temp_dir().join(format!("{prefix}.svg"));
     let chart_arg = chart.to_str().expect("utf-8 temp path");
-    let (status, r) = run_bench(&[
-        "connections",
-        "--chart",
-        chart_arg,
-        "--url",
-        &url,
-        "--connections",
-        "300",
-        "--rate",
-        "600",
-        "--members",
-        "10",
-        "--hold",
-        "1",
-        "--settle",
-        "0.5",
-        "--processes",
-        "2",
-        "--source-addresses",
-        "2",
-        "--room-prefix",
-        &prefix,
-    ]);
+    let (status, r) = run_line(&format!(
+        "connections --chart {chart_arg} --url {url} --connections 300 --rate 600 --members 10 \
+         --hold 1 --settle 0.5 --processes 2 --source-addresses 2 --room-prefix {prefix}"
+    ));
     assert!(status.success(), "{status}: {r:#}");
     assert_eq!(u(&r["attempted"]), 300, "{r:#}");
     assert_eq!(u(&r["joined"]), 300, "{r:#}");
@@ -91,24 +77,10 @@ fn churn_reconnects_and_acks_with_no_unexpected_closes() {
     let node = spawn_standalone_node(&["--insecure-dev-auth"]);
     let url = node.ws_url();
     let prefix = unique("churn");
-    let (status, r) = run_bench(&[
-        "churn",
-        "--url",
-        &url,
-        "--connections",
-        "20",
-        "--rate",
-        "20",
-        "--duration",
-        "3",
-        "--rooms",
-        "4",
-        "--send",
-        "--settle",
-        "0.5",
-        "--room-prefix",
-        &prefix,
-    ]);
+    let (status, r) = run_line(&format!(
+        "churn --url {url} --connections 20 --rate 20 --duration 3 --rooms 4 --send \
+         --settle 0.5 --room-prefix {prefix}"
+    ));
     assert!(status.success(), "{status}: {r:#}");
     // Every slot connected at least once and most reconnected.
     assert!(u(&r["connects"]) > 20, "{r:#}");
@@ -129,23 +101,10 @@ fn jwt_signed_connections_are_accepted_and_a_wrong_secret_is_reported() {
     let node = spawn_standalone_node(&["--jwt-secret", SECRET]);
     let url = node.ws_url();
     let good = unique("jwt");
-    let (status, r) = run_bench(&[
-        "connections",
-        "--url",
-        &url,
-        "--connections",
-        "40",
-        "--rate",
-        "200",
-        "--hold",
-        "0.5",
-        "--settle",
-        "0",
-        "--jwt-secret",
-        SECRET,
-        "--room-prefix",
-        &good,
-    ]);
+    let (status, r) = run_line(&format!(
+        "connections --url {url} --connections 40 --rate 200 --hold 0.5 --settle 0 \
+         --jwt-secret {SECRET} --room-prefix {good}"
+    ));
     assert!(status.success(), "{status}: {r:#}");
     assert_eq!(u(&r["joined"]), 40, "{r:#}");
     assert_eq!(r["auth"], "JWT HS256 (token=)");
@@ -153,21 +112,11 @@ fn jwt_signed_connections_are_accepted_and_a_wrong_secret_is_reported() {
     // A wrong secret, and no token at all (dev auth's user=): both refused with 401.
     let bad = unique("jwt-bad");
     for auth in [&["--jwt-secret", "not-the-secret"][..], &[][..]] {
-        let mut args = vec![
-            "connections",
-            "--url",
-            &url,
-            "--connections",
-            "10",
-            "--rate",
-            "200",
-            "--hold",
-            "0",
-            "--settle",
-            "0",
-            "--room-prefix",
-            &bad,
-        ];
+        let line = format!(
+            "connections --url {url} --connections 10 --rate 200 --hold 0 --settle 0 \
+             --room-prefix {bad}"
+        );
+        let mut args: Vec<&str> = line.split_whitespace().collect();
         args.extend_from_slice(auth);
         let (status, r) = run_bench(&args);
         assert_eq!(status.code(), Some(1), "{auth:?}: {r:#}");

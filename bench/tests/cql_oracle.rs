@@ -18,28 +18,9 @@ const ROOMS: usize = 4;
 const MEMBERS: usize = 2;
 
 fn args(url: &str, room_prefix: &str) -> RebalanceArgs {
-    let (rooms, members, cql) = (ROOMS.to_string(), MEMBERS.to_string(), cql_nodes());
-    parse_args(&[
-        "--url",
-        url,
-        "--rooms",
-        &rooms,
-        "--members",
-        &members,
-        "--rate",
-        "4",
-        "--duration",
-        "3",
-        "--drain",
-        "30",
-        "--quiet",
-        "--room-prefix",
-        room_prefix,
-        "--cql-nodes",
-        &cql,
-        "--cql-keyspace",
-        KEYSPACE,
-    ])
+    let line =
+        format!("--url {url} --rooms {ROOMS} --members {MEMBERS} --rate 4 --duration 3 --drain 30");
+    rebalance_cql_args(&line, room_prefix, &[])
 }
 
 async fn session() -> Session {

@@ -26,38 +26,8 @@ fn prefix_with_both_groups() -> String {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn local_and_bridged_members_both_receive_everything() {
-    let c = TestCluster::start("xshard", 3).await;
-    let url = c.url();
-    let prefix = prefix_with_both_groups();
-    let args: CrossShardArgs = parse_args(&[
-        "--url",
-        &url,
-        "--rooms",
-        "2",
-        "--members",
-        "12",
-        "--rate",
-        "2",
-        "--warmup",
-        "1",
-        "--duration",
-        "3",
-        "--drain",
-        "10",
-        "--http-publishers",
-        "2",
-        "--http-rate",
-        "5",
-        "--quiet",
-        "--room-prefix",
-        &prefix,
-    ]);
-    let r = chat_bench::cross_shard::run(args, "test".into())
-        .await
-        .expect("run");
-    let md = r.to_markdown();
+/// Both groups have members, and every one of them received everything.
+fn assert_both_groups_whole(r: &chat_bench::cross_shard::CrossShardReport, md: &str) {
     assert!(r.local.members > 0 && r.bridged.members > 0, "{md}");
     assert_eq!(r.local.members + r.bridged.members, 24, "{md}");
     for g in [&r.local, &r.bridged] {
@@ -66,8 +36,32 @@ async fn local_and_bridged_members_both_receive_everything() {
         assert_eq!(g.delivered, g.expected_deliveries, "{md}");
         assert_eq!(g.e2e_latency_us.count, g.delivered, "{md}");
     }
+    assert_eq!(r.fanout.messages.lost, 0, "{md}");
+}
+
+/// The flags both tests share: 2 rooms × 12 members at 2/s, a short window, a long drain.
+fn flags(url: &str, prefix: &str) -> String {
+    format!(
+        "--url {url} --rooms 2 --members 12 --rate 2 --warmup 1 --duration 3 --drain 10 \
+         --quiet --room-prefix {prefix}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_and_bridged_members_both_receive_everything() {
+    let c = TestCluster::start("xshard", 3).await;
+    let url = c.url();
+    let prefix = prefix_with_both_groups();
+    let args: CrossShardArgs = parse_line(
+        &format!("{} --http-publishers 2 --http-rate 5", flags(&url, &prefix)),
+        &[],
+    );
+    let r = chat_bench::cross_shard::run(args, "test".into())
+        .await
+        .expect("run");
+    let md = r.to_markdown();
+    assert_both_groups_whole(&r, &md);
     let m = &r.fanout.messages;
-    assert_eq!(m.lost, 0, "{md}");
     assert_eq!(m.delivered, r.local.delivered + r.bridged.delivered, "{md}");
     let h = r.http_publish.as_ref().expect("publishers ran");
     assert_eq!(h.publishers, 2, "{md}");
@@ -82,26 +76,7 @@ async fn direct_members_bypass_the_router_and_receive_everything() {
     let c = TestCluster::start("xshard-direct", 3).await;
     let url = c.url();
     let prefix = prefix_with_both_groups();
-    let args: CrossShardArgs = parse_args(&[
-        "--url",
-        &url,
-        "--direct",
-        "--rooms",
-        "2",
-        "--members",
-        "12",
-        "--rate",
-        "2",
-        "--warmup",
-        "1",
-        "--duration",
-        "3",
-        "--drain",
-        "10",
-        "--quiet",
-        "--room-prefix",
-        &prefix,
-    ]);
+    let args: CrossShardArgs = parse_line(&format!("{} --direct", flags(&url, &prefix)), &[]);
     let r = chat_bench::cross_shard::run(args, "test --direct".into())
         .await
         .expect("run");
@@ -111,14 +86,7 @@ async fn direct_members_bypass_the_router_and_receive_everything() {
         md.contains("members connected directly to their home room's owner"),
         "{md}"
     );
-    assert!(r.local.members > 0 && r.bridged.members > 0, "{md}");
-    assert_eq!(r.local.members + r.bridged.members, 24, "{md}");
-    for g in [&r.local, &r.bridged] {
-        assert!(g.expected_deliveries > 0, "{md}");
-        assert_eq!(g.lost, 0, "{}: {md}", g.name);
-        assert_eq!(g.delivered, g.expected_deliveries, "{md}");
-    }
-    assert_eq!(r.fanout.messages.lost, 0, "{md}");
+    assert_both_groups_whole(&r, &md);
     // Every member reached a node without the router: it opened no WebSocket, the nodes 24.
     let mut http = HttpClient::new(c.router.addr, c.router.addr.to_string());
     let metrics = http

@@ -10,26 +10,12 @@ use chat_bench::BenchError;
 use support::*;
 
 fn args(url: &str, extra: &[&str]) -> HistoryArgs {
-    let room_prefix = unique("hist");
-    let mut v = vec![
-        "--url",
-        url,
-        "--rooms",
-        "4",
-        "--messages",
-        "230",
-        "--limit",
-        "50",
-        "--readers",
-        "3",
-        "--duration",
-        "3",
-        "--quiet",
-        "--room-prefix",
-        &room_prefix,
-    ];
-    v.extend_from_slice(extra);
-    parse_args(&v)
+    let line = format!(
+        "--url {url} --rooms 4 --messages 230 --limit 50 --readers 3 --duration 3 --quiet \
+         --room-prefix {}",
+        unique("hist")
+    );
+    parse_line(&line, extra)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,42 +36,14 @@ fn repeat() -> u32 {
 }
 
 fn args(c: &NetnsCluster, room_prefix: &str, extra: &[&str]) -> RebalanceArgs {
-    let url = c.url();
-    let cql = cql_nodes();
-    let rooms = ROOMS.to_string();
     let n = repeat();
-    let (repeat, duration) = (n.to_string(), (14 + (n - 1) * 15).to_string());
-    let mut v = vec![
-        "--url",
-        &url,
-        "--rooms",
-        &rooms,
-        "--members",
-        "3",
-        "--rate",
-        "4",
-        "--duration",
-        &duration,
-        "--fault-at",
-        "2",
-        "--fault-repeat",
-        &repeat,
-        "--fault-every",
-        "15",
-        "--dead-after",
-        "2",
-        "--drain",
-        "40",
-        "--quiet",
-        "--room-prefix",
-        room_prefix,
-        "--cql-nodes",
-        &cql,
-        "--cql-keyspace",
-        KEYSPACE,
-    ];
-    v.extend_from_slice(extra);
-    parse_args(&v)
+    let line = format!(
+        "--url {} --rooms {ROOMS} --members 3 --rate 4 --duration {} --fault-at 2 \
+         --fault-repeat {n} --fault-every 15 --dead-after 2 --drain 40",
+        c.url(),
+        14 + (n - 1) * 15
+    );
+    rebalance_cql_args(&line, room_prefix, extra)
 }
 
 async fn cluster(tag: &str) -> NetnsCluster {

@@ -13,28 +13,11 @@ use support::*;
 const ROOMS: usize = 9;
 
 fn args(url: &str, room_prefix: &str, extra: &[&str]) -> RebalanceArgs {
-    let rooms = ROOMS.to_string();
-    let mut v = vec![
-        "--url",
-        url,
-        "--rooms",
-        &rooms,
-        "--members",
-        "3",
-        "--rate",
-        "4",
-        "--duration",
-        "8",
-        "--command-at",
-        "2",
-        "--drain",
-        "30",
-        "--quiet",
-        "--room-prefix",
-        room_prefix,
-    ];
-    v.extend_from_slice(extra);
-    parse_args(&v)
+    let line = format!(
+        "--url {url} --rooms {ROOMS} --members 3 --rate 4 --duration 8 --command-at 2 \
+         --drain 30 --quiet --room-prefix {room_prefix}"
+    );
+    parse_line(&line, extra)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

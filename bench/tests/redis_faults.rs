@@ -117,34 +117,11 @@ fn proc_state(pid: u32) -> char {
 }
 
 fn args(url: &str, room_prefix: &str, extra: &[&str]) -> RebalanceArgs {
-    let cql = cql_nodes();
-    let (rooms, members) = (ROOMS.to_string(), MEMBERS.to_string());
-    let mut v = vec![
-        "--url",
-        url,
-        "--bridged",
-        "--rooms",
-        &rooms,
-        "--members",
-        &members,
-        "--rate",
-        "4",
-        "--duration",
-        "14",
-        "--dead-after",
-        "2",
-        "--drain",
-        "45",
-        "--quiet",
-        "--room-prefix",
-        room_prefix,
-        "--cql-nodes",
-        &cql,
-        "--cql-keyspace",
-        KEYSPACE,
-    ];
-    v.extend_from_slice(extra);
-    parse_args(&v)
+    let line = format!(
+        "--url {url} --bridged --rooms {ROOMS} --members {MEMBERS} --rate 4 --duration 14 \
+         --dead-after 2 --drain 45"
+    );
+    rebalance_cql_args(&line, room_prefix, extra)
 }
 
 /// `ttl`: the membership TTL, [`TTL`] when `None`.

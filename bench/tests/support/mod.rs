@@ -586,6 +586,56 @@ pub fn parse_args<A: clap::Args + clap::FromArgMatches>(argv: &[&str]) -> A {
     A::from_arg_matches(&matches).unwrap_or_else(|e| panic!("arguments {argv:?}: {e}"))
 }
 
+/// [`parse_args`] with the flags written as one line (no value in it holds a space), then
+/// `extra` (values that may).
+pub fn parse_line<A: clap::Args + clap::FromArgMatches>(line: &str, extra: &[&str]) -> A {
+    let mut v: Vec<&str> = line.split_whitespace().collect();
+    v.extend_from_slice(extra);
+    parse_args(&v)
+}
+
+/// `rebalance` flags for a cluster test: `line`, quiet, fresh rooms under `room_prefix`,
+/// read back from the real CQL store, then `extra`.
+pub fn rebalance_cql_args(
+    line: &str,
+    room_prefix: &str,
+    extra: &[&str],
+) -> chat_bench::rebalance::RebalanceArgs {
+    parse_line(
+        &format!(
+            "{line} --quiet --room-prefix {room_prefix} --cql-nodes {} --cql-keyspace {KEYSPACE}",
+            cql_nodes()
+        ),
+        extra,
+    )
+}
+
+/// A `fanout` report of a clean run: every member joined, about `sent` sends (pacing may
+/// shift one across a window edge), each delivered to all 5 members of its room once and
+/// in order, and acked, with no error frame or close from the server.
+pub fn assert_clean_fanout(r: &chat_bench::report::Report, joined: u64, sent: u64) {
+    let m = &r.messages;
+    assert_eq!(r.connections.joined, joined, "{r:#?}");
+    assert!(m.sent.abs_diff(sent) <= sent / 10, "{r:#?}");
+    assert_eq!(m.expected_deliveries, m.sent * 5);
+    assert_eq!(m.delivered, m.expected_deliveries, "{r:#?}");
+    let bad = (
+        m.lost,
+        m.duplicated,
+        m.out_of_order,
+        m.misrouted,
+        m.undecodable,
+    );
+    assert_eq!(bad, (0, 0, 0, 0, 0), "{r:#?}");
+    assert_eq!((m.id_regressions, m.missing_acks), (0, 0), "{r:#?}");
+    assert_eq!(m.acks, m.sent, "{r:#?}");
+    assert!(
+        m.errors.is_empty() && r.connections.closes.is_empty(),
+        "{r:#?}"
+    );
+    assert_eq!(r.e2e_latency_us.count, m.delivered);
+}
+
 /// The guarantees every `rebalance` run must show, whatever happened to the cluster, judged
 /// from the store: nothing acked lost, no cid stored twice, no gap, nothing out of order or
 /// unknown in any member's stream, no duplicate received, every send answered with its
