@@ -88,7 +88,9 @@ pub async fn serve(
     guard: ConnGuard,
 ) {
     let conn_id = state.next_conn_id();
-    let span = tracing::debug_span!("conn", conn_id, user = %session.principal.user, node = state.config.node_id);
+    // At info, so the default filter keeps it: every line a connection logs, at any level,
+    // carries its node, connection id and user (and the room's span below it, if any).
+    let span = tracing::info_span!(parent: None, "conn", node = state.config.node_id, conn = conn_id, user = %session.principal.user);
     async move {
         let ws = match upgrade.await {
             Ok(ws) => ws,
@@ -129,7 +131,10 @@ pub async fn serve(
         );
         let conn = Arc::new(handle.with_byte_budget(state.config.outbound_queue_bytes));
         state.register_conn(&conn);
-        let writer_task = tokio::spawn(write_loop(writer, rx, conn.clone(), state.clone()));
+        let writer_task = tokio::spawn(
+            write_loop(writer, rx, conn.clone(), state.clone())
+                .instrument(tracing::Span::current()),
+        );
         let mut r = ReaderState {
             state: state.clone(),
             conn: conn.clone(),
@@ -293,6 +298,7 @@ impl ReaderState {
                 tokio::spawn(async move { state.registry.dispatch(&room, cmd).await });
             }
             Ok(ClientFrame::Send { room, cid, body }) => {
+                tracing::debug!(%room, %cid, bytes = body.len(), "send received");
                 if let Some(&owner) = self.remote.get(&room) {
                     if !self.take_token(&room, Some(&cid)) {
                         return;

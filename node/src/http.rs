@@ -18,6 +18,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use crate::cluster::Route;
 use crate::connection::{self, ConnGuard, Session};
@@ -34,7 +35,10 @@ const DEFAULT_HISTORY_PAGE: usize = 50;
 pub async fn handle(req: Request<Incoming>, state: Arc<NodeState>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let route = route_label(&path);
-    let resp = route_request(req, &state, &path).await;
+    // At info, so the default filter keeps it (see the connection's and the room's spans).
+    let span =
+        tracing::info_span!("http", node = state.config.node_id, route, method = %req.method());
+    let resp = route_request(req, &state, &path).instrument(span).await;
     let class = chat_server::http::status_class(resp.status());
     metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => class).increment(1);
     resp
@@ -413,6 +417,7 @@ async fn publish(req: Request<Incoming>, state: &Arc<NodeState>, room: RoomId) -
         Ok(c) => c,
         Err(e) => return bad(ErrorCode::InvalidField, &e.to_string()),
     };
+    tracing::debug!(%room, %cid, user = %principal.user, "publish received");
     if parsed.body.len() > state.config.max_body_bytes {
         return bad(
             ErrorCode::BodyTooLong,

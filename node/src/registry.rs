@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use common::{metrics as m, ErrorCode, RoomId};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::room::{self, RoomCmd, RoomCtx};
 
@@ -82,14 +83,21 @@ impl Registry {
             },
         );
         drop(rooms);
-        self.ctx.tracker.spawn(room::run(
-            room.clone(),
-            generation,
-            self.clone(),
-            self.ctx.clone(),
-            rx,
-            tx.downgrade(),
-        ));
+        // At info, so the default filter keeps it: whatever the room and the store writes,
+        // replays and webhook deliveries it starts log carries the node and the room. A root
+        // span: the room outlives whichever request started it.
+        let span = tracing::info_span!(parent: None, "room", node = self.ctx.config.node_id, %room);
+        self.ctx.tracker.spawn(
+            room::run(
+                room.clone(),
+                generation,
+                self.clone(),
+                self.ctx.clone(),
+                rx,
+                tx.downgrade(),
+            )
+            .instrument(span),
+        );
         RoomHandle { tx }
     }
 

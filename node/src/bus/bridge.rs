@@ -303,6 +303,7 @@ impl Bridges {
     ) -> bool {
         // The room may have moved since the connection joined it (`moved`).
         let owner = self.owner_of(conn.id, &room).unwrap_or(owner);
+        tracing::debug!(%room, %cid, owner, "send bridged to the owner");
         let cid_text = cid.to_string();
         let item = Item::Send {
             conn: conn.id,
@@ -978,6 +979,7 @@ impl Bridges {
                 cid,
                 body,
             } => {
+                tracing::debug!(%room, %cid, from, conn, "bridged send received");
                 // Without a proxy (its join failed or was never seen) the proxy is created
                 // now, so the room's `not_joined` answer reaches the sender, not silence.
                 let Some(proxy) = self.proxy(from, conn, &user) else {

@@ -23,6 +23,7 @@ use std::time::Duration;
 use common::metrics as m;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::wire::{self, Item};
 
@@ -92,7 +93,9 @@ impl Link {
             reason: Mutex::new(""),
             wake: Notify::new(),
         });
-        tokio::spawn(write(link.clone(), rx, carrier, stop));
+        let node = carrier.upgrade().map(|c| c.me());
+        let span = tracing::info_span!(parent: None, "link", node, peer);
+        tokio::spawn(write(link.clone(), rx, carrier, stop).instrument(span));
         link
     }
 

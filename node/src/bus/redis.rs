@@ -29,6 +29,7 @@ use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::wire::Batch;
 use crate::room::Accepted;
@@ -129,7 +130,8 @@ impl Bus {
         });
         let first = subscribe(&client, &Bus::inbox(prefix, me)).await?;
         bus.set_up(true);
-        tokio::spawn(serve_inbox(bus.clone(), client, first, stop));
+        let span = tracing::info_span!("bus", node = me);
+        tokio::spawn(serve_inbox(bus.clone(), client, first, stop).instrument(span));
         Ok(bus)
     }
 
@@ -231,6 +233,7 @@ impl Bus {
         if let Ok(mut w) = self.waiting.lock() {
             w.insert(req, tx);
         }
+        tracing::debug!(%room, %cid, owner, "forwarding send");
         let env = Envelope::Send {
             req,
             from_node: self.me,
@@ -363,6 +366,8 @@ async fn serve_inbox(
                         continue;
                     };
                     let bus = bus.clone();
+                    let span = tracing::info_span!("forwarded", %room, from = from_node);
+                    tracing::debug!(parent: &span, %cid, "forwarded send received");
                     let forwarded = inbox.send(room, user, cid, body);
                     tokio::spawn(async move {
                         let result = forwarded.await;
@@ -384,7 +389,7 @@ async fn serve_inbox(
                             metrics::counter!(m::BUS_ERRORS, "kind" => "publish").increment(1);
                             tracing::warn!(error = %e, "bus reply failed; the sender will time out and retry");
                         }
-                    });
+                    }.instrument(span));
                 }
                 Err(e) => {
                     metrics::counter!(m::BUS_ERRORS, "kind" => "decode").increment(1);

@@ -150,6 +150,7 @@ impl RoomCmd {
 
 impl Reply {
     pub(super) fn ack(self, room: &RoomId, cid: &ClientMsgId, accepted: Accepted) {
+        tracing::debug!(%cid, id = %accepted.id, duplicate = accepted.duplicate, "acked");
         match self {
             Reply::Conn(conn) => {
                 conn.send_frame(&ServerFrame::Ack {

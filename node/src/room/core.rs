@@ -1113,6 +1113,7 @@ impl RoomCore {
         }
         self.accepted += 1;
         metrics::counter!(m::MESSAGES_RECEIVED, "source" => source.label()).increment(1);
+        tracing::debug!(cid = %msg.cid, %id, source = source.label(), "accepted");
         self.recent.push_back(Recent {
             id,
             bytes,

@@ -23,6 +23,7 @@ use common::id::now_ms;
 use common::{metrics as m, ErrorCode, MessageId, RoomId, ServerFrame};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 pub use self::cmd::{
     Accepted, Reply, RoomCmd, RoomPresence, Source, StateChange, PRESENCE_LIST_MAX,
@@ -372,23 +373,26 @@ fn spawn_save_state(
     let ctx = ctx.clone();
     let room = room.clone();
     let grant = grant.clone();
-    ctx.tracker.clone().spawn(async move {
-        let result = if !grant.is_valid() {
-            Err(NotStored::Fenced)
-        } else {
-            let saved = ctx.store.set_room_state(&room, state, &grant);
-            match within(ctx.config.store_timeout, saved).await {
-                Ok(()) => Ok(()),
-                Err(StoreError::Fenced) => Err(NotStored::Fenced),
-                Err(e) => {
-                    metrics::counter!(m::STORE_ERRORS, "op" => "append").increment(1);
-                    tracing::warn!(%room, error = %e, "saving the room's state failed");
-                    Err(NotStored::Store)
+    ctx.tracker.clone().spawn(
+        async move {
+            let result = if !grant.is_valid() {
+                Err(NotStored::Fenced)
+            } else {
+                let saved = ctx.store.set_room_state(&room, state, &grant);
+                match within(ctx.config.store_timeout, saved).await {
+                    Ok(()) => Ok(()),
+                    Err(StoreError::Fenced) => Err(NotStored::Fenced),
+                    Err(e) => {
+                        metrics::counter!(m::STORE_ERRORS, "op" => "append").increment(1);
+                        tracing::warn!(%room, error = %e, "saving the room's state failed");
+                        Err(NotStored::Store)
+                    }
                 }
-            }
-        };
-        let _ = tx.send(result).await;
-    });
+            };
+            let _ = tx.send(result).await;
+        }
+        .instrument(tracing::Span::current()),
+    );
 }
 
 /// Writes one batch (the core keeps one in flight, so batches grow under load) and reports
@@ -428,7 +432,13 @@ fn spawn_persist(
                 tracing::warn!(%room, error = %e, messages = batch.len(), "store write failed");
             }
             match result {
-                Ok(()) => Ok(()),
+                Ok(()) => {
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        let cids: Vec<&str> = batch.iter().map(|m| m.cid.as_str()).collect();
+                        tracing::debug!(messages = batch.len(), ?cids, "stored");
+                    }
+                    Ok(())
+                }
                 // Lapsed between the stamp and the send: nothing more was sent.
                 Err(StoreError::Fenced) => {
                     metrics::counter!(m::FENCED, "op" => "persist").increment(1);
@@ -438,7 +448,7 @@ fn spawn_persist(
             }
         };
         let _ = tx.send(Persisted { batch, result }).await;
-    });
+    }.instrument(tracing::Span::current()));
 }
 
 /// Serves a joiner the stored messages in `(since, upto]`, page by page, waiting on its
@@ -453,11 +463,11 @@ fn spawn_replay(
 ) {
     let ctx = ctx.clone();
     let room = room.clone();
-    ctx.tracker.clone().spawn(async move {
-        let mut after = since;
-        let mut replayed = 0u64;
-        let ok =
-            loop {
+    ctx.tracker.clone().spawn(
+        async move {
+            let mut after = since;
+            let mut replayed = 0u64;
+            let ok = loop {
                 // One page at a time per connection, across its rooms.
                 let Some(_turn) = conn.replay_turn().await else {
                     return;
@@ -501,16 +511,18 @@ fn spawn_replay(
                     break true;
                 }
             };
-        metrics::counter!(m::MESSAGES_REPLAYED).increment(replayed);
-        if let Some(tx) = done.upgrade() {
-            let _ = tx
-                .send(RoomCmd::ReplayDone {
-                    conn_id: conn.id,
-                    ok,
-                })
-                .await;
+            metrics::counter!(m::MESSAGES_REPLAYED).increment(replayed);
+            if let Some(tx) = done.upgrade() {
+                let _ = tx
+                    .send(RoomCmd::ReplayDone {
+                        conn_id: conn.id,
+                        ok,
+                    })
+                    .await;
+            }
         }
-    });
+        .instrument(tracing::Span::current()),
+    );
 }
 
 #[cfg(test)]

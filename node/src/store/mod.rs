@@ -19,13 +19,51 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
+    /// The store could not be reached or refused the call; the driver's error is the source.
     #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     #[error("store timed out")]
     Timeout,
     /// The writer's [`WriteGuard`] said no: nothing was written.
     #[error("the writer may no longer write this room")]
     Fenced,
+}
+
+/// The error behind [`StoreError::Unavailable`], kept whole (callers can walk its chain or
+/// downcast it) and shared: a coalesced read hands one failure to every waiter.
+#[derive(Debug, Clone)]
+pub struct Cause(std::sync::Arc<dyn std::error::Error + Send + Sync>);
+
+impl Cause {
+    pub fn of(e: impl std::error::Error + Send + Sync + 'static) -> Cause {
+        Cause(std::sync::Arc::new(e))
+    }
+
+    /// The driver's error, for callers that branch on its kind.
+    pub fn get(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// A failure described in words (a poisoned lock, a test switching the store off).
+impl From<&str> for Cause {
+    fn from(why: &str) -> Cause {
+        Cause(std::sync::Arc::from(Box::<
+            dyn std::error::Error + Send + Sync,
+        >::from(why)))
+    }
 }
 
 /// What a writer checks right before a write leaves the process, *after* the store has

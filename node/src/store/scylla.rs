@@ -38,8 +38,8 @@ use scylla::statement::Consistency;
 use tokio::sync::{oneshot, Semaphore};
 
 use super::{
-    BoxFuture, DeadLetter, HistoryQuery, HookCursor, MessageStore, PageFrom, RoomState, StoreError,
-    WriteGuard,
+    BoxFuture, Cause, DeadLetter, HistoryQuery, HookCursor, MessageStore, PageFrom, RoomState,
+    StoreError, WriteGuard,
 };
 
 /// Buckets fetched from the index per query while walking history.
@@ -169,8 +169,9 @@ pub struct ScyllaStore {
     reads: Mutex<HashMap<ReadKey, Vec<oneshot::Sender<ReadResult>>>>,
 }
 
-fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+/// A driver (or row decoding) error, kept whole as the failure's source.
+fn err(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Unavailable(Cause::of(e))
 }
 
 /// Checks a keyspace name: CQL identifiers, unquoted.
@@ -478,7 +479,10 @@ impl ScyllaStore {
     async fn read_coalesced(&self, room: &RoomId, q: HistoryQuery) -> ReadResult {
         let key = (room.clone(), q);
         let waiter = {
-            let mut reads = self.reads.lock().map_err(err)?;
+            let mut reads = self
+                .reads
+                .lock()
+                .map_err(|_| StoreError::Unavailable("read coalescing lock poisoned".into()))?;
             match reads.get_mut(&key) {
                 Some(waiters) => {
                     let (tx, rx) = oneshot::channel();

@@ -56,6 +56,8 @@ pub fn redis_url() -> String {
 pub struct Proc {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Every line it logged after its address (tests of the logs read them).
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Proc {
@@ -86,8 +88,16 @@ impl Proc {
                 break addr.parse().expect("addr");
             }
         };
-        std::thread::spawn(move || for _ in lines {});
-        Proc { child, addr }
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Ok(mut kept) = kept.lock() {
+                    kept.push(line);
+                }
+            }
+        });
+        Proc { child, addr, log }
     }
 
     pub fn kill9(&mut self) {
