@@ -42,8 +42,6 @@ impl CqlConsistency {
     }
 }
 
-pub use chat_server::telemetry::LogFormat;
-
 /// A chat node: owns rooms, their WebSocket members, ordering, fan-out and persistence.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "chat-node", version)]
@@ -51,13 +49,6 @@ pub struct Config {
     /// Address for WebSocket, HTTP API, health and metrics.
     #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:7001")]
     pub listen: SocketAddr,
-    /// Length of the listening socket's accept queue. Connections the process has not
-    /// accepted yet wait there; when it is full the kernel drops new SYNs and each client
-    /// retries after 1 s, then 3 s (a reconnect storm's latency tail). The kernel caps it
-    /// at net.core.somaxconn.
-    #[arg(long, env = "CHAT_LISTEN_BACKLOG", default_value_t = 4096,
-          value_parser = clap::value_parser!(u32).range(1..=65535))]
-    pub listen_backlog: u32,
     /// Redis for cluster membership. Without it the node runs standalone and owns every room.
     #[arg(long, env = "CHAT_REDIS_URL")]
     pub redis_url: Option<String>,
@@ -255,9 +246,8 @@ pub struct Config {
     /// Clients closed per second during shutdown, so they do not all reconnect at once.
     #[arg(long, env = "CHAT_SHUTDOWN_CLOSE_RATE", default_value_t = 2000)]
     pub shutdown_close_rate: u32,
-    /// Log format.
-    #[arg(long, env = "CHAT_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub server: chat_server::binary::ServerFlags,
 }
 
 impl Config {

@@ -27,6 +27,7 @@ use crate::room::{Reply, RoomCmd, Source};
 use crate::state::NodeState;
 use crate::store::{HistoryQuery, PageFrom};
 
+use chat_server::http::ws_room;
 pub use chat_server::http::{error, json, Body, Query};
 
 const MAX_HISTORY_PAGE: usize = 1000;
@@ -148,22 +149,24 @@ fn lease_remaining_ms(lease: &chat_server::membership::Lease) -> Option<u64> {
     (left != Duration::MAX).then_some(left.as_millis() as u64)
 }
 
+/// 426 `invalid_field`, with the header that says what to upgrade to.
+fn upgrade_required(
+    message: &str,
+    name: header::HeaderName,
+    value: &'static str,
+) -> Response<Body> {
+    let mut resp = bad(ErrorCode::InvalidField, message);
+    *resp.status_mut() = StatusCode::UPGRADE_REQUIRED;
+    resp.headers_mut()
+        .insert(name, header::HeaderValue::from_static(value));
+    resp
+}
+
 fn upgrade(mut req: Request<Incoming>, state: &Arc<NodeState>) -> Response<Body> {
-    // Browsers send Origin on every upgrade: a page from elsewhere gets 403 before anything
-    // else is looked at.
-    if let Some(why) = state.config.allowed_origins.check(req.headers()).refusal() {
-        return bad(ErrorCode::Forbidden, why);
-    }
     let query = Query::parse(req.uri().query());
-    let room = match query.get("room").map(RoomId::new) {
-        None => {
-            return bad(
-                ErrorCode::InvalidField,
-                "missing room query parameter: /ws?room=R",
-            )
-        }
-        Some(Err(e)) => return bad(ErrorCode::InvalidField, &e.to_string()),
-        Some(Ok(r)) => r,
+    let room = match ws_room(&state.config.allowed_origins, req.headers(), &query) {
+        Ok(room) => room,
+        Err((code, why)) => return bad(code, &why),
     };
     let since = match query.get("since").map(str::parse::<MessageId>) {
         None => None,
@@ -194,30 +197,20 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<NodeState>) -> Response<Body>
         // Everything else about the request would have been accepted: 426 says so, which
         // is how a client that repeats a failed upgrade as a plain GET (a browser cannot
         // read the refusal of a WebSocket) tells "refused" from "the connection failed".
-        let mut resp = bad(
-            ErrorCode::InvalidField,
+        return upgrade_required(
             "expected a WebSocket upgrade request",
-        );
-        *resp.status_mut() = StatusCode::UPGRADE_REQUIRED;
-        resp.headers_mut().insert(
             header::UPGRADE,
-            header::HeaderValue::from_static("websocket"),
+            "websocket",
         );
-        return resp;
     }
     // RFC 6455 4.2.2: another version is answered 426 naming the one spoken here.
     let version = req.headers().get(header::SEC_WEBSOCKET_VERSION);
     if version.is_some_and(|v| v.as_bytes() != b"13") {
-        let mut resp = bad(
-            ErrorCode::InvalidField,
+        return upgrade_required(
             "unsupported WebSocket version; this server speaks version 13 (RFC 6455)",
-        );
-        *resp.status_mut() = StatusCode::UPGRADE_REQUIRED;
-        resp.headers_mut().insert(
             header::SEC_WEBSOCKET_VERSION,
-            header::HeaderValue::from_static("13"),
+            "13",
         );
-        return resp;
     }
     let Some(guard) = ConnGuard::acquire(state) else {
         return error(

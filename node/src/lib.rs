@@ -95,12 +95,12 @@ impl chat_server::Server for Config {
             .map_err(|e| chat_server::InvalidConfig(e.to_string()))
     }
 
-    fn listen(&self) -> (std::net::SocketAddr, u32) {
-        (self.listen, self.listen_backlog)
+    fn listen(&self) -> std::net::SocketAddr {
+        self.listen
     }
 
-    fn log_format(&self) -> chat_server::telemetry::LogFormat {
-        self.log_format
+    fn flags(&self) -> &chat_server::binary::ServerFlags {
+        &self.server
     }
 
     async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {

@@ -12,8 +12,6 @@ use chat_server::membership::MembershipConfig;
 use clap::Parser;
 pub use common::duration::parse_duration;
 
-pub use chat_server::telemetry::LogFormat;
-
 /// The chat cluster's stateless front door: sends each room's traffic to its owner node.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "chat-router", version)]
@@ -21,13 +19,6 @@ pub struct Config {
     /// Address for client WebSockets, the room API, health and metrics.
     #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:7000")]
     pub listen: SocketAddr,
-    /// Length of the listening socket's accept queue. Connections the process has not
-    /// accepted yet wait there; when it is full the kernel drops new SYNs and each client
-    /// retries after 1 s, then 3 s (a reconnect storm's latency tail). The kernel caps it
-    /// at net.core.somaxconn.
-    #[arg(long, env = "CHAT_LISTEN_BACKLOG", default_value_t = 4096,
-          value_parser = clap::value_parser!(u32).range(1..=65535))]
-    pub listen_backlog: u32,
     /// Redis holding cluster membership (the nodes register there).
     #[arg(long, env = "CHAT_REDIS_URL", default_value = "redis://127.0.0.1:6390")]
     pub redis_url: String,
@@ -72,9 +63,8 @@ pub struct Config {
     /// before the router cuts them and exits.
     #[arg(long, env = "CHAT_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
-    /// Log format.
-    #[arg(long, env = "CHAT_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub server: chat_server::binary::ServerFlags,
 }
 
 impl Config {

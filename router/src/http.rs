@@ -141,20 +141,12 @@ async fn websocket(
     state: &Arc<RouterState>,
     peer: SocketAddr,
 ) -> Response<Body> {
-    if let Some(why) = state.config.allowed_origins.check(req.headers()).refusal() {
-        return error(ErrorCode::Forbidden, why);
-    }
     let query = Query::parse(req.uri().query());
-    let room = match query.get("room").map(RoomId::new) {
-        None => {
-            return error(
-                ErrorCode::InvalidField,
-                "missing room query parameter: /ws?room=R",
-            )
-        }
-        Some(Err(e)) => return error(ErrorCode::InvalidField, &e.to_string()),
-        Some(Ok(r)) => r,
-    };
+    let room =
+        match chat_server::http::ws_room(&state.config.allowed_origins, req.headers(), &query) {
+            Ok(room) => room,
+            Err((code, why)) => return error(code, &why),
+        };
     if state.is_draining() {
         // A splice opened now would be cut within the grace period: send the client to
         // another router straight away.

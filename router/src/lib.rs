@@ -76,12 +76,12 @@ impl chat_server::Server for Config {
         self.validate()
     }
 
-    fn listen(&self) -> (SocketAddr, u32) {
-        (self.listen, self.listen_backlog)
+    fn listen(&self) -> SocketAddr {
+        self.listen
     }
 
-    fn log_format(&self) -> chat_server::telemetry::LogFormat {
-        self.log_format
+    fn flags(&self) -> &chat_server::binary::ServerFlags {
+        &self.server
     }
 
     async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {

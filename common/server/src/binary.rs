@@ -23,15 +23,30 @@ pub const EXIT_CONFIG: u8 = 64;
 #[error("{0}")]
 pub struct InvalidConfig(pub String);
 
+/// The flags every server takes the same way, flattened into each one's config.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerFlags {
+    /// Length of the listening socket's accept queue. Connections the process has not
+    /// accepted yet wait there; when it is full the kernel drops new SYNs and each client
+    /// retries after 1 s, then 3 s (a reconnect storm's latency tail). The kernel caps it
+    /// at net.core.somaxconn.
+    #[arg(long, env = "CHAT_LISTEN_BACKLOG", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=65535))]
+    pub listen_backlog: u32,
+    /// Log format.
+    #[arg(long, env = "CHAT_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
 /// A server binary: its config and what it serves on its listener.
 pub trait Server: clap::Parser + Sized {
     /// The binary's name, which starts its lines on stderr.
     const NAME: &'static str;
     /// Checks what clap cannot (ranges, formats, readable key files).
     fn check(&self) -> Result<(), InvalidConfig>;
-    /// The address to listen on and the accept queue's length.
-    fn listen(&self) -> (SocketAddr, u32);
-    fn log_format(&self) -> LogFormat;
+    /// The address to listen on.
+    fn listen(&self) -> SocketAddr;
+    fn flags(&self) -> &ServerFlags;
     /// Serves until `shutdown` is cancelled, then shuts down gracefully.
     fn serve(
         self,
@@ -63,7 +78,7 @@ pub fn main<S: Server>() -> ExitCode {
         eprintln!("{name}: invalid config: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    telemetry::init_logging(config.log_format());
+    telemetry::init_logging(config.flags().log_format);
     // Each WebSocket holds a file descriptor (two on a router): use the whole hard limit,
     // not the soft default.
     match rlimit::increase_nofile_limit(u64::MAX) {
@@ -91,7 +106,7 @@ pub fn main<S: Server>() -> ExitCode {
 }
 
 async fn serve<S: Server>(config: S) -> anyhow::Result<()> {
-    let (addr, backlog) = config.listen();
+    let (addr, backlog) = (config.listen(), config.flags().listen_backlog);
     let listener = listen(addr, backlog).with_context(|| format!("cannot listen on {addr}"))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));

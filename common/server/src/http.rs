@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::ErrorCode;
+use common::{ErrorCode, RoomId};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::head::{self, FirstHead, Prefixed};
+use crate::origin::OriginPolicy;
 
 pub type Body = Full<Bytes>;
 
@@ -120,6 +121,27 @@ pub fn own_route(
             .body(Full::new(Bytes::from(crate::telemetry::render())))
             .unwrap_or_else(|_| Response::new(Full::default())),
     })
+}
+
+/// The first checks of a `/ws` upgrade, the same on a node and a router: the `Origin`
+/// allow-list (browsers send it on every upgrade: a page from elsewhere is refused before
+/// anything else is looked at), then the `room` query parameter. The refusal otherwise.
+pub fn ws_room(
+    origins: &OriginPolicy,
+    headers: &http::HeaderMap,
+    query: &Query<'_>,
+) -> Result<RoomId, (ErrorCode, String)> {
+    if let Some(why) = origins.check(headers).refusal() {
+        return Err((ErrorCode::Forbidden, why.to_owned()));
+    }
+    match query.get("room").map(RoomId::new) {
+        None => Err((
+            ErrorCode::InvalidField,
+            "missing room query parameter: /ws?room=R".to_owned(),
+        )),
+        Some(Err(e)) => Err((ErrorCode::InvalidField, e.to_string())),
+        Some(Ok(room)) => Ok(room),
+    }
 }
 
 /// The parts of a query string the servers read. Values are used as-is: every accepted
