@@ -956,12 +956,7 @@ impl ClusterCost {
             fmt_num(self.all_servers_cpu_s_per_100k_deliveries),
             fmt_share(self.router_share)
         );
-        if !self.notes.is_empty() {
-            let _ = writeln!(out);
-            for n in &self.notes {
-                let _ = writeln!(out, "- {n}");
-            }
-        }
+        crate::report::notes_md(out, &self.notes);
     }
 }
 

@@ -381,24 +381,22 @@ fn latency_cells(l: &LatencySummary) -> String {
 /// A `| latency | p50 | p90 | p99 | p99.9 | max | samples |` table (fanout, history,
 /// rebalance, cross-shard), each row named `<name> (ms)`.
 pub fn latency_table(out: &mut String, rows: &[(&str, &LatencySummary)]) {
-    let _ = writeln!(
-        out,
-        "| latency | p50 | p90 | p99 | p99.9 | max | samples |\n|---|---|---|---|---|---|---|"
-    );
-    for (name, l) in rows {
-        let _ = writeln!(out, "| {name} (ms) | {} |", latency_cells(l));
-    }
+    latency_rows(out, "latency", " (ms)", rows);
 }
 
 /// The same table with the unit in the header, `| latency (ms) | ...`, and rows named as
 /// given (connections, churn). Its reports were published with this layout, so it stays.
 pub fn latency_table_ms(out: &mut String, rows: &[(&str, &LatencySummary)]) {
+    latency_rows(out, "latency (ms)", "", rows);
+}
+
+fn latency_rows(out: &mut String, head: &str, unit: &str, rows: &[(&str, &LatencySummary)]) {
     let _ = writeln!(
         out,
-        "| latency (ms) | p50 | p90 | p99 | p99.9 | max | samples |\n|---|---|---|---|---|---|---|"
+        "| {head} | p50 | p90 | p99 | p99.9 | max | samples |\n|---|---|---|---|---|---|---|"
     );
     for (name, l) in rows {
-        let _ = writeln!(out, "| {name} | {} |", latency_cells(l));
+        let _ = writeln!(out, "| {name}{unit} | {} |", latency_cells(l));
     }
 }
 
