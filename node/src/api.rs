@@ -21,7 +21,7 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 
 use crate::cluster::Route;
-use crate::refusal::{authenticate, bad, moved, unavailable};
+use crate::refusal::{authenticate, authorize, bad, moved, unavailable};
 use crate::room::{RoomCmd, RoomPresence, StateChange};
 use crate::state::NodeState;
 use crate::store::RoomState;
@@ -139,14 +139,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// A client's token (or dev user) that allows `room`.
 fn client_of<B>(req: &Request<B>, state: &NodeState, room: &RoomId) -> Result<(), Response<Body>> {
     let query = Query::parse(req.uri().query());
-    match authenticate(req, &query, &state.auth) {
-        Ok(p) if p.may_use(room) => Ok(()),
-        Ok(_) => Err(bad(
-            ErrorCode::Forbidden,
-            "the token does not allow this room",
-        )),
-        Err(resp) => Err(resp),
-    }
+    authorize(req, &query, &state.auth, room).map(drop)
 }
 
 /// A store call bounded by `--store-timeout`; a failure is the 503 answer.

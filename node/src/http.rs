@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::cluster::Route;
 use crate::connection::{self, ConnGuard, Session};
-use crate::refusal::{authenticate, bad, moved, unavailable};
+use crate::refusal::{authorize, bad, moved, unavailable};
 use crate::room::{Reply, RoomCmd, Source};
 use crate::state::NodeState;
 use crate::store::{HistoryQuery, PageFrom};
@@ -178,13 +178,10 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<NodeState>) -> Response<Body>
             )
         }
     };
-    let principal = match authenticate(&req, &query, &state.auth) {
+    let principal = match authorize(&req, &query, &state.auth, &room) {
         Ok(p) => p,
         Err(resp) => return resp,
     };
-    if !principal.may_use(&room) {
-        return bad(ErrorCode::Forbidden, "the token does not allow this room");
-    }
     if state.is_shutting_down() {
         return error(ErrorCode::GoingAway, "node is shutting down; reconnect");
     }
@@ -249,12 +246,8 @@ struct HistoryPage {
 
 async fn history(req: Request<Incoming>, state: &NodeState, room: RoomId) -> Response<Body> {
     let query = Query::parse(req.uri().query());
-    let principal = match authenticate(&req, &query, &state.auth) {
-        Ok(p) => p,
-        Err(resp) => return resp,
-    };
-    if !principal.may_use(&room) {
-        return bad(ErrorCode::Forbidden, "the token does not allow this room");
+    if let Err(resp) = authorize(&req, &query, &state.auth, &room) {
+        return resp;
     }
     if let Some(owner) = state.cluster.owner_elsewhere(&room) {
         return moved(&owner);
@@ -362,13 +355,10 @@ fn published(room: RoomId, cid: ClientMsgId, accepted: crate::room::Accepted) ->
 
 async fn publish(req: Request<Incoming>, state: &Arc<NodeState>, room: RoomId) -> Response<Body> {
     let query = Query::parse(req.uri().query());
-    let principal = match authenticate(&req, &query, &state.auth) {
+    let principal = match authorize(&req, &query, &state.auth, &room) {
         Ok(p) => p,
         Err(resp) => return resp,
     };
-    if !principal.may_use(&room) {
-        return bad(ErrorCode::Forbidden, "the token does not allow this room");
-    }
     if state.is_shutting_down() {
         return error(
             ErrorCode::GoingAway,

@@ -5,7 +5,7 @@
 // Handlers return a ready `Response` as their early-exit error (as in `http.rs`).
 #![allow(clippy::result_large_err)]
 
-use common::{metrics as m, ErrorCode};
+use common::{metrics as m, ErrorCode, RoomId};
 use http::{header, Request, Response, StatusCode};
 
 use crate::auth::{bearer, Authenticator, Principal};
@@ -47,6 +47,8 @@ pub(crate) fn moved(owner: &common::NodeInfo) -> Response<Body> {
     )
 }
 
+/// The request's principal: a `token` in the query or a bearer token, or the dev `user`;
+/// 401 without valid credentials.
 pub(crate) fn authenticate<B>(
     req: &Request<B>,
     query: &Query<'_>,
@@ -59,4 +61,21 @@ pub(crate) fn authenticate<B>(
         metrics::counter!(m::BAD_INPUT, "kind" => "unauthorized").increment(1);
         error(e.code(), &e.to_string())
     })
+}
+
+/// [`authenticate`], and 403 unless the principal may use `room`.
+pub(crate) fn authorize<B>(
+    req: &Request<B>,
+    query: &Query<'_>,
+    auth: &Authenticator,
+    room: &RoomId,
+) -> Result<Principal, Response<Body>> {
+    let principal = authenticate(req, query, auth)?;
+    if !principal.may_use(room) {
+        return Err(bad(
+            ErrorCode::Forbidden,
+            "the token does not allow this room",
+        ));
+    }
+    Ok(principal)
 }
