@@ -72,6 +72,15 @@ pub struct Panel {
     pub series: Vec<Series>,
 }
 
+impl Panel {
+    pub fn new(y_label: &str, series: Vec<Series>) -> Panel {
+        Panel {
+            y_label: y_label.into(),
+            series,
+        }
+    }
+}
+
 /// A moment (`to: None`, a dashed line) or a span (a shaded band) marked across every
 /// panel, e.g. when `rebalance --command` ran.
 #[derive(Debug, Clone)]

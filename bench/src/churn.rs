@@ -458,9 +458,9 @@ impl ChurnReport {
             x_label: "seconds since the start of the churn".into(),
             marks: Vec::new(),
             panels: vec![
-                Panel {
-                    y_label: "per second".into(),
-                    series: vec![
+                Panel::new(
+                    "per second",
+                    vec![
                         Series {
                             name: "connects".into(),
                             color: "#1f77b4",
@@ -477,10 +477,10 @@ impl ChurnReport {
                             points: pts(&|p| p.failures as f64),
                         },
                     ],
-                },
-                Panel {
-                    y_label: "connect latency (ms)".into(),
-                    series: vec![
+                ),
+                Panel::new(
+                    "connect latency (ms)",
+                    vec![
                         Series {
                             name: "p50".into(),
                             color: "#2ca02c",
@@ -497,7 +497,7 @@ impl ChurnReport {
                             points: pts(&|p| p.connect_max_us as f64 / 1000.0),
                         },
                     ],
-                },
+                ),
             ],
         }
         .to_svg()

@@ -319,19 +319,19 @@ impl ConnectionsReport {
             ),
             x_label: "seconds since the start of the ramp".into(),
             panels: vec![
-                Panel {
-                    y_label: "connections".into(),
-                    series: vec![Series::of("open", "#9467bd", t, at, |p| {
+                Panel::new(
+                    "connections",
+                    vec![Series::of("open", "#9467bd", t, at, |p| {
                         p.connections_open as f64
                     })],
-                },
-                Panel {
-                    y_label: "per second".into(),
-                    series: vec![
+                ),
+                Panel::new(
+                    "per second",
+                    vec![
                         Series::of("connects", "#2ca02c", t, at, |p| p.connects as f64),
                         Series::of("failures", "#8c564b", t, at, |p| p.failures as f64),
                     ],
-                },
+                ),
                 latency_panel(
                     "connect latency (ms)",
                     t,

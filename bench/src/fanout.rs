@@ -1625,13 +1625,13 @@ pub fn chart(r: &Report) -> String {
                 |p| p.e2e_samples > 0,
                 [|p| p.e2e_p50_us, |p| p.e2e_p99_us, |p| p.e2e_max_us],
             ),
-            Panel {
-                y_label: "messages per second".into(),
-                series: vec![
+            Panel::new(
+                "messages per second",
+                vec![
                     Series::of("deliveries/s", "#2ca02c", t, at, |p| p.deliveries_per_s),
                     Series::of("sends/s", "#9467bd", t, at, |p| p.sends_per_s),
                 ],
-            },
+            ),
         ],
     }
     .to_svg()

@@ -266,13 +266,13 @@ impl HistoryReport {
                     |p| p.pages > 0,
                     [|p| p.page_p50_us, |p| p.page_p99_us, |p| p.page_max_us],
                 ),
-                Panel {
-                    y_label: "per second".into(),
-                    series: vec![
+                Panel::new(
+                    "per second",
+                    vec![
                         Series::of("pages", "#2ca02c", t, at, |p| p.pages as f64),
                         Series::of("errors", "#8c564b", t, at, |p| p.errors as f64),
                     ],
-                },
+                ),
             ],
             marks: Vec::new(),
         }

@@ -1655,13 +1655,13 @@ impl RebalanceReport {
                     |p| p.acks > 0,
                     [|p| p.ack_p50_us, |p| p.ack_p99_us, |p| p.ack_max_us],
                 ),
-                Panel {
-                    y_label: "sends acked per second".into(),
-                    series: vec![Series::of("acks/s", "#2ca02c", t, at, |p| p.acks as f64)],
-                },
-                Panel {
-                    y_label: "members".into(),
-                    series: vec![
+                Panel::new(
+                    "sends acked per second",
+                    vec![Series::of("acks/s", "#2ca02c", t, at, |p| p.acks as f64)],
+                ),
+                Panel::new(
+                    "members",
+                    vec![
                         Series::of("joined", "#9467bd", t, at, |p| p.members_joined as f64),
                         Series::of("disconnections/s", "#d62728", t, at, |p| {
                             p.disconnections as f64
@@ -1671,7 +1671,7 @@ impl RebalanceReport {
                         }),
                         Series::of("resumes/s", "#17becf", t, at, |p| p.resumes as f64),
                     ],
-                },
+                ),
             ],
             marks,
         }
