@@ -146,24 +146,6 @@ pub async fn connect_query(
         .map_err(|_| anyhow!("connect timed out"))?
 }
 
-/// Like [`connect`], with the socket's receive buffer (`SO_RCVBUF`) set to `recv_buffer`
-/// bytes before connecting: a client that stops reading then fills its buffers quickly
-/// (the slow-consumer test).
-pub async fn connect_with_recv_buffer(
-    target: &Target,
-    room: &str,
-    user: &str,
-    timeout: Duration,
-    recv_buffer: u32,
-) -> anyhow::Result<(WsRead, WsWrite)> {
-    let opts = ConnectOptions {
-        credentials: format!("user={user}"),
-        source: None,
-        recv_buffer: Some(recv_buffer),
-    };
-    connect_as(target, room, &opts, timeout).await
-}
-
 async fn connect_inner(
     target: &Target,
     query: &str,

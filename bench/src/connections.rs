@@ -460,7 +460,7 @@ impl Outcome for ConnectionsReport {
 /// Runs the scenario from the parent: plan, start workers, sample, merge. `Err(Failed)`
 /// only when the run could not be carried out; failures beyond the allowance are reported
 /// and then turned into exit status 1 by the report's verdict. The steps:
-/// [`start_workers`], [`ramp`], the hold, [`collect_workers`], [`assemble`].
+/// `start_workers`, `ramp`, the hold, `collect_workers`, `assemble`.
 pub async fn run(args: ConnectionsArgs, command: String) -> Result<ConnectionsReport, BenchError> {
     args.validate(Limits::of_this_machine())
         .map_err(BenchError::Config)?;

@@ -345,8 +345,8 @@ async fn publisher(
     (lat, dups, errors)
 }
 
-/// Runs the scenario. The steps: [`owners`], [`Publishers::start`], `fanout --bridge`
-/// with the members grouped, [`Publishers::finish`].
+/// Runs the scenario. The steps: `owners`, `Publishers::start`, `fanout --bridge`
+/// with the members grouped, `Publishers::finish`.
 pub async fn run(args: CrossShardArgs, command: String) -> Result<CrossShardReport, BenchError> {
     args.validate().map_err(BenchError::Config)?;
     let auth = harness::auth(&args.auth)?;

@@ -929,8 +929,8 @@ pub async fn run(args: FanoutArgs, command: String) -> Result<Report, BenchError
 /// with `targets`, connection `i` (`room × members + member`) opened to `targets[i]`
 /// instead of `--url` (which still serves the owner lookups and the server metrics).
 ///
-/// The steps: [`Setup::prepare`], [`connect_all`], [`start_sending`], [`measure`],
-/// [`drain`], [`close`], [`assemble`].
+/// The steps: `Setup::prepare`, `connect_all`, `start_sending`, `measure`,
+/// `drain`, `close`, `assemble`.
 pub async fn run_grouped(
     args: FanoutArgs,
     command: String,

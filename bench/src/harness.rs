@@ -1,13 +1,17 @@
 //! The one scenario harness: the pieces every scenario's run has in common, so that a
-//! scenario module states only what is its own (its flags, its clients, its accounting and
-//! its report's fields).
+//! scenario module states only what is its own (its flags and their checks, its clients,
+//! its accounting, its report's fields and their rendering, and its run as named steps).
 //!
 //! It owns the run's frame: resolving `--url` and the credentials into the errors `main`
-//! maps to exit 64, raising the open-file limit, the start facts a report carries, the
-//! bench's own CPU over a window, the once-a-second progress line, stopping tasks within a
-//! grace period, and writing a finished report ([`Outcome`], [`emit`]): Markdown on stdout,
-//! and the JSON, Markdown and SVG files asked for. It measures nothing about the cluster
-//! and connects nowhere itself.
+//! maps to exit 64 ([`target`], [`auth`]), raising the open-file limit
+//! ([`raise_open_files`]), the facts every report starts with ([`RunFacts`]), the bench's
+//! own CPU over a window ([`CpuMeter`]), the once-a-second progress line ([`Progress`]),
+//! waiting with a deadline ([`wait_until`], [`within`]), stopping tasks within a grace
+//! period ([`collect`]), and writing a finished report ([`Outcome`], [`emit`]): Markdown on
+//! stdout, and the JSON, Markdown and SVG files asked for, then the report's verdict as the
+//! exit status. A scenario supplies its report as an [`Outcome`]: its Markdown, its chart if
+//! it draws one, and its verdict if a report can fail the run. The harness measures nothing
+//! about the cluster and connects nowhere itself.
 
 use std::future::Future;
 use std::path::PathBuf;

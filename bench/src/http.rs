@@ -27,14 +27,6 @@ pub struct Answer {
     pub body: Bytes,
 }
 
-impl Answer {
-    /// The JSON body's `code` (our API's error bodies carry one), for error tallies.
-    pub fn error_code(&self) -> Option<String> {
-        let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
-        v["code"].as_str().map(str::to_owned)
-    }
-}
-
 /// A keep-alive connection to one address.
 pub struct HttpClient {
     addr: SocketAddr,

@@ -2427,7 +2427,7 @@ fn max_acked_by_room(lives: &[Arc<Live>], args: &RebalanceArgs) -> Vec<u64> {
 
 /// The load: members join, send on schedule through the command and the faults, and drain.
 /// Every fault is undone before it returns (or when it is dropped). The steps:
-/// [`prepare`], [`spawn_members`], [`all_joined`], the sending window with its [`Changes`],
+/// `prepare`, `spawn_members`, `all_joined`, the sending window with its `Changes`,
 /// the drain, and collecting the members' outcomes.
 pub async fn load(args: RebalanceArgs, command: String) -> Result<Load, BenchError> {
     let p = prepare(&args).await?;
@@ -2515,9 +2515,9 @@ pub async fn load(args: RebalanceArgs, command: String) -> Result<Load, BenchErr
 }
 
 /// The oracle's side: reads every room back (history API, and CQL when asked), judges what
-/// the members saw against it, and writes the report. The steps: [`read_back`], the
-/// oracle's [`account`], [`Tally::of`] for what members lived through, [`fault_reports`],
-/// [`warnings`].
+/// the members saw against it, and writes the report. The steps: `read_back`, the
+/// oracle's `account`, `Tally::of` for what members lived through, `fault_reports`,
+/// `warnings`.
 pub async fn judge(load: Load) -> RebalanceReport {
     let args = &load.args;
     let rooms: Vec<String> = (0..args.rooms)
