@@ -38,14 +38,13 @@ async fn admin(
     body: Option<&str>,
 ) -> (u16, serde_json::Value) {
     let (k, v) = bearer();
-    let (status, body) = http_with_headers(node, method, path, body, &[(k, &v)]).await;
+    let Answer { status, body, .. } = request(node, method, path, body, &[(k, &v)]).await;
     (status, json(&body))
 }
 
 /// Connects `user` to `room` on `node` and sends `n` messages, each acked.
 async fn sent(node: &TestNode, room: &str, user: &str, n: usize, body: &str) -> Client {
-    let mut c = node.connect(room, user).await;
-    c.expect_joined().await;
+    let mut c = node.joined(room, user).await;
     for i in 0..n {
         c.send_text(room, &format!("{room}-{i}"), body).await;
         c.ack().await;
@@ -72,10 +71,8 @@ async fn webhooks_deliver_every_stored_message_in_order_signed_retrying_failures
     let receiver = Receiver::start(Mode::FailNext(3)).await;
     let node = TestNode::start(hooked(&receiver, "hooks-order")).await;
     let room = "hooks-order";
-    let mut alice = node.connect(room, "alice").await;
-    alice.expect_joined().await;
-    let mut bob = node.connect(room, "bob").await;
-    bob.expect_joined().await;
+    let mut alice = node.joined(room, "alice").await;
+    let _bob = node.joined(room, "bob").await;
     for i in 0..20 {
         alice
             .send_text(room, &format!("c{i}"), &format!("hello {i}"))
@@ -131,8 +128,8 @@ async fn webhooks_deliver_every_stored_message_in_order_signed_retrying_failures
             "the members connected at delivery"
         );
     }
-    assert!(metric(node.addr, "chat_node_webhook_retries_total").await >= 3.0);
-    assert!(metric(node.addr, "chat_node_webhook_delivered_total").await >= 20.0);
+    assert_metric_at_least(node.addr, "chat_node_webhook_retries_total", 3.0).await;
+    assert_metric_at_least(node.addr, "chat_node_webhook_delivered_total", 20.0).await;
     node.stop().await;
 }
 
@@ -178,13 +175,8 @@ async fn a_receiver_that_never_answers_dead_letters_and_the_api_replays_and_dele
 
     // Replay while the endpoint still fails: 502, and it stays.
     receiver.set_mode(Mode::Fail);
-    let (status, body) = admin(
-        node.addr,
-        "POST",
-        &format!("{path}/{}/replay", stored[0]),
-        None,
-    )
-    .await;
+    let replay_first = format!("{path}/{}/replay", stored[0]);
+    let (status, body) = admin(node.addr, "POST", &replay_first, None).await;
     assert_eq!(
         (status, body["code"].as_str()),
         (502, Some("webhook_failed")),
@@ -192,13 +184,7 @@ async fn a_receiver_that_never_answers_dead_letters_and_the_api_replays_and_dele
     );
     // Replay once it takes it: delivered, gone from the table.
     receiver.set_mode(Mode::Take);
-    let (status, body) = admin(
-        node.addr,
-        "POST",
-        &format!("{path}/{}/replay", stored[0]),
-        None,
-    )
-    .await;
+    let (status, body) = admin(node.addr, "POST", &replay_first, None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(receiver.taken_once(), vec![stored[0]]);
     let (status, body) = admin(node.addr, "DELETE", &format!("{path}/{}", stored[1]), None).await;
@@ -238,12 +224,12 @@ async fn a_receiver_that_never_answers_dead_letters_and_the_api_replays_and_dele
         );
     }
     // Without the admin token: 401.
-    let (status, body) = http(node.addr, "GET", &path, None).await;
+    let (status, body) = http_get(node.addr, &path).await;
     assert_eq!(
         (status, json(&body)["code"].as_str()),
         (401, Some("unauthorized"))
     );
-    assert!(metric(node.addr, "chat_node_webhook_dead_lettered_total").await >= 2.0);
+    assert_metric_at_least(node.addr, "chat_node_webhook_dead_lettered_total", 2.0).await;
     node.stop().await;
 }
 
@@ -286,11 +272,10 @@ async fn an_ended_room_refuses_joins_and_sends_keeps_its_history_and_stays_ended
             ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::RoomEnded),
             f => panic!("expected room_ended, got {f:?}"),
         }
-        let (status, body) = http(
+        let (status, body) = http_post(
             addr,
-            "POST",
             &format!("/v1/rooms/{room}/messages?user=carol"),
-            Some(r#"{"cid":"p1","body":"late"}"#),
+            r#"{"cid":"p1","body":"late"}"#,
         )
         .await;
         assert_eq!(
@@ -303,13 +288,7 @@ async fn an_ended_room_refuses_joins_and_sends_keeps_its_history_and_stays_ended
             3,
             "history stays readable"
         );
-        let (status, body) = http(
-            addr,
-            "GET",
-            &format!("/v1/rooms/{room}/state?user=carol"),
-            None,
-        )
-        .await;
+        let (status, body) = http_get(addr, &format!("/v1/rooms/{room}/state?user=carol")).await;
         assert_eq!(
             (status, json(&body)["state"].as_str()),
             (200, Some("ended"))
@@ -329,8 +308,7 @@ async fn a_room_expires_at_its_ttl_and_bad_lifecycle_requests_get_clear_answers(
     cfg.admin_token = Some(ADMIN.into());
     let node = TestNode::start(cfg).await;
     let room = "lifecycle-ttl";
-    let mut alice = node.connect(room, "alice").await;
-    alice.expect_joined().await;
+    let mut alice = node.joined(room, "alice").await;
     let path = format!("/v1/rooms/{room}/expiry");
     for (body, status, code) in [
         ("{}", 400, "invalid_field"),
@@ -369,13 +347,7 @@ async fn a_room_expires_at_its_ttl_and_bad_lifecycle_requests_get_clear_answers(
         ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::RoomEnded),
         f => panic!("expected room_ended at the expiry, got {f:?}"),
     }
-    let (status, body) = http(
-        node.addr,
-        "GET",
-        &format!("/v1/rooms/{room}/state?user=a"),
-        None,
-    )
-    .await;
+    let (status, body) = http_get(node.addr, &format!("/v1/rooms/{room}/state?user=a")).await;
     assert_eq!(
         (status, json(&body)["state"].as_str()),
         (200, Some("ended"))
@@ -412,33 +384,15 @@ async fn room_presence_lists_who_is_connected_and_joined_carries_the_count() {
         f => panic!("{f:?}"),
     }
     let _b2 = node.connect(room, "adam").await;
-    let (status, body) = http(
-        node.addr,
-        "GET",
-        &format!("/v1/rooms/{room}/presence?user=x"),
-        None,
-    )
-    .await;
+    let (status, body) = http_get(node.addr, &format!("/v1/rooms/{room}/presence?user=x")).await;
     assert_eq!(status, 200, "{body}");
     let body = json(&body);
     assert_eq!(body["members"], 2, "users, not connections");
     assert_eq!(body["users"], serde_json::json!(["adam", "zoe"]));
     // A room nobody is in: empty, and not started for the question.
-    let (status, body) = http(
-        node.addr,
-        "GET",
-        "/v1/rooms/presence-empty/presence?user=x",
-        None,
-    )
-    .await;
+    let (status, body) = http_get(node.addr, "/v1/rooms/presence-empty/presence?user=x").await;
     assert_eq!((status, json(&body)["members"].as_u64()), (200, Some(0)));
-    let (status, _) = http(
-        node.addr,
-        "GET",
-        "/v1/rooms/bad%20room/presence?user=x",
-        None,
-    )
-    .await;
+    let (status, _) = http_get(node.addr, "/v1/rooms/bad%20room/presence?user=x").await;
     assert_eq!(status, 400);
     drop(a);
     drop(b);
@@ -453,13 +407,8 @@ async fn user_presence_is_kept_in_redis_and_follows_connections() {
     cfg.user_presence_ttl = Duration::from_secs(3);
     let node = TestNode::start(cfg).await;
     let status_of = |user: &'static str| async move {
-        let (status, body) = http(
-            node.addr,
-            "GET",
-            &format!("/v1/users/{user}/presence?user=x"),
-            None,
-        )
-        .await;
+        let (status, body) =
+            http_get(node.addr, &format!("/v1/users/{user}/presence?user=x")).await;
         assert_eq!(status, 200, "{body}");
         json(&body)
     };
@@ -482,13 +431,7 @@ async fn user_presence_is_kept_in_redis_and_follows_connections() {
         status_of("nina").await["online"] == false
     })
     .await;
-    let (status, _) = http(
-        node.addr,
-        "GET",
-        "/v1/users/bad%20user/presence?user=x",
-        None,
-    )
-    .await;
+    let (status, _) = http_get(node.addr, "/v1/users/bad%20user/presence?user=x").await;
     assert_eq!(status, 400);
     let (status, _) = http(node.addr, "POST", "/v1/users/nina/presence?user=x", None).await;
     assert_eq!(status, 405);
@@ -526,10 +469,7 @@ async fn deliveries_pending_on_a_killed_node_resume_on_the_new_owner_nothing_mis
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut c = support::cluster::Cluster::start_with("hooks-kill", 2, 1, &args).await;
     let room = c.room_on("hooks-kill", 1).await;
-    let mut client = Client::connect(c.router(), &format!("/ws?room={room}&user=ann"))
-        .await
-        .expect("upgrade");
-    client.expect_joined().await;
+    let mut client = Client::joined(c.router(), &room, "ann").await;
     for i in 0..10 {
         client
             .send_text(&room, &format!("k{i}"), "pending when the owner dies")
@@ -581,21 +521,11 @@ async fn presence_spans_the_cluster_with_bridged_members_and_a_crashed_nodes_use
     let room = c.room_on("presence-x", 1).await;
     let home = c.room_on("presence-home", 2).await;
     let router = c.router();
-    let mut ann = Client::connect(router, &format!("/ws?room={room}&user=ann"))
-        .await
-        .expect("upgrade");
-    ann.expect_joined().await;
+    let ann = Client::joined(router, &room, "ann").await;
     // Ben's connection is on node 2; he joins the room of node 1 through its bridge.
     let node2 = c.nodes[&2].addr;
-    let mut ben = Client::connect(node2, &format!("/ws?room={home}&user=ben"))
-        .await
-        .expect("upgrade");
-    ben.expect_joined().await;
-    ben.send(&common::ClientFrame::Join {
-        room: common::RoomId::new(room.clone()).expect("room"),
-        since: None,
-    })
-    .await;
+    let mut ben = Client::joined(node2, &home, "ben").await;
+    ben.send_join(&room, None).await;
     match ben.frame_skip_presence().await {
         ServerFrame::Joined { members, users, .. } => {
             assert_eq!(members, 2);
@@ -603,23 +533,11 @@ async fn presence_spans_the_cluster_with_bridged_members_and_a_crashed_nodes_use
         }
         f => panic!("{f:?}"),
     }
-    let (status, body) = http(
-        router,
-        "GET",
-        &format!("/v1/rooms/{room}/presence?user=x"),
-        None,
-    )
-    .await;
+    let (status, body) = http_get(router, &format!("/v1/rooms/{room}/presence?user=x")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(json(&body)["users"], serde_json::json!(["ann", "ben"]));
     let online = |user: &'static str| async move {
-        let (status, body) = http(
-            router,
-            "GET",
-            &format!("/v1/users/{user}/presence?user=x"),
-            None,
-        )
-        .await;
+        let (status, body) = http_get(router, &format!("/v1/users/{user}/presence?user=x")).await;
         assert_eq!(status, 200, "{body}");
         json(&body)
     };
@@ -673,11 +591,10 @@ async fn dead_letters_are_listed_replayed_and_deleted_through_a_router() {
     let c = support::cluster::Cluster::start_with("hooks-routed", 2, 1, &args).await;
     let router = c.router();
     let room = c.room_on("hooks-routed", 2).await;
-    let (status, body) = http(
+    let (status, body) = http_post(
         router,
-        "POST",
         &format!("/v1/rooms/{room}/messages?user=app"),
-        Some(r#"{"cid":"r1","body":"to the dead letters"}"#),
+        r#"{"cid":"r1","body":"to the dead letters"}"#,
     )
     .await;
     assert_eq!(status, 201, "{body}");
@@ -707,7 +624,7 @@ async fn dead_letters_are_listed_replayed_and_deleted_through_a_router() {
     assert_eq!(receiver.taken_once(), vec![id.parse::<u64>().expect("id")]);
     let (status, _) = admin(router, "DELETE", &format!("{path}/{id}"), None).await;
     assert_eq!(status, 404, "replayed, so gone");
-    let (status, body) = http(router, "GET", "/v1/dead-letters", None).await;
+    let (status, body) = http_get(router, "/v1/dead-letters").await;
     assert_eq!(
         (status, json(&body)["code"].as_str()),
         (401, Some("unauthorized"))
@@ -732,22 +649,10 @@ async fn a_write_that_failed_and_is_retried_after_later_ones_is_still_delivered(
                 && !failed.swap(true, std::sync::atomic::Ordering::SeqCst)
         },
     ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(chat_node::run_with_store(
-        cfg,
-        listener,
-        shutdown.clone(),
-        store,
-    ));
+    let node = TestNode::start_on(cfg, store).await;
+    let addr = node.addr;
     let room = "hooks-late";
-    let mut c = Client::connect(addr, &format!("/ws?room={room}&user=alice"))
-        .await
-        .expect("upgrade");
-    c.expect_joined().await;
+    let mut c = Client::joined(addr, room, "alice").await;
     c.send_text(room, "a", "first").await;
     c.ack().await;
     c.send_text(room, "x", FAIL_ONCE).await;
@@ -768,7 +673,7 @@ async fn a_write_that_failed_and_is_retried_after_later_ones_is_still_delivered(
     // The node refuses sends until its probe sees the store again (readiness turns green);
     // then the next message is stored (and delivered) before the retry of the failed one.
     eventually("readyz green again", || async {
-        http(addr, "GET", "/readyz", None).await.0 == 200
+        http_get(addr, "/readyz").await.0 == 200
     })
     .await;
     c.send_text(room, "b", "after it").await;
@@ -793,8 +698,8 @@ async fn a_write_that_failed_and_is_retried_after_later_ones_is_still_delivered(
     let mut got = receiver.taken_once();
     got.sort_unstable();
     assert_eq!(got, stored, "every stored message reached the endpoint");
-    shutdown.cancel();
-    let _ = tokio::time::timeout(WAIT, task).await;
+    node.shutdown.cancel();
+    let _ = tokio::time::timeout(WAIT, node.task).await;
 }
 
 #[tokio::test]

@@ -35,8 +35,7 @@ fn jwt_config() -> Config {
 
 /// A bystander in the same room proves the node still serves others after each bad input.
 async fn bystander_still_served(node: &TestNode, room: &str, tag: &str) {
-    let mut c = node.connect(room, &format!("bystander-{tag}")).await;
-    c.expect_joined().await;
+    let mut c = node.joined(room, &format!("bystander-{tag}")).await;
     c.send_text(room, &format!("ok-{tag}"), "still here").await;
     assert_eq!(c.ack().await.0, format!("ok-{tag}"));
 }
@@ -46,8 +45,7 @@ async fn bad_frames_get_error_frames_and_the_connection_stays() {
     let mut config = config();
     config.max_body_bytes = 100;
     let node = TestNode::start(config).await;
-    let mut c = node.connect("bad", "mallory").await;
-    c.expect_joined().await;
+    let mut c = node.joined("bad", "mallory").await;
     let cases: &[(&str, ErrorCode)] = &[
         ("{not json", ErrorCode::BadJson),
         (r#"{"type":"fly","room":"bad"}"#, ErrorCode::UnknownType),
@@ -100,15 +98,18 @@ async fn bad_frames_get_error_frames_and_the_connection_stays() {
     // After all that, the same connection still works.
     c.send_text("bad", "good1", "fine").await;
     assert_eq!(c.ack().await.0, "good1");
-    assert!(metric(node.addr, "chat_node_bad_input_total{kind=\"bad_json\"}").await >= 2.0);
-    assert!(
-        metric(
-            node.addr,
-            "chat_node_bad_input_total{kind=\"unknown_type\"}"
-        )
-        .await
-            >= 1.0
-    );
+    assert_metric_at_least(
+        node.addr,
+        "chat_node_bad_input_total{kind=\"bad_json\"}",
+        2.0,
+    )
+    .await;
+    assert_metric_at_least(
+        node.addr,
+        "chat_node_bad_input_total{kind=\"unknown_type\"}",
+        1.0,
+    )
+    .await;
     node.stop().await;
 }
 
@@ -118,16 +119,14 @@ async fn an_oversized_frame_closes_with_1009_and_others_are_unaffected() {
     config.max_frame_bytes = 1024;
     config.max_body_bytes = 512;
     let node = TestNode::start(config).await;
-    let mut c = node.connect("big", "mallory").await;
-    c.expect_joined().await;
+    let mut c = node.joined("big", "mallory").await;
     let huge = vec![b'a'; 4096];
     c.ws.write_frame(Frame::text(Payload::Borrowed(&huge)))
         .await
         .expect("write");
     assert_eq!(c.closed().await, 1009);
     // Fragments adding up past the limit are refused the same way.
-    let mut d = node.connect("big", "mallory2").await;
-    d.expect_joined().await;
+    let mut d = node.joined("big", "mallory2").await;
     for i in 0..4 {
         let fin = i == 3;
         let op = if i == 0 {
@@ -159,8 +158,7 @@ async fn a_close_with_a_reserved_code_is_answered_1002() {
         (&4000u16.to_be_bytes(), 1000),
     ];
     for (payload, answer) in cases {
-        let mut c = node.connect("closing", "closer").await;
-        c.expect_joined().await;
+        let mut c = node.joined("closing", "closer").await;
         c.ws.write_frame(Frame::close_raw(payload.to_vec().into()))
             .await
             .expect("write");
@@ -209,7 +207,12 @@ async fn garbage_and_huge_heads_before_the_upgrade_get_json_answers() {
         let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
         assert_eq!(json(body)["code"], "invalid_field", "{answer:.300}");
     }
-    assert!(metric(node.addr, "chat_node_bad_input_total{kind=\"bad_http\"}").await >= 3.0);
+    assert_metric_at_least(
+        node.addr,
+        "chat_node_bad_input_total{kind=\"bad_http\"}",
+        3.0,
+    )
+    .await;
     bystander_still_served(&node, "heads", "after-garbage").await;
     node.stop().await;
 }
@@ -320,7 +323,9 @@ async fn bad_upgrade_requests_get_json_answers_before_the_upgrade() {
     }
     // The same request as a plain GET, as a client repeats a failed upgrade to learn why:
     // 426, so "nothing refused" is told apart from every refusal above.
-    let (status, head, body) = http_exchange(
+    let Answer {
+        status, head, body, ..
+    } = request(
         node.addr,
         "GET",
         &format!("/ws?room=team-1&token={good}"),
@@ -341,7 +346,7 @@ async fn bad_upgrade_requests_get_json_answers_before_the_upgrade() {
     // Joining a room the token does not allow is refused with an error frame.
     c.send_raw(br#"{"type":"join","room":"elsewhere"}"#).await;
     assert_eq!(c.error().await.0, ErrorCode::Forbidden);
-    let (status, body) = http_with_headers(
+    let Answer { status, body, .. } = request(
         node.addr,
         "POST",
         "/v1/rooms/team-1/messages",
@@ -359,99 +364,79 @@ async fn bad_http_requests_get_json_errors() {
     config.max_frame_bytes = 1024;
     config.max_body_bytes = 100;
     let node = TestNode::start(config).await;
-    let post = |path: &'static str, body: String| {
-        let addr = node.addr;
-        async move { http(addr, "POST", path, Some(&body)).await }
-    };
+    let json_body = |body: &str| format!(r#"{{"cid":"c","body":"{body}"}}"#);
     let cases = [
         (
-            post("/v1/rooms/r1/messages?user=u", "{oops".into()).await,
+            "POST",
+            "/v1/rooms/r1/messages?user=u",
+            Some("{oops".to_string()),
             400,
             "bad_json",
         ),
         (
-            post(
-                "/v1/rooms/r1/messages?user=u",
-                r#"{"cid":"a b","body":"x"}"#.into(),
-            )
-            .await,
+            "POST",
+            "/v1/rooms/r1/messages?user=u",
+            Some(r#"{"cid":"a b","body":"x"}"#.into()),
             400,
             "invalid_field",
         ),
         (
-            post(
-                "/v1/rooms/r1/messages?user=u",
-                format!(r#"{{"cid":"c","body":"{}"}}"#, "z".repeat(101)),
-            )
-            .await,
+            "POST",
+            "/v1/rooms/r1/messages?user=u",
+            Some(json_body(&"z".repeat(101))),
             400,
             "body_too_long",
         ),
         (
-            post(
-                "/v1/rooms/r1/messages?user=u",
-                format!(r#"{{"cid":"c","body":"{}"}}"#, "z".repeat(2000)),
-            )
-            .await,
+            "POST",
+            "/v1/rooms/r1/messages?user=u",
+            Some(json_body(&"z".repeat(2000))),
             413,
             "frame_too_large",
         ),
         (
-            post("/v1/rooms/r1/messages", r#"{"cid":"c","body":"x"}"#.into()).await,
+            "POST",
+            "/v1/rooms/r1/messages",
+            Some(json_body("x")),
             401,
             "unauthorized",
         ),
         (
-            post(
-                "/v1/rooms/bad%20room/messages?user=u",
-                r#"{"cid":"c","body":"x"}"#.into(),
-            )
-            .await,
+            "POST",
+            "/v1/rooms/bad%20room/messages?user=u",
+            Some(json_body("x")),
             400,
             "invalid_field",
         ),
         (
-            http(
-                node.addr,
-                "GET",
-                "/v1/rooms/r1/messages?user=u&limit=0",
-                None,
-            )
-            .await,
+            "GET",
+            "/v1/rooms/r1/messages?user=u&limit=0",
+            None,
             400,
             "invalid_field",
         ),
         (
-            http(
-                node.addr,
-                "GET",
-                "/v1/rooms/r1/messages?user=u&before=x",
-                None,
-            )
-            .await,
+            "GET",
+            "/v1/rooms/r1/messages?user=u&before=x",
+            None,
             400,
             "invalid_field",
         ),
+        ("GET", "/nope", None, 404, "not_found"),
         (
-            http(node.addr, "GET", "/nope", None).await,
-            404,
-            "not_found",
-        ),
-        (
-            http(node.addr, "DELETE", "/v1/rooms/r1/messages?user=u", None).await,
+            "DELETE",
+            "/v1/rooms/r1/messages?user=u",
+            None,
             405,
             "method_not_allowed",
         ),
-        (
-            // Not an upgrade, and nothing else wrong: 426 (see bad_upgrade_requests_...).
-            http(node.addr, "GET", "/ws?room=r1&user=u", None).await,
-            426,
-            "invalid_field",
-        ),
+        // Not an upgrade, and nothing else wrong: 426 (see bad_upgrade_requests_...).
+        ("GET", "/ws?room=r1&user=u", None, 426, "invalid_field"),
     ];
-    for ((status, body), want_status, want_code) in cases {
-        assert_eq!(status, want_status, "{body}");
-        assert_eq!(json(&body)["code"], want_code, "{body}");
+    for (method, path, body, want_status, want_code) in cases {
+        let (status, body) = http(node.addr, method, path, body.as_deref()).await;
+        assert_eq!(status, want_status, "{method} {path}: {body}");
+        assert_eq!(json(&body)["code"], want_code, "{method} {path}: {body}");
     }
     bystander_still_served(&node, "r1", "after-http").await;
     node.stop().await;
@@ -518,11 +503,9 @@ async fn non_canonical_ids_are_refused_the_same_way_everywhere() {
             "{path}: {body}"
         );
         for cursor in ["before", "after"] {
-            let (status, body) = http(
+            let (status, body) = http_get(
                 node.addr,
-                "GET",
                 &format!("/v1/rooms/ids/messages?user=u&{cursor}={bad}"),
-                None,
             )
             .await;
             assert_eq!(
@@ -532,8 +515,7 @@ async fn non_canonical_ids_are_refused_the_same_way_everywhere() {
             );
         }
     }
-    let mut c = node.connect("ids", "u").await;
-    c.expect_joined().await;
+    let mut c = node.joined("ids", "u").await;
     for bad in ["+1", " 1", "01", "0x1", ""] {
         c.send_raw(format!(r#"{{"type":"join","room":"ids2","since":"{bad}"}}"#).as_bytes())
             .await;
@@ -543,11 +525,9 @@ async fn non_canonical_ids_are_refused_the_same_way_everywhere() {
     c.send_raw(br#"{"type":"join","room":"ids2","since":"0"}"#)
         .await;
     c.expect_joined().await;
-    let (status, _) = http(
+    let (status, _) = http_get(
         node.addr,
-        "GET",
         "/v1/rooms/ids/messages?user=u&before=18446744073709551615",
-        None,
     )
     .await;
     assert_eq!(status, 200);
@@ -617,8 +597,7 @@ async fn stored_cids(node: &TestNode, room: &str) -> HashSet<String> {
 #[tokio::test]
 async fn a_burst_past_the_budget_gets_every_refusal_then_4029() {
     let node = TestNode::start(config()).await;
-    let mut c = node.connect("burst", "flood").await;
-    c.expect_joined().await;
+    let mut c = node.joined("burst", "flood").await;
     let mut all = String::new();
     for i in 0..600 {
         all.push_str(&format!("s{i} "));
@@ -719,12 +698,8 @@ async fn a_client_that_keeps_sending_over_its_rate_is_closed() {
 /// them is refused with `rate_limited` naming the room, then closed with 4029.
 #[tokio::test]
 async fn joins_and_leaves_spend_the_rate_budget() {
-    let mut config = config();
-    config.send_rate = 1.0;
-    config.send_burst = 5.0;
-    let node = TestNode::start(config).await;
-    let mut c = node.connect("churn-home", "churner").await;
-    c.expect_joined().await;
+    let node = TestNode::start(config_with_rate(1.0, 5.0)).await;
+    let mut c = node.joined("churn-home", "churner").await;
     for _ in 0..20 {
         c.send_raw(br#"{"type":"join","room":"churn"}"#).await;
         c.send_raw(br#"{"type":"leave","room":"churn"}"#).await;
@@ -752,12 +727,8 @@ async fn joins_and_leaves_spend_the_rate_budget() {
 
 #[tokio::test]
 async fn sends_past_the_rate_limit_are_refused_then_the_client_is_closed() {
-    let mut config = config();
-    config.send_rate = 0.5;
-    config.send_burst = 3.0;
-    let node = TestNode::start(config).await;
-    let mut c = node.connect("rl", "chatty").await;
-    c.expect_joined().await;
+    let node = TestNode::start(config_with_rate(0.5, 3.0)).await;
+    let mut c = node.joined("rl", "chatty").await;
     for i in 0..3 {
         c.send_text("rl", &format!("ok{i}"), "x").await;
     }
@@ -781,16 +752,11 @@ async fn sends_past_the_rate_limit_are_refused_then_the_client_is_closed() {
 /// An upgrade request with `Origin`: the answer's status line and headers (lower case),
 /// and its JSON body unless it is 101.
 async fn upgrade_from(addr: std::net::SocketAddr, origin: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let req = format!(
         "GET /ws?room=o1&user=u HTTP/1.1\r\nHost: {addr}\r\nOrigin: {origin}\r\n\
          Upgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut answer = Vec::new();
-    let mut chunk = [0u8; 4096];
     let done = |a: &[u8]| {
         let text = String::from_utf8_lossy(a);
         match text.split_once("\r\n\r\n") {
@@ -798,16 +764,9 @@ async fn upgrade_from(addr: std::net::SocketAddr, origin: &str) -> String {
             None => false,
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !done(&answer) {
-            let n = s.read(&mut chunk).await.expect("read");
-            assert!(n > 0, "closed before the answer ended");
-            answer.extend_from_slice(&chunk[..n]);
-        }
-    })
-    .await
-    .expect("answered");
-    String::from_utf8_lossy(&answer).to_lowercase()
+    raw_answer_until(addr, req.as_bytes(), done)
+        .await
+        .to_lowercase()
 }
 
 #[tokio::test]
@@ -821,7 +780,7 @@ async fn a_page_from_an_origin_not_listed_is_refused_and_writes_nothing() {
     assert!(answer.contains(r#""code":"forbidden""#), "{answer}");
     // A simple text/plain POST is sent by browsers without a preflight: it must be refused
     // too, not stored.
-    let (status, body) = http_with_headers(
+    let Answer { status, body, .. } = request(
         node.addr,
         "POST",
         "/v1/rooms/o1/messages?user=u",
@@ -833,7 +792,7 @@ async fn a_page_from_an_origin_not_listed_is_refused_and_writes_nothing() {
         (status, json(&body)["code"].as_str()),
         (403, Some("forbidden"))
     );
-    let (status, _) = http_with_headers(
+    let Answer { status, .. } = request(
         node.addr,
         "OPTIONS",
         "/v1/rooms/o1/messages",
@@ -842,11 +801,11 @@ async fn a_page_from_an_origin_not_listed_is_refused_and_writes_nothing() {
     )
     .await;
     assert_eq!(status, 403);
-    let (status, body) =
-        http_with_headers(node.addr, "GET", "/v1/rooms/o1/messages", None, &evil).await;
+    let Answer { status, body, .. } =
+        request(node.addr, "GET", "/v1/rooms/o1/messages", None, &evil).await;
     assert_eq!(status, 403, "{body}");
     // Read back without an Origin (a server-side client): nothing was stored.
-    let (status, body) = http(node.addr, "GET", "/v1/rooms/o1/messages?user=u", None).await;
+    let (status, body) = http_get(node.addr, "/v1/rooms/o1/messages?user=u").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(json(&body)["messages"], serde_json::json!([]));
     node.stop().await;
@@ -870,7 +829,7 @@ async fn listed_and_same_origin_pages_get_cors_answers_and_upgrades() {
     }
     // Preflight, then the JSON POST and the GET it allows.
     let allowed = ("Origin", "https://app.example");
-    let (status, head, _) = http_exchange(
+    let Answer { status, head, .. } = request(
         node.addr,
         "OPTIONS",
         "/v1/rooms/o2/messages",
@@ -896,7 +855,9 @@ async fn listed_and_same_origin_pages_get_cors_answers_and_upgrades() {
         assert!(head.contains(h), "{h} missing: {head}");
     }
     assert!(!head.contains("access-control-allow-credentials"), "{head}");
-    let (status, head, body) = http_exchange(
+    let Answer {
+        status, head, body, ..
+    } = request(
         node.addr,
         "POST",
         "/v1/rooms/o2/messages?user=u",
@@ -910,7 +871,9 @@ async fn listed_and_same_origin_pages_get_cors_answers_and_upgrades() {
             .contains("access-control-allow-origin: https://app.example"),
         "{head}"
     );
-    let (status, head, body) = http_exchange(
+    let Answer {
+        status, head, body, ..
+    } = request(
         node.addr,
         "GET",
         "/v1/rooms/o2/messages?user=u",
@@ -926,8 +889,8 @@ async fn listed_and_same_origin_pages_get_cors_answers_and_upgrades() {
         "{head}"
     );
     // Same-origin and server-side requests need no CORS headers and get none.
-    let (_, head, _) =
-        http_exchange(node.addr, "GET", "/v1/rooms/o2/messages?user=u", None, &[]).await;
+    let Answer { head, .. } =
+        request(node.addr, "GET", "/v1/rooms/o2/messages?user=u", None, &[]).await;
     assert!(
         !head.to_lowercase().contains("access-control-allow-origin"),
         "{head}"

@@ -19,15 +19,8 @@ async fn bridged(
     user: &str,
     since: Option<MessageId>,
 ) -> Client {
-    let mut m = Client::connect(c.nodes[&1].addr, &format!("/ws?room={home}&user={user}"))
-        .await
-        .expect("connect");
-    m.expect_joined().await;
-    m.send(&ClientFrame::Join {
-        room: RoomId::new(room).expect("room"),
-        since,
-    })
-    .await;
+    let mut m = Client::joined(c.nodes[&1].addr, home, user).await;
+    m.send_join(room, since).await;
     m.expect_joined().await;
     m
 }
@@ -37,11 +30,10 @@ async fn post(owner: std::net::SocketAddr, room: &str, tag: &str, n: usize) -> V
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
         let body = format!(r#"{{"cid":"{tag}{i}","body":"{tag} {i}"}}"#);
-        let (status, answer) = http(
+        let (status, answer) = http_post(
             owner,
-            "POST",
             &format!("/v1/rooms/{room}/messages?user=poster"),
-            Some(&body),
+            &body,
         )
         .await;
         assert_eq!(status, 201, "{answer}");
@@ -56,13 +48,40 @@ async fn post(owner: std::net::SocketAddr, room: &str, tag: &str, n: usize) -> V
     ids
 }
 
+/// Two nodes and a router (with `node_args`): `<tag>-home` on node 1, where bridged members
+/// connect, and `<tag>-room` on node 2, the room they join through the bridge.
+async fn two_rooms(tag: &str, node_args: &[&str]) -> (Cluster, String, String) {
+    let c = Cluster::start_with(tag, 2, 1, node_args).await;
+    let home = c.room_on(&format!("{tag}-home"), 1).await;
+    let room = c.room_on(&format!("{tag}-room"), 2).await;
+    (c, home, room)
+}
+
+/// Waits until `owner` proxies `n` bridged members (`what` names the wait).
+async fn proxies_become(owner: std::net::SocketAddr, n: f64, what: &str) {
+    eventually(what, || async move {
+        metric(owner, "chat_node_bridge_proxies").await == n
+    })
+    .await;
+}
+
+/// How many bus publishes `owner` makes while `n` messages are [`post`]ed to `room`.
+async fn publishes_while_posting(
+    owner: std::net::SocketAddr,
+    room: &str,
+    tag: &str,
+    n: usize,
+) -> f64 {
+    let before = metric(owner, "chat_node_bus_published_total").await;
+    post(owner, room, tag, n).await;
+    metric(owner, "chat_node_bus_published_total").await - before
+}
+
 /// The newest stored message of `room` (0 when it has none), from the owner's history.
 async fn newest(owner: std::net::SocketAddr, room: &str) -> u64 {
-    let (status, body) = http(
+    let (status, body) = http_get(
         owner,
-        "GET",
         &format!("/v1/rooms/{room}/messages?user=probe&limit=1"),
-        None,
     )
     .await;
     assert_eq!(status, 200, "{body}");
@@ -94,18 +113,13 @@ async fn read_ids(m: &mut Client, room: &str, n: usize) -> Vec<MessageId> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_bridged_members_on_one_node_cost_one_publish_per_frame() {
-    let c = Cluster::start_with("fifty", 2, 1, &["--presence", "false"]).await;
-    let home = c.room_on("fifty-home", 1).await;
-    let room = c.room_on("fifty-room", 2).await;
+    let (c, home, room) = two_rooms("fifty", &["--presence", "false"]).await;
     let mut members = Vec::new();
     for i in 0..50 {
         members.push(bridged(&c, &home, &room, &format!("m{i}"), None).await);
     }
     let owner = c.nodes[&2].addr;
-    eventually("50 proxies on the owner", || async move {
-        metric(owner, "chat_node_bridge_proxies").await == 50.0
-    })
-    .await;
+    proxies_become(owner, 50.0, "50 proxies on the owner").await;
     let published = metric(owner, "chat_node_bus_published_total").await;
     let received = metric(c.nodes[&1].addr, "chat_node_bus_received_total").await;
     let readers: Vec<_> = members
@@ -148,14 +162,9 @@ async fn fifty_bridged_members_on_one_node_cost_one_publish_per_frame() {
 async fn bridged_members_joining_with_since_mid_stream_see_no_gap_and_no_duplicate() {
     // A small recent window, so most joins are served from the store while live frames
     // wait for the member on the owner: the seam is the owner's, through the stream.
-    let c = Cluster::start_with("seam", 2, 1, &["--recent-per-room", "20"]).await;
-    let home = c.room_on("seam-home", 1).await;
-    let room = c.room_on("seam-room", 2).await;
+    let (c, home, room) = two_rooms("seam", &["--recent-per-room", "20"]).await;
     let owner = c.nodes[&2].addr;
-    let mut reference = Client::connect(owner, &format!("/ws?room={room}&user=ref"))
-        .await
-        .expect("ref");
-    reference.expect_joined().await;
+    let mut reference = Client::joined(owner, &room, "ref").await;
     let before = post(owner, &room, "a", 60).await;
     let poster = {
         let room = room.clone();
@@ -196,10 +205,8 @@ async fn bridged_members_joining_with_since_mid_stream_see_no_gap_and_no_duplica
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_bridged_member_is_closed_without_hurting_its_neighbours() {
-    let c = Cluster::start_with(
+    let (c, home, room) = two_rooms(
         "slow",
-        2,
-        1,
         &[
             "--outbound-queue",
             "64",
@@ -212,8 +219,6 @@ async fn a_slow_bridged_member_is_closed_without_hurting_its_neighbours() {
         ],
     )
     .await;
-    let home = c.room_on("slow-home", 1).await;
-    let room = c.room_on("slow-room", 2).await;
     let requester = c.nodes[&1].addr;
     // A small receive buffer, and it never reads.
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -223,21 +228,14 @@ async fn a_slow_bridged_member_is_closed_without_hurting_its_neighbours() {
         .await
         .expect("slow");
     slow.expect_joined().await;
-    slow.send(&ClientFrame::Join {
-        room: RoomId::new(room.clone()).expect("room"),
-        since: None,
-    })
-    .await;
+    slow.send_join(&room, None).await;
     slow.expect_joined().await;
     let mut fast = Vec::new();
     for i in 0..2 {
         fast.push(bridged(&c, &home, &room, &format!("fast{i}"), None).await);
     }
     let owner = c.nodes[&2].addr;
-    let mut local = Client::connect(owner, &format!("/ws?room={room}&user=local"))
-        .await
-        .expect("local");
-    local.expect_joined().await;
+    let local = Client::joined(owner, &room, "local").await;
     fast.push(local);
     let total = 1500;
     let body = "x".repeat(3000);
@@ -248,7 +246,7 @@ async fn a_slow_bridged_member_is_closed_without_hurting_its_neighbours() {
                 for i in (p..total).step_by(4) {
                     let payload = format!(r#"{{"cid":"m{i}","body":"{body}"}}"#);
                     let path = format!("/v1/rooms/{room}/messages?user=sender");
-                    let (status, answer) = http(owner, "POST", &path, Some(&payload)).await;
+                    let (status, answer) = http_post(owner, &path, &payload).await;
                     assert_eq!(status, 201, "{answer}");
                 }
             })
@@ -286,9 +284,7 @@ async fn a_slow_bridged_member_is_closed_without_hurting_its_neighbours() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interest_ends_when_the_last_member_leaves_and_when_its_node_exits() {
-    let mut c = Cluster::start_with("interest", 2, 1, &["--presence", "false"]).await;
-    let home = c.room_on("interest-home", 1).await;
-    let room = c.room_on("interest-room", 2).await;
+    let (mut c, home, room) = two_rooms("interest", &["--presence", "false"]).await;
     let owner = c.nodes[&2].addr;
     let target = RoomId::new(room.clone()).expect("room");
     let mut members = Vec::new();
@@ -307,13 +303,8 @@ async fn interest_ends_when_the_last_member_leaves_and_when_its_node_exits() {
             common::ServerFrame::Left { .. }
         ));
     }
-    eventually("no proxies left on the owner", || async move {
-        metric(owner, "chat_node_bridge_proxies").await == 0.0
-    })
-    .await;
-    let published = metric(owner, "chat_node_bus_published_total").await;
-    post(owner, &room, "y", 20).await;
-    let published = metric(owner, "chat_node_bus_published_total").await - published;
+    proxies_become(owner, 0.0, "no proxies left on the owner").await;
+    let published = publishes_while_posting(owner, &room, "y", 20).await;
     assert!(
         published <= 1.0,
         "{published} publishes for a room with no remote members"
@@ -323,18 +314,10 @@ async fn interest_ends_when_the_last_member_leaves_and_when_its_node_exits() {
     for i in 0..5 {
         members.push(bridged(&c, &home, &room, &format!("n{i}"), None).await);
     }
-    eventually("proxies again", || async move {
-        metric(owner, "chat_node_bridge_proxies").await == 5.0
-    })
-    .await;
+    proxies_become(owner, 5.0, "proxies again").await;
     c.nodes.get_mut(&1).expect("node 1").kill9();
-    eventually("proxies of the departed node dropped", || async move {
-        metric(owner, "chat_node_bridge_proxies").await == 0.0
-    })
-    .await;
-    let published = metric(owner, "chat_node_bus_published_total").await;
-    post(owner, &room, "z", 20).await;
-    let published = metric(owner, "chat_node_bus_published_total").await - published;
+    proxies_become(owner, 0.0, "proxies of the departed node dropped").await;
+    let published = publishes_while_posting(owner, &room, "z", 20).await;
     assert!(
         published <= 1.0,
         "{published} publishes after the members' node exited"
@@ -343,9 +326,7 @@ async fn interest_ends_when_the_last_member_leaves_and_when_its_node_exits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_bridges_again_without_resetting_its_new_members() {
-    let mut c = Cluster::start_with("restart", 2, 1, &["--presence", "false"]).await;
-    let home = c.room_on("restart-home", 1).await;
-    let room = c.room_on("restart-room", 2).await;
+    let (mut c, home, room) = two_rooms("restart", &["--presence", "false"]).await;
     let owner = c.nodes[&2].addr;
     // The owner's link to node 1 gets going (and numbered) with a first process there.
     let mut before = bridged(&c, &home, &room, "before", None).await;

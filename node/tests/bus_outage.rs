@@ -6,66 +6,23 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use common::{MessageId, Ring};
 use support::*;
 
-const NODE_BIN: &str = env!("CARGO_BIN_EXE_chat-node");
 const SERVERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/local/servers.sh");
-
-struct Proc(Child, SocketAddr);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn spawn_node(id: u16, prefix: &str) -> Proc {
     let redis = std::env::var("CHAT_REDIS_URL").expect("CHAT_REDIS_URL: run deploy/local/test.sh");
-    let mut child = Command::new(NODE_BIN)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--insecure-dev-auth",
-        ])
-        .args([
-            "--node-id",
-            &id.to_string(),
-            "--redis-url",
-            &redis,
-            "--redis-prefix",
-            prefix,
-        ])
+    let mut cmd = node_command();
+    cmd.args(["--listen", "127.0.0.1:0", "--insecure-dev-auth"])
+        .args(["--node-id", &id.to_string()])
+        .args(["--redis-url", &redis, "--redis-prefix", prefix])
         // Long enough that the outage below expires no membership.
-        .args(["--membership-ttl", "30s", "--store-timeout", "1s"])
-        .args([
-            "--cql-nodes",
-            &cql_nodes().join(","),
-            "--cql-keyspace",
-            &keyspace(),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let addr = loop {
-        let line = lines.next().expect("node logs").expect("line");
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if let Some(a) = v["fields"]["addr"].as_str() {
-            break a.parse().expect("addr");
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Proc(child, addr)
+        .args(["--membership-ttl", "30s", "--store-timeout", "1s"]);
+    Proc::spawn(&mut cmd, &format!("chat-node {id}"))
 }
 
 fn servers(cmd: &str) {
@@ -88,15 +45,15 @@ async fn a_redis_restart_fails_forwarded_sends_clearly_and_the_bus_recovers() {
     let a = spawn_node(1, &prefix);
     let b = spawn_node(2, &prefix);
     for n in [&a, &b] {
-        let addr = n.1;
+        let addr = n.addr;
         eventually("both nodes in the ring", || async move {
-            let (s, body) = http(addr, "GET", "/readyz", None).await;
+            let (s, body) = http_get(addr, "/readyz").await;
             s == 200 && json(&body)["cluster"]["ring_size"] == 2
         })
         .await;
     }
     let ring = Ring::new(
-        [a.1, b.1]
+        [a.addr, b.addr]
             .iter()
             .enumerate()
             .map(|(i, addr)| common::NodeInfo {
@@ -114,11 +71,10 @@ async fn a_redis_restart_fails_forwarded_sends_clearly_and_the_bus_recovers() {
     let publish = |addr: SocketAddr, cid: &'static str| {
         let room = room.clone();
         async move {
-            http(
+            http_post(
                 addr,
-                "POST",
                 &format!("/v1/rooms/{room}/messages?user=x"),
-                Some(&format!(r#"{{"cid":"{cid}","body":"b"}}"#)),
+                &format!(r#"{{"cid":"{cid}","body":"b"}}"#),
             )
             .await
         }
@@ -128,14 +84,11 @@ async fn a_redis_restart_fails_forwarded_sends_clearly_and_the_bus_recovers() {
         .find(|r| ring.owner_id(r) == Some(1))
         .expect("a room on node 1");
     // Forwarded through the bus: node 1 does not own the room.
-    let (status, body) = publish(a.1, "before").await;
+    let (status, body) = publish(a.addr, "before").await;
     assert_eq!(status, 201, "{body}");
     let before: MessageId = json(&body)["id"].as_str().expect("id").parse().expect("id");
     // A member on node 1 bridged into the room on node 2.
-    let mut member = Client::connect(a.1, &format!("/ws?room={home}&user=m"))
-        .await
-        .expect("connect");
-    member.expect_joined().await;
+    let mut member = Client::joined(a.addr, &home, "m").await;
     let target = common::RoomId::new(room.clone()).expect("room");
     member
         .send(&common::ClientFrame::Join {
@@ -149,56 +102,38 @@ async fn a_redis_restart_fails_forwarded_sends_clearly_and_the_bus_recovers() {
     // The bridge may have missed frames: its connection is closed to resume.
     assert_eq!(member.closed().await, 4002);
     eventually("node 1 reports the bus down", || async {
-        let (_, body) = http(a.1, "GET", "/readyz", None).await;
+        let (_, body) = http_get(a.addr, "/readyz").await;
         json(&body)["bus"]["ok"] == false
     })
     .await;
-    let (status, body) = publish(a.1, "during").await;
+    let (status, body) = publish(a.addr, "during").await;
     assert_eq!(status, 503, "a clear error, not an ack: {body}");
     assert_eq!(json(&body)["code"], "node_unavailable");
     // The owner keeps serving its room without Redis.
-    let (status, body) = publish(b.1, "local-during").await;
+    let (status, body) = publish(b.addr, "local-during").await;
     assert_eq!(status, 201, "{body}");
 
     servers("start");
     eventually("node 1's bus resubscribed", || async {
-        let (_, body) = http(a.1, "GET", "/readyz", None).await;
+        let (_, body) = http_get(a.addr, "/readyz").await;
         json(&body)["bus"]["ok"] == true
     })
     .await;
-    assert!(metric(a.1, "chat_node_bus_reconnects_total").await >= 1.0);
+    assert_metric_at_least(a.addr, "chat_node_bus_reconnects_total", 1.0).await;
     // Node 2 must be subscribed again too before forwarding can reach it.
     // 201, or 200 if an earlier attempt was stored but its reply was lost.
     eventually("forwarding works again", || async {
-        matches!(publish(a.1, "during").await.0, 200 | 201)
+        matches!(publish(a.addr, "during").await.0, 200 | 201)
     })
     .await;
-    let (_, body) = http(
-        b.1,
-        "GET",
-        &format!("/v1/rooms/{room}/messages?user=x"),
-        None,
-    )
-    .await;
-    let msgs = json(&body)["messages"]
-        .as_array()
-        .expect("messages")
-        .clone();
-    let cids: Vec<&str> = msgs
-        .iter()
-        .map(|m| m["cid"].as_str().unwrap_or(""))
-        .collect();
+    let (_, body) = http_get(b.addr, &format!("/v1/rooms/{room}/messages?user=x")).await;
+    let page = json(&body);
+    let cids = message_fields(&page, "cid");
     assert_eq!(cids, vec!["before", "local-during", "during"]);
-    let ids: Vec<MessageId> = msgs
-        .iter()
-        .map(|m| m["id"].as_str().expect("id").parse().expect("id"))
-        .collect();
+    let ids = message_ids(&page);
     assert!(ids.iter().all(|id| id.node() == 2));
     // The bridged member rejoins with `since` and catches up on what it missed.
-    let mut member = Client::connect(a.1, &format!("/ws?room={home}&user=m"))
-        .await
-        .expect("reconnect");
-    member.expect_joined().await;
+    let mut member = Client::joined(a.addr, &home, "m").await;
     member
         .send(&common::ClientFrame::Join {
             room: target,

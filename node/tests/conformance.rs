@@ -908,6 +908,30 @@ fn opcode_cases() -> Vec<Case> {
     out
 }
 
+/// The suite's usual trio: `ids[0]` writes `frames()` at once, `ids[1]` one frame per write,
+/// `ids[2]` one byte per write; `want` adds what each of them must see.
+fn three_writes(
+    ids: [&str; 3],
+    rfc: &'static str,
+    what: &str,
+    frames: impl Fn() -> Vec<Frame>,
+    want: impl Fn(Case) -> Case,
+) -> [Case; 3] {
+    let first = ids[0];
+    [
+        want(case(first, rfc, what).send(frames())),
+        want(case(ids[1], rfc, format!("as {first}, one frame per write")).each(frames())),
+        want(
+            case(
+                ids[2],
+                rfc,
+                format!("as {first}, written one byte at a time"),
+            )
+            .chop(frames(), 1),
+        ),
+    ]
+}
+
 fn fragmentation_cases() -> Vec<Case> {
     let two = || vec![frame(0x1, false, "fragment1"), cont(true, "fragment2")];
     let with_ping = || {
@@ -919,6 +943,36 @@ fn fragmentation_cases() -> Vec<Case> {
     };
     let stray = |fin| vec![cont(fin, "non-continuation payload"), text("Hello, world!")];
     let five = |c: Case| c.text("fragment1fragment2fragment3fragment4fragment5");
+    // Text in five fragments with two pings between, in groups that `write` sends with
+    // pauses between them: the pongs, then the message.
+    let paced = |c: Case, write: fn(Case, Vec<Frame>) -> Case| {
+        let c = write(
+            c,
+            vec![frame(0x1, false, "fragment1"), cont(false, "fragment2")],
+        );
+        let c = write(
+            c.pause(50),
+            vec![ping("pongme 1!"), cont(false, "fragment3")],
+        );
+        let c = write(
+            c.pause(50),
+            vec![cont(false, "fragment4"), ping("pongme 2!")],
+        );
+        let c = write(c.pause(50), vec![cont(true, "fragment5")]);
+        five(c.pong("pongme 1!").pong("pongme 2!"))
+    };
+    // Twice: a continuation (`fin` or not) with nothing to continue, then text in two.
+    let twice_stray_then_two = |fin| {
+        (0..2)
+            .flat_map(|_| {
+                [
+                    cont(fin, "fragment1"),
+                    frame(0x1, false, "fragment2"),
+                    cont(true, "fragment3"),
+                ]
+            })
+            .collect()
+    };
     vec![
         case("5.1", "5.4; 5.5", "a ping in two fragments")
             .send(vec![
@@ -945,48 +999,30 @@ fn fragmentation_cases() -> Vec<Case> {
         )
         .chop(two(), 1)
         .text("fragment1fragment2"),
-        case(
-            "5.6",
-            "5.4; 5.5",
-            "text in two fragments with a ping between: the pong comes first",
-        )
-        .send(with_ping())
-        .pong("ping payload")
-        .text("fragment1fragment2"),
-        case("5.7", "5.4; 5.5", "as 5.6, one frame per write")
-            .each(with_ping())
-            .pong("ping payload")
-            .text("fragment1fragment2"),
-        case("5.8", "5.4; 5.5", "as 5.6, written one byte at a time")
-            .chop(with_ping(), 1)
-            .pong("ping payload")
-            .text("fragment1fragment2"),
-        case(
-            "5.9",
-            "5.4",
-            "a final continuation with nothing to continue, then text",
-        )
-        .send(stray(true))
-        .fails(),
-        case("5.10", "5.4", "as 5.9, one frame per write")
-            .each(stray(true))
-            .fails(),
-        case("5.11", "5.4", "as 5.9, written one byte at a time")
-            .chop(stray(true), 1)
-            .fails(),
-        case(
-            "5.12",
-            "5.4",
-            "a non-final continuation with nothing to continue, then text",
-        )
-        .send(stray(false))
-        .fails(),
-        case("5.13", "5.4", "as 5.12, one frame per write")
-            .each(stray(false))
-            .fails(),
-        case("5.14", "5.4", "as 5.12, written one byte at a time")
-            .chop(stray(false), 1)
-            .fails(),
+    ]
+    .into_iter()
+    .chain(three_writes(
+        ["5.6", "5.7", "5.8"],
+        "5.4; 5.5",
+        "text in two fragments with a ping between: the pong comes first",
+        with_ping,
+        |c| c.pong("ping payload").text("fragment1fragment2"),
+    ))
+    .chain(three_writes(
+        ["5.9", "5.10", "5.11"],
+        "5.4",
+        "a final continuation with nothing to continue, then text",
+        || stray(true),
+        Case::fails,
+    ))
+    .chain(three_writes(
+        ["5.12", "5.13", "5.14"],
+        "5.4",
+        "a non-final continuation with nothing to continue, then text",
+        || stray(false),
+        Case::fails,
+    ))
+    .chain([
         case(
             "5.15",
             "5.4",
@@ -1005,28 +1041,14 @@ fn fragmentation_cases() -> Vec<Case> {
             "5.4",
             "twice: a stray non-final continuation, then text in two fragments",
         )
-        .send(vec![
-            cont(false, "fragment1"),
-            frame(0x1, false, "fragment2"),
-            cont(true, "fragment3"),
-            cont(false, "fragment1"),
-            frame(0x1, false, "fragment2"),
-            cont(true, "fragment3"),
-        ])
+        .send(twice_stray_then_two(false))
         .fails(),
         case(
             "5.17",
             "5.4",
             "twice: a stray final continuation, then text in two fragments",
         )
-        .send(vec![
-            cont(true, "fragment1"),
-            frame(0x1, false, "fragment2"),
-            cont(true, "fragment3"),
-            cont(true, "fragment1"),
-            frame(0x1, false, "fragment2"),
-            cont(true, "fragment3"),
-        ])
+        .send(twice_stray_then_two(true))
         .fails(),
         case(
             "5.18",
@@ -1035,39 +1057,17 @@ fn fragmentation_cases() -> Vec<Case> {
         )
         .send(vec![frame(0x1, false, "fragment1"), text("fragment2")])
         .fails(),
-        five(
+        paced(
             case(
                 "5.19",
                 "5.4; 5.5",
                 "text in five fragments, pings between, with pauses: pongs, then the message",
-            )
-            .send(vec![
-                frame(0x1, false, "fragment1"),
-                cont(false, "fragment2"),
-            ])
-            .pause(50)
-            .send(vec![ping("pongme 1!"), cont(false, "fragment3")])
-            .pause(50)
-            .send(vec![cont(false, "fragment4"), ping("pongme 2!")])
-            .pause(50)
-            .send(vec![cont(true, "fragment5")])
-            .pong("pongme 1!")
-            .pong("pongme 2!"),
+            ),
+            Case::send,
         ),
-        five(
-            case("5.20", "5.4; 5.5", "as 5.19, one frame per write")
-                .each(vec![
-                    frame(0x1, false, "fragment1"),
-                    cont(false, "fragment2"),
-                ])
-                .pause(50)
-                .each(vec![ping("pongme 1!"), cont(false, "fragment3")])
-                .pause(50)
-                .each(vec![cont(false, "fragment4"), ping("pongme 2!")])
-                .pause(50)
-                .each(vec![cont(true, "fragment5")])
-                .pong("pongme 1!")
-                .pong("pongme 2!"),
+        paced(
+            case("5.20", "5.4; 5.5", "as 5.19, one frame per write"),
+            Case::each,
         ),
         case("5.21", "5.4", "binary in three fragments")
             .send(vec![
@@ -1082,7 +1082,8 @@ fn fragmentation_cases() -> Vec<Case> {
                 cont(true, ""),
             ])
             .fails(),
-    ]
+    ])
+    .collect()
 }
 
 /// Markus Kuhn's UTF-8 decoder stress test as Autobahn's 6.6-6.23 use it: (id, what,

@@ -18,8 +18,7 @@ async fn two_clients_exchange_messages_in_order() {
     let node = TestNode::start(config()).await;
     let mut a = node.connect("duo", "alice").await;
     assert_eq!(a.expect_joined().await, None);
-    let mut b = node.connect("duo", "bob").await;
-    b.expect_joined().await;
+    let mut b = node.joined("duo", "bob").await;
     for i in 0..50 {
         let (who, c) = if i % 2 == 0 {
             ("a", &mut a)
@@ -93,25 +92,29 @@ async fn members_see_one_order_and_rooms_are_isolated() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_is_closed_and_the_others_get_everything() {
-    let mut config = config();
-    config.outbound_queue = 16;
-    config.send_rate = 100_000.0;
-    config.send_burst = 100_000.0;
-    let node = TestNode::start(config).await;
-    // A small receive buffer so the stalled reader fills up quickly.
+/// User `slow` joined to `room` over a socket with a small receive buffer, so that a
+/// reader that stalls fills up quickly.
+async fn small_buffered(node: &TestNode, room: &str) -> Client {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("rcvbuf");
     let stream = socket.connect(node.addr).await.expect("connect");
-    let mut slow = Client::connect_stream(stream, node.addr, "/ws?room=slowroom&user=slow")
+    let path = format!("/ws?room={room}&user=slow");
+    let mut slow = Client::connect_stream(stream, node.addr, &path)
         .await
         .expect("slow connects");
     slow.expect_joined().await;
+    slow
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_and_the_others_get_everything() {
+    let mut config = config_with_rate(NO_LIMIT, NO_LIMIT);
+    config.outbound_queue = 16;
+    let node = TestNode::start(config).await;
+    let mut slow = small_buffered(&node, "slowroom").await;
     let mut readers = Vec::new();
     for i in 0..3 {
-        let mut c = node.connect("slowroom", &format!("fast{i}")).await;
-        c.expect_joined().await;
+        let c = node.joined("slowroom", &format!("fast{i}")).await;
         readers.push(c);
     }
     // Publish over HTTP, four at a time, so the sender itself is no member to fall behind.
@@ -124,13 +127,8 @@ async fn a_client_that_stops_reading_is_closed_and_the_others_get_everything() {
             tokio::spawn(async move {
                 for i in (p..total).step_by(4) {
                     let payload = format!(r#"{{"cid":"m{i}","body":"{body}"}}"#);
-                    let (status, answer) = http(
-                        addr,
-                        "POST",
-                        "/v1/rooms/slowroom/messages?user=sender",
-                        Some(&payload),
-                    )
-                    .await;
+                    let (status, answer) =
+                        http_post(addr, "/v1/rooms/slowroom/messages?user=sender", &payload).await;
                     assert_eq!(status, 201, "{answer}");
                 }
             })
@@ -178,17 +176,10 @@ async fn a_slow_consumer_that_reads_again_within_the_write_timeout_gets_its_clos
     config.max_body_bytes = 60_000;
     config.write_timeout = Duration::from_secs(8);
     let node = TestNode::start(config).await;
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    let stream = socket.connect(node.addr).await.expect("connect");
-    let mut slow = Client::connect_stream(stream, node.addr, "/ws?room=stall&user=slow")
-        .await
-        .expect("slow connects");
-    slow.expect_joined().await;
+    let mut slow = small_buffered(&node, "stall").await;
     // A reading member tells when the slow one is gone (its presence `leave`); the slow
     // consumer counter is shared by every node of this test binary.
-    let mut watcher = node.connect("stall", "watcher").await;
-    watcher.expect_joined().await;
+    let mut watcher = node.joined("stall", "watcher").await;
     let (gone_tx, mut gone) = tokio::sync::watch::channel(false);
     let watching = tokio::spawn(async move {
         loop {
@@ -212,13 +203,8 @@ async fn a_slow_consumer_that_reads_again_within_the_write_timeout_gets_its_clos
         async move {
             for i in from..to {
                 let payload = format!(r#"{{"cid":"m{i}","body":"{body}"}}"#);
-                let (status, answer) = http(
-                    addr,
-                    "POST",
-                    "/v1/rooms/stall/messages?user=sender",
-                    Some(&payload),
-                )
-                .await;
+                let (status, answer) =
+                    http_post(addr, "/v1/rooms/stall/messages?user=sender", &payload).await;
                 assert_eq!(status, 201, "{answer}");
             }
         }
@@ -249,10 +235,8 @@ async fn a_slow_consumer_that_reads_again_within_the_write_timeout_gets_its_clos
 #[tokio::test]
 async fn acks_come_once_durable_and_a_resent_cid_is_stored_once() {
     let node = TestNode::start(config()).await;
-    let mut a = node.connect("acks", "alice").await;
-    a.expect_joined().await;
-    let mut b = node.connect("acks", "bob").await;
-    b.expect_joined().await;
+    let mut a = node.joined("acks", "alice").await;
+    let mut b = node.joined("acks", "bob").await;
     a.send_text("acks", "c-1", "first").await;
     let (cid, id, dup) = a.ack().await;
     assert_eq!((cid.as_str(), dup), ("c-1", false));
@@ -262,8 +246,7 @@ async fn acks_come_once_durable_and_a_resent_cid_is_stored_once() {
     assert_eq!((id2, dup2), (id, true));
     // Also after a reconnect.
     drop(a);
-    let mut a = node.connect("acks", "alice").await;
-    a.expect_joined().await;
+    let mut a = node.joined("acks", "alice").await;
     a.send_text("acks", "c-1", "first").await;
     let (_, id3, dup3) = a.ack().await;
     assert_eq!((id3, dup3), (id, true));
@@ -274,15 +257,10 @@ async fn acks_come_once_durable_and_a_resent_cid_is_stored_once() {
     let m2 = b.message().await;
     assert_eq!(m2.body, "bob's");
     assert_ne!(m2.id, id);
-    let (status, body) = http(node.addr, "GET", "/v1/rooms/acks/messages?user=alice", None).await;
+    let (status, body) = http_get(node.addr, "/v1/rooms/acks/messages?user=alice").await;
     assert_eq!(status, 200);
     let page = json(&body);
-    let ids: Vec<_> = page["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| m["id"].clone())
-        .collect();
+    let ids: Vec<_> = messages_of(&page).iter().map(|m| m["id"].clone()).collect();
     assert_eq!(ids.len(), 2, "{body}");
     assert_eq!(ids[0], serde_json::json!(id.to_string()));
     node.stop().await;
@@ -292,13 +270,10 @@ async fn acks_come_once_durable_and_a_resent_cid_is_stored_once() {
 /// once, in order, across the replay/live seam. Run twice: served from the room's recent
 /// window, and (window of 4) from the store while live messages keep coming.
 async fn since_seam(recent_per_room: usize, room_name: &str) {
-    let mut config = config();
+    let mut config = config_with_rate(NO_LIMIT, NO_LIMIT);
     config.recent_per_room = recent_per_room;
-    config.send_rate = 100_000.0;
-    config.send_burst = 100_000.0;
     let node = TestNode::start(config).await;
-    let mut writer = node.connect(room_name, "writer").await;
-    writer.expect_joined().await;
+    let mut writer = node.joined(room_name, "writer").await;
     for i in 0..100 {
         writer
             .send_text(room_name, &format!("pre{i}"), &format!("pre {i}"))
@@ -337,20 +312,13 @@ async fn since_seam(recent_per_room: usize, room_name: &str) {
     let head = reader.expect_joined().await.expect("room has a head");
     assert!(head > since);
     let _writer = writing.await.expect("writer");
-    let (status, body) = http(
+    let (status, body) = http_get(
         addr,
-        "GET",
         &format!("/v1/rooms/{room_name}/messages?after={since}&limit=1000&user=x"),
-        None,
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let expected: Vec<String> = json(&body)["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| m["id"].as_str().expect("id").to_string())
-        .collect();
+    let expected = message_fields(&json(&body), "id");
     assert_eq!(expected.len(), 370, "70 older + 300 live stored");
     let mut got = Vec::new();
     let mut seen = HashSet::new();
@@ -376,8 +344,7 @@ async fn since_replays_from_the_store_without_gap_or_duplicate() {
 #[tokio::test]
 async fn join_and_leave_over_the_socket() {
     let node = TestNode::start(config()).await;
-    let mut a = node.connect("home", "alice").await;
-    a.expect_joined().await;
+    let mut a = node.joined("home", "alice").await;
     a.send(&ClientFrame::Join {
         room: room("second"),
         since: None,
@@ -408,25 +375,19 @@ async fn join_and_leave_over_the_socket() {
 #[tokio::test]
 async fn http_publish_acks_once_durable_and_dedupes() {
     let node = TestNode::start(config()).await;
-    let mut member = node.connect("api", "watcher").await;
-    member.expect_joined().await;
-    let (status, body) = http(
-        node.addr,
-        "POST",
-        "/v1/rooms/api/messages?user=bot",
-        Some(r#"{"cid":"b1","body":"from a bot"}"#),
-    )
-    .await;
+    let mut member = node.joined("api", "watcher").await;
+    let publish = || {
+        http_post(
+            node.addr,
+            "/v1/rooms/api/messages?user=bot",
+            r#"{"cid":"b1","body":"from a bot"}"#,
+        )
+    };
+    let (status, body) = publish().await;
     assert_eq!(status, 201, "{body}");
     let first = json(&body);
     assert_eq!(first["duplicate"], false);
-    let (status, body) = http(
-        node.addr,
-        "POST",
-        "/v1/rooms/api/messages?user=bot",
-        Some(r#"{"cid":"b1","body":"from a bot"}"#),
-    )
-    .await;
+    let (status, body) = publish().await;
     assert_eq!(status, 200, "{body}");
     let again = json(&body);
     assert_eq!(again["id"], first["id"]);
@@ -436,40 +397,26 @@ async fn http_publish_acks_once_durable_and_dedupes() {
     assert_eq!(serde_json::json!(m.id.to_string()), first["id"]);
     // History pages back from `before` and forward from `after`.
     for i in 0..5 {
-        let (s, _) = http(
+        let (s, _) = http_post(
             node.addr,
-            "POST",
             "/v1/rooms/api/messages?user=bot",
-            Some(&format!(r#"{{"cid":"p{i}","body":"{i}"}}"#)),
+            &format!(r#"{{"cid":"p{i}","body":"{i}"}}"#),
         )
         .await;
         assert_eq!(s, 201);
     }
-    let (_, body) = http(
-        node.addr,
-        "GET",
-        "/v1/rooms/api/messages?limit=2&user=x",
-        None,
-    )
-    .await;
+    let (_, body) = http_get(node.addr, "/v1/rooms/api/messages?limit=2&user=x").await;
     let newest = json(&body);
-    let bodies: Vec<_> = newest["messages"]
-        .as_array()
-        .expect("arr")
-        .iter()
-        .map(|m| m["body"].as_str().unwrap_or("").to_string())
-        .collect();
+    let bodies = message_fields(&newest, "body");
     assert_eq!(bodies, vec!["3", "4"]);
     assert_eq!(newest["has_more"], true);
     let oldest_id = newest["messages"][0]["id"]
         .as_str()
         .expect("id")
         .to_string();
-    let (_, body) = http(
+    let (_, body) = http_get(
         node.addr,
-        "GET",
         &format!("/v1/rooms/api/messages?before={oldest_id}&limit=10&user=x"),
-        None,
     )
     .await;
     let older = json(&body);
@@ -485,12 +432,7 @@ async fn http_publish_acks_once_durable_and_dedupes() {
         None,
     )
     .await;
-    let fwd: Vec<_> = json(&body)["messages"]
-        .as_array()
-        .expect("arr")
-        .iter()
-        .map(|m| m["body"].as_str().unwrap_or("").to_string())
-        .collect();
+    let fwd = message_fields(&json(&body), "body");
     assert_eq!(fwd, vec!["0", "1"]);
     node.stop().await;
 }
@@ -498,8 +440,7 @@ async fn http_publish_acks_once_durable_and_dedupes() {
 #[tokio::test]
 async fn shutdown_closes_clients_with_going_away() {
     let node = TestNode::start(config()).await;
-    let mut a = node.connect("bye", "alice").await;
-    a.expect_joined().await;
+    let mut a = node.joined("bye", "alice").await;
     a.send_text("bye", "last", "before shutdown").await;
     a.ack().await;
     node.shutdown.cancel();
@@ -514,15 +455,14 @@ async fn shutdown_closes_clients_with_going_away() {
 #[tokio::test]
 async fn metrics_show_the_traffic() {
     let node = TestNode::start(config()).await;
-    let mut a = node.connect("metered", "alice").await;
-    a.expect_joined().await;
+    let mut a = node.joined("metered", "alice").await;
     for i in 0..5 {
         a.send_text("metered", &format!("m{i}"), "x").await;
     }
     for _ in 0..5 {
         a.ack().await;
     }
-    let (status, text) = http(node.addr, "GET", "/metrics", None).await;
+    let (status, text) = http_get(node.addr, "/metrics").await;
     assert_eq!(status, 200);
     for name in [
         "chat_node_connections_opened_total",
@@ -537,19 +477,17 @@ async fn metrics_show_the_traffic() {
     ] {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
-    assert!(
-        metric(
-            node.addr,
-            "chat_node_messages_received_total{source=\"ws\"}"
-        )
-        .await
-            >= 5.0
-    );
-    assert!(metric(node.addr, "chat_node_messages_delivered_total").await >= 5.0);
-    let (status, body) = http(node.addr, "GET", "/readyz", None).await;
+    assert_metric_at_least(
+        node.addr,
+        "chat_node_messages_received_total{source=\"ws\"}",
+        5.0,
+    )
+    .await;
+    assert_metric_at_least(node.addr, "chat_node_messages_delivered_total", 5.0).await;
+    let (status, body) = http_get(node.addr, "/readyz").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(json(&body)["ready"], true);
-    let (status, _) = http(node.addr, "GET", "/healthz", None).await;
+    let (status, _) = http_get(node.addr, "/healthz").await;
     assert_eq!(status, 200);
     node.stop().await;
 }
@@ -558,8 +496,7 @@ async fn metrics_show_the_traffic() {
 async fn client_pings_are_answered_with_pongs() {
     use fastwebsockets::{Frame, OpCode, Payload};
     let node = TestNode::start(config()).await;
-    let mut c = node.connect("pings", "alice").await;
-    c.expect_joined().await;
+    let mut c = node.joined("pings", "alice").await;
     c.ws.write_frame(Frame::new(
         true,
         OpCode::Ping,
@@ -584,8 +521,7 @@ async fn client_pings_are_answered_with_pongs() {
 #[tokio::test]
 async fn a_ping_frame_is_answered_with_a_pong() {
     let node = TestNode::start(config()).await;
-    let mut c = node.connect("ping-room", "alice").await;
-    c.expect_joined().await;
+    let mut c = node.joined("ping-room", "alice").await;
     for _ in 0..3 {
         c.send_raw(br#"{"type":"ping"}"#).await;
         assert_eq!(c.frame().await, ServerFrame::Pong);

@@ -3,15 +3,13 @@
 
 mod support;
 
-use common::MessageId;
 use support::*;
 
 #[tokio::test]
 async fn messages_history_and_dedupe_survive_a_node_restart() {
     let room = format!("restart-{}", std::process::id());
     let node = TestNode::start(config()).await;
-    let mut c = node.connect(&room, "alice").await;
-    c.expect_joined().await;
+    let mut c = node.joined(&room, "alice").await;
     let mut ids = Vec::new();
     for i in 0..20 {
         c.send_text(&room, &format!("r{i}"), &format!("before restart {i}"))
@@ -27,20 +25,13 @@ async fn messages_history_and_dedupe_survive_a_node_restart() {
     let mut cfg = config();
     cfg.node_id = 7;
     let node = TestNode::start(cfg).await;
-    let (status, body) = http(
+    let (status, body) = http_get(
         node.addr,
-        "GET",
         &format!("/v1/rooms/{room}/messages?limit=100&user=x"),
-        None,
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let stored: Vec<MessageId> = json(&body)["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| m["id"].as_str().expect("id").parse().expect("id"))
-        .collect();
+    let stored = message_ids(&json(&body));
     assert_eq!(stored, ids);
 
     let mut c = Client::connect(

@@ -3,9 +3,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use support::*;
@@ -15,95 +13,57 @@ const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
 #[test]
 fn a_bad_config_exits_64_with_one_line() {
-    for args in [
-        vec!["--insecure-dev-auth", "--node-id", "5000"],
-        vec!["--insecure-dev-auth", "--ping-interval", "soon"],
-        vec!["--no-such-flag"],
-        vec![],
-        vec!["--jwt-public-key-file", "/nonexistent/key.pem"],
-        vec!["--insecure-dev-auth", "--listen-backlog", "0"],
-    ] {
-        let out = Command::new(BIN)
-            .args(&args)
-            .output()
-            .expect("run chat-node");
-        assert_eq!(out.status.code(), Some(64), "{args:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
-        assert!(stderr.starts_with("chat-node: "), "{stderr}");
-    }
+    support::process::assert_bad_config_exits_64(
+        BIN,
+        "chat-node",
+        &[
+            &["--insecure-dev-auth", "--node-id", "5000"],
+            &["--insecure-dev-auth", "--ping-interval", "soon"],
+            &["--no-such-flag"],
+            &[],
+            &["--jwt-public-key-file", "/nonexistent/key.pem"],
+            &["--insecure-dev-auth", "--listen-backlog", "0"],
+        ],
+    );
 }
 
 /// Starts the binary on port 0 against the real CQL store and reads the bound address from
 /// its log.
-async fn spawn_node(extra: &[&str]) -> (std::process::Child, SocketAddr) {
+async fn spawn_node(extra: &[&str]) -> Proc {
     spawn_node_with(Command::new(BIN), extra).await
 }
 
 /// [`spawn_node`] with the command to run (say, a shell that lowers a limit first).
-async fn spawn_node_with(
-    mut command: Command,
-    extra: &[&str],
-) -> (std::process::Child, SocketAddr) {
+async fn spawn_node_with(mut command: Command, extra: &[&str]) -> Proc {
     fresh_keyspace().await;
-    let mut child = command
+    command
         // Standalone: these tests are about one process, not membership.
         .env_remove("CHAT_REDIS_URL")
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-        .args([
-            "--cql-nodes",
-            &cql_nodes().join(","),
-            "--cql-keyspace",
-            &keyspace(),
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn chat-node");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("node logs before exiting")
-            .expect("log line");
-        let v: serde_json::Value = serde_json::from_str(&line).expect("json log");
-        if let Some(addr) = v["fields"]["addr"].as_str() {
-            break addr.parse().expect("addr");
-        }
-    };
-    // Keep draining the log so the node never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(node_flags())
+        .args(extra);
+    Proc::spawn(&mut command, "chat-node")
 }
 
 #[tokio::test]
 async fn sigterm_closes_clients_with_1001_and_exits_0() {
-    let (mut child, addr) = spawn_node(&["--insecure-dev-auth"]).await;
-    let mut c = Client::connect(addr, "/ws?room=term&user=alice")
+    let node = spawn_node(&["--insecure-dev-auth"]).await;
+    let mut c = Client::connect(node.addr, "/ws?room=term&user=alice")
         .await
         .expect("connect");
     c.expect_joined().await;
     c.send_text("term", "t1", "before SIGTERM").await;
     c.ack().await;
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    node.signal("TERM");
     assert_eq!(c.closed().await, 1001);
-    let exit = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .expect("join")
-        .expect("wait");
-    assert_eq!(exit.code(), Some(0));
+    assert_eq!(node.exit_code().await, Some(0));
 }
 
 #[tokio::test]
 async fn rs256_tokens_are_verified_with_the_public_key() {
     let public = format!("{FIXTURES}/rs256-test-public.pem");
-    let (mut child, addr) = spawn_node(&["--jwt-public-key-file", &public]).await;
+    let node = spawn_node(&["--jwt-public-key-file", &public]).await;
+    let addr = node.addr;
     let private = std::fs::read(format!("{FIXTURES}/rs256-test-private.pem")).expect("fixture");
     let key = EncodingKey::from_rsa_pem(&private).expect("rsa key");
     let exp = common::id::now_ms() / 1000 + 600;
@@ -132,8 +92,6 @@ async fn rs256_tokens_are_verified_with_the_public_key() {
         panic!("HS256 token accepted by an RS256 node");
     };
     assert_eq!(status, 401, "{body}");
-    child.kill().expect("kill");
-    let _ = child.wait();
 }
 
 /// The accept queue of a listening socket, as `ss` reports it (its `Send-Q` column).
@@ -151,11 +109,8 @@ fn listen_backlog_of(port: u16) -> u32 {
 
 #[tokio::test]
 async fn the_listen_backlog_flag_sizes_the_accept_queue() {
-    let (mut child, addr) = spawn_node(&["--insecure-dev-auth", "--listen-backlog", "123"]).await;
-    let backlog = listen_backlog_of(addr.port());
-    let _ = child.kill();
-    let _ = child.wait();
-    assert_eq!(backlog, 123);
+    let node = spawn_node(&["--insecure-dev-auth", "--listen-backlog", "123"]).await;
+    assert_eq!(listen_backlog_of(node.addr.port()), 123);
 }
 
 /// With the default `--max-connections`, a node under an open-file limit of 400 takes 144
@@ -166,8 +121,8 @@ async fn the_listen_backlog_flag_sizes_the_accept_queue() {
 async fn a_full_node_refuses_upgrades_and_still_answers_its_probes() {
     let mut sh = Command::new("sh");
     sh.args(["-c", &format!("ulimit -n 400 && exec {BIN} \"$@\""), "sh"]);
-    let (child, addr) = spawn_node_with(sh, &["--insecure-dev-auth"]).await;
-    let _child = KillOnDrop(child);
+    let node = spawn_node_with(sh, &["--insecure-dev-auth"]).await;
+    let addr = node.addr;
     let mut open = Vec::new();
     let mut refused = 0;
     for i in 0..170 {
@@ -194,7 +149,7 @@ async fn a_full_node_refuses_upgrades_and_still_answers_its_probes() {
     assert!(answer.contains(r#""code":"overloaded""#), "{answer}");
     assert_eq!((open.len(), refused), (144, 26));
     for path in ["/healthz", "/readyz", "/metrics"] {
-        let (status, body) = http(addr, "GET", path, None).await;
+        let (status, body) = http_get(addr, path).await;
         assert_eq!(status, 200, "{path} while full: {body:.200}");
     }
     // A freed slot is taken again.
@@ -204,14 +159,4 @@ async fn a_full_node_refuses_upgrades_and_still_answers_its_probes() {
         .await
         .expect("a freed slot is taken");
     again.expect_joined().await;
-}
-
-/// Kills the child when the test ends, passed or not.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

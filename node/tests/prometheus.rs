@@ -208,11 +208,9 @@ async fn traffic(c: &Cluster) {
         for _ in 0..5 {
             client.ack().await;
         }
-        let (status, _) = http(
+        let (status, _) = http_get(
             router,
-            "GET",
             &format!("/v1/rooms/{room}/messages?limit=10&user=p{i}"),
-            None,
         )
         .await;
         assert_eq!(status, 200);
@@ -224,16 +222,15 @@ async fn traffic(c: &Cluster) {
             .find(|(id, _)| **id != owner)
             .map(|(_, p)| p.addr)
             .expect("another node");
-        let (status, body) = http(
+        let (status, body) = http_post(
             other,
-            "POST",
             &format!("/v1/rooms/{room}/messages?user=bot"),
-            Some(r#"{"cid":"http-1","body":"forwarded"}"#),
+            r#"{"cid":"http-1","body":"forwarded"}"#,
         )
         .await;
         assert!(status < 300, "forwarded publish: {status} {body}");
     }
-    let (status, _) = http(router, "GET", "/v1/rooms/bad%20room/owner", None).await;
+    let (status, _) = http_get(router, "/v1/rooms/bad%20room/owner").await;
     assert_eq!(status, 400);
 }
 

@@ -15,8 +15,7 @@ async fn idle_empty_rooms_are_dropped_and_come_back_with_their_history() {
     let node = TestNode::start(config).await;
     let mut clients = Vec::new();
     for i in 0..5 {
-        let mut c = node.connect(&format!("life-{i}"), "u").await;
-        c.expect_joined().await;
+        let mut c = node.joined(&format!("life-{i}"), "u").await;
         c.send_text(&format!("life-{i}"), "c1", "remember me").await;
         c.ack().await;
         clients.push(c);

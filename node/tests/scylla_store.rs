@@ -36,6 +36,11 @@ async fn store() -> ScyllaStore {
         .expect("connect to the real CQL server")
 }
 
+/// One page of `room`'s history.
+async fn read_page(s: &ScyllaStore, room: &RoomId, query: HistoryQuery) -> Vec<ChatMessage> {
+    s.read(room, query).await.expect("read")
+}
+
 fn msg(room: &RoomId, unix_ms: u64, seq: u64) -> ChatMessage {
     let id = MessageId(MessageId::first_at(unix_ms).0 + seq);
     ChatMessage {
@@ -96,10 +101,7 @@ async fn pages_walk_across_buckets_both_ways_without_gaps() {
     let mut back = Vec::new();
     let mut before = None;
     loop {
-        let page = s
-            .read(&room, q(None, before, 4, PageFrom::Newest))
-            .await
-            .expect("read");
+        let page = read_page(&s, &room, q(None, before, 4, PageFrom::Newest)).await;
         assert!(
             page.windows(2).all(|w| w[0].id < w[1].id),
             "a page is oldest first"
@@ -114,10 +116,7 @@ async fn pages_walk_across_buckets_both_ways_without_gaps() {
     let mut fwd = Vec::new();
     let mut after = Some(MessageId(0));
     loop {
-        let page = s
-            .read(&room, q(after, None, 6, PageFrom::Oldest))
-            .await
-            .expect("read");
+        let page = read_page(&s, &room, q(after, None, 6, PageFrom::Oldest)).await;
         let Some(last) = page.last() else { break };
         after = Some(last.id);
         fwd.extend(page.iter().map(|m| m.id));
@@ -136,10 +135,12 @@ async fn pages_walk_across_buckets_both_ways_without_gaps() {
         between.iter().map(|m| m.id).collect::<Vec<_>>(),
         ids[21..30].to_vec()
     );
-    let newest_between = s
-        .read(&room, q(Some(ids[20]), Some(ids[30]), 3, PageFrom::Newest))
-        .await
-        .expect("read");
+    let newest_between = read_page(
+        &s,
+        &room,
+        q(Some(ids[20]), Some(ids[30]), 3, PageFrom::Newest),
+    )
+    .await;
     assert_eq!(
         newest_between.iter().map(|m| m.id).collect::<Vec<_>>(),
         ids[27..30].to_vec()
@@ -206,10 +207,7 @@ async fn re_appending_a_batch_stores_each_message_once() {
     s.append(&room, &batch[1..3], &Unguarded)
         .await
         .expect("retry");
-    let got = s
-        .read(&room, q(None, None, 100, PageFrom::Newest))
-        .await
-        .expect("read");
+    let got = read_page(&s, &room, q(None, None, 100, PageFrom::Newest)).await;
     assert_eq!(got, batch);
 }
 
@@ -311,10 +309,7 @@ async fn a_late_write_from_an_earlier_owner_is_shadowed_by_the_takeover_fence() 
         .await
         .expect("the new owner's write");
 
-    let read = s
-        .read(&room, q(None, None, 100, PageFrom::Oldest))
-        .await
-        .expect("read");
+    let read = read_page(&s, &room, q(None, None, 100, PageFrom::Oldest)).await;
     let ids: Vec<MessageId> = read.iter().map(|m| m.id).collect();
     assert_eq!(
         ids,
@@ -368,9 +363,6 @@ async fn a_write_its_guard_refuses_is_not_sent() {
         matches!(r, Err(chat_node::store::StoreError::Fenced)),
         "{r:?}"
     );
-    let read = s
-        .read(&room, q(None, None, 10, PageFrom::Oldest))
-        .await
-        .expect("read");
+    let read = read_page(&s, &room, q(None, None, 10, PageFrom::Oldest)).await;
     assert!(read.is_empty(), "{read:?}");
 }

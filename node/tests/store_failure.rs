@@ -16,17 +16,8 @@ use support::*;
 #[tokio::test]
 async fn a_failing_store_gets_errors_not_acks_and_the_node_resumes() {
     let store = Arc::new(Faulty::new(Arc::new(MemoryStore::new(1000))));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(chat_node::run_with_store(
-        Config::for_tests(),
-        listener,
-        shutdown.clone(),
-        store.clone(),
-    ));
+    let node = TestNode::start_on(Config::for_tests(), store.clone()).await;
+    let addr = node.addr;
     let mut c = Client::connect(addr, "/ws?room=outage&user=alice")
         .await
         .expect("connect");
@@ -50,13 +41,13 @@ async fn a_failing_store_gets_errors_not_acks_and_the_node_resumes() {
     };
     assert_eq!(code, ErrorCode::StoreUnavailable);
     eventually("readyz red", || async {
-        http(addr, "GET", "/readyz", None).await.0 == 503
+        http_get(addr, "/readyz").await.0 == 503
     })
     .await;
 
     store.down.store(false, Ordering::SeqCst);
     eventually("readyz green again", || async {
-        http(addr, "GET", "/readyz", None).await.0 == 200
+        http_get(addr, "/readyz").await.0 == 200
     })
     .await;
     // The retry with the same cid is stored once and acked.
@@ -64,15 +55,9 @@ async fn a_failing_store_gets_errors_not_acks_and_the_node_resumes() {
     let (cid, during_id, _) = c.ack().await;
     assert_eq!(cid, "during");
     assert!(during_id > before_id);
-    let (status, body) = http(addr, "GET", "/v1/rooms/outage/messages?user=x", None).await;
+    let (status, body) = http_get(addr, "/v1/rooms/outage/messages?user=x").await;
     assert_eq!(status, 200);
-    let cids: Vec<_> = json(&body)["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| m["cid"].as_str().unwrap_or("").to_string())
-        .collect();
+    let cids = message_fields(&json(&body), "cid");
     assert_eq!(cids, vec!["before", "during"]);
-    shutdown.cancel();
-    task.await.expect("task").expect("run");
+    node.stop().await;
 }

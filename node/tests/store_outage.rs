@@ -46,11 +46,10 @@ async fn publish_until_acked(
     let mut pace = tokio::time::interval(Duration::from_millis(100));
     loop {
         let body = format!(r#"{{"cid":"{cid}","body":"payload {cid}"}}"#);
-        let (status, answer) = http(
+        let (status, answer) = http_post(
             addr,
-            "POST",
             &format!("/v1/rooms/{room}/messages?user=writer"),
-            Some(&body),
+            &body,
         )
         .await;
         match status {
@@ -110,13 +109,7 @@ async fn a_frozen_store_gets_errors_not_acks_and_nothing_acked_is_lost() {
 
     // Let traffic flow, then freeze the server until the node reports it.
     eventually("some messages acked", || async {
-        let (_, body) = http(
-            addr,
-            "GET",
-            &format!("/v1/rooms/{room}/messages?limit=20&user=x"),
-            None,
-        )
-        .await;
+        let (_, body) = http_get(addr, &format!("/v1/rooms/{room}/messages?limit=20&user=x")).await;
         json(&body)["messages"]
             .as_array()
             .is_some_and(|m| m.len() >= 20)
@@ -125,7 +118,7 @@ async fn a_frozen_store_gets_errors_not_acks_and_nothing_acked_is_lost() {
     signal("-STOP", &pid);
     let frozen = async {
         eventually("readyz red while the store is frozen", || async {
-            http(addr, "GET", "/readyz", None).await.0 == 503
+            http_get(addr, "/readyz").await.0 == 503
         })
         .await;
         // Keep it frozen until several sends have been refused.
@@ -139,7 +132,7 @@ async fn a_frozen_store_gets_errors_not_acks_and_nothing_acked_is_lost() {
     signal("-CONT", &pid);
     assert!(outcome.is_ok(), "readyz did not turn red within the wait");
     eventually("readyz green again", || async {
-        http(addr, "GET", "/readyz", None).await.0 == 200
+        http_get(addr, "/readyz").await.0 == 200
     })
     .await;
 

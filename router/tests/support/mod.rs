@@ -4,28 +4,24 @@
 //! with a deadline. Children are killed by Drop guards.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+#[path = "../../../node/tests/support/client.rs"]
+mod client;
+#[path = "../../../node/tests/support/process.rs"]
+pub mod process;
+
+pub use client::*;
+pub use process::Proc;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use chat_router::RouterConfig;
 use chat_server::membership::{MembershipConfig, Registration};
-use common::{ChatMessage, ClientFrame, NodeInfo, Ring, ServerFrame};
-use fastwebsockets::{Frame, OpCode, Payload, WebSocket};
-use http_body_util::Empty;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-
-/// Generous upper bound for anything a test waits for; reaching it fails the test.
-pub const WAIT: Duration = Duration::from_secs(30);
+use common::{NodeInfo, Ring, ServerFrame};
 
 /// The real Redis, from `CHAT_REDIS_URL` (set by `deploy/local/test.sh`). Missing means
 /// the suite was started the wrong way: fail loudly, never skip.
@@ -79,42 +75,18 @@ pub fn membership(prefix: &str) -> MembershipConfig {
     }
 }
 
-/// The chat-node binary beside ours. `cargo test -p chat-router` builds only this
-/// package's binaries, so it is built here once per test binary (a no-op after
-/// `cargo test --workspace`, which built it already).
+/// The chat-node binary beside ours, built once per test binary (see
+/// [`process::sibling_bin`]).
 pub fn node_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let router = Path::new(env!("CARGO_BIN_EXE_chat-router"));
-        let dir = router.parent().expect("the router binary has a directory");
-        let profile = match dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev",
-            Some(other) => other,
-        };
-        let target_dir = dir.parent().expect("profile directory has a parent");
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace root");
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "chat-node", "--bin", "chat-node"])
-            .args(["--profile", profile])
-            .arg("--target-dir")
-            .arg(target_dir)
-            .current_dir(workspace)
-            .status()
-            .expect("run cargo build for chat-node");
-        assert!(status.success(), "building chat-node failed");
-        let bin = dir.join("chat-node");
-        assert!(bin.exists(), "{} missing after the build", bin.display());
-        bin
-    })
+    BIN.get_or_init(|| process::sibling_bin(env!("CARGO_BIN_EXE_chat-router"), "chat-node"))
 }
 
 /// A chat-node process, killed when dropped.
 pub struct NodeProc {
     pub id: u16,
     pub addr: SocketAddr,
-    child: Child,
+    proc: Proc,
 }
 
 impl NodeProc {
@@ -128,14 +100,7 @@ impl NodeProc {
     }
 
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        self.kill();
+        self.proc.kill();
     }
 }
 
@@ -153,53 +118,26 @@ pub async fn spawn_node(id: u16, prefix: &str) -> NodeProc {
 
 /// As [`spawn_node`], with extra environment (`CHAT_*` settings) for the node.
 pub async fn spawn_node_with(id: u16, prefix: &str, env: &[(&str, &str)]) -> NodeProc {
-    let bin = node_bin();
     let _one_at_a_time = SPAWN.lock().await;
-    let mut child = Command::new(bin)
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+    let mut cmd = Command::new(node_bin());
+    cmd.args(["--listen", "127.0.0.1:0", "--log-format", "json"])
         .args(["--insecure-dev-auth", "--cql-nodes", &cql_nodes()])
         .args(["--cql-keyspace", KEYSPACE, "--node-id", &id.to_string()])
         .env("CHAT_REDIS_URL", redis_url())
         .env("CHAT_REDIS_PREFIX", prefix)
         .env("CHAT_MEMBERSHIP_TTL", "2s")
         .env_remove("CHAT_LISTEN")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn chat-node");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut proc = NodeProc {
+        .envs(env.iter().copied());
+    // Reading the log blocks this thread: off the runtime, so other tasks go on meanwhile.
+    let what = format!("chat-node {id}");
+    let proc = tokio::task::spawn_blocking(move || Proc::spawn(&mut cmd, &what))
+        .await
+        .expect("spawn the node");
+    NodeProc {
         id,
-        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        child,
-    };
-    let read = tokio::task::spawn_blocking(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            let Some(Ok(line)) = lines.next() else {
-                return None;
-            };
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if let Some(addr) = v["fields"]["addr"].as_str().and_then(|a| a.parse().ok()) {
-                break addr;
-            }
-        };
-        // Keep draining the log so the node never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Some(addr)
-    });
-    match tokio::time::timeout(WAIT, read).await {
-        Ok(Ok(Some(addr))) => proc.addr = addr,
-        Ok(_) => panic!("chat-node {id} exited before logging its address"),
-        Err(_) => {
-            proc.kill();
-            panic!("chat-node {id} did not log its address within {WAIT:?}");
-        }
+        addr: proc.addr,
+        proc,
     }
-    proc
 }
 
 /// Registers a member the way a node does, for tests of the router alone (no node process
@@ -216,10 +154,14 @@ pub fn expected_ring(nodes: &[NodeInfo]) -> Ring {
 }
 
 /// A router running in this process on port 0; shut down (not awaited) when dropped.
-pub struct TestRouter {
-    pub addr: SocketAddr,
-    pub shutdown: CancellationToken,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
+pub struct TestRouter(Served);
+
+impl std::ops::Deref for TestRouter {
+    type Target = Served;
+
+    fn deref(&self) -> &Served {
+        &self.0
+    }
 }
 
 impl TestRouter {
@@ -228,17 +170,9 @@ impl TestRouter {
     }
 
     pub async fn start(config: RouterConfig) -> TestRouter {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind port 0");
-        let addr = listener.local_addr().expect("local addr");
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(chat_router::run(config, listener, shutdown.clone()));
-        TestRouter {
-            addr,
-            shutdown,
-            task: Some(task),
-        }
+        TestRouter(
+            Served::spawn(|listener, shutdown| chat_router::run(config, listener, shutdown)).await,
+        )
     }
 
     /// Waits until `/readyz` reports a ring of `n` nodes.
@@ -253,81 +187,17 @@ impl TestRouter {
 
     /// Cancels the router and waits for `run` to return.
     pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        let task = self.task.take().expect("running");
-        tokio::time::timeout(WAIT, task)
-            .await
-            .expect("router stops within the wait")
-            .expect("router task")
-            .expect("router run");
+        self.0.halt().await;
     }
 }
 
 impl Drop for TestRouter {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.0.shutdown.cancel();
     }
-}
-
-struct SpawnExecutor;
-
-impl<Fut> hyper::rt::Executor<Fut> for SpawnExecutor
-where
-    Fut: std::future::Future + Send + 'static,
-    Fut::Output: Send + 'static,
-{
-    fn execute(&self, fut: Fut) {
-        tokio::spawn(fut);
-    }
-}
-
-pub struct Client {
-    pub ws: WebSocket<TokioIo<Upgraded>>,
-}
-
-/// What a read from the server produced.
-#[derive(Debug)]
-pub enum Event {
-    Frame(ServerFrame),
-    Close(u16),
 }
 
 impl Client {
-    /// Opens a WebSocket to `path_and_query`; an HTTP refusal is `Err((status, body))`.
-    pub async fn connect(addr: SocketAddr, path_and_query: &str) -> Result<Client, (u16, String)> {
-        let stream = TcpStream::connect(addr).await.expect("tcp connect");
-        let req = hyper::Request::builder()
-            .method("GET")
-            .uri(format!("http://{addr}{path_and_query}"))
-            .header("Host", addr.to_string())
-            .header(hyper::header::UPGRADE, "websocket")
-            .header(hyper::header::CONNECTION, "upgrade")
-            .header(
-                "Sec-WebSocket-Key",
-                fastwebsockets::handshake::generate_key(),
-            )
-            .header("Sec-WebSocket-Version", "13")
-            .body(Empty::<bytes::Bytes>::new())
-            .expect("request");
-        let handshake = fastwebsockets::handshake::client(&SpawnExecutor, req, stream);
-        match tokio::time::timeout(WAIT, handshake)
-            .await
-            .expect("handshake answered within the wait")
-        {
-            Ok((mut ws, _)) => {
-                ws.set_auto_close(false);
-                ws.set_auto_pong(true);
-                Ok(Client { ws })
-            }
-            Err(fastwebsockets::WebSocketError::InvalidStatusCode(status)) => {
-                // The handshake helper drops the body; ask again over plain HTTP for it.
-                let r = http(addr, "GET", path_and_query, None).await;
-                Err((status, r.body))
-            }
-            Err(e) => panic!("handshake failed: {e}"),
-        }
-    }
-
     /// Connects to `room` through `addr` and waits for `joined`, retrying while the
     /// cluster still settles (a node whose ring view lags answers `room_moved`; a
     /// router without the node yet answers 502/503), as a real client would.
@@ -365,95 +235,12 @@ impl Client {
             );
         }
     }
-
-    pub async fn send_text(&mut self, room: &str, cid: &str, body: &str) {
-        let frame = ClientFrame::Send {
-            room: common::RoomId::new(room).expect("room"),
-            cid: common::ClientMsgId::new(cid).expect("cid"),
-            body: body.into(),
-        };
-        let bytes = serde_json::to_vec(&frame).expect("ser");
-        self.ws
-            .write_frame(Frame::text(Payload::Owned(bytes)))
-            .await
-            .expect("write");
-    }
-
-    /// The next frame or close, failing the test after [`WAIT`].
-    pub async fn next(&mut self) -> Event {
-        loop {
-            let frame = tokio::time::timeout(WAIT, self.ws.read_frame())
-                .await
-                .expect("server answered within the wait")
-                .expect("read frame");
-            match frame.opcode {
-                OpCode::Text => {
-                    let f: ServerFrame = serde_json::from_slice(&frame.payload)
-                        .unwrap_or_else(|e| panic!("bad server frame: {e}"));
-                    return Event::Frame(f);
-                }
-                OpCode::Close => {
-                    let code = if frame.payload.len() >= 2 {
-                        u16::from_be_bytes([frame.payload[0], frame.payload[1]])
-                    } else {
-                        1005
-                    };
-                    return Event::Close(code);
-                }
-                _ => continue,
-            }
-        }
-    }
-
-    /// The next chat message, skipping presence and acks.
-    pub async fn message(&mut self) -> ChatMessage {
-        loop {
-            match self.next().await {
-                Event::Frame(ServerFrame::Message(m)) => return m,
-                Event::Frame(ServerFrame::Presence { .. } | ServerFrame::Ack { .. }) => continue,
-                other => panic!("expected a message, got {other:?}"),
-            }
-        }
-    }
-
-    /// The next ack, skipping presence and messages.
-    pub async fn ack(&mut self) -> (String, common::MessageId) {
-        loop {
-            match self.next().await {
-                Event::Frame(ServerFrame::Ack { cid, id, .. }) => return (cid.to_string(), id),
-                Event::Frame(ServerFrame::Presence { .. } | ServerFrame::Message(_)) => continue,
-                other => panic!("expected an ack, got {other:?}"),
-            }
-        }
-    }
 }
 
-/// An HTTP answer read off the wire.
-#[derive(Debug)]
-pub struct Answer {
-    pub status: u16,
-    /// Lower-cased names.
-    pub headers: Vec<(String, String)>,
-    pub body: String,
-}
-
-impl Answer {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
-    }
-}
-
-/// A minimal HTTP/1.1 request over a fresh connection (`Connection: close`).
+/// A minimal HTTP/1.1 request over a fresh connection (`Connection: close`), with a JSON
+/// `Content-Type`; [`request`] sends other headers.
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Answer {
-    http_with(
+    request(
         addr,
         method,
         path,
@@ -461,83 +248,6 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>
         &[("Content-Type", "application/json")],
     )
     .await
-}
-
-/// As [`http`], with the given headers instead of a JSON `Content-Type`.
-pub async fn http_with(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    headers: &[(&str, &str)],
-) -> Answer {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let body = body.unwrap_or("");
-    let extra: String = headers
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}\r\n"))
-        .collect();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         {extra}Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(req.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut buf))
-        .await
-        .expect("http answer within the wait")
-        .expect("read");
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("bad response: {text}"));
-    let mut lines = head.lines();
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {text}"));
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    Answer {
-        status,
-        headers,
-        body: body.to_string(),
-    }
-}
-
-/// Reads `/metrics` and sums the samples whose line starts with `prefix`.
-pub async fn metric(addr: SocketAddr, prefix: &str) -> f64 {
-    let r = http(addr, "GET", "/metrics", None).await;
-    assert_eq!(r.status, 200);
-    r.body
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// Polls `cond` until it holds, failing the test after [`WAIT`].
-pub async fn eventually<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let mut poll = tokio::time::interval(Duration::from_millis(20));
-    loop {
-        poll.tick().await;
-        if cond().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-    }
 }
 
 /// A room (with `stem` in its name) that `ring` places on node `id`.

@@ -100,6 +100,18 @@ fn leased() -> (Lease, Grant) {
     (lease, grant)
 }
 
+/// A grant under a lease that lapses `TTL - MARGIN` from now (and is not ended early).
+fn lapsing() -> Grant {
+    leased().1
+}
+
+/// Room `a` under `grant`, on a fresh [`ctx`].
+fn room_a(grant: Grant) -> (Arc<RoomCtx>, RoomCore) {
+    let ctx = ctx();
+    let a = new_room(&ctx, "a", grant);
+    (ctx, a)
+}
+
 fn new_room(ctx: &Arc<RoomCtx>, name: &str, grant: Grant) -> RoomCore {
     RoomCore::new(
         room(name),
@@ -108,6 +120,18 @@ fn new_room(ctx: &Arc<RoomCtx>, name: &str, grant: Grant) -> RoomCore {
         Loaded::default(),
         Instant::now(),
     )
+}
+
+/// Peers named `names` (conn ids 1, 2, … in order), each joined to `core` with no `since`;
+/// nothing is read from their queues yet.
+fn members<const N: usize>(core: &mut RoomCore, names: [&str; N]) -> [Peer; N] {
+    let mut id = 0;
+    names.map(|name| {
+        id += 1;
+        let peer = Peer::new(id, name);
+        peer.join(core, None);
+        peer
+    })
 }
 
 /// A member's side: its handle, and the queue its writer would drain.
@@ -242,6 +266,25 @@ fn take_persist(core: &mut RoomCore) -> Vec<ChatMessage> {
     }
 }
 
+/// `peer` sends `first`, the core hands that batch to the store (returned: it is in flight),
+/// `peer` sends `then` (accepted, not handed to the store yet); `peer`'s frames are read.
+fn in_flight(
+    core: &mut RoomCore,
+    peer: &mut Peer,
+    first: &[&str],
+    then: &[&str],
+) -> Vec<ChatMessage> {
+    for c in first {
+        peer.send(core, c);
+    }
+    let batch = take_persist(core);
+    for c in then {
+        peer.send(core, c);
+    }
+    peer.frames();
+    batch
+}
+
 fn store_ok(core: &mut RoomCore, batch: Vec<ChatMessage>) {
     core.on_persisted(batch, Ok(()), Instant::now());
 }
@@ -266,11 +309,8 @@ async fn members_see_one_order_and_acks_wait_for_the_store() {
     let ctx = ctx();
     let mut a = new_room(&ctx, "a", Grant::forever());
     let mut b = new_room(&ctx, "b", Grant::forever());
-    let mut alice = Peer::new(1, "alice");
-    let mut bob = Peer::new(2, "bob");
+    let [mut alice, mut bob] = members(&mut a, ["alice", "bob"]);
     let mut carol = Peer::new(3, "carol");
-    alice.join(&mut a, None);
-    bob.join(&mut a, None);
     carol.join(&mut b, None);
     alice.send(&mut a, "a1");
     bob.send(&mut a, "b1");
@@ -346,12 +386,8 @@ async fn a_member_that_cannot_keep_up_is_closed_and_the_others_get_everything() 
 
 #[tokio::test(start_paused = true)]
 async fn a_resend_while_pending_is_stored_once_and_both_are_acked() {
-    let ctx = ctx();
-    let mut a = new_room(&ctx, "a", Grant::forever());
-    let mut alice = Peer::new(1, "alice");
-    let mut bob = Peer::new(2, "bob");
-    alice.join(&mut a, None);
-    bob.join(&mut a, None);
+    let (_, mut a) = room_a(Grant::forever());
+    let [mut alice, mut bob] = members(&mut a, ["alice", "bob"]);
     alice.send(&mut a, "x");
     alice.send(&mut a, "x");
     assert_eq!(messages(&bob.frames()).len(), 1, "delivered once");
@@ -368,10 +404,8 @@ async fn a_resend_while_pending_is_stored_once_and_both_are_acked() {
 
 #[tokio::test(start_paused = true)]
 async fn a_resend_after_the_write_is_acked_at_once_with_the_same_id() {
-    let ctx = ctx();
-    let mut a = new_room(&ctx, "a", Grant::forever());
-    let mut alice = Peer::new(1, "alice");
-    alice.join(&mut a, None);
+    let (_, mut a) = room_a(Grant::forever());
+    let [mut alice] = members(&mut a, ["alice"]);
     alice.send(&mut a, "x");
     let batch = take_persist(&mut a);
     let id = batch[0].id;
@@ -396,12 +430,8 @@ async fn a_resend_after_the_write_is_acked_at_once_with_the_same_id() {
 
 #[tokio::test(start_paused = true)]
 async fn a_retry_after_a_store_failure_rewrites_the_same_id_without_delivering_again() {
-    let ctx = ctx();
-    let mut a = new_room(&ctx, "a", Grant::forever());
-    let mut alice = Peer::new(1, "alice");
-    let mut bob = Peer::new(2, "bob");
-    alice.join(&mut a, None);
-    bob.join(&mut a, None);
+    let (ctx, mut a) = room_a(Grant::forever());
+    let [mut alice, mut bob] = members(&mut a, ["alice", "bob"]);
     alice.send(&mut a, "x");
     let batch = take_persist(&mut a);
     let id = batch[0].id;
@@ -451,15 +481,25 @@ fn fill(a: &mut RoomCore, alice: &mut Peer, n: usize) -> Vec<ChatMessage> {
     all
 }
 
+/// In room `a` on `ctx`, alice (conn 1) joins and sends `n` messages the store takes; then
+/// bob (conn 2) joins with `since` = the `since`-th of them. Returns the room, alice, bob and
+/// what alice sent.
+fn bob_joins_after(
+    ctx: &Arc<RoomCtx>,
+    n: usize,
+    since: usize,
+) -> (RoomCore, Peer, Peer, Vec<ChatMessage>) {
+    let mut a = new_room(ctx, "a", Grant::forever());
+    let [mut alice] = members(&mut a, ["alice"]);
+    let sent = fill(&mut a, &mut alice, n);
+    let bob = Peer::new(2, "bob");
+    bob.join(&mut a, Some(sent[since].id));
+    (a, alice, bob, sent)
+}
+
 #[tokio::test(start_paused = true)]
 async fn since_inside_the_recent_window_replays_the_missed_then_live() {
-    let ctx = ctx();
-    let mut a = new_room(&ctx, "a", Grant::forever());
-    let mut alice = Peer::new(1, "alice");
-    let mut bob = Peer::new(2, "bob");
-    alice.join(&mut a, None);
-    let sent = fill(&mut a, &mut alice, 5);
-    bob.join(&mut a, Some(sent[1].id));
+    let (mut a, alice, mut bob, sent) = bob_joins_after(&ctx(), 5, 1);
     assert!(
         a.poll_action(Instant::now()).is_none(),
         "no store read for the window"
@@ -475,13 +515,7 @@ async fn since_inside_the_recent_window_replays_the_missed_then_live() {
 
 /// Alice fills a room whose window holds 3; Bob joins with `since` = the first message.
 fn older_than_the_window() -> (RoomCore, Peer, Peer, Vec<ChatMessage>) {
-    let ctx = ctx_with(|c| c.recent_per_room = 3);
-    let mut a = new_room(&ctx, "a", Grant::forever());
-    let mut alice = Peer::new(1, "alice");
-    let mut bob = Peer::new(2, "bob");
-    alice.join(&mut a, None);
-    let sent = fill(&mut a, &mut alice, 6);
-    bob.join(&mut a, Some(sent[0].id));
+    let (mut a, alice, mut bob, sent) = bob_joins_after(&ctx_with(|c| c.recent_per_room = 3), 6, 0);
     match a.poll_action(Instant::now()) {
         Some(Action::Replay { conn, since, upto }) => {
             assert_eq!(conn.id, 2);
@@ -555,8 +589,7 @@ async fn a_loaded_room_dedupes_stored_cids_and_mints_ids_above_its_head() {
         loaded,
         Instant::now(),
     );
-    let mut alice = Peer::new(1, "alice");
-    alice.join(&mut a, None);
+    let [mut alice] = members(&mut a, ["alice"]);
     alice.send(&mut a, "x");
     alice.send(&mut a, "w");
     let f = alice.frames();
@@ -582,13 +615,8 @@ async fn a_loaded_room_dedupes_stored_cids_and_mints_ids_above_its_head() {
 
 #[tokio::test(start_paused = true)]
 async fn after_the_lease_lapses_a_send_is_refused_with_nothing_assigned_or_stored() {
-    let ctx = ctx();
-    let (_lease, grant) = leased();
-    let mut a = new_room(&ctx, "a", grant);
-    let mut alice = Peer::new(1, "alice");
-    let mut bob = Peer::new(2, "bob");
-    alice.join(&mut a, None);
-    bob.join(&mut a, None);
+    let (ctx, mut a) = room_a(lapsing());
+    let [mut alice, mut bob] = members(&mut a, ["alice", "bob"]);
     alice.frames();
     bob.frames();
     let head = a.head;
@@ -621,13 +649,8 @@ async fn after_the_lease_lapses_a_send_is_refused_with_nothing_assigned_or_store
 
 #[tokio::test(start_paused = true)]
 async fn commands_queued_during_a_pause_are_all_refused() {
-    let ctx = ctx();
-    let (_lease, grant) = leased();
-    let mut a = new_room(&ctx, "a", grant);
-    let mut alice = Peer::new(1, "alice");
-    let mut bob = Peer::new(2, "bob");
-    alice.join(&mut a, None);
-    bob.join(&mut a, None);
+    let (_, mut a) = room_a(lapsing());
+    let [mut alice, mut bob] = members(&mut a, ["alice", "bob"]);
     let before = fill(&mut a, &mut alice, 1);
     bob.frames();
     let head = a.head;
@@ -670,17 +693,9 @@ async fn commands_queued_during_a_pause_are_all_refused() {
 
 #[tokio::test(start_paused = true)]
 async fn a_batch_in_flight_at_the_lapse_is_waited_for_and_not_acked() {
-    let ctx = ctx();
-    let (_lease, grant) = leased();
-    let mut a = new_room(&ctx, "a", grant);
-    let mut alice = Peer::new(1, "alice");
-    let mut bob = Peer::new(2, "bob");
-    alice.join(&mut a, None);
-    bob.join(&mut a, None);
-    alice.send(&mut a, "x");
-    let batch = take_persist(&mut a);
-    alice.send(&mut a, "y");
-    alice.frames();
+    let (ctx, mut a) = room_a(lapsing());
+    let [mut alice, mut bob] = members(&mut a, ["alice", "bob"]);
+    let batch = in_flight(&mut a, &mut alice, &["x"], &["y"]);
     bob.frames();
 
     tokio::time::advance(TTL - MARGIN).await;
@@ -709,15 +724,9 @@ async fn a_batch_in_flight_at_the_lapse_is_waited_for_and_not_acked() {
 
 #[tokio::test(start_paused = true)]
 async fn a_write_that_returns_after_the_lapse_is_not_acked() {
-    let ctx = ctx();
-    let (_lease, grant) = leased();
-    let mut a = new_room(&ctx, "a", grant);
-    let mut alice = Peer::new(1, "alice");
-    alice.join(&mut a, None);
-    alice.send(&mut a, "x");
-    alice.send(&mut a, "x");
-    let batch = take_persist(&mut a);
-    alice.frames();
+    let (_, mut a) = room_a(lapsing());
+    let [mut alice] = members(&mut a, ["alice"]);
+    let batch = in_flight(&mut a, &mut alice, &["x", "x"], &[]);
     // Nothing happens in the room until the write returns, after the lapse.
     tokio::time::advance(TTL).await;
     store_ok(&mut a, batch);
@@ -734,13 +743,9 @@ async fn a_write_that_returns_after_the_lapse_is_not_acked() {
 
 #[tokio::test(start_paused = true)]
 async fn a_write_the_driver_withheld_fences_the_room_whatever_the_lease_says_now() {
-    let ctx = ctx();
-    let mut a = new_room(&ctx, "a", Grant::forever());
-    let mut alice = Peer::new(1, "alice");
-    alice.join(&mut a, None);
-    alice.send(&mut a, "x");
-    let batch = take_persist(&mut a);
-    alice.frames();
+    let (_, mut a) = room_a(Grant::forever());
+    let [mut alice] = members(&mut a, ["alice"]);
+    let batch = in_flight(&mut a, &mut alice, &["x"], &[]);
     a.on_persisted(batch, Err(NotStored::Fenced), Instant::now());
     assert_eq!(errors(&alice.frames()), [moved(Some("x"), OWNER)]);
     assert_eq!(alice.close_code(), Some(CloseCode::RoomMoved));
@@ -752,8 +757,7 @@ async fn a_quiet_room_is_fenced_by_the_first_command_after_its_lease_ends() {
     let ctx = ctx();
     let (lease, grant) = leased();
     let mut a = new_room(&ctx, "a", grant);
-    let alice = Peer::new(1, "alice");
-    alice.join(&mut a, None);
+    let [alice] = members(&mut a, ["alice"]);
     assert_eq!(a.poll_timeout(), None, "no timer per room for the lease");
     let expiry = lease.expires_at().expect("a lease that ends");
     tokio::time::advance(expiry - Instant::now()).await;
@@ -787,14 +791,9 @@ fn handoff(close: Option<CloseCode>, owner: Option<&str>) -> RoomCmd {
 
 #[tokio::test(start_paused = true)]
 async fn a_handoff_refuses_new_work_flushes_then_closes_4001_and_ends() {
-    let ctx = ctx();
-    let mut a = new_room(&ctx, "a", Grant::forever());
-    let mut alice = Peer::new(1, "alice");
-    alice.join(&mut a, None);
-    alice.send(&mut a, "x");
-    let first = take_persist(&mut a);
-    alice.send(&mut a, "y");
-    alice.frames();
+    let (ctx, mut a) = room_a(Grant::forever());
+    let [mut alice] = members(&mut a, ["alice"]);
+    let first = in_flight(&mut a, &mut alice, &["x"], &["y"]);
 
     a.handle(
         handoff(Some(CloseCode::RoomMoved), Some(NEXT_OWNER)),
@@ -832,12 +831,8 @@ async fn a_handoff_refuses_new_work_flushes_then_closes_4001_and_ends() {
 async fn a_handoff_flush_that_misses_its_deadline_drops_what_is_left() {
     let ctx = ctx_with(|c| c.store_timeout = Duration::from_secs(1));
     let mut a = new_room(&ctx, "a", Grant::forever());
-    let mut alice = Peer::new(1, "alice");
-    alice.join(&mut a, None);
-    alice.send(&mut a, "x");
-    let stuck = take_persist(&mut a);
-    alice.send(&mut a, "y");
-    alice.frames();
+    let [mut alice] = members(&mut a, ["alice"]);
+    let stuck = in_flight(&mut a, &mut alice, &["x"], &["y"]);
     let began = Instant::now();
     a.handle(
         handoff(Some(CloseCode::RoomMoved), Some(NEXT_OWNER)),
@@ -864,14 +859,9 @@ async fn a_handoff_flush_that_misses_its_deadline_drops_what_is_left() {
 
 #[tokio::test(start_paused = true)]
 async fn a_shutdown_handoff_keeps_its_members_and_drops_at_its_deadline_with_going_away() {
-    let ctx = ctx();
-    let mut a = new_room(&ctx, "a", Grant::forever());
-    let mut alice = Peer::new(1, "alice");
-    alice.join(&mut a, None);
-    alice.send(&mut a, "x");
-    let batch = take_persist(&mut a);
-    alice.send(&mut a, "y");
-    alice.frames();
+    let (ctx, mut a) = room_a(Grant::forever());
+    let [mut alice] = members(&mut a, ["alice"]);
+    let batch = in_flight(&mut a, &mut alice, &["x"], &["y"]);
     a.handle(handoff(None, None), Instant::now());
     alice.send(&mut a, "z");
     assert_eq!(
@@ -905,14 +895,9 @@ async fn a_shutdown_handoff_keeps_its_members_and_drops_at_its_deadline_with_goi
 
 #[tokio::test(start_paused = true)]
 async fn a_lease_that_lapses_during_a_handoff_fences_the_room() {
-    let ctx = ctx();
-    let (_lease, grant) = leased();
-    let mut a = new_room(&ctx, "a", grant);
-    let mut alice = Peer::new(1, "alice");
-    alice.join(&mut a, None);
-    alice.send(&mut a, "x");
-    let batch = take_persist(&mut a);
-    alice.frames();
+    let (_, mut a) = room_a(lapsing());
+    let [mut alice] = members(&mut a, ["alice"]);
+    let batch = in_flight(&mut a, &mut alice, &["x"], &[]);
     a.handle(handoff(None, None), Instant::now());
     tokio::time::advance(TTL).await;
     store_ok(&mut a, batch);
@@ -931,10 +916,7 @@ async fn a_lease_that_lapses_during_a_handoff_fences_the_room() {
 async fn presence_is_broadcast_to_the_other_members() {
     let ctx = ctx_with(|c| c.presence = true);
     let mut a = new_room(&ctx, "a", Grant::forever());
-    let mut alice = Peer::new(1, "alice");
-    let bob = Peer::new(2, "bob");
-    alice.join(&mut a, None);
-    bob.join(&mut a, None);
+    let [mut alice, _bob] = members(&mut a, ["alice", "bob"]);
     a.handle(
         RoomCmd::Leave {
             conn_id: 2,
