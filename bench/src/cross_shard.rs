@@ -118,13 +118,11 @@ impl CrossShardArgs {
             bridge: true,
             connect_timeout: self.connect_timeout,
             max_connect_failures: self.max_connect_failures,
-            json: None,
-            markdown: None,
             quiet: self.quiet,
             chart: self.chart.clone(),
-            webhook_sink: None,
             auth: self.auth.clone(),
             cost: self.cost.clone(),
+            ..Default::default()
         }
     }
 

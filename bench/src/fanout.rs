@@ -37,8 +37,9 @@ use crate::report::{
 };
 use crate::BenchError;
 
-/// Options of `chat-bench fanout`.
-#[derive(Debug, Clone, Args)]
+/// Options of `chat-bench fanout`. `Default` is for scenarios that run a fanout of their
+/// own (it is not the command line's defaults: they name every field that matters).
+#[derive(Debug, Clone, Default, Args)]
 pub struct FanoutArgs {
     /// WebSocket URL of a node or router (the path defaults to /ws).
     #[arg(long, env = "CHAT_BENCH_URL", default_value = "ws://127.0.0.1:7001")]

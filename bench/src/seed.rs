@@ -372,16 +372,10 @@ impl SeedSuiteArgs {
             user_prefix: "seed".into(),
             room_prefix: Some(room_prefix),
             connect_concurrency: 64,
-            bridge: false,
             connect_timeout: 10.0,
-            max_connect_failures: 0,
-            json: None,
-            markdown: None,
             quiet: self.quiet,
-            chart: None,
-            webhook_sink: None,
             auth: self.auth.clone(),
-            cost: Default::default(),
+            ..Default::default()
         }
     }
 }
