@@ -10,8 +10,8 @@ use std::sync::{Mutex, MutexGuard};
 use common::{ChatMessage, MessageId, RoomId};
 
 use super::{
-    BoxFuture, DeadLetter, HistoryQuery, HookCursor, MessageStore, PageFrom, RoomState, StoreError,
-    WriteGuard,
+    DeadLetter, HistoryQuery, HookCursor, MessageStore, PageFrom, RoomState, StoreError,
+    StoreFuture, WriteGuard,
 };
 
 pub struct MemoryStore {
@@ -91,7 +91,7 @@ impl MessageStore for MemoryStore {
         room: &'a RoomId,
         batch: &'a [ChatMessage],
         guard: &'a dyn WriteGuard,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             if !guard.may_write() {
                 return Err(StoreError::Fenced);
@@ -104,11 +104,11 @@ impl MessageStore for MemoryStore {
         &'a self,
         room: &'a RoomId,
         query: HistoryQuery,
-    ) -> BoxFuture<'a, Result<Vec<ChatMessage>, StoreError>> {
+    ) -> StoreFuture<'a, Vec<ChatMessage>> {
         Box::pin(async move { self.read_now(room, query) })
     }
 
-    fn room_state<'a>(&'a self, room: &'a RoomId) -> BoxFuture<'a, Result<RoomState, StoreError>> {
+    fn room_state<'a>(&'a self, room: &'a RoomId) -> StoreFuture<'a, RoomState> {
         Box::pin(async move { Ok(lock(&self.states)?.get(room).copied().unwrap_or_default()) })
     }
 
@@ -117,7 +117,7 @@ impl MessageStore for MemoryStore {
         room: &'a RoomId,
         state: RoomState,
         guard: &'a dyn WriteGuard,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             if !guard.may_write() {
                 return Err(StoreError::Fenced);
@@ -127,39 +127,29 @@ impl MessageStore for MemoryStore {
         })
     }
 
-    fn hook_cursor<'a>(
-        &'a self,
-        room: &'a RoomId,
-    ) -> BoxFuture<'a, Result<Option<HookCursor>, StoreError>> {
+    fn hook_cursor<'a>(&'a self, room: &'a RoomId) -> StoreFuture<'a, Option<HookCursor>> {
         Box::pin(async move { Ok(lock(&self.cursors)?.get(room).cloned()) })
     }
 
-    fn set_hook_cursor<'a>(
-        &'a self,
-        room: &'a RoomId,
-        cursor: HookCursor,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn set_hook_cursor<'a>(&'a self, room: &'a RoomId, cursor: HookCursor) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             lock(&self.cursors)?.insert(room.clone(), cursor);
             Ok(())
         })
     }
 
-    fn clear_hook_cursor<'a>(&'a self, room: &'a RoomId) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn clear_hook_cursor<'a>(&'a self, room: &'a RoomId) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             lock(&self.cursors)?.remove(room);
             Ok(())
         })
     }
 
-    fn hook_rooms(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RoomId>, StoreError>> {
+    fn hook_rooms(&self, limit: usize) -> StoreFuture<'_, Vec<RoomId>> {
         Box::pin(async move { Ok(lock(&self.cursors)?.keys().take(limit).cloned().collect()) })
     }
 
-    fn put_dead_letter<'a>(
-        &'a self,
-        dead: &'a DeadLetter,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn put_dead_letter<'a>(&'a self, dead: &'a DeadLetter) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let key = (dead.message.room.clone(), dead.message.id);
             lock(&self.dead)?.insert(key, dead.clone());
@@ -171,7 +161,7 @@ impl MessageStore for MemoryStore {
         &'a self,
         room: Option<&'a RoomId>,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, StoreError>> {
+    ) -> StoreFuture<'a, Vec<DeadLetter>> {
         Box::pin(async move {
             let dead = lock(&self.dead)?;
             Ok(dead
@@ -187,19 +177,15 @@ impl MessageStore for MemoryStore {
         &'a self,
         room: &'a RoomId,
         id: MessageId,
-    ) -> BoxFuture<'a, Result<Option<DeadLetter>, StoreError>> {
+    ) -> StoreFuture<'a, Option<DeadLetter>> {
         Box::pin(async move { Ok(lock(&self.dead)?.get(&(room.clone(), id)).cloned()) })
     }
 
-    fn delete_dead_letter<'a>(
-        &'a self,
-        room: &'a RoomId,
-        id: MessageId,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn delete_dead_letter<'a>(&'a self, room: &'a RoomId, id: MessageId) -> StoreFuture<'a, bool> {
         Box::pin(async move { Ok(lock(&self.dead)?.remove(&(room.clone(), id)).is_some()) })
     }
 
-    fn check(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn check(&self) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })
     }
 

@@ -16,6 +16,8 @@ use common::{ChatMessage, MessageId, RoomId};
 use serde::Serialize;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+/// What every store call resolves with.
+pub type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -156,14 +158,14 @@ pub trait MessageStore: Send + Sync + 'static {
         room: &'a RoomId,
         batch: &'a [ChatMessage],
         guard: &'a dyn WriteGuard,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    ) -> StoreFuture<'a, ()>;
 
     /// Reads one page of a room's history, oldest first.
     fn read<'a>(
         &'a self,
         room: &'a RoomId,
         query: HistoryQuery,
-    ) -> BoxFuture<'a, Result<Vec<ChatMessage>, StoreError>>;
+    ) -> StoreFuture<'a, Vec<ChatMessage>>;
 
     /// Fences `room` when this node takes it over from another: a write of an id above
     /// `after` (the head it just read) that an earlier owner still has on its way (a
@@ -176,7 +178,7 @@ pub trait MessageStore: Send + Sync + 'static {
         _room: &'a RoomId,
         _after: MessageId,
         _window: Duration,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> StoreFuture<'a, ()> {
         Box::pin(async { Ok(()) })
     }
 
@@ -184,7 +186,7 @@ pub trait MessageStore: Send + Sync + 'static {
     // defaults are for test doubles that store only messages (nothing ends, nothing waits).
 
     /// A room's lifecycle state; the default (active, no expiry) for a room never set.
-    fn room_state<'a>(&'a self, _room: &'a RoomId) -> BoxFuture<'a, Result<RoomState, StoreError>> {
+    fn room_state<'a>(&'a self, _room: &'a RoomId) -> StoreFuture<'a, RoomState> {
         Box::pin(async { Ok(RoomState::default()) })
     }
 
@@ -194,15 +196,12 @@ pub trait MessageStore: Send + Sync + 'static {
         _room: &'a RoomId,
         _state: RoomState,
         _guard: &'a dyn WriteGuard,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> StoreFuture<'a, ()> {
         Box::pin(async { Err(not_kept()) })
     }
 
     /// Where a room's webhook delivery stands, if it may be behind (see `hooks`).
-    fn hook_cursor<'a>(
-        &'a self,
-        _room: &'a RoomId,
-    ) -> BoxFuture<'a, Result<Option<HookCursor>, StoreError>> {
+    fn hook_cursor<'a>(&'a self, _room: &'a RoomId) -> StoreFuture<'a, Option<HookCursor>> {
         Box::pin(async { Ok(None) })
     }
 
@@ -212,25 +211,22 @@ pub trait MessageStore: Send + Sync + 'static {
         &'a self,
         _room: &'a RoomId,
         _cursor: HookCursor,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> StoreFuture<'a, ()> {
         Box::pin(async { Err(not_kept()) })
     }
 
     /// Forgets a room's cursor: everything stored in it has been delivered.
-    fn clear_hook_cursor<'a>(&'a self, _room: &'a RoomId) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn clear_hook_cursor<'a>(&'a self, _room: &'a RoomId) -> StoreFuture<'a, ()> {
         Box::pin(async { Err(not_kept()) })
     }
 
     /// Rooms that have a cursor (deliveries may be pending), at most `limit`.
-    fn hook_rooms(&self, _limit: usize) -> BoxFuture<'_, Result<Vec<RoomId>, StoreError>> {
+    fn hook_rooms(&self, _limit: usize) -> StoreFuture<'_, Vec<RoomId>> {
         Box::pin(async { Ok(Vec::new()) })
     }
 
     /// Keeps a delivery that ran out of attempts (or age).
-    fn put_dead_letter<'a>(
-        &'a self,
-        _dead: &'a DeadLetter,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn put_dead_letter<'a>(&'a self, _dead: &'a DeadLetter) -> StoreFuture<'a, ()> {
         Box::pin(async { Err(not_kept()) })
     }
 
@@ -239,7 +235,7 @@ pub trait MessageStore: Send + Sync + 'static {
         &'a self,
         _room: Option<&'a RoomId>,
         _limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, StoreError>> {
+    ) -> StoreFuture<'a, Vec<DeadLetter>> {
         Box::pin(async { Err(not_kept()) })
     }
 
@@ -248,7 +244,7 @@ pub trait MessageStore: Send + Sync + 'static {
         &'a self,
         _room: &'a RoomId,
         _id: MessageId,
-    ) -> BoxFuture<'a, Result<Option<DeadLetter>, StoreError>> {
+    ) -> StoreFuture<'a, Option<DeadLetter>> {
         Box::pin(async { Err(not_kept()) })
     }
 
@@ -257,12 +253,12 @@ pub trait MessageStore: Send + Sync + 'static {
         &'a self,
         _room: &'a RoomId,
         _id: MessageId,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+    ) -> StoreFuture<'a, bool> {
         Box::pin(async { Err(not_kept()) })
     }
 
     /// Cheap liveness probe used by readiness.
-    fn check(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+    fn check(&self) -> StoreFuture<'_, ()>;
 
     /// Short name for logs and `/readyz`.
     fn name(&self) -> &'static str;

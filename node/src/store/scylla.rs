@@ -38,8 +38,8 @@ use scylla::statement::Consistency;
 use tokio::sync::{oneshot, Semaphore};
 
 use super::{
-    BoxFuture, Cause, DeadLetter, HistoryQuery, HookCursor, MessageStore, PageFrom, RoomState,
-    StoreError, WriteGuard,
+    Cause, DeadLetter, HistoryQuery, HookCursor, MessageStore, PageFrom, RoomState, StoreError,
+    StoreFuture, WriteGuard,
 };
 
 /// Buckets fetched from the index per query while walking history.
@@ -740,7 +740,7 @@ impl MessageStore for ScyllaStore {
         room: &'a RoomId,
         batch: &'a [ChatMessage],
         guard: &'a dyn WriteGuard,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> StoreFuture<'a, ()> {
         Box::pin(self.append_now(room, batch, guard))
     }
 
@@ -748,7 +748,7 @@ impl MessageStore for ScyllaStore {
         &'a self,
         room: &'a RoomId,
         query: HistoryQuery,
-    ) -> BoxFuture<'a, Result<Vec<ChatMessage>, StoreError>> {
+    ) -> StoreFuture<'a, Vec<ChatMessage>> {
         Box::pin(self.read_coalesced(room, query))
     }
 
@@ -757,11 +757,11 @@ impl MessageStore for ScyllaStore {
         room: &'a RoomId,
         after: MessageId,
         window: Duration,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> StoreFuture<'a, ()> {
         Box::pin(self.fence_now(room, after, window))
     }
 
-    fn room_state<'a>(&'a self, room: &'a RoomId) -> BoxFuture<'a, Result<RoomState, StoreError>> {
+    fn room_state<'a>(&'a self, room: &'a RoomId) -> StoreFuture<'a, RoomState> {
         Box::pin(async move {
             let row = self
                 .session
@@ -786,7 +786,7 @@ impl MessageStore for ScyllaStore {
         room: &'a RoomId,
         state: RoomState,
         guard: &'a dyn WriteGuard,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let ts = self.next_write_ts();
             if !guard.may_write() {
@@ -804,10 +804,7 @@ impl MessageStore for ScyllaStore {
         })
     }
 
-    fn hook_cursor<'a>(
-        &'a self,
-        room: &'a RoomId,
-    ) -> BoxFuture<'a, Result<Option<HookCursor>, StoreError>> {
+    fn hook_cursor<'a>(&'a self, room: &'a RoomId) -> StoreFuture<'a, Option<HookCursor>> {
         Box::pin(async move {
             let row = self
                 .session
@@ -826,11 +823,7 @@ impl MessageStore for ScyllaStore {
         })
     }
 
-    fn set_hook_cursor<'a>(
-        &'a self,
-        room: &'a RoomId,
-        cursor: HookCursor,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn set_hook_cursor<'a>(&'a self, room: &'a RoomId, cursor: HookCursor) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let ts = self.next_write_ts();
             let delivered = i64::try_from(cursor.delivered.0).unwrap_or(i64::MAX);
@@ -852,7 +845,7 @@ impl MessageStore for ScyllaStore {
         })
     }
 
-    fn clear_hook_cursor<'a>(&'a self, room: &'a RoomId) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn clear_hook_cursor<'a>(&'a self, room: &'a RoomId) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let ts = self.next_write_ts();
             self.session
@@ -863,7 +856,7 @@ impl MessageStore for ScyllaStore {
         })
     }
 
-    fn hook_rooms(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RoomId>, StoreError>> {
+    fn hook_rooms(&self, limit: usize) -> StoreFuture<'_, Vec<RoomId>> {
         Box::pin(async move {
             let limit = i32::try_from(limit).unwrap_or(i32::MAX);
             self.session
@@ -882,10 +875,7 @@ impl MessageStore for ScyllaStore {
         })
     }
 
-    fn put_dead_letter<'a>(
-        &'a self,
-        dead: &'a DeadLetter,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn put_dead_letter<'a>(&'a self, dead: &'a DeadLetter) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let m = &dead.message;
             self.session
@@ -913,7 +903,7 @@ impl MessageStore for ScyllaStore {
         &'a self,
         room: Option<&'a RoomId>,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, StoreError>> {
+    ) -> StoreFuture<'a, Vec<DeadLetter>> {
         Box::pin(async move {
             let limit = i32::try_from(limit).unwrap_or(i32::MAX);
             let result = match room {
@@ -939,7 +929,7 @@ impl MessageStore for ScyllaStore {
         &'a self,
         room: &'a RoomId,
         id: MessageId,
-    ) -> BoxFuture<'a, Result<Option<DeadLetter>, StoreError>> {
+    ) -> StoreFuture<'a, Option<DeadLetter>> {
         Box::pin(async move {
             let key = (room.as_str(), i64::try_from(id.0).unwrap_or(i64::MAX));
             self.session
@@ -955,11 +945,7 @@ impl MessageStore for ScyllaStore {
         })
     }
 
-    fn delete_dead_letter<'a>(
-        &'a self,
-        room: &'a RoomId,
-        id: MessageId,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn delete_dead_letter<'a>(&'a self, room: &'a RoomId, id: MessageId) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let found = self.dead_letter(room, id).await?.is_some();
             let key = (room.as_str(), i64::try_from(id.0).unwrap_or(i64::MAX));
@@ -973,7 +959,7 @@ impl MessageStore for ScyllaStore {
         })
     }
 
-    fn check(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn check(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             self.session
                 .execute_unpaged(&self.probe, (common::id::now_ms().to_string(),))

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_node::store::{
-    BoxFuture, DeadLetter, HistoryQuery, HookCursor, MessageStore, RoomState, StoreError,
+    DeadLetter, HistoryQuery, HookCursor, MessageStore, RoomState, StoreError, StoreFuture,
     WriteGuard,
 };
 use common::{ChatMessage, MessageId, RoomId};
@@ -53,7 +53,7 @@ impl MessageStore for Faulty {
         room: &'a RoomId,
         batch: &'a [ChatMessage],
         guard: &'a dyn WriteGuard,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             self.check_up()?;
             if (self.fail_batch)(batch) {
@@ -63,18 +63,14 @@ impl MessageStore for Faulty {
         })
     }
 
-    fn read<'a>(
-        &'a self,
-        room: &'a RoomId,
-        q: HistoryQuery,
-    ) -> BoxFuture<'a, Result<Vec<ChatMessage>, StoreError>> {
+    fn read<'a>(&'a self, room: &'a RoomId, q: HistoryQuery) -> StoreFuture<'a, Vec<ChatMessage>> {
         Box::pin(async move {
             self.check_up()?;
             self.inner.read(room, q).await
         })
     }
 
-    fn check(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn check(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             self.check_up()?;
             self.inner.check().await
@@ -86,11 +82,11 @@ impl MessageStore for Faulty {
         room: &'a RoomId,
         after: MessageId,
         window: Duration,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> StoreFuture<'a, ()> {
         self.inner.fence(room, after, window)
     }
 
-    fn room_state<'a>(&'a self, room: &'a RoomId) -> BoxFuture<'a, Result<RoomState, StoreError>> {
+    fn room_state<'a>(&'a self, room: &'a RoomId) -> StoreFuture<'a, RoomState> {
         self.inner.room_state(room)
     }
 
@@ -99,37 +95,27 @@ impl MessageStore for Faulty {
         room: &'a RoomId,
         state: RoomState,
         guard: &'a dyn WriteGuard,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> StoreFuture<'a, ()> {
         self.inner.set_room_state(room, state, guard)
     }
 
-    fn hook_cursor<'a>(
-        &'a self,
-        room: &'a RoomId,
-    ) -> BoxFuture<'a, Result<Option<HookCursor>, StoreError>> {
+    fn hook_cursor<'a>(&'a self, room: &'a RoomId) -> StoreFuture<'a, Option<HookCursor>> {
         self.inner.hook_cursor(room)
     }
 
-    fn set_hook_cursor<'a>(
-        &'a self,
-        room: &'a RoomId,
-        cursor: HookCursor,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn set_hook_cursor<'a>(&'a self, room: &'a RoomId, cursor: HookCursor) -> StoreFuture<'a, ()> {
         self.inner.set_hook_cursor(room, cursor)
     }
 
-    fn clear_hook_cursor<'a>(&'a self, room: &'a RoomId) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn clear_hook_cursor<'a>(&'a self, room: &'a RoomId) -> StoreFuture<'a, ()> {
         self.inner.clear_hook_cursor(room)
     }
 
-    fn hook_rooms(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RoomId>, StoreError>> {
+    fn hook_rooms(&self, limit: usize) -> StoreFuture<'_, Vec<RoomId>> {
         self.inner.hook_rooms(limit)
     }
 
-    fn put_dead_letter<'a>(
-        &'a self,
-        dead: &'a DeadLetter,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn put_dead_letter<'a>(&'a self, dead: &'a DeadLetter) -> StoreFuture<'a, ()> {
         self.inner.put_dead_letter(dead)
     }
 
@@ -137,7 +123,7 @@ impl MessageStore for Faulty {
         &'a self,
         room: Option<&'a RoomId>,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, StoreError>> {
+    ) -> StoreFuture<'a, Vec<DeadLetter>> {
         self.inner.dead_letters(room, limit)
     }
 
@@ -145,15 +131,11 @@ impl MessageStore for Faulty {
         &'a self,
         room: &'a RoomId,
         id: MessageId,
-    ) -> BoxFuture<'a, Result<Option<DeadLetter>, StoreError>> {
+    ) -> StoreFuture<'a, Option<DeadLetter>> {
         self.inner.dead_letter(room, id)
     }
 
-    fn delete_dead_letter<'a>(
-        &'a self,
-        room: &'a RoomId,
-        id: MessageId,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn delete_dead_letter<'a>(&'a self, room: &'a RoomId, id: MessageId) -> StoreFuture<'a, bool> {
         self.inner.delete_dead_letter(room, id)
     }
 

@@ -11,7 +11,7 @@ use super::*;
 use crate::config::Config;
 use crate::ownership::{Refusal, RoomOwnership};
 use crate::room::Accepted;
-use crate::store::{BoxFuture, HistoryQuery, MessageStore, StoreError};
+use crate::store::{BoxFuture, HistoryQuery, MessageStore, StoreFuture};
 
 /// Where the test ownership says the room lives now.
 const OWNER: &str = "10.0.0.2:7001";
@@ -29,7 +29,7 @@ impl MessageStore for NoStore {
         _room: &'a RoomId,
         _batch: &'a [ChatMessage],
         _guard: &'a dyn crate::store::WriteGuard,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> StoreFuture<'a, ()> {
         panic!("the room core wrote to the store")
     }
 
@@ -37,11 +37,11 @@ impl MessageStore for NoStore {
         &'a self,
         _room: &'a RoomId,
         _query: HistoryQuery,
-    ) -> BoxFuture<'a, Result<Vec<ChatMessage>, StoreError>> {
+    ) -> StoreFuture<'a, Vec<ChatMessage>> {
         panic!("the room core read the store")
     }
 
-    fn check(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn check(&self) -> StoreFuture<'_, ()> {
         panic!("the room core probed the store")
     }
 
