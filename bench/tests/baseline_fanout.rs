@@ -8,14 +8,27 @@ use chat_bench::fanout::FanoutArgs;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fanout_against_baseline_loses_nothing() {
+/// The baseline on port 0 with per-member queues of `queue` frames: its address, the sender
+/// that stops it, and its task.
+async fn start_baseline(
+    queue: usize,
+) -> (
+    std::net::SocketAddr,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(chat_bench::baseline::serve(listener, 1024, async {
+    let server = tokio::spawn(chat_bench::baseline::serve(listener, queue, async {
         let _ = stop_rx.await;
     }));
+    (addr, stop_tx, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_against_baseline_loses_nothing() {
+    let (addr, stop_tx, server) = start_baseline(1024).await;
     let url = format!("ws://{addr}");
     let line = format!(
         "--url {url} --rooms 2 --members 5 --rate 5 --warmup 0.5 --duration 2 --drain 2 --quiet"
@@ -38,12 +51,7 @@ async fn fanout_against_baseline_loses_nothing() {
 
 #[tokio::test]
 async fn baseline_rejects_upgrade_without_room_or_user() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(chat_bench::baseline::serve(listener, 8, async {
-        let _ = stop_rx.await;
-    }));
+    let (addr, stop_tx, server) = start_baseline(8).await;
     let target = chat_bench::client::Target::resolve(&format!("ws://{addr}"))
         .await
         .expect("target");
