@@ -24,8 +24,8 @@ use tokio::task::JoinSet;
 
 use crate::client::Target;
 use crate::http::HttpClient;
+use crate::machine::{clock_ticks_per_second, ProcStat};
 use crate::metrics_scrape;
-use crate::report::{clock_ticks_per_second, ProcStat};
 
 /// Options shared by `fanout` and `cross-shard`.
 #[derive(Debug, Clone, Default, Args)]
@@ -956,7 +956,7 @@ impl ClusterCost {
             fmt_num(self.all_servers_cpu_s_per_100k_deliveries),
             fmt_share(self.router_share)
         );
-        crate::report::notes_md(out, &self.notes);
+        crate::markdown::notes_md(out, &self.notes);
     }
 }
 

@@ -877,7 +877,7 @@ async fn worker_body(
     })
     .await;
     close_all(live, &mut out).await;
-    out.connect_us = workers::histogram_pairs(&hist);
+    out.connect_us = crate::latency::histogram_pairs(&hist);
     out.timeline = seconds.to_wire();
     out.cpu_s = report::self_cpu_seconds();
     Ok(out)

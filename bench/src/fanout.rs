@@ -1777,3 +1777,123 @@ mod tests {
         assert_eq!(t.lat.ack.len(), 1);
     }
 }
+
+/// The fanout report as Markdown and its chart (the report's fields are in `report.rs`).
+mod markdown {
+    use std::fmt::Write as _;
+
+    use super::chart;
+    use crate::harness::Outcome;
+    use crate::report::*;
+
+    impl Outcome for Report {
+        /// The Markdown report: a header with the command, revision and machine, a results
+        /// table, a latency table and the notes.
+        fn to_markdown(&self) -> String {
+            let c = &self.config;
+            let m = &self.messages;
+            let mut out = String::new();
+            title_md(&mut out, &self.run.scenario, &self.run.command);
+            let _ = writeln!(
+                out,
+                "git `{}` · nproc {} · {} rooms × {} members at {} msg/s each, {} B bodies, \
+                 {} s warmup + {} s measured\n",
+                self.run.git_rev,
+                self.run.nproc,
+                c.rooms,
+                c.members,
+                c.rate_per_member,
+                c.body_bytes,
+                c.warmup_s,
+                c.duration_s
+            );
+            let rows: Vec<(&str, String)> = vec![
+                (
+                    "connections joined / attempted",
+                    format!(
+                        "{} / {}",
+                        self.connections.joined, self.connections.attempted
+                    ),
+                ),
+                ("connect failures", map_or_none(&self.connections.failures)),
+                (
+                    "connect rate (joined/s)",
+                    format!(
+                        "{:.0} ({:.2} s for the connect phase)",
+                        self.connections.connects_per_second, self.connections.connect_phase_s
+                    ),
+                ),
+                ("closes received", map_or_none(&self.connections.closes)),
+                ("sent / target", format!("{} / {}", m.sent, m.target_sends)),
+                (
+                    "sends late / skipped",
+                    format!(
+                        "{} (> {} ms) / {}",
+                        m.sends_late, m.late_threshold_ms, m.sends_skipped
+                    ),
+                ),
+                ("send failures", m.send_failures.to_string()),
+                ("expected deliveries", m.expected_deliveries.to_string()),
+                ("delivered (unique)", m.delivered.to_string()),
+                ("lost", m.lost.to_string()),
+                ("duplicated", m.duplicated.to_string()),
+                ("out of order", m.out_of_order.to_string()),
+                ("misrouted", m.misrouted.to_string()),
+                ("undecodable", m.undecodable.to_string()),
+                ("message id regressions", m.id_regressions.to_string()),
+                (
+                    "acks / rejected / missing",
+                    format!("{} / {} / {}", m.acks, m.rejected, m.missing_acks),
+                ),
+                ("duplicate acks", m.ack_duplicates.to_string()),
+                ("errors by code", map_or_none(&m.errors)),
+                (
+                    "throughput sends/s",
+                    format!("{:.1}", self.throughput.sends_per_s),
+                ),
+                (
+                    "throughput deliveries/s",
+                    format!("{:.1}", self.throughput.deliveries_per_s),
+                ),
+                (
+                    "bench CPU (% of one core)",
+                    bench_cpu_cell(self.bench.cpu_percent, self.bench_saturated),
+                ),
+                (
+                    "server CPU (% of one core)",
+                    opt_pct(self.server.cpu_percent),
+                ),
+                (
+                    "server RSS before / after",
+                    format!(
+                        "{} / {}",
+                        opt_mib(self.server.rss_bytes_before),
+                        opt_mib(self.server.rss_bytes_after)
+                    ),
+                ),
+            ];
+            metric_table(&mut out, rows);
+            let _ = writeln!(out);
+            latency_table(
+                &mut out,
+                &[
+                    ("end-to-end", &self.e2e_latency_us),
+                    ("ack", &self.ack_latency_us),
+                    ("connect", &self.connect_latency_us),
+                ],
+            );
+            if let Some(c) = &self.cluster_cost {
+                c.to_markdown(&mut out);
+            }
+            if let Some(w) = &self.webhook {
+                w.to_markdown(&mut out);
+            }
+            notes_md(&mut out, &self.notes);
+            out
+        }
+
+        fn svg(&self) -> Option<String> {
+            Some(chart(self))
+        }
+    }
+}

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::auth::{Auth, AuthArgs};
 use crate::client::Target;
-use crate::report;
+use crate::machine;
 use crate::BenchError;
 
 /// A finished run's report: both renderings, its chart if it has one, and whether what it
@@ -62,8 +62,8 @@ impl RunFacts {
         RunFacts {
             scenario: scenario.into(),
             command,
-            git_rev: report::git_rev(),
-            nproc: report::nproc(),
+            git_rev: machine::git_rev(),
+            nproc: machine::nproc(),
         }
     }
 }
@@ -144,7 +144,7 @@ pub struct CpuMeter {
 impl CpuMeter {
     pub fn start() -> CpuMeter {
         CpuMeter {
-            cpu_s: report::self_cpu_seconds(),
+            cpu_s: machine::self_cpu_seconds(),
             at: Instant::now(),
         }
     }
@@ -152,7 +152,7 @@ impl CpuMeter {
     /// Percent of one core since the start (200 = two cores busy).
     pub fn percent(&self) -> Option<f64> {
         let wall = self.at.elapsed().as_secs_f64();
-        match (self.cpu_s, report::self_cpu_seconds()) {
+        match (self.cpu_s, machine::self_cpu_seconds()) {
             (Some(a), Some(b)) if wall > 0.0 => Some((b - a) / wall * 100.0),
             _ => None,
         }

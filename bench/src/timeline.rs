@@ -17,8 +17,8 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::report::HIST_MAX_US;
-use crate::workers::{histogram_pairs, merge_pairs};
+use crate::latency::HIST_MAX_US;
+use crate::latency::{histogram_pairs, merge_pairs};
 
 /// Seconds kept; a longer run keeps its first hour (as `churn` does).
 pub const MAX_SECONDS: usize = 3600;

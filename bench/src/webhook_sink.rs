@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
 
-use crate::report::{new_histogram, LatencySummary};
+use crate::latency::{new_histogram, LatencySummary};
 
 #[derive(Default)]
 struct Seen {

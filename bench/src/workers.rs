@@ -24,7 +24,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use crate::auth::AuthArgs;
-use crate::report::new_histogram;
+use crate::latency::{merge_pairs, new_histogram};
 use crate::timeline::WireSecond;
 
 /// The machine limits a plan is checked against (a parameter so tests fix them).
@@ -299,21 +299,6 @@ impl WorkerEvent {
     }
 }
 
-/// A histogram as `[value, count]` pairs: each recorded bucket's highest equivalent value,
-/// which lands in the same bucket when recorded into a histogram of the same bounds.
-pub fn histogram_pairs(h: &Histogram<u64>) -> Vec<[u64; 2]> {
-    h.iter_recorded()
-        .map(|v| [v.value_iterated_to(), v.count_at_value()])
-        .collect()
-}
-
-/// Adds `pairs` into `h`; values beyond its range are clamped (as the bench records them).
-pub fn merge_pairs(h: &mut Histogram<u64>, pairs: &[[u64; 2]]) {
-    for &[value, count] in pairs {
-        h.saturating_record_n(value.max(1), count);
-    }
-}
-
 /// Merges the connect histograms of several workers.
 pub fn merged_histogram(results: &[WorkerResult]) -> Histogram<u64> {
     let mut h = new_histogram();
@@ -385,6 +370,7 @@ impl WorkerProc {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::latency::histogram_pairs;
 
     #[test]
     fn every_worker_uses_every_source_evenly() {
