@@ -13,21 +13,10 @@ name=$1 bin_a=$2 bin_b=$3 reps=${4:-3}
 rooms=${ROOMS:-50} members=${MEMBERS:-10} rate=${RATE:-2} duration=${DURATION:-30}
 eval "$("$repo/deploy/local/servers.sh" env)"
 started=()
-stop() {
-    local p
-    for p in "${started[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${started[@]}"; do
-        for _ in $(seq 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$p" 2>/dev/null || true
-    done
-    started=()
-}
+# shellcheck source=runs-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/runs-lib.sh"
+stop() { stop_started; }
 trap stop EXIT
-ready() { # URL: waits for a 200
-    for _ in $(seq 300); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
-    echo "not ready: $1" >&2
-    exit 1
-}
 run() { # LABEL BIN REP
     local label=$1 bin=$2 rep=$3 prefix=ab-$1-$3-$$ pids=
     for i in 1 2 3; do

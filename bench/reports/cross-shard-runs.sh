@@ -44,14 +44,10 @@ cleanup() {
     fi
     exit "$rc"
 }
+# shellcheck source=runs-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/runs-lib.sh"
 stop_cluster() {
-    local p
-    for p in "${started[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${started[@]}"; do
-        for _ in $(seq 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$p" 2>/dev/null || true
-    done
-    started=()
+    stop_started
     rm -f "$state"/pids/*.pid
 }
 trap cleanup EXIT

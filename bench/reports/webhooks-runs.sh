@@ -15,21 +15,10 @@ reps=${1:-2}
 rooms=${ROOMS:-50} members=${MEMBERS:-10} rate=${RATE:-2} duration=${DURATION:-30}
 eval "$("$repo/deploy/local/servers.sh" env)"
 started=()
-stop() {
-    local p
-    for p in "${started[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${started[@]}"; do
-        for _ in $(seq 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$p" 2>/dev/null || true
-    done
-    started=()
-}
+# shellcheck source=runs-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/runs-lib.sh"
+stop() { stop_started; }
 trap stop EXIT
-ready() { # URL: waits for a 200
-    for _ in $(seq 300); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
-    echo "not ready: $1" >&2
-    exit 1
-}
 run() { # MODE REP
     local mode=$1 rep=$2 prefix=hooks-$1-$2-$$ hook=() pids=
     # Each run's webhooks cover its own rooms only: a "down" run leaves its backlog in the
