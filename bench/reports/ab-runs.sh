@@ -18,22 +18,8 @@ started=()
 stop() { stop_started; }
 trap stop EXIT
 run() { # LABEL BIN REP
-    local label=$1 bin=$2 rep=$3 prefix=ab-$1-$3-$$ pids=
-    for i in 1 2 3; do
-        "$bin/chat-node" --listen "127.0.0.1:$((7200 + i))" --node-id "$i" --insecure-dev-auth \
-            --cql-nodes "$CHAT_CQL_NODES" --cql-keyspace chat_bench_ab \
-            --redis-url "$CHAT_REDIS_URL" --redis-prefix "$prefix" \
-            >"/tmp/ab-node-$i.log" 2>&1 &
-        started+=($!)
-        pids+="node$i=$!,"
-        ready "http://127.0.0.1:$((7200 + i))/readyz"
-    done
-    "$bin/chat-router" --listen 127.0.0.1:7200 --redis-url "$CHAT_REDIS_URL" --redis-prefix "$prefix" \
-        >/tmp/ab-router.log 2>&1 &
-    started+=($!)
-    pids+="router=$!"
-    ready http://127.0.0.1:7200/readyz
-    sleep 2
+    local label=$1 bin=$2 rep=$3 prefix=ab-$1-$3-$$
+    start_cluster "$bin" "$prefix" chat_bench_ab ab
     "$bin_a/chat-bench" fanout --url ws://127.0.0.1:7200 --rooms "$rooms" --members "$members" \
         --rate "$rate" --duration "$duration" --warmup 5 --drain 5 --quiet \
         --room-prefix "$prefix" --server-pids "$pids" \

@@ -20,27 +20,13 @@ started=()
 stop() { stop_started; }
 trap stop EXIT
 run() { # MODE REP
-    local mode=$1 rep=$2 prefix=hooks-$1-$2-$$ hook=() pids=
+    local mode=$1 rep=$2 prefix=hooks-$1-$2-$$ hook=()
     # Each run's webhooks cover its own rooms only: a "down" run leaves its backlog in the
     # store, which later runs would otherwise pick up and deliver (as they should).
     local hooked=(--webhook-secret bench-webhook-secret-0123 --webhook-rooms "$prefix")
     [[ $mode == on ]] && hook=(--webhook-url http://127.0.0.1:7299/hook "${hooked[@]}")
     [[ $mode == down ]] && hook=(--webhook-url http://127.0.0.1:7298/hook "${hooked[@]}")
-    for i in 1 2 3; do
-        "$bin/chat-node" --listen "127.0.0.1:$((7200 + i))" --node-id "$i" --insecure-dev-auth \
-            --cql-nodes "$CHAT_CQL_NODES" --cql-keyspace chat_bench_hooks \
-            --redis-url "$CHAT_REDIS_URL" --redis-prefix "$prefix" "${hook[@]}" \
-            >"/tmp/hooks-node-$i.log" 2>&1 &
-        started+=($!)
-        pids+="node$i=$!,"
-        ready "http://127.0.0.1:$((7200 + i))/readyz"
-    done
-    "$bin/chat-router" --listen 127.0.0.1:7200 --redis-url "$CHAT_REDIS_URL" --redis-prefix "$prefix" \
-        >/tmp/hooks-router.log 2>&1 &
-    started+=($!)
-    pids+="router=$!"
-    ready http://127.0.0.1:7200/readyz
-    sleep 2
+    start_cluster "$bin" "$prefix" chat_bench_hooks hooks "${hook[@]}"
     local sink=()
     [[ $mode == on ]] && sink=(--webhook-sink 127.0.0.1:7299)
     "$bin/chat-bench" fanout --url ws://127.0.0.1:7200 --rooms "$rooms" --members "$members" \
